@@ -1,0 +1,22 @@
+# Every target works on a fresh machine: `make test` installs what it needs first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+# torch goes in first and pinned: an unpinned resolve would pull the CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

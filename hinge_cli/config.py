@@ -1,0 +1,166 @@
+"""Typed configuration: a preset (configs/*.yaml), then the run's hinge.yaml, then flags.
+
+Each section is a dataclass so that a typo in a YAML file or a wrong type is an
+error at load time, not a silent default hours into a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hinge_cli.errors import HingeError
+
+PRESETS = ("tiny", "small", "default")
+
+
+@dataclass
+class TissueConfig:
+    """Tissue detection on a low-resolution thumbnail (saturation + Otsu + morphology)."""
+
+    thumb_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
+    threshold: float | None = None  # saturation cut-off in [0, 1]; None = Otsu
+    min_saturation: float = 0.05  # Otsu never goes below this (blank slides stay blank)
+    max_value: float = 0.98  # brightness above this is background glass whatever the saturation
+    close_um: float = 50.0  # morphological closing radius: joins nearby fragments
+    open_um: float = 16.0  # opening radius: removes dust and specks
+    min_area_um2: float = 40000.0  # drop tissue islands smaller than this
+    fill_holes: bool = True
+
+
+@dataclass
+class TileConfig:
+    target_mpp: float = 0.5
+    patch_px: int = 224
+    grid: str = "hex"  # hex | square lattice for slides without spots
+    spot_um: float = 55.0
+    pitch_um: float = 100.0
+    min_tissue: float = 0.5  # grid spots keep this fraction of their disc on tissue
+    images: bool = True
+    workers: int = 2
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 1536
+    n_layers: int = 40
+    n_heads: int = 48
+    ffn_dim: int = 3072
+    n_bins: int = 10
+    cond_dim: int = 256
+    dropout: float = 0.0
+    trainable: str = "frozen"  # frozen | lora | full
+    lora_rank: int = 8
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 50
+    fill: str = "noise"  # noise | zero: what hidden values are replaced with
+    noise_std: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    patience: int = 10
+    warmup_epochs: int = 5
+    warmup_mask_ratio: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class HingeConfig:
+    tile: TileConfig = field(default_factory=TileConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _preset_text(name: str) -> str:
+    if name not in PRESETS:
+        raise HingeError(f"unknown config preset '{name}'", f"use one of {', '.join(PRESETS)} or a path to a .yaml file")
+    return (resources.files("hinge_cli.configs") / f"{name}.yaml").read_text()
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise HingeError(f"config file {path} does not exist", "check the path given to --config") from None
+    except yaml.YAMLError as exc:
+        raise HingeError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix its syntax") from None
+    if not isinstance(data, dict):
+        raise HingeError(f"config file {path} must hold a mapping of sections", "see configs/default.yaml for the layout")
+    return data
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise HingeError(f"config value {where} = {value!r} should be a {hint.__name__}", "fix it in the YAML file or flag")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise HingeError(f"config section '{where}' must be a mapping, not {type(data).__name__}", "fix the YAML file")
+    hints = typing.get_type_hints(cls)
+    key = lambda k: f"{where}.{k}" if where else k  # noqa: E731
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise HingeError(f"unknown config key '{key(unknown[0])}'", f"valid keys here: {', '.join(sorted(hints))}")
+    return cls(**{k: _coerce(v, hints[k], key(k)) for k, v in data.items()})
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base`; None values in `over` leave `base` as is."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def load_config(
+    preset: str | Path = "default",
+    run_yaml: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> HingeConfig:
+    """Resolve the configuration in the documented order: preset < run's hinge.yaml < flags."""
+    text = read_yaml(Path(preset)) if str(preset).endswith((".yaml", ".yml")) else yaml.safe_load(_preset_text(str(preset)))
+    data = merge({}, text or {})
+    if run_yaml is not None and Path(run_yaml).exists():
+        data = merge(data, read_yaml(run_yaml))
+    data = merge(data, overrides or {})
+    return _build(HingeConfig, data, "")
+
+
+def dump_config(cfg: HingeConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,28 @@
+"""Progress reporting for long loops, without tying the core to a terminal.
+
+The core calls `progress.task(label, total)` and advances it; library users get
+the silent default, the CLI passes a Rich implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+Advance = Callable[[int], None]
+
+
+class Progress(Protocol):
+    def task(self, label: str, total: int | None) -> contextlib.AbstractContextManager[Advance]: ...
+
+
+class Silent:
+    """The default: loops report nothing."""
+
+    @contextlib.contextmanager
+    def task(self, label: str, total: int | None) -> Iterator[Advance]:
+        yield lambda n=1: None
+
+
+SILENT = Silent()

@@ -1,0 +1,254 @@
+"""The run directory: where every stage reads and writes, safely.
+
+Three guarantees live here so no stage re-implements them: a reader never sees
+half a file (write to a temporary name, then rename), two array jobs never write
+the same output (lock files), and `manifest.json` records what was done with which
+inputs, updated under an exclusive lock so concurrent jobs do not lose entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from hinge_cli.config import HingeConfig, dump_config, load_config
+from hinge_cli.errors import HingeError
+
+DEFAULT_RUN = "hinge-run"
+CHEAP_HASH_BYTES = 256 * 2**20  # files above this get size + mtime instead of sha256
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("HINGE_RUN", DEFAULT_RUN))
+
+
+def sha256_file(path: Path, chunk: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_input(path: Path) -> dict[str, Any]:
+    """Path, size and (where cheap) sha256 of an input file, for the manifest."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    info: dict[str, Any] = {"path": str(path), "size": stat.st_size}
+    if path.is_file() and stat.st_size <= CHEAP_HASH_BYTES:
+        info["sha256"] = sha256_file(path)
+    else:
+        info["mtime"] = stat.st_mtime
+    return info
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("hinge-cli", "torch", "numpy", "h5py", "anndata", "openslide-python", "openslide-bin", "tifffile"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete temporaries of `final` left by a killed writer (call while holding its lock)."""
+    for stale in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(final: Path) -> Iterator[None]:
+    """Hold `<final>.lock` while writing `final`; a lock of a dead process on this host is taken over.
+
+    A lock file (not flock) so that it also works across the nodes of a cluster
+    sharing one file system, where the owner's host name tells whether it is ours.
+    """
+    lock = Path(final).with_name(Path(final).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            raise HingeError(
+                f"{final} is being written by another process (pid {owner.get('pid', '?')} on {owner.get('host', '?')})",
+                f"wait for it to finish, or delete {lock} if that job is dead",
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which of N array jobs this is; samples are dealt round-robin over the sorted list."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard:
+        """`I/N` (0-based), or the SLURM array variables when not given."""
+        if text is None:
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+            if task is None or count is None:
+                return cls()
+            text = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{count}"
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise HingeError(f"--shard '{text}' is not of the form I/N", "give e.g. --shard 0/4 (I counts from 0)") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise HingeError(f"--shard {text} is out of range", f"I must be between 0 and {max(n, 1) - 1}")
+        return cls(i, n)
+
+    def select(self, names: Sequence[str]) -> list[str]:
+        ordered = sorted(set(names))
+        return [name for k, name in enumerate(ordered) if k % self.count == self.index]
+
+
+class Run:
+    """One run directory (`--run DIR`): layout, config and manifest."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_run_dir()
+
+    # layout -----------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "hinge.yaml"
+
+    def tiles(self, sample: str) -> Path:
+        return self.root / "tiles" / f"{sample}.h5"
+
+    def thumbnail(self, sample: str) -> Path:
+        return self.root / "tiles" / f"{sample}.png"
+
+    def embeddings(self, encoder_key: str, sample: str) -> Path:
+        return self.root / "embeddings" / encoder_key / f"{sample}.h5"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.root / "checkpoints" / f"{name}.pt"
+
+    def log(self, stage: str) -> Path:
+        return self.root / "logs" / f"{stage}.jsonl"
+
+    def prediction(self, sample: str) -> Path:
+        return self.root / "predictions" / f"{sample}.h5ad"
+
+    def eval_dir(self, sample: str) -> Path:
+        return self.root / "eval" / sample
+
+    # config -----------------------------------------------------------------
+    def config(self, preset: str | Path = "default", overrides: dict[str, Any] | None = None) -> HingeConfig:
+        """Resolve the config and record it in hinge.yaml (first use, or when flags change it)."""
+        cfg = load_config(preset, self.config_path, overrides)
+        text = dump_config(cfg)
+        if not self.config_path.exists() or self.config_path.read_text() != text:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.config_path, text)
+        return cfg
+
+    # manifest ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _manifest(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the manifest under an exclusive flock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a") as lockfile:
+            fcntl.flock(lockfile, fcntl.LOCK_EX)
+            data = self.manifest()
+            yield data
+            write_text_atomic(self.manifest_path, json.dumps(data, indent=1, sort_keys=True))
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"version": 1, "samples": {}}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except ValueError:
+            raise HingeError(f"{self.manifest_path} is not valid JSON", "restore it from a backup or start a new --run") from None
+
+    def sample(self, sample: str) -> dict[str, Any]:
+        return self.manifest()["samples"].get(sample, {})
+
+    def samples(self) -> list[str]:
+        return sorted(self.manifest()["samples"])
+
+    def register_sample(self, sample: str, **fields: Any) -> None:
+        """Record sample-level facts (slide, spots, expression file) in the manifest."""
+        with self._manifest() as data:
+            data["samples"].setdefault(sample, {}).update(fields)
+
+    def record_stage(self, sample: str, stage: str, status: str, **fields: Any) -> None:
+        """Record one stage of one sample: status ok|failed|running plus whatever the stage reports."""
+        entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}
+        if status == "running":
+            entry["versions"] = package_versions()
+            entry["argv"] = sys.argv
+        with self._manifest() as data:
+            stages = data["samples"].setdefault(sample, {}).setdefault("stages", {})
+            if status != "running":
+                entry = {**stages.get(stage, {}), **entry}
+            stages[stage] = {**entry, **fields}
+
+    def stage(self, sample: str, stage: str) -> dict[str, Any]:
+        return self.sample(sample).get("stages", {}).get(stage, {})
