@@ -32,17 +32,30 @@ _state = {"verbose": False, "quiet": False}
 
 
 class RichProgress:
-    """Rich bars for the core's loops; silent under -q or when stderr is not a terminal log."""
+    """Rich bars for the core's loops, all in one live display; silent under -q."""
+
+    def __init__(self) -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        self._bars = Progress(*columns, console=err)
+        self._open = 0
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
         if _state["quiet"]:
             yield lambda n=1: None
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=err, transient=False) as bar:
-            task_id = bar.add_task(label, total=total)
-            yield lambda n=1: bar.advance(task_id, n)
+        if self._open == 0:
+            self._bars.start()
+        self._open += 1
+        task_id = self._bars.add_task(label, total=total)
+        try:
+            yield lambda n=1: self._bars.advance(task_id, n)
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                self._bars.stop()
+                for done in list(self._bars.task_ids):
+                    self._bars.remove_task(done)
 
 
 def _setup(verbose: bool, quiet: bool) -> None:
@@ -75,7 +88,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except HingeError as exc:
             if _state["verbose"]:
                 err.print(traceback.format_exc(), markup=False)
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished outputs are kept; run the same command again to resume")
@@ -159,5 +172,5 @@ def main() -> None:
     try:
         app()
     except HingeError as exc:  # raised while parsing, before a command runs
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -28,7 +28,6 @@ class TissueConfig:
     thumb_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
     threshold: float | None = None  # saturation cut-off in [0, 1]; None = Otsu
     min_saturation: float = 0.05  # Otsu never goes below this (blank slides stay blank)
-    max_value: float = 0.98  # brightness above this is background glass whatever the saturation
     close_um: float = 50.0  # morphological closing radius: joins nearby fragments
     open_um: float = 16.0  # opening radius: removes dust and specks
     min_area_um2: float = 40000.0  # drop tissue islands smaller than this
@@ -53,12 +52,15 @@ class ModelConfig:
     d_model: int = 1536
     n_layers: int = 40
     n_heads: int = 48
-    ffn_dim: int = 3072
-    n_bins: int = 10
-    cond_dim: int = 256
+    ffn_dim: int = 1536  # CellFM's gated linear unit keeps the model width
+    n_bins: int = 256  # soft bins of the value encoder (CellFM: 256)
+    cond_dim: int = 256  # width of the condition vector feeding SoftAdaLN
     dropout: float = 0.0
-    trainable: str = "frozen"  # frozen | lora | full
+    trainable: str = "frozen"  # frozen | lora | full: what of the backbone trains
     lora_rank: int = 8
+    lora_alpha: float = 16.0  # LoRA update scale = lora_alpha / lora_rank
+    softnorm_logit_init: float = -12.0  # SoftNorm eta = sigmoid(this) ~ 0 at init
+    gate_logit_init: float = 12.0  # SoftAdaLN gate = sigmoid(this) ~ 1 at init
 
 
 @dataclass
@@ -66,6 +68,10 @@ class DiffusionConfig:
     steps: int = 50
     fill: str = "noise"  # noise | zero: what hidden values are replaced with
     noise_std: float = 1.0
+    alpha: float | None = None  # schedule exponent; None = automatic (one gene visible at t = T-1)
+    pretrain_mask_min: float = 0.15  # backbone pre-training hides U(min, max) of each sequence
+    pretrain_mask_max: float = 0.6
+    pretrain_expressed_fraction: float = 0.75  # share of a pre-training sequence drawn from expressed genes
 
 
 @dataclass

@@ -14,4 +14,4 @@ class HingeError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.problem}. {self.fix}" if self.fix else f"{self.problem}."
+        return f"{self.problem}; {self.fix}" if self.fix else self.problem

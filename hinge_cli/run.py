@@ -97,6 +97,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class OutputLocked(HingeError):
+    """Another live process holds the output's lock: not a failure of this sample."""
+
+
 @contextlib.contextmanager
 def output_lock(final: Path) -> Iterator[None]:
     """Hold `<final>.lock` while writing `final`; a lock of a dead process on this host is taken over.
@@ -119,7 +123,7 @@ def output_lock(final: Path) -> Iterator[None]:
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
                 continue
-            raise HingeError(
+            raise OutputLocked(
                 f"{final} is being written by another process (pid {owner.get('pid', '?')} on {owner.get('host', '?')})",
                 f"wait for it to finish, or delete {lock} if that job is dead",
             ) from None
