@@ -27,7 +27,8 @@ class TissueConfig:
 
     thumb_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
     threshold: float | None = None  # saturation cut-off in [0, 1]; None = Otsu
-    min_saturation: float = 0.05  # Otsu never goes below this (blank slides stay blank)
+    min_saturation: float = 0.05  # Otsu is clipped to [min, max]: blank slides stay blank,
+    max_saturation: float = 0.15  # and pale stained tissue is never cut away as glass
     close_um: float = 50.0  # morphological closing radius: joins nearby fragments
     open_um: float = 16.0  # opening radius: removes dust and specks
     min_area_um2: float = 40000.0  # drop tissue islands smaller than this

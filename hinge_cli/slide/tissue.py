@@ -62,8 +62,8 @@ def detect_tissue(thumb: np.ndarray, downsample: float, mpp: float, params: Tiss
     saturation = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
     if params.threshold is not None:
         threshold = params.threshold
-    else:  # glass against everything stained: Otsu over the whole thumbnail
-        threshold = max(otsu(saturation), params.min_saturation)
+    else:  # glass against everything stained; clipped, so an all-tissue crop is not split in two
+        threshold = float(np.clip(otsu(saturation), params.min_saturation, params.max_saturation))
     mask = saturation > threshold
     um_per_px = downsample * mpp
     if params.close_um > 0:

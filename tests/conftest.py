@@ -1,0 +1,34 @@
+"""Shared fixtures: synthetic slides are made once per session, in a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSample:
+    """A 1024 px (512 µm) synthetic slide at 0.5 µm/px with ~20 spots and 100 genes."""
+    return make_synthetic_sample(tmp_path_factory.mktemp("synth"), "s0", size_px=1024, mpp=0.5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synth_fine(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSample:
+    """A 0.25 µm/px slide, so 0.5 µm/px patches come from pyramid level 1."""
+    return make_synthetic_sample(tmp_path_factory.mktemp("fine"), "f0", size_px=1536, mpp=0.25, seed=5, pitch_um=60, spot_um=40)
+
+
+@pytest.fixture(scope="session")
+def her2st() -> Path:
+    path = (SHARED / "her2st").resolve()
+    if not (path / "counts").is_dir():
+        pytest.skip("shared HER2ST data not present")
+    return path
