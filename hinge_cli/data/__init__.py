@@ -1,0 +1,1 @@
+"""Measured expression, gene panels and training tables."""

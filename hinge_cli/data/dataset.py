@@ -1,0 +1,133 @@
+"""Training tables: each spot's image features joined to its measured expression.
+
+Rows are matched by barcode, never by position, so a re-ordered or filtered file
+cannot silently pair a spot with another spot's expression.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hinge_cli.data.expression import Expression, Transform, read_expression
+from hinge_cli.errors import HingeError
+from hinge_cli.run import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    barcodes: list[str]
+    coords: np.ndarray
+    features: np.ndarray  # (N, D), or (N, V, D) with V augmented views per spot
+
+
+def read_embeddings(path: Path) -> Embeddings:
+    if not Path(path).exists():
+        raise HingeError(f"embeddings {path} do not exist", "run `hinge embed` with the same encoder first")
+    with h5py.File(path, "r") as h5:
+        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcodes"][()]]
+        return Embeddings(barcodes, h5["coords"][()], h5["embeddings"][()].astype(np.float32))
+
+
+@dataclass
+class SpotTable:
+    """Spots of several samples in one table (row i of every field is the same spot)."""
+
+    sample: np.ndarray  # (N,) sample id per spot
+    barcodes: list[str]
+    coords: np.ndarray  # (N, 2) level-0 px
+    features: np.ndarray  # (N, D) or (N, V, D)
+    targets: np.ndarray  # (N, G) in model space
+    depth: np.ndarray  # (N,) total counts over all genes of the spot
+
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+    def subset(self, rows: np.ndarray) -> SpotTable:
+        return SpotTable(self.sample[rows], [self.barcodes[i] for i in rows], self.coords[rows], self.features[rows],
+                         self.targets[rows], self.depth[rows])
+
+
+def training_samples(run: Run, holdout: Sequence[str] = ()) -> list[str]:
+    """The run's samples with registered expression, minus the held-out ones."""
+    manifest = run.manifest()["samples"]
+    unknown = sorted(set(holdout) - set(manifest))
+    if unknown:
+        raise HingeError(f"--holdout names samples not in the run: {', '.join(unknown)}", f"samples: {', '.join(sorted(manifest))}")
+    chosen = [s for s, info in sorted(manifest.items()) if "expression" in info and s not in holdout]
+    if not chosen:
+        raise HingeError("the run has no samples with measured expression (besides held-out ones)", "tile slides with --spots st.h5ad first")
+    return chosen
+
+
+def load_expression(run: Run, samples: Sequence[str]) -> dict[str, Expression]:
+    return {s: read_expression(Path(run.sample(s)["expression"]["path"])) for s in samples}
+
+
+def _join(sample: str, emb: Embeddings, expr: Expression, dropped: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices into (embeddings, expression) of the spots both have."""
+    index = {b: i for i, b in enumerate(expr.barcodes)}
+    missing = [b for b in emb.barcodes if b not in index]
+    unembedded = len(expr.barcodes) - (len(emb.barcodes) - len(missing))
+    if missing or unembedded > dropped:
+        raise HingeError(
+            f"{sample}: barcodes of the embeddings and the expression file disagree "
+            f"({len(missing)} embedded spots have no expression, {unembedded} measured spots have no embedding, "
+            f"{dropped} were dropped off the slide by tile)",
+            "re-run `hinge tile --overwrite` and `hinge embed --overwrite` for this sample with its own .h5ad",
+        )
+    rows = np.arange(len(emb.barcodes))
+    return rows, np.array([index[b] for b in emb.barcodes], dtype=np.int64)
+
+
+def assemble(
+    run: Run,
+    encoder_key: str,
+    samples: Sequence[str],
+    genes: list[str],
+    transform: Transform,
+    fill_missing: bool = False,
+    expression: dict[str, Expression] | None = None,
+) -> SpotTable:
+    """Join embeddings and expression of `samples`; spots with no counts on the panel are dropped."""
+    expression = expression or load_expression(run, samples)
+    parts = []
+    for sample in samples:
+        emb = read_embeddings(run.embeddings(encoder_key, sample))
+        expr = expression[sample]
+        dropped = int(run.stage(sample, "tile").get("dropped_outside", 0))
+        erows, xrows = _join(sample, emb, expr, dropped)
+        try:
+            counts = expr.columns(genes, fill_missing)[xrows]
+        except HingeError as exc:
+            raise HingeError(f"{sample}: {exc.problem}", exc.fix) from None
+        keep = counts.sum(axis=1) > 0
+        if (~keep).any():
+            log.warning("%s: dropped %d spots with no counts on the panel", sample, int((~keep).sum()))
+        totals = expr.totals[xrows][keep]
+        parts.append(SpotTable(
+            np.full(int(keep.sum()), sample, dtype=object),
+            [emb.barcodes[i] for i in erows[keep]],
+            emb.coords[erows[keep]],
+            emb.features[erows[keep]],
+            transform.apply(counts[keep], totals),
+            totals,
+        ))
+    dims = {p.features.shape[1:] for p in parts}
+    if len(dims) > 1:
+        raise HingeError(f"samples have embeddings of different shapes {sorted(dims)}", "re-embed every sample with the same --encoder and --views")
+    return SpotTable(
+        np.concatenate([p.sample for p in parts]),
+        [b for p in parts for b in p.barcodes],
+        np.concatenate([p.coords for p in parts]),
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.targets for p in parts]),
+        np.concatenate([p.depth for p in parts]),
+    )

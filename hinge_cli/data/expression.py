@@ -1,0 +1,98 @@
+"""Measured spot expression: reading counts and the target transform.
+
+The transform (log2(counts + 1), optionally after scaling every spot to the same
+total) is a small record that travels with checkpoints and predictions, so that
+`eval` puts the truth through exactly what the model was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+from scipy import sparse
+
+from hinge_cli.errors import HingeError
+
+NORMALIZE = ("none", "total")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """counts -> model space. `normalize='total'` scales each spot to `target_sum` first."""
+
+    normalize: str = "none"
+    target_sum: float = 1e4
+    log_base: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise HingeError(f"unknown normalisation '{self.normalize}'", f"use one of {', '.join(NORMALIZE)}")
+
+    def apply(self, counts: np.ndarray, totals: np.ndarray | None = None) -> np.ndarray:
+        """Transform (spots, genes) counts; `totals` are the spots' library sizes over all genes."""
+        x = np.asarray(counts, dtype=np.float64)
+        if self.normalize == "total":
+            depth = x.sum(axis=1) if totals is None else np.asarray(totals, dtype=np.float64)
+            x = x * (self.target_sum / np.maximum(depth, 1.0))[:, None]
+        return (np.log1p(x) / np.log(self.log_base)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Transform:
+        return cls(**data)
+
+
+@dataclass
+class Expression:
+    """Raw counts of one sample: spots x genes, with each spot's total over all genes."""
+
+    barcodes: list[str]
+    genes: list[str]
+    counts: sparse.csr_matrix
+    totals: np.ndarray
+    coords: np.ndarray | None
+
+    def columns(self, genes: list[str], fill_missing: bool = False) -> np.ndarray:
+        """Dense counts for `genes` in that order; absent genes are an error unless filled with 0."""
+        index = {g: i for i, g in enumerate(self.genes)}
+        missing = [g for g in genes if g not in index]
+        if missing and not fill_missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise HingeError(
+                f"{len(missing)} panel genes are missing from this sample: {shown}",
+                "pass --fill-missing zero to treat them as unexpressed, or choose a panel the samples share",
+            )
+        out = np.zeros((len(self.barcodes), len(genes)), np.float32)
+        present = [(j, index[g]) for j, g in enumerate(genes) if g in index]
+        if present:
+            cols, src = zip(*present)
+            out[:, list(cols)] = self.counts[:, list(src)].toarray()
+        return out
+
+
+def read_expression(path: Path, layer: str | None = None) -> Expression:
+    """Counts from an .h5ad (`X`, or `layers[layer]`), checked to look like raw counts."""
+    path = Path(path)
+    if not path.exists():
+        raise HingeError(f"expression file {path} does not exist", "re-run `hinge tile --spots` with the right file")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same to the user
+        raise HingeError(f"{path} is not a readable .h5ad ({exc.__class__.__name__})", "re-export it with anndata") from None
+    if layer is not None and layer not in adata.layers:
+        raise HingeError(f"{path} has no layer '{layer}'", f"available: {', '.join(adata.layers) or 'none'}")
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    counts = sparse.csr_matrix(matrix, dtype=np.float32)
+    if counts.nnz and (counts.data.min() < 0 or not np.allclose(counts.data, np.round(counts.data))):
+        raise HingeError(
+            f"{path} does not hold raw counts (negative or fractional values)",
+            "store raw UMI counts in X, or name the layer that has them",
+        )
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    return Expression([str(b) for b in adata.obs_names], [str(g) for g in adata.var_names], counts, totals, coords)
