@@ -72,6 +72,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")]
 RunDir = Annotated[Optional[Path], typer.Option("--run", help="Run directory [default: $HINGE_RUN or ./hinge-run].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist.")]
+ConfigOpt = Annotated[
+    Optional[str], typer.Option("--config", help="tiny|small|default or a .yaml file [default: the run's, else default].")
+]
 ShardOpt = Annotated[
     Optional[str], typer.Option("--shard", help="I/N: do every N-th sample from the I-th (0-based) [default: SLURM array].")
 ]
@@ -120,7 +123,7 @@ def tile(
     sample_id: Annotated[Optional[str], typer.Option(help="Sample id [default: the slide's file stem].")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
     samples: Annotated[Optional[Path], typer.Option(help="CSV with columns sample_id, slide[, spots, mpp].")] = None,
-    config: Annotated[str, typer.Option(help="tiny|small|default or a .yaml file.")] = "default",
+    config: ConfigOpt = None,
     target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the patches [0.5].")] = None,
     patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Lattice without spots: hex|square [hex].")] = None,
@@ -161,6 +164,57 @@ def tile(
     cfg = the_run.config(config, overrides)
     summary = tile_samples(
         the_run, specs, cfg.tile, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=RichProgress()
+    )
+    for line in summary.lines():
+        err.print(line, highlight=False)
+    if summary.failed:
+        raise typer.Exit(3)
+
+
+@command
+def embed(
+    run: RunDir = None,
+    encoder: Annotated[Optional[str], typer.Option(help="NAME[,NAME...]: features concatenated in order [default].")] = None,
+    weights: Annotated[
+        Optional[list[str]], typer.Option(help="FILE, or NAME=FILE per learned encoder [Hugging Face cache].")
+    ] = None,
+    views: Annotated[Optional[int], typer.Option(help="1, or 8 dihedral views (test-time augmentation) [1].")] = None,
+    average_views: Annotated[
+        bool, typer.Option("--average-views", help="With --views 8: store the mean (N, D), not every view (N, 8, D).")
+    ] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Patches per forward pass [64].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [auto].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Background patch readers [2].")] = None,
+    config: Annotated[str, typer.Option(help="tiny|small|default or a .yaml file.")] = "default",
+    list_encoders: Annotated[bool, typer.Option("--list", help="List encoders, dimensions and whether weights were found.")] = False,
+    shard: ShardOpt = None,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed samples and go on (exit 3).")] = False,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Turn every tiled sample into one feature vector per spot (pathology encoders)."""
+    from hinge_cli.embed import embed_samples, parse_weights
+    from hinge_cli.encoders import REGISTRY, locate_weights
+    from hinge_cli.run import Run, Shard
+
+    if list_encoders:
+        given = parse_weights(weights or [], list(REGISTRY.values())) if weights else {}
+        for spec in REGISTRY.values():
+            found = "no weights needed" if not spec.needs_weights else str(locate_weights(spec, given.get(spec.name)) or "weights not found")
+            typer.echo(f"{spec.name:12} {spec.dim:5d}  {spec.description}  [{found}]")
+        return
+    overrides = {
+        "embed": {
+            "encoder": encoder, "views": views, "average_views": True if average_views else None,
+            "batch_size": batch_size, "device": device, "workers": workers,
+        }
+    }
+    the_run = Run(run)
+    cfg = the_run.config(config, overrides)
+    summary = embed_samples(
+        the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going,
+        progress=RichProgress(),
     )
     for line in summary.lines():
         err.print(line, highlight=False)

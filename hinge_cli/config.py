@@ -90,8 +90,20 @@ class TrainConfig:
 
 
 @dataclass
+class EmbedConfig:
+    encoder: str = "default"  # registry name(s), comma-separated; features are concatenated in that order
+    batch_size: int = 64
+    views: int = 1  # 1, or 8 dihedral views (test-time augmentation)
+    average_views: bool = False  # with views=8: store the mean (N, D) instead of every view (N, V, D)
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 2  # background patch readers
+
+
+@dataclass
 class HingeConfig:
+    preset: str = "default"  # the preset this config started from (tiny|small|default or a .yaml path)
     tile: TileConfig = field(default_factory=TileConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,16 +167,27 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _preset_data(preset: str) -> dict[str, Any]:
+    if preset.endswith((".yaml", ".yml")):
+        return read_yaml(Path(preset))
+    return yaml.safe_load(_preset_text(preset)) or {}
+
+
 def load_config(
-    preset: str | Path = "default",
+    preset: str | Path | None = None,
     run_yaml: Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> HingeConfig:
-    """Resolve the configuration in the documented order: preset < run's hinge.yaml < flags."""
-    text = read_yaml(Path(preset)) if str(preset).endswith((".yaml", ".yml")) else yaml.safe_load(_preset_text(str(preset)))
-    data = merge({}, text or {})
-    if run_yaml is not None and Path(run_yaml).exists():
-        data = merge(data, read_yaml(run_yaml))
+    """Resolve the configuration: preset < the run's hinge.yaml < flags.
+
+    Without a preset, the run keeps the one it was started with. Naming a different
+    preset starts again from it (the run's hinge.yaml belonged to another preset).
+    """
+    recorded = read_yaml(run_yaml) if run_yaml is not None and Path(run_yaml).exists() else None
+    chosen = str(preset) if preset is not None else str((recorded or {}).get("preset", "default"))
+    data = merge(_preset_data(chosen), {"preset": chosen})
+    if recorded is not None and str(recorded.get("preset", "default")) == chosen:
+        data = merge(data, recorded)
     data = merge(data, overrides or {})
     return _build(HingeConfig, data, "")
 

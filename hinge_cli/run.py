@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -26,6 +27,8 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "hinge-run"
 CHEAP_HASH_BYTES = 256 * 2**20  # files above this get size + mtime instead of sha256
@@ -203,11 +206,13 @@ class Run:
         return self.root / "eval" / sample
 
     # config -----------------------------------------------------------------
-    def config(self, preset: str | Path = "default", overrides: dict[str, Any] | None = None) -> HingeConfig:
-        """Resolve the config and record it in hinge.yaml (first use, or when flags change it)."""
+    def config(self, preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HingeConfig:
+        """Resolve the config and record it in hinge.yaml (first use, or when the preset or flags change it)."""
         cfg = load_config(preset, self.config_path, overrides)
         text = dump_config(cfg)
         if not self.config_path.exists() or self.config_path.read_text() != text:
+            if self.config_path.exists() and load_config(None, self.config_path).preset != cfg.preset:
+                log.warning("run config switches to preset '%s'; hinge.yaml is rewritten from it", cfg.preset)
             self.root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.config_path, text)
         return cfg

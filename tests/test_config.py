@@ -1,0 +1,46 @@
+"""Config resolution: preset < the run's hinge.yaml < flags, with typed validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hinge_cli.config import load_config
+from hinge_cli.errors import HingeError
+from hinge_cli.run import Run
+
+
+def test_presets_differ_and_flags_win() -> None:
+    tiny, default = load_config("tiny"), load_config("default")
+    assert tiny.model.d_model < default.model.d_model and tiny.preset == "tiny"
+    assert load_config("tiny", overrides={"tile": {"patch_px": 32, "grid": None}}).tile.patch_px == 32
+
+
+def test_run_yaml_sits_between_preset_and_flags(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    assert run.config("tiny").tile.patch_px == 64
+    data = yaml.safe_load(run.config_path.read_text())
+    data["tile"]["patch_px"] = 96  # a user's edit of hinge.yaml
+    run.config_path.write_text(yaml.safe_dump(data))
+    assert run.config().tile.patch_px == 96  # no preset named: the run's own
+    assert run.config("tiny").tile.patch_px == 96  # same preset: the edit stays
+    assert run.config("tiny", {"tile": {"patch_px": 128}}).tile.patch_px == 128
+    assert run.config().tile.patch_px == 128  # flags are recorded for later commands
+    assert run.config("small").preset == "small"  # another preset starts from it
+    assert run.config().model.d_model == load_config("small").model.d_model
+
+
+def test_typos_and_wrong_types_are_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tile:\n  patch_pix: 10\n")
+    with pytest.raises(HingeError, match="unknown config key 'tile.patch_pix'"):
+        load_config(bad)
+    bad.write_text("train:\n  epochs: many\n")
+    with pytest.raises(HingeError, match="train.epochs"):
+        load_config(bad)
+    with pytest.raises(HingeError, match="unknown config preset"):
+        load_config("huge")
+    with pytest.raises(HingeError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
