@@ -9,7 +9,7 @@ import torch
 
 from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second OpenMP thread costs more in synchronisation than it saves
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -1,0 +1,47 @@
+"""The model core: CellFM-compatible backbone, SoftAdaLN conditioning, masked diffusion, sampler.
+
+A library: no CLI, no terminal output. Typical use:
+
+    model = Hinge(backbone, gene_ids, image_dim, cfg.model, cfg.diffusion)
+    loss = model.loss(x0, image, generator)            # training
+    out = model.generate(image, n_samples=8, seed=0)  # prediction: out.mean, out.std
+"""
+
+from hinge_cli.model.backbone import Backbone
+from hinge_cli.model.cellfm import ImportReport, convert_cellfm, import_cellfm, map_panel, read_mindspore_checkpoint, read_vocab
+from hinge_cli.model.checkpoint import Loaded, load_checkpoint, read_sidecar, save_checkpoint, sidecar_path
+from hinge_cli.model.conditioning import ConditionNet, SoftAdaLN
+from hinge_cli.model.diffusion import MaskSchedule, automatic_alpha, corrupt, diffusion_loss
+from hinge_cli.model.hinge import Hinge
+from hinge_cli.model.lora import POLICIES, apply_policy, count_parameters
+from hinge_cli.model.pretrain import pretrain_loss, select_genes
+from hinge_cli.model.sampler import Samples, sample
+
+__all__ = [
+    "POLICIES",
+    "Backbone",
+    "ConditionNet",
+    "Hinge",
+    "ImportReport",
+    "Loaded",
+    "MaskSchedule",
+    "Samples",
+    "SoftAdaLN",
+    "apply_policy",
+    "automatic_alpha",
+    "convert_cellfm",
+    "corrupt",
+    "count_parameters",
+    "diffusion_loss",
+    "import_cellfm",
+    "load_checkpoint",
+    "map_panel",
+    "pretrain_loss",
+    "read_mindspore_checkpoint",
+    "read_sidecar",
+    "read_vocab",
+    "sample",
+    "save_checkpoint",
+    "select_genes",
+    "sidecar_path",
+]

@@ -1,0 +1,131 @@
+"""The HINGE model: a (frozen) backbone steered by SoftAdaLN from image, timestep and mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hinge_cli.config import DiffusionConfig, ModelConfig
+from hinge_cli.errors import HingeError
+from hinge_cli.model.backbone import Backbone
+from hinge_cli.model.conditioning import ConditionNet, SoftAdaLN
+from hinge_cli.model.diffusion import MaskSchedule, check_fill, diffusion_loss
+from hinge_cli.model.lora import apply_policy
+from hinge_cli.model.sampler import Samples, sample
+from hinge_cli.progress import SILENT, Progress
+
+ARCHITECTURE = ("d_model", "n_layers", "n_heads", "ffn_dim", "n_bins")
+
+
+def check_architecture(have: ModelConfig, want: ModelConfig, what: str) -> None:
+    """Raise if two configs disagree on the backbone's shape (weights would not fit)."""
+    diff = [f"{k} {getattr(have, k)} vs {getattr(want, k)}" for k in ARCHITECTURE if getattr(have, k) != getattr(want, k)]
+    if diff:
+        raise HingeError(f"{what} does not match the model config ({', '.join(diff)})",
+                         "use the config preset the backbone was built with (e.g. --config default for CellFM)")
+
+
+class Hinge(nn.Module):
+    """Predicts clean panel expression (B, G) from partly hidden values, t and an image feature.
+
+    The panel's G genes are fixed at construction (`gene_ids`, indices into the backbone
+    vocabulary, so a 25k-gene CellFM vocabulary serves a 50-gene panel).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        gene_ids: Sequence[int] | Tensor,
+        image_dim: int,
+        cfg: ModelConfig | None = None,
+        diffusion: DiffusionConfig | None = None,
+    ):
+        super().__init__()
+        cfg = backbone.cfg if cfg is None else cfg
+        check_architecture(backbone.cfg, cfg, "the backbone")
+        ids = torch.as_tensor(gene_ids, dtype=torch.long, device="cpu").flatten()
+        bad = ((ids < 1) | (ids >= backbone.vocab_size)).nonzero().flatten().tolist()
+        if bad or len(ids) == 0:
+            raise HingeError(f"{len(bad) or 'no'} panel gene ids fall outside the backbone vocabulary 1..{backbone.vocab_size - 1}",
+                             "map the panel through the backbone's gene list and drop genes it lacks")
+        if image_dim < 1:
+            raise HingeError(f"image feature dimension must be positive, not {image_dim}", "check the embeddings")
+        self.cfg = cfg
+        self.diffusion = diffusion or DiffusionConfig()
+        check_fill(self.diffusion.fill)
+        self.image_dim = image_dim
+        self.backbone = backbone
+        apply_policy(backbone, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
+        self.register_buffer("gene_ids", ids)
+        d, c = cfg.d_model, cfg.cond_dim
+        self.condition = ConditionNet(image_dim, len(ids), c)
+        self.layer_mods = nn.ModuleList(
+            SoftAdaLN(d, c, 2, True, cfg.softnorm_logit_init, cfg.gate_logit_init) for _ in range(cfg.n_layers)
+        )
+        self.decoder_mod = SoftAdaLN(d, c, 1, False, cfg.softnorm_logit_init, cfg.gate_logit_init)
+        self.schedule = MaskSchedule(self.diffusion.steps, len(ids), self.diffusion.alpha)
+
+    @classmethod
+    def build(
+        cls,
+        cfg: ModelConfig,
+        vocab_size: int,
+        gene_ids: Sequence[int] | Tensor,
+        image_dim: int,
+        diffusion: DiffusionConfig | None = None,
+    ) -> Hinge:
+        """A HINGE model on a randomly initialised backbone (tests, ablations, meta-device counts)."""
+        return cls(Backbone(cfg, vocab_size), gene_ids, image_dim, cfg, diffusion)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.gene_ids.numel())
+
+    def forward(self, values: Tensor, visible: Tensor, t: Tensor, image: Tensor) -> Tensor:
+        """values (B, G) with hidden entries filled, visible (B, G) bool, t (B,) int, image (B, D)."""
+        b = values.shape[0]
+        if values.shape != (b, self.n_genes) or visible.shape != values.shape:
+            raise HingeError(f"expression has shape {tuple(values.shape)}, the model's panel has {self.n_genes} genes",
+                             "use the gene panel the model was trained on")
+        if image.ndim != 2 or image.shape != (b, self.image_dim):
+            raise HingeError(f"image features have shape {tuple(image.shape)}, expected ({b}, {self.image_dim})",
+                             "pass one (spots, dim) view from the encoder the model was trained with")
+        c = self.condition(image, t, visible)
+        layer_mods = [mod(c) for mod in self.layer_mods]
+        (decoder_mod,) = self.decoder_mod(c)
+        ids = self.gene_ids.expand(b, -1)
+        return self.backbone(ids, values, visible, layer_mods, decoder_mod)
+
+    def loss(
+        self,
+        x0: Tensor,
+        image: Tensor,
+        generator: torch.Generator | None = None,
+        max_hidden_fraction: float | None = None,
+    ) -> Tensor:
+        """Masked-diffusion loss on a batch of clean panels; pass rho for the warm-start curriculum."""
+        d = self.diffusion
+        return diffusion_loss(self, x0, image, self.schedule, d.fill, d.noise_std, generator, max_hidden_fraction)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: Tensor,
+        n_samples: int = 8,
+        steps: int | None = None,
+        seed: int = 0,
+        spot_index: Tensor | None = None,
+        keep_samples: bool = False,
+        progress: Progress = SILENT,
+    ) -> Samples:
+        """Reverse process for a batch of spots; see `hinge_cli.model.sampler.sample`."""
+        was_training = self.training
+        self.eval()
+        try:
+            return sample(self, image, self.schedule, n_samples=n_samples, steps=steps, seed=seed,
+                          spot_index=spot_index, fill=self.diffusion.fill, noise_std=self.diffusion.noise_std,
+                          keep_samples=keep_samples, progress=progress)
+        finally:
+            self.train(was_training)

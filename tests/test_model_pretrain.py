@@ -1,0 +1,57 @@
+"""Backbone pre-training: expressed genes favoured, diffusion masking mechanics, a loss that learns."""
+
+import pytest
+import torch
+
+from hinge_cli.config import DiffusionConfig, load_config
+from hinge_cli.errors import HingeError
+from hinge_cli.model import Backbone, pretrain_loss, select_genes
+
+
+def test_select_genes_favours_expressed_genes():
+    g = torch.Generator().manual_seed(0)
+    expr = torch.zeros(50, 300)
+    expr[:, :20] = torch.rand(50, 20) + 0.1  # 20 expressed genes per cell
+    idx = select_genes(expr, 16, g, expressed_fraction=0.75)
+    assert idx.shape == (50, 16)
+    assert all(len(set(row)) == 16 for row in idx.tolist())
+    assert torch.all((idx < 20).sum(1) >= 12)  # ceil(0.75 * 16) expressed genes at least
+    idx = select_genes(expr, 40, g)
+    assert torch.all((idx < 20).sum(1) == 20)  # all expressed genes when the quota allows
+    with pytest.raises(HingeError):
+        select_genes(expr, 301, g)
+
+
+def test_pretrain_hides_the_configured_fraction():
+    seen = []
+
+    def recorder(ids, values, visible):
+        seen.append(visible)
+        return values
+
+    d = DiffusionConfig(fill="zero", pretrain_mask_min=0.2, pretrain_mask_max=0.5)
+    x0 = torch.rand(200, 40) + 1
+    loss = pretrain_loss(recorder, torch.arange(1, 41).expand(200, -1), x0, d, torch.Generator().manual_seed(0))
+    hidden = (~seen[0]).sum(1)
+    assert hidden.min() >= 8 and hidden.max() <= 20 and hidden.float().std() > 1
+    m = (~seen[0]).float()  # the recorder predicts the zero fill, so the loss is the hidden genes' mean square
+    assert loss.item() == pytest.approx((((x0**2) * m).sum(1) / m.sum(1)).mean().item())
+
+
+def test_pretraining_reduces_the_loss():
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    bb = Backbone(cfg, 33)
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 32) * 4
+    data = (base + 0.1 * torch.randn(32, 32)).clamp_min(0)
+    ids = torch.arange(1, 33).expand(32, -1)
+    opt = torch.optim.Adam(bb.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = pretrain_loss(bb, ids, data, DiffusionConfig(), g)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
