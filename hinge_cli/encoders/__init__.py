@@ -1,0 +1,256 @@
+"""Patch encoders: a registry of named (architecture, preprocessing, output dim) entries.
+
+`build_encoder("uni", weights=...)` gives an `Encoder` that turns batches of
+uint8 RGB patches into float32 features, with test-time augmentation (dihedral
+views), device placement, channels-last and bf16 autocast on CUDA handled once
+here rather than in every caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hinge_cli.encoders.conch import CONCH_UNUSED, ConchVision
+from hinge_cli.encoders.handcrafted import HandcraftedEncoder
+from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.weights import find_in_hf_cache, hf_cache_dirs, load_into, read_state_dict, select_keys
+from hinge_cli.errors import HingeError
+
+log = logging.getLogger(__name__)
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+H_OPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+DEFAULT_ENCODER = "default"
+MAX_VIEWS = 8
+
+
+@dataclass(frozen=True)
+class Field:
+    """What one encoder input shows: `px` square pixels at `mpp` µm/px read around the spot centre.
+
+    mpp=None means "the tile's own patch", resized to `px`; the learned encoders
+    use that, so they see exactly what `hinge tile` cut. A fixed mpp makes the
+    encoder read its own field from the slide (the default encoder's context).
+    """
+
+    px: int
+    mpp: float | None = None
+
+    @property
+    def um(self) -> float | None:
+        return None if self.mpp is None else self.px * self.mpp
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    dim: int
+    fields: tuple[Field, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[], nn.Module]
+    description: str
+    hf_repo: str | None = None  # None: no weights needed
+    key_prefix: str = ""  # checkpoint prefix of the part we rebuild
+    drop_keys: tuple[str, ...] = ()  # checkpoint keys of that part that features never use
+    autocast: bool = True  # bf16 on CUDA; the default encoder's statistics stay fp32
+    arch: ViTArch | None = None
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.hf_repo is not None
+
+
+def _vit(arch: ViTArch) -> Callable[[], nn.Module]:
+    return lambda: VisionTransformer(arch)
+
+
+def _default_encoder() -> nn.Module:
+    return MultiFieldHandcrafted(DEFAULT_FIELDS)
+
+
+class MultiFieldHandcrafted(nn.Module):
+    """The handcrafted statistics of each field, concatenated (fine detail + wide context)."""
+
+    def __init__(self, fields: Sequence[Field]):
+        super().__init__()
+        self.parts = nn.ModuleList(HandcraftedEncoder(mpp=f.mpp) for f in fields)
+        self.out_dim = sum(p.dim for p in self.parts)
+
+    def forward(self, *images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part, x in zip(self.parts, images)], dim=1)
+
+
+# Chosen on HER2ST by the ridge benchmark's inner (training-section-only) cross-validation among
+# 0.5 µm/px x 128 µm, 1 µm/px x 448 µm, 2 µm/px x 896 µm, 4 µm/px x 1.8 mm fields and their pairs:
+# wide context at low magnification carried most of the signal.
+DEFAULT_FIELDS = (Field(448, 2.0), Field(448, 4.0))
+
+ARCHS = {
+    "uni": ViTArch(224, 16, 1024, 24, 16, 4.0, init_values=1e-5),
+    "uni2-h": ViTArch(224, 14, 1536, 24, 24, 2.66667 * 2, swiglu=True, init_values=1e-5, reg_tokens=8, no_embed_class=True),
+    "h-optimus-0": ViTArch(224, 14, 1536, 40, 24, 2.66667 * 2, swiglu=True, init_values=1e-5, reg_tokens=4, no_embed_class=True),
+    "virchow2": ViTArch(224, 14, 1280, 32, 16, 5.3375, swiglu=True, init_values=1e-5, reg_tokens=4, pool="token+mean"),
+    "gigapath": ViTArch(224, 16, 1536, 40, 24, 5.33334, swiglu=True, init_values=1e-5),
+}
+
+
+def _registry() -> dict[str, EncoderSpec]:
+    specs = [
+        EncoderSpec(
+            DEFAULT_ENCODER, _default_encoder().out_dim, DEFAULT_FIELDS, *NO_NORM, _default_encoder,
+            "weight-free: H&E stain, nuclei and texture statistics, spot and context", autocast=False,
+        ),
+        EncoderSpec("uni", 1024, (Field(224),), *IMAGENET, _vit(ARCHS["uni"]), "UNI ViT-L/16 (MahmoodLab)",
+                    hf_repo="MahmoodLab/UNI", arch=ARCHS["uni"]),
+        EncoderSpec("uni2-h", 1536, (Field(224),), *IMAGENET, _vit(ARCHS["uni2-h"]), "UNI2-h ViT-H/14, 8 registers (MahmoodLab)",
+                    hf_repo="MahmoodLab/UNI2-h", arch=ARCHS["uni2-h"]),
+        EncoderSpec("h-optimus-0", 1536, (Field(224),), *H_OPTIMUS, _vit(ARCHS["h-optimus-0"]), "H-optimus-0 ViT-g/14 (Bioptimus)",
+                    hf_repo="bioptimus/H-optimus-0", arch=ARCHS["h-optimus-0"]),
+        EncoderSpec("virchow2", 2560, (Field(224),), *IMAGENET, _vit(ARCHS["virchow2"]),
+                    "Virchow2 ViT-H/14: class token + mean patch token (Paige)", hf_repo="paige-ai/Virchow2", arch=ARCHS["virchow2"]),
+        EncoderSpec("gigapath", 1536, (Field(224),), *IMAGENET, _vit(ARCHS["gigapath"]), "Prov-GigaPath tile encoder ViT-g/16",
+                    hf_repo="prov-gigapath/prov-gigapath", arch=ARCHS["gigapath"]),
+        EncoderSpec("conch", 512, (Field(448),), *OPENAI_CLIP, ConchVision, "CONCH image tower ViT-B/16 at 448 px (MahmoodLab)",
+                    hf_repo="MahmoodLab/CONCH", key_prefix="visual.", drop_keys=CONCH_UNUSED),
+    ]
+    return {s.name: s for s in specs}
+
+
+REGISTRY: dict[str, EncoderSpec] = _registry()
+
+
+def get_spec(name: str) -> EncoderSpec:
+    key = name.strip().lower()
+    if key not in REGISTRY:
+        raise HingeError(f"unknown encoder '{name}'", f"choose from {', '.join(REGISTRY)} (see hinge embed --list)")
+    return REGISTRY[key]
+
+
+def parse_encoders(text: str) -> list[EncoderSpec]:
+    """`uni,conch` -> specs in that order (their features are concatenated in that order)."""
+    names = [n for n in (part.strip() for part in text.split(",")) if n]
+    if not names:
+        raise HingeError("--encoder is empty", f"give one or more of {', '.join(REGISTRY)}, comma-separated")
+    if len(set(names)) != len(names):
+        raise HingeError(f"--encoder '{text}' names an encoder twice", "list each encoder once")
+    return [get_spec(n) for n in names]
+
+
+def locate_weights(spec: EncoderSpec, given: Path | None = None) -> Path | None:
+    """The weights file for `spec`: `given`, else the local Hugging Face cache; None if not found."""
+    if not spec.needs_weights:
+        return None
+    if given is not None:
+        return Path(given)
+    return find_in_hf_cache(spec.hf_repo)
+
+
+def missing_weights_error(spec: EncoderSpec) -> HingeError:
+    looked = ", ".join(str(d / f"models--{spec.hf_repo.replace('/', '--')}") for d in hf_cache_dirs())
+    return HingeError(
+        f"no weights found for encoder '{spec.name}' (looked in {looked})",
+        f"download {spec.hf_repo} from Hugging Face (gated; accept its terms) and pass --weights {spec.name}=FILE, "
+        "or set HF_HOME to the cache that holds it; or use --encoder default, which needs no weights",
+    )
+
+
+@dataclass
+class Encoder:
+    """A ready encoder: module on its device, with preprocessing and views."""
+
+    spec: EncoderSpec
+    module: nn.Module
+    device: torch.device
+    weights: Path | None = None
+    weights_sha256: str | None = None
+    _norm: tuple[torch.Tensor, torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+        self._norm = (mean, std)
+        self.module.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.module.to(memory_format=torch.channels_last)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def _prepare(self, patches: np.ndarray | torch.Tensor, fld: Field, views: int) -> torch.Tensor:
+        x = torch.as_tensor(patches).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-1] != fld.px or x.shape[-2] != fld.px:
+            x = F.interpolate(x, size=(fld.px, fld.px), mode="bilinear", antialias=True, align_corners=False)
+        x = dihedral_views(x, views)
+        x = (x - self._norm[0]) / self._norm[1]
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @torch.inference_mode()
+    def __call__(self, fields: Sequence[np.ndarray | torch.Tensor], views: int = 1) -> np.ndarray:
+        """One uint8 (B, P, P, 3) batch per field -> float32 (B, views, dim)."""
+        if len(fields) != len(self.spec.fields):
+            raise ValueError(f"{self.spec.name} takes {len(self.spec.fields)} fields, got {len(fields)}")
+        inputs = [self._prepare(p, f, views) for p, f in zip(fields, self.spec.fields)]
+        use_bf16 = self.device.type == "cuda" and self.spec.autocast
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.module(*inputs)
+        b = out.shape[0] // views
+        return out.float().view(views, b, -1).transpose(0, 1).cpu().numpy()
+
+
+def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """(B, C, H, W) -> (views*B, C, H, W): view k is rot90^(k mod 4), transposed for k >= 4."""
+    if views == 1:
+        return x
+    if views != MAX_VIEWS:
+        raise HingeError(f"--views {views} is not supported", "use --views 1 or --views 8 (the dihedral group)")
+    out = []
+    for k in range(MAX_VIEWS):
+        v = x.transpose(-1, -2) if k >= 4 else x
+        out.append(torch.rot90(v, k % 4, dims=(-2, -1)))
+    return torch.cat(out, dim=0)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HingeError(f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise HingeError(f"--device '{device}' is not one of auto, cpu, cuda", "use --device auto|cpu|cuda")
+    return torch.device(device)
+
+
+def build_encoder(name: str, weights: Path | None = None, device: str = "cpu") -> Encoder:
+    """The named encoder with its weights loaded (HingeError if a learned encoder has none)."""
+    from hinge_cli.run import sha256_file
+
+    spec = get_spec(name)
+    dev = resolve_device(device)
+    path = locate_weights(spec, weights)
+    if spec.needs_weights and path is None:
+        raise missing_weights_error(spec)
+    if path is None:
+        return Encoder(spec, spec.build(), dev)
+    with torch.device("meta"):
+        module = spec.build()
+    state = select_keys(read_state_dict(path), spec.key_prefix, spec.drop_keys)
+    load_into(module, state, spec.name, path)
+    return Encoder(spec, module.float(), dev, path, sha256_file(path))
+
+
+def random_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
+    """A learned architecture at random init (speed benchmarks, tests): never for real features."""
+    return Encoder(spec, spec.build(), resolve_device(device))

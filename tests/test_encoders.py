@@ -1,0 +1,216 @@
+"""Encoders: published key names and shapes, real forwards at small size, weight loading, the default encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hinge_cli import encoders as enc
+from hinge_cli.encoders import ARCHS, REGISTRY, build_encoder, dihedral_views, get_spec, parse_encoders
+from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
+from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys
+from hinge_cli.errors import HingeError
+
+
+def vit_keys(d: int, depth: int, patch: int, n_pos: int, fc1: int, fc2_in: int, reg: int = 0, layer_scale: bool = True,
+             prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The key -> shape list of a timm VisionTransformer checkpoint, as its definition lays it out."""
+    keys = {
+        "cls_token": (1, 1, d), "pos_embed": (1, n_pos, d),
+        "patch_embed.proj.weight": (d, 3, patch, patch), "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,), "norm.bias": (d,),
+    }
+    if reg:
+        keys["reg_token"] = (1, reg, d)
+    block = {
+        "norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
+        "mlp.fc1.weight": (fc1, d), "mlp.fc1.bias": (fc1,), "mlp.fc2.weight": (d, fc2_in), "mlp.fc2.bias": (d,),
+    }
+    if layer_scale:
+        block |= {"ls1.gamma": (d,), "ls2.gamma": (d,)}
+    for i in range(depth):
+        keys |= {f"blocks.{i}.{k}": v for k, v in block.items()}
+    return {prefix + k: v for k, v in keys.items()}
+
+
+PUBLISHED = {
+    # UNI: timm vit_large_patch16_224, init_values=1e-5 (MahmoodLab/UNI).
+    "uni": vit_keys(1024, 24, 16, 197, 4096, 4096),
+    # UNI2-h: patch 14, 24 blocks, SwiGLUPacked 2*4096, 8 registers, no_embed_class.
+    "uni2-h": vit_keys(1536, 24, 14, 256, 8192, 4096, reg=8),
+    # H-optimus-0: vit_giant_patch14_reg4_dinov2 at 224 px.
+    "h-optimus-0": vit_keys(1536, 40, 14, 256, 8192, 4096, reg=4),
+    # Virchow2: vit_huge_patch14_224, mlp_ratio 5.3375 SwiGLUPacked, 4 registers inside pos_embed.
+    "virchow2": vit_keys(1280, 32, 14, 261, 6832, 3416, reg=4),
+    # Prov-GigaPath tile encoder: vit_giant_patch14_dinov2 with patch 16 at 224 px.
+    "gigapath": vit_keys(1536, 40, 16, 197, 8192, 4096),
+}
+# CONCH `visual.*` minus the caption pooler: timm ViT-B/16 at 448 px without LayerScale, then the contrastive pooler.
+PUBLISHED["conch"] = vit_keys(768, 12, 16, 785, 3072, 3072, layer_scale=False, prefix="trunk.") | {
+    "attn_pool_contrast.query": (1, 512),
+    "attn_pool_contrast.attn.q_proj_weight": (512, 512),
+    "attn_pool_contrast.attn.k_proj_weight": (512, 768),
+    "attn_pool_contrast.attn.v_proj_weight": (512, 768),
+    "attn_pool_contrast.attn.in_proj_bias": (1536,),
+    "attn_pool_contrast.attn.out_proj.weight": (512, 512),
+    "attn_pool_contrast.attn.out_proj.bias": (512,),
+    "attn_pool_contrast.ln_q.weight": (512,), "attn_pool_contrast.ln_q.bias": (512,),
+    "attn_pool_contrast.ln_k.weight": (768,), "attn_pool_contrast.ln_k.bias": (768,),
+    "ln_contrast.weight": (512,), "ln_contrast.bias": (512,),
+    "proj_contrast": (512, 512),
+}
+OUT_DIMS = {"uni": 1024, "uni2-h": 1536, "h-optimus-0": 1536, "virchow2": 2560, "gigapath": 1536, "conch": 512}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_size_keys_and_shapes(name: str) -> None:
+    spec = get_spec(name)
+    with torch.device("meta"):
+        module = spec.build()
+    got = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert got == PUBLISHED[name]
+    assert spec.dim == OUT_DIMS[name]
+    assert spec.needs_weights and spec.hf_repo
+
+
+def small(arch: ViTArch) -> ViTArch:
+    return arch.scaled(embed_dim=32, depth=2, num_heads=4, img_size=4 * arch.patch_size)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_small_vit_forward(name: str) -> None:
+    torch.manual_seed(0)
+    arch = small(ARCHS[name])
+    model = VisionTransformer(arch).eval()
+    x = torch.randn(3, 3, arch.img_size, arch.img_size)
+    with torch.inference_mode():
+        out = model(x)
+        bigger = model(torch.randn(2, 3, arch.img_size + 2 * arch.patch_size, arch.img_size + 2 * arch.patch_size))
+    assert out.shape == (3, arch.out_dim) and bigger.shape == (2, arch.out_dim)
+    assert torch.isfinite(out).all() and torch.isfinite(bigger).all()
+    assert out.std(0).mean() > 0  # different images, different features
+    assert arch.out_dim == (64 if name == "virchow2" else 32)
+
+
+def test_small_conch_forward_and_projection() -> None:
+    torch.manual_seed(0)
+    model = ConchVision(CONCH_TRUNK.scaled(32, 2, 4, img_size=64), embed_dim=16, heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        pooled = model(x)
+        model.project = True
+        projected = model(x)
+        expected = pooled @ model.proj_contrast
+    assert pooled.shape == projected.shape == (2, 16)
+    assert torch.allclose(projected, expected)
+
+
+@pytest.fixture
+def tiny_uni(monkeypatch: pytest.MonkeyPatch) -> ViTArch:
+    """The registry's 'uni' entry at toy size, so the real build/load path runs in milliseconds."""
+    arch = small(ARCHS["uni"]).scaled(32, 2, 4, img_size=32)
+    spec = dataclasses.replace(REGISTRY["uni"], build=lambda: VisionTransformer(arch), dim=arch.out_dim, fields=(enc.Field(32),))
+    monkeypatch.setitem(REGISTRY, "uni", spec)
+    return arch
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_saved_weights_reload_strict_and_reproduce(tmp_path: Path, tiny_uni: ViTArch, suffix: str) -> None:
+    torch.manual_seed(1)
+    original = VisionTransformer(tiny_uni).eval()
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    loaded = build_encoder("uni", weights=path)
+    patches = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    expect = original((torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255 - loaded._norm[0]) / loaded._norm[1])
+    got = loaded([patches])
+    assert got.shape == (2, 1, 32)
+    np.testing.assert_allclose(got[:, 0], expect.detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert loaded.weights_sha256 and len(loaded.weights_sha256) == 64
+
+
+def test_renamed_key_is_a_clear_error(tmp_path: Path, tiny_uni: ViTArch) -> None:
+    state = VisionTransformer(tiny_uni).state_dict()
+    state["blocks.0.attn.qkv_renamed.weight"] = state.pop("blocks.0.attn.qkv.weight")
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(HingeError, match=r"missing blocks\.0\.attn\.qkv\.weight.*unexpected blocks\.0\.attn\.qkv_renamed\.weight"):
+        build_encoder("uni", weights=path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("executed",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(HingeError, match="could not be loaded safely"):
+        read_state_dict(path)
+
+
+def test_missing_weights_say_where_they_were_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(HingeError, match=r"no weights found for encoder 'conch' \(looked in .*hf/hub/models--MahmoodLab--CONCH") as info:
+        build_encoder("conch")
+    assert "--weights conch=FILE" in str(info.value)
+
+
+def test_hf_cache_discovery_prefers_main_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "hub" / "models--MahmoodLab--UNI"
+    for rev in ("aaa", "bbb"):
+        (root / "snapshots" / rev).mkdir(parents=True)
+        (root / "snapshots" / rev / "pytorch_model.bin").write_bytes(b"x")
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("bbb\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert find_in_hf_cache("MahmoodLab/UNI") == root / "snapshots" / "bbb" / "pytorch_model.bin"
+    assert find_in_hf_cache("MahmoodLab/CONCH") is None
+
+
+def test_conch_checkpoint_is_reduced_to_the_vision_tower() -> None:
+    full = {"visual.trunk.cls_token": torch.zeros(1), "visual.attn_pool_caption.query": torch.zeros(1),
+            "visual.ln_caption.weight": torch.zeros(1), "text.token_embedding.weight": torch.zeros(1), "logit_scale": torch.zeros(())}
+    spec = get_spec("conch")
+    assert list(select_keys(full, spec.key_prefix, spec.drop_keys)) == ["trunk.cls_token"]
+    assert list(select_keys({"trunk.cls_token": torch.zeros(1)}, spec.key_prefix, spec.drop_keys)) == ["trunk.cls_token"]
+
+
+def test_dihedral_views_are_the_eight_symmetries() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = dihedral_views(x, 8).view(8, 2, 3, 4, 4)
+    assert torch.equal(views[0], x)
+    flat = {tuple(v[0, 0].flatten().tolist()) for v in views}
+    assert len(flat) == 8
+    with pytest.raises(HingeError):
+        dihedral_views(x, 4)
+
+
+def test_encoder_list_parsing() -> None:
+    assert [s.name for s in parse_encoders("UNI, conch")] == ["uni", "conch"]
+    with pytest.raises(HingeError, match="unknown encoder 'unii'"):
+        parse_encoders("unii")
+    with pytest.raises(HingeError, match="twice"):
+        parse_encoders("uni,uni")
+
+
+def test_default_encoder_needs_no_weights_and_is_deterministic() -> None:
+    spec = get_spec("default")
+    assert not spec.needs_weights
+    rng = np.random.default_rng(0)
+    fields = [rng.integers(0, 256, (2, f.px, f.px, 3), dtype=np.uint8) for f in spec.fields]
+    a, b = build_encoder("default")(fields), build_encoder("default")(fields)
+    assert a.shape == (2, 1, spec.dim)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
