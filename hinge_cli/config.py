@@ -87,6 +87,18 @@ class TrainConfig:
     warmup_mask_ratio: float = 0.2
     seed: int = 0
     device: str = "auto"
+    schedule: str = "cosine"  # cosine (after a linear warm-up) | constant learning rate
+
+
+@dataclass
+class PretrainConfig:
+    """Backbone pre-training on expression-only corpora (`pretrain-warmup --corpus`)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seq_len: int = 512  # genes per pre-training sequence (a random subset, expressed genes favoured)
+    max_vocab: int = 5000  # the corpus vocabulary keeps this many most variable genes (plus the panel)
 
 
 @dataclass
@@ -107,6 +119,7 @@ class HingeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,8 +173,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `over` into a copy of `base`; None values in `over` leave `base` as is."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict):
+            out[key] = merge(out[key] if isinstance(out.get(key), dict) else {}, value)
         elif value is not None:
             out[key] = value
     return out

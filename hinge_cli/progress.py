@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-Advance = Callable[[int], None]
+Advance = Callable[..., None]  # advance(n=1, status=None): n more done; status shows beside the bar
 
 
 class Progress(Protocol):
@@ -22,7 +22,7 @@ class Silent:
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield lambda n=1, status=None: None
 
 
 SILENT = Silent()

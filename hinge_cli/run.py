@@ -194,10 +194,14 @@ class Run:
         return self.root / "embeddings" / encoder_key / f"{sample}.h5"
 
     def checkpoint(self, name: str) -> Path:
-        return self.root / "checkpoints" / f"{name}.pt"
+        """Weights in safetensors; the JSON sidecar beside it has the same stem."""
+        return self.root / "checkpoints" / f"{name}.safetensors"
 
     def log(self, stage: str) -> Path:
         return self.root / "logs" / f"{stage}.jsonl"
+
+    def plot(self, stage: str) -> Path:
+        return self.root / "plots" / f"{stage}_loss.png"
 
     def prediction(self, sample: str) -> Path:
         return self.root / "predictions" / f"{sample}.h5ad"
@@ -258,6 +262,13 @@ class Run:
             if status != "running":
                 entry = {**stages.get(stage, {}), **entry}
             stages[stage] = {**entry, **fields}
+
+    def record_run_stage(self, stage: str, status: str, **fields: Any) -> None:
+        """Record a stage that concerns the whole run (training), not one sample."""
+        entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+                 "versions": package_versions(), "argv": sys.argv, **fields}
+        with self._manifest() as data:
+            data.setdefault("stages", {})[stage] = entry
 
     def stage(self, sample: str, stage: str) -> dict[str, Any]:
         return self.sample(sample).get("stages", {}).get(stage, {})

@@ -191,3 +191,25 @@ def make_synthetic_sample(
 def make_synthetic_dataset(out_dir: Path, n_samples: int = 3, seed: int = 0, **kwargs: object) -> list[SyntheticSample]:
     """Several sections of the same synthetic 'patient': shared gene programmes, different tissue."""
     return [make_synthetic_sample(out_dir, f"synth{i}", seed=seed + i, **kwargs) for i in range(n_samples)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m hinge_cli.synthetic OUT`: a demo dataset with a sample sheet and an expression-only corpus."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--samples", type=int, default=4, help="sections with slide + spots")
+    parser.add_argument("--corpus", type=int, default=6, help="extra expression-only sections for pre-training")
+    parser.add_argument("--size", type=int, default=2048, help="slide side in pixels (0.5 µm/px)")
+    args = parser.parse_args(argv)
+    sections = make_synthetic_dataset(args.out, args.samples, size_px=args.size)
+    rows = "".join(f"{s.sample_id},{s.slide.name},{s.spots.name},\n" for s in sections)
+    (args.out / "samples.csv").write_text("sample_id,slide,spots,mpp\n" + rows)
+    for i in range(args.corpus):
+        make_synthetic_sample(args.out / "corpus", f"corpus{i}", size_px=args.size, seed=1000 + i, pitch_um=50)
+    print(f"wrote {len(sections)} sections and {args.corpus} corpus sections to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,3 +44,8 @@ def test_typos_and_wrong_types_are_errors(tmp_path: Path) -> None:
         load_config("huge")
     with pytest.raises(HingeError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_unset_flags_never_replace_values() -> None:
+    cfg = load_config("tiny", overrides={"embed": {"encoder": None, "batch_size": 8}, "tile": {"tissue": {"threshold": None}}})
+    assert cfg.embed.encoder == "default" and cfg.embed.batch_size == 8 and cfg.tile.tissue.threshold is None

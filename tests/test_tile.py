@@ -193,7 +193,7 @@ def test_a_live_lock_refuses_a_second_writer(tmp_path: Path) -> None:
 
 def test_skip_if_done_and_overwrite(tmp_path: Path, synth) -> None:
     run_dir = tmp_path / "run"
-    args = ["tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run_dir), "--config", "tiny", "-q"]
+    args = ["tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run_dir), "--config", "tiny"]
     assert runner.invoke(app, args).exit_code == 0
     made = Run(run_dir).tiles(synth.sample_id).stat().st_mtime_ns
     result = runner.invoke(app, args)

@@ -1,0 +1,60 @@
+"""Expression-only corpora (scRNA-seq or ST spots) for pre-training the gene backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from hinge_cli.data.expression import Transform, read_expression
+from hinge_cli.errors import HingeError
+
+
+@dataclass
+class Corpus:
+    """Profiles x vocabulary in model space; gene id of column j is j + 1 (0 is padding)."""
+
+    vocab: list[str]
+    values: sparse.csr_matrix
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def dense(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[rows].toarray()
+
+
+def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, always: Sequence[str] = ()) -> Corpus:
+    """Read every file; the vocabulary is the union of their genes, cut to the `max_vocab` most
+    variable (a gene absent from a file counts as zero there), and always keeps `always`."""
+    if not paths:
+        raise HingeError("no corpus files given", "pass --corpus a.h5ad b.h5ad ...")
+    parts = []
+    for path in paths:
+        expr = read_expression(Path(path))
+        values = expr.counts.copy()
+        if transform.normalize == "total":
+            values = sparse.diags(transform.target_sum / np.maximum(expr.totals, 1.0)) @ values
+        values = sparse.csr_matrix(values)
+        values.data = np.log1p(values.data) / np.log(transform.log_base)
+        parts.append((expr.genes, values.astype(np.float32)))
+    union = sorted({g for genes, _ in parts for g in genes})
+    column = {g: j for j, g in enumerate(union)}
+    stacked = sparse.vstack([
+        sparse.csr_matrix((v.data, np.array([column[genes[c]] for c in v.indices], dtype=np.int64), v.indptr),
+                          shape=(v.shape[0], len(union)))
+        for genes, v in parts
+    ]).tocsr()
+    stacked.sort_indices()
+    n = stacked.shape[0]
+    mean = np.asarray(stacked.sum(axis=0)).ravel() / n
+    var = np.asarray(stacked.multiply(stacked).sum(axis=0)).ravel() / n - mean**2
+    keep = set(np.argsort(-var, kind="stable")[:max_vocab].tolist()) | {column[g] for g in always if g in column}
+    kept = sorted(keep)
+    vocab = [union[j] for j in kept] + sorted(set(always) - set(column))
+    values = stacked[:, kept]
+    values = sparse.hstack([values, sparse.csr_matrix((n, len(vocab) - len(kept)), dtype=np.float32)]).tocsr()
+    return Corpus(vocab, values)

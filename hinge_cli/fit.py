@@ -1,0 +1,172 @@
+"""One readable training loop, shared by backbone pre-training, warm-up and training.
+
+Everything random in epoch e (the shuffle, timesteps, gene orders, fill noise) comes
+from a generator seeded by (seed, stage, e). So resuming after epoch e needs only the
+weights, the optimiser state and the loop counters: the rest is re-derived, and a
+resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hinge_cli.distributed import Dist
+from hinge_cli.progress import SILENT, Progress
+
+SCHEDULES = ("cosine", "constant")
+
+# (model or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
+BatchLoss = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+
+
+@dataclass
+class LoopSettings:
+    stage: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    patience: int | None = None  # stop after this many epochs without a better validation loss
+    seed: int = 0
+    schedule: str = "cosine"  # cosine decay after a linear warm-up, or constant
+    lr_warmup: float = 0.05  # fraction of all steps spent ramping the learning rate up
+
+
+@dataclass
+class LoopState:
+    """Counters and history: all a resume needs besides weights and optimiser (JSON-able)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_val: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        return cls(**data)
+
+
+def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{stage}:{seed}:{epoch}".encode()))
+
+
+def lr_at(step: int, total: int, s: LoopSettings) -> float:
+    warm = max(1, int(s.lr_warmup * total))
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    if s.schedule == "constant":
+        return s.lr
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimiser state into tensors (for safetensors) and JSON (param groups, scalars)."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    scalars = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `optimizer_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fit(
+    model: nn.Module,
+    n_rows: int,
+    batch_loss: BatchLoss,
+    validate: Callable[[nn.Module], float],
+    s: LoopSettings,
+    *,
+    dist: Dist = Dist(),
+    device: torch.device = torch.device("cpu"),
+    state: LoopState | None = None,
+    optimizer_state_dict: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[LoopState, nn.Module, torch.optim.Optimizer, bool], None] | None = None,
+    progress: Progress = SILENT,
+) -> LoopState:
+    """Train `model` for `s.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
+    state = state or LoopState()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if optimizer_state_dict is not None:
+        opt.load_state_dict(optimizer_state_dict)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else model
+    steps_per_epoch = max(1, math.ceil(n_rows / s.batch_size))
+    total = steps_per_epoch * s.epochs
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for epoch in range(state.epoch, s.epochs):
+        if state.stopped_early:
+            break
+        started = time.time()
+        generator = epoch_generator(s.seed, s.stage, epoch)
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
+        order = torch.randperm(n_rows, generator=generator)
+        model.train()
+        total_loss, lr = 0.0, s.lr
+        with progress.task(f"{s.stage} {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
+            for b in range(steps_per_epoch):
+                rows = order[b * s.batch_size : (b + 1) * s.batch_size]
+                lr = lr_at(state.step, total, s)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                share = dist.rows(len(rows))
+                with autocast:
+                    # weighted so that DDP's gradient average is the gradient of the global batch mean
+                    loss = batch_loss(net, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                opt.step()
+                state.step += 1
+                value = float(dist.mean(loss.detach().float()))
+                total_loss += value
+                advance(1, f"loss {value:.4f}  lr {lr:.2e}")
+        model.eval()
+        with torch.no_grad(), autocast:
+            val = float(validate(model))
+        improved = state.best_val is None or val < state.best_val
+        if improved:
+            state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        state.stopped_early = s.patience is not None and state.bad_epochs >= s.patience
+        state.history.append({
+            "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
+            "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        })
+        if dist.main and on_epoch_end is not None:
+            on_epoch_end(state, model, opt, improved)
+        dist.barrier()
+    return state

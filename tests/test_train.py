@@ -1,0 +1,256 @@
+"""`pretrain-warmup` and `train` on a synthetic run: panel, curriculum, learning, resume, DDP, frozen policy.
+
+Image features are written directly from each synthetic spot's tissue composition
+(what a good encoder extracts), so these tests measure training, not the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hinge_cli.config import load_config
+from hinge_cli.data.expression import Transform
+from hinge_cli.errors import HingeError
+from hinge_cli.model import load_checkpoint
+from hinge_cli.model.diffusion import MaskSchedule
+from hinge_cli.run import Run
+from hinge_cli.synthetic import CLASSES, make_synthetic_sample
+from hinge_cli.tile import SampleSpec, tile_sample
+from hinge_cli.data.features import FeatureNorm
+from hinge_cli.train import WarmupOptions, pretrain_warmup, train
+
+ENCODER = "default"
+
+
+def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
+    """Embeddings from the synthetic truth of each spot's appearance, plus nuisance dimensions."""
+    adata = ad.read_h5ad(spots)
+    rng = np.random.default_rng(seed)
+    signal = np.column_stack([adata.obs[f"frac_{c}"] for c in CLASSES] + [np.log1p(adata.obs["nuclei"])])
+    features = np.column_stack([signal * 3 + rng.normal(0, 0.05, signal.shape), rng.normal(0, 1, (adata.n_obs, 3))])
+    path = run.embeddings(ENCODER, sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5["embeddings"] = features.astype(np.float32)
+        h5["barcodes"] = np.array(adata.obs_names, dtype=object).astype("S")
+        h5["coords"] = np.rint(adata.obsm["spatial"]).astype(np.int64)
+        h5.attrs["encoders"] = ENCODER
+        h5.attrs["views"] = 1
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiled synthetic samples with expression and features; no model yet."""
+    root = tmp_path_factory.mktemp("train")
+    run = Run(root / "run")
+    cfg = run.config("tiny")
+    cfg.tile.images = False
+    for i in range(3):
+        s = make_synthetic_sample(root / "data", f"s{i}", size_px=1024, mpp=0.5, seed=10 + i, pitch_um=40, n_genes=60)
+        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+        write_features(run, s.sample_id, s.spots, i)
+    return run.root
+
+
+def copy_run(base: Path, dest: Path) -> Run:
+    shutil.copytree(base, dest)
+    return Run(dest)
+
+
+def warm(run: Run, **kw: object) -> None:
+    opts = WarmupOptions(**{"n_genes": 30, "holdout": ["s2"], "seed": 0, **kw})
+    pretrain_warmup(run, run.config(), opts)
+
+
+def test_panel_is_chosen_without_the_held_out_sample(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "a")
+    warm(run, warmup_epochs=1)
+    genes = (run.root / "genes.txt").read_text()
+    other = copy_run(base_run, tmp_path / "b")
+    held = ad.read_h5ad(other.sample("s2")["expression"]["path"])
+    rng = np.random.default_rng(0)
+    held.X = rng.poisson(rng.gamma(0.3, 300, held.shape)).astype(np.float32)  # wildly different expression
+    path = tmp_path / "s2_changed.h5ad"
+    held.write_h5ad(path)
+    other.register_sample("s2", expression={"path": str(path)})
+    warm(other, warmup_epochs=1)
+    assert (other.root / "genes.txt").read_text() == genes
+    assert len(genes.split()) == 30
+
+
+def test_warmup_never_exceeds_the_mask_cap(base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[torch.Tensor, MaskSchedule, float | None]] = []
+    original = MaskSchedule.sample_t
+
+    def spy(self: MaskSchedule, batch: int, generator=None, max_hidden_fraction=None):
+        t = original(self, batch, generator, max_hidden_fraction)
+        seen.append((t, self, max_hidden_fraction))
+        return t
+
+    monkeypatch.setattr(MaskSchedule, "sample_t", spy)
+    run = copy_run(base_run, tmp_path / "run")
+    warm(run, warmup_epochs=2, warmup_mask_ratio=0.2)
+    capped = [(t, s) for t, s, cap in seen if cap is not None]
+    assert capped, "the warm-up drew no capped timesteps"
+    for t, schedule in capped:
+        assert (schedule.hidden_counts[t] <= 0.2 * schedule.n_genes).all()
+    assert any(cap is None for _, _, cap in seen)  # validation scores every timestep
+
+
+def test_pretraining_lowers_the_masked_loss(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "run")
+    corpus = []
+    for i in range(4):  # more sections of the same 'patient', expression only
+        s = make_synthetic_sample(tmp_path / "corpus", f"c{i}", size_px=1024, mpp=0.5, seed=100 + i, pitch_um=30, n_genes=60)
+        corpus.append(s.spots)
+    cfg = run.config()
+    cfg.pretrain.epochs = 6
+    pretrain_warmup(run, cfg, WarmupOptions(corpus=corpus, n_genes=30, holdout=["s2"], warmup_epochs=1))
+    history = [json.loads(line) for line in run.log("pretrain").read_text().splitlines()]
+    assert len(history) == 6 and history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
+    meta = load_checkpoint(run.checkpoint("pretrain")).meta
+    panel = (run.root / "genes.txt").read_text().split()
+    assert set(panel) <= set(meta["vocab"]) and meta["kind"] == "backbone"
+
+
+def _pearson_on_holdout(run: Run, checkpoint: Path) -> float:
+    loaded = load_checkpoint(checkpoint)
+    model, meta = loaded.model, loaded.meta
+    with h5py.File(run.embeddings(ENCODER, "s2")) as h5:
+        features = h5["embeddings"][()]
+        barcodes = [b.decode() for b in h5["barcodes"][()]]
+    truth = ad.read_h5ad(run.sample("s2")["expression"]["path"])[barcodes, meta["genes"]]
+    target = Transform.from_dict(meta["transform"]).apply(np.asarray(truth.X))
+    norm = FeatureNorm.from_dict(meta["extra"]["feature_norm"])
+    pred = model.generate(torch.from_numpy(norm(features)), n_samples=2, seed=0).mean.numpy()
+    rs = [np.corrcoef(pred[:, g], target[:, g])[0, 1] for g in range(target.shape[1]) if target[:, g].std() > 0 and pred[:, g].std() > 0]
+    return float(np.mean(rs))
+
+
+@pytest.fixture(scope="module")
+def trained(base_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = copy_run(base_run, tmp_path_factory.mktemp("trained") / "run")
+    warm(run, warmup_epochs=2)
+    shutil.copytree(run.root, run.root.parent / "warm")  # for the resume and DDP tests
+    train(run, run.config())
+    return run
+
+
+def test_training_learns_the_synthetic_signal(trained: Run) -> None:
+    r_trained = _pearson_on_holdout(trained, trained.checkpoint("best"))
+    untrained = trained.root.parent / "untrained.safetensors"
+    from hinge_cli.model import save_checkpoint
+
+    loaded = load_checkpoint(trained.checkpoint("warmup"))
+    torch.manual_seed(1)
+    for p in loaded.model.parameters():  # a random-init, untrained model of the same shape
+        torch.nn.init.normal_(p, 0, 0.05)
+    save_checkpoint(untrained, loaded.model, genes=loaded.meta["genes"], transform=loaded.meta["transform"],
+                    extra=loaded.meta["extra"])
+    r_random = _pearson_on_holdout(trained, untrained)
+    assert r_trained > 0.4 and r_trained > r_random + 0.3, (r_trained, r_random)
+    history = [json.loads(line) for line in trained.log("train").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"epoch", "train_loss", "val_loss", "lr", "seconds", "peak_memory_mb"} <= set(history[0])
+    assert trained.plot("train").exists()
+    assert trained.manifest()["stages"]["train"]["status"] == "ok"
+
+
+def test_frozen_backbone_is_unchanged_by_training(trained: Run) -> None:
+    warm_w = load_file(str(trained.checkpoint("warmup")))
+    best_w = load_file(str(trained.checkpoint("best")))
+    backbone = [k for k in warm_w if k.startswith("backbone.")]
+    assert backbone
+    for k in backbone:
+        assert torch.equal(warm_w[k], best_w[k]), k
+    assert any(not torch.equal(warm_w[k], best_w[k]) for k in warm_w if not k.startswith("backbone."))
+
+
+class Interrupt(Exception):
+    pass
+
+
+class KillAt:
+    """A progress sink that dies at a given step, like a killed process (nothing after it runs)."""
+
+    def __init__(self, step: int):
+        self.left = step
+
+    def task(self, label: str, total: int | None):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            def advance(n: int = 1, status: str | None = None) -> None:
+                self.left -= n
+                if self.left <= 0 and label.startswith("train"):
+                    raise Interrupt
+
+            yield advance
+
+        return cm()
+
+
+def test_resume_after_a_kill_mid_epoch_is_bit_exact(trained: Run, tmp_path: Path) -> None:
+    warm_dir = trained.root.parent / "warm"
+    straight, killed = copy_run(warm_dir, tmp_path / "straight"), copy_run(warm_dir, tmp_path / "killed")
+    epochs = 4
+    cfg = straight.config()
+    cfg.train.epochs, cfg.train.patience = epochs, 100
+    train(straight, cfg)
+    n_train = load_checkpoint(killed.checkpoint("warmup")).meta["extra"]["n_train_spots"]
+    steps = int(2.5 * -(-n_train // cfg.train.batch_size))
+    with pytest.raises(Interrupt):
+        train(killed, cfg, progress=KillAt(steps))  # dies half-way through the third epoch
+    done = json.loads(killed.checkpoint("last.state").with_suffix(".json").read_text())["loop"]["epoch"]
+    assert 1 <= done < epochs
+    train(killed, cfg)
+    a, b = load_file(str(straight.checkpoint("last"))), load_file(str(killed.checkpoint("last")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.log("train").read_text() != "" and len(killed.log("train").read_text().splitlines()) == epochs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(trained: Run, tmp_path: Path) -> None:
+    warm_dir = trained.root.parent / "warm"
+    single, double = copy_run(warm_dir, tmp_path / "single"), copy_run(warm_dir, tmp_path / "ddp")
+    args = ["train", "--epochs", "2", "--batch-size", "32", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "hinge_cli", *args], check=True, env={**env, "HINGE_RUN": str(single.root)}, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                    "-m", "hinge_cli", *args], check=True, env={**env, "HINGE_RUN": str(double.root)}, timeout=300)
+    one = [json.loads(line) for line in single.log("train").read_text().splitlines()]
+    two = [json.loads(line) for line in double.log("train").read_text().splitlines()]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_train_without_warmup_and_refusing_to_redo_warmup(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "run")
+    with pytest.raises(HingeError, match="pretrain-warmup"):
+        train(run, run.config())
+    with pytest.raises(HingeError, match="not in the run"):
+        warm(run, holdout=["nope"], warmup_epochs=1)
+    warm(run, warmup_epochs=1)
+    with pytest.raises(HingeError, match="--overwrite"):
+        warm(run, warmup_epochs=1)
