@@ -225,7 +225,7 @@ def _read_genes(path: Path) -> list[str]:
     return genes
 
 
-def _backbone_source(run: Run, cfg: HingeConfig, opts: WarmupOptions) -> tuple[Backbone | None, list[str] | None, str]:
+def _backbone_source(cfg: HingeConfig, opts: WarmupOptions) -> tuple[Backbone | None, list[str] | None, str]:
     """A ready backbone and its vocabulary, when the source fixes them before the panel is chosen."""
     spec = opts.backbone
     if spec.startswith("cellfm:"):
@@ -245,7 +245,7 @@ def _backbone_source(run: Run, cfg: HingeConfig, opts: WarmupOptions) -> tuple[B
     return None, None, "corpus" if opts.corpus else "random"
 
 
-def _choose_panel(run: Run, expression: dict, samples: list[str], opts: WarmupOptions, transform: Transform,
+def _choose_panel(expression: dict, samples: list[str], opts: WarmupOptions, transform: Transform,
                   vocab: list[str] | None) -> list[str]:
     if opts.genes is not None:
         genes = _read_genes(opts.genes)
@@ -254,19 +254,14 @@ def _choose_panel(run: Run, expression: dict, samples: list[str], opts: WarmupOp
             raise HingeError(f"{len(absent)} genes of {opts.genes} are not in the backbone's vocabulary: {', '.join(absent[:10])}",
                              "drop them from the list")
         return genes
-    candidates = list(expression[s] for s in samples)
+    candidates = [expression[s] for s in samples]
     if vocab is not None:
         known = set(vocab)
         dropped = [g for g in shared_genes(candidates) if g not in known]
         if dropped:
             log.info("%d genes absent from the backbone vocabulary are not candidates for the panel", len(dropped))
-        candidates = [_restrict(e, known) for e in candidates]
+        candidates = [e.restrict(known) for e in candidates]
     return select_panel(candidates, opts.n_genes, opts.select, transform)
-
-
-def _restrict(expr: Any, genes: set[str]) -> Any:
-    keep = [i for i, g in enumerate(expr.genes) if g in genes]
-    return type(expr)(expr.barcodes, [expr.genes[i] for i in keep], expr.counts[:, keep], expr.totals, expr.coords)
 
 
 def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], panel: list[str], transform: Transform,
@@ -318,8 +313,8 @@ def pretrain_warmup(run: Run, cfg: HingeConfig, opts: WarmupOptions, *, overwrit
     samples = training_samples(run, opts.holdout)
     expression = load_expression(run, samples)
     transform = Transform(opts.normalize)
-    backbone, vocab, source = _backbone_source(run, cfg, opts)
-    panel = _choose_panel(run, expression, samples, opts, transform, vocab)
+    backbone, vocab, source = _backbone_source(cfg, opts)
+    panel = _choose_panel(expression, samples, opts, transform, vocab)
     if dist.main:
         write_text_atomic(run.root / "genes.txt", "".join(g + "\n" for g in panel))
     if source == "corpus":

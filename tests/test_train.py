@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hinge_cli.config import load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.errors import HingeError
 from hinge_cli.model import load_checkpoint

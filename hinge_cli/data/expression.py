@@ -57,6 +57,11 @@ class Expression:
     totals: np.ndarray
     coords: np.ndarray | None
 
+    def restrict(self, genes: set[str]) -> Expression:
+        """The same spots with only the genes in `genes` (totals still count every gene)."""
+        keep = [i for i, g in enumerate(self.genes) if g in genes]
+        return Expression(self.barcodes, [self.genes[i] for i in keep], self.counts[:, keep], self.totals, self.coords)
+
     def columns(self, genes: list[str], fill_missing: bool = False) -> np.ndarray:
         """Dense counts for `genes` in that order; absent genes are an error unless filled with 0."""
         index = {g: i for i, g in enumerate(self.genes)}
