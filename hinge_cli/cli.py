@@ -83,13 +83,13 @@ def _setup(verbose: bool, quiet: bool, fresh: bool = False) -> None:
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and tracebacks for errors.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")]
-RunDir = Annotated[Optional[Path], typer.Option("--run", help="Run directory [default: $HINGE_RUN or ./hinge-run].")]
+RunDir = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: $HINGE_RUN or ./hinge-run).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist.")]
 ConfigOpt = Annotated[
-    Optional[str], typer.Option("--config", help="tiny|small|default or a .yaml file [default: the run's, else default].")
+    Optional[str], typer.Option("--config", help="tiny|small|default or a .yaml file (default: the run's, else default).")
 ]
 ShardOpt = Annotated[
-    Optional[str], typer.Option("--shard", help="I/N: do every N-th sample from the I-th (0-based) [default: SLURM array].")
+    Optional[str], typer.Option("--shard", help="I/N: do every N-th sample from the I-th (0-based) (default: SLURM array).")
 ]
 
 
@@ -133,7 +133,7 @@ def tile(
     slides: Annotated[Optional[list[Path]], typer.Argument(help="Slide files (OpenSlide formats, or JPEG/PNG/TIFF).")] = None,
     run: RunDir = None,
     spots: Annotated[Optional[Path], typer.Option(help="Spot .h5ad (obsm['spatial'] in level-0 px): one patch per spot.")] = None,
-    sample_id: Annotated[Optional[str], typer.Option(help="Sample id [default: the slide's file stem].")] = None,
+    sample_id: Annotated[Optional[str], typer.Option(help="Sample id (default: the slide's file stem).")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
     samples: Annotated[Optional[Path], typer.Option(help="CSV with columns sample_id, slide[, spots, mpp].")] = None,
     config: ConfigOpt = None,
@@ -187,7 +187,7 @@ def tile(
 @command
 def embed(
     run: RunDir = None,
-    encoder: Annotated[Optional[str], typer.Option(help="NAME[,NAME...]: features concatenated in order [default].")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="NAME,NAME...: features concatenated in that order (default: default).")] = None,
     weights: Annotated[
         Optional[list[str]], typer.Option(help="FILE, or NAME=FILE per learned encoder [Hugging Face cache].")
     ] = None,

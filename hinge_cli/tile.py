@@ -182,8 +182,12 @@ def _write_tiles(tmp: Path, spec: SampleSpec, slide: Slide, barcodes: list[str],
                 advance(len(batch))
 
 
-def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT) -> dict:
-    """Tile one sample into the run; returns the manifest record."""
+def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT, register_expression: bool = True) -> dict:
+    """Tile one sample into the run; returns the manifest record.
+
+    With spots, the .h5ad is also registered as the sample's measured expression (training
+    data) unless `register_expression` is off: `generate` only borrows the positions.
+    """
     final = run.tiles(spec.sample_id)
     started = time.time()
     with output_lock(final):
@@ -214,7 +218,7 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
         }
         run.record_stage(spec.sample_id, "tile", "ok", **record)
     sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
-    if spec.spots is not None:
+    if spec.spots is not None and register_expression:
         sample["expression"] = describe_input(spec.spots)
     run.register_sample(spec.sample_id, **sample)
     log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])

@@ -106,6 +106,8 @@ def test_no_images_stores_coordinates_only(tmp_path: Path, synth) -> None:
     tile_sample(run, SampleSpec("s0", synth.slide, synth.spots), tiny_tile(images=False))
     out = tiles(run, "s0")
     assert "img" not in out and len(out["coords"]) == synth.n_spots
+    tile_sample(run, SampleSpec("borrowed", synth.slide, synth.spots), tiny_tile(images=False), register_expression=False)
+    assert "expression" in run.sample("s0") and "expression" not in run.sample("borrowed")  # positions only
 
 
 def test_missing_mpp_is_an_error_that_names_the_flag(tmp_path: Path, synth) -> None:
