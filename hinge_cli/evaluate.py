@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 from scipy import sparse
 from scipy.cluster.hierarchy import leaves_list, linkage
@@ -26,7 +25,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import squareform
 
 from hinge_cli import metrics, plots
-from hinge_cli.data.expression import Expression, Transform, read_expression
+from hinge_cli.data.expression import Expression, Transform, read_expression, read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, write_text_atomic
@@ -107,12 +106,7 @@ def _unique(names: list[str], path: Path) -> list[str]:
 def read_prediction(path: Path) -> Prediction:
     """Read a prediction written by `hinge generate`, checking it carries its transform."""
     path = Path(path)
-    if not path.exists():
-        raise HingeError(f"prediction file {path} does not exist", "give the .h5ad written by `hinge generate --out`")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same to the user
-        raise HingeError(f"{path} is not a readable .h5ad ({exc.__class__.__name__})", "re-run `hinge generate`") from None
+    adata = read_h5ad(path, "prediction file", "give the .h5ad written by `hinge generate --out`")
     provenance = dict(adata.uns.get("hinge", {}))
     if "transform" not in provenance:
         raise HingeError(

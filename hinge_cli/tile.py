@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import anndata as ad
 import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from hinge_cli.config import TileConfig
+from hinge_cli.data.expression import read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import OutputLocked, Run, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
@@ -83,10 +83,7 @@ def read_sample_sheet(path: Path) -> list[SampleSpec]:
 
 def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
     """Barcodes and level-0 (x, y) spot centres from an .h5ad's obsm['spatial']."""
-    try:
-        adata = ad.read_h5ad(path, backed="r")
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same to the user
-        raise HingeError(f"spot file {path} is not a readable .h5ad ({exc.__class__.__name__})", "re-export it with anndata") from None
+    adata = read_h5ad(path, "spot file", "check the path given to --spots (an .h5ad written by anndata)", backed=True)
     try:
         if "spatial" not in adata.obsm:
             raise HingeError(f"{path} has no obsm['spatial']", "store spot centres in level-0 pixels there (scanpy/HEST convention)")

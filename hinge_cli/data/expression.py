@@ -80,15 +80,21 @@ class Expression:
         return out
 
 
+def read_h5ad(path: Path, what: str, fix: str, backed: bool = False) -> ad.AnnData:
+    """Open an .h5ad, turning a missing or unreadable file into a HingeError that says `fix`."""
+    path = Path(path)
+    if not path.exists():
+        raise HingeError(f"{what} {path} does not exist", fix)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same to the user
+        raise HingeError(f"{what} {path} is not a readable .h5ad ({exc.__class__.__name__}: {exc})", fix) from None
+
+
 def read_expression(path: Path, layer: str | None = None) -> Expression:
     """Counts from an .h5ad (`X`, or `layers[layer]`), checked to look like raw counts."""
     path = Path(path)
-    if not path.exists():
-        raise HingeError(f"expression file {path} does not exist", "re-run `hinge tile --spots` with the right file")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same to the user
-        raise HingeError(f"{path} is not a readable .h5ad ({exc.__class__.__name__})", "re-export it with anndata") from None
+    adata = read_h5ad(path, "expression file", "point --spots at an .h5ad written by anndata, with raw counts")
     if layer is not None and layer not in adata.layers:
         raise HingeError(f"{path} has no layer '{layer}'", f"available: {', '.join(adata.layers) or 'none'}")
     matrix = adata.layers[layer] if layer is not None else adata.X
