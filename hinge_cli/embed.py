@@ -1,11 +1,14 @@
 """`hinge embed`: `tiles/<sample>.h5` in, `embeddings/<encoder-key>/<sample>.h5` out.
 
 Patches stream through in batches (from the tiles file, or from the slide when
-the tiles hold no pixels or the encoder reads its own field), read ahead by
-background threads, and features are written batch by batch into a chunked
-HDF5 dataset. Memory therefore stays at a few batches whatever the number of
-spots. Each output is written under a lock to a temporary name and renamed into
-place, so an interrupted run resumes with exactly the missing samples.
+the tiles hold no pixels), read ahead by background threads, and features are
+written batch by batch into a chunked HDF5 dataset. Memory therefore stays at a
+few batches whatever the number of spots. The weight-free default encoder
+instead walks the slide once in tiles and pools each spot from block maps
+(one tile of pixels plus one value per 16 µm block in memory), since its wide
+fields overlap almost entirely between neighbouring spots. Each output is
+written under a lock to a temporary name and renamed into place, so an
+interrupted run resumes with exactly the missing samples.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hinge_cli.encoders import (
     Encoder,
     EncoderSpec,
     Field,
+    TilePlan,
     build_encoder,
     locate_weights,
     missing_weights_error,
@@ -38,7 +42,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import OutputLocked, Run, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.slide.patches import iter_patch_batches
-from hinge_cli.slide.reader import open_slide
+from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +145,41 @@ def _read_tile_images(path: Path, n: int, batch: int) -> Iterator[tuple[int, np.
                 thread.join(0.05)
 
 
+def _require_slide(tiles: TileSet, why: str) -> None:
+    if not tiles.slide.exists():
+        raise HingeError(f"{tiles.path.name}: {why}, but the slide {tiles.slide} is gone", "restore the slide at that path, or re-tile")
+
+
 def _field_batches(tiles: TileSet, fld: Field, batch: int, workers: int) -> Iterator[tuple[int, np.ndarray]]:
     if fld.mpp is None and tiles.has_images:
         yield from _read_tile_images(tiles.path, len(tiles.barcodes), batch)
         return
-    if not tiles.slide.exists():
-        why = "its tiles hold no pixels (--no-images)" if fld.mpp is None else f"this encoder reads a {fld.um:.0f} µm field around each spot"
-        raise HingeError(f"{tiles.path.name}: {why}, but the slide {tiles.slide} is gone", "restore the slide at that path, or re-tile")
+    _require_slide(tiles, "its tiles hold no pixels (--no-images)" if fld.mpp is None
+                   else f"this encoder reads a {fld.um:.0f} µm field around each spot")
     mpp, px = (tiles.mpp_target, tiles.patch_px) if fld.mpp is None else (fld.mpp, fld.px)
     with open_slide(tiles.slide, tiles.mpp_source) as slide:
         yield from iter_patch_batches(slide, tiles.coords.astype(np.float64), mpp, px, batch, workers)
+
+
+def read_plan_tiles(slide: Slide, fld: Field, plan: TilePlan, workers: int) -> Iterator[np.ndarray]:
+    """The pixels of a plan's tiles at the field's µm/px, in plan order, read ahead by `workers` threads."""
+    if not plan.tiles:
+        return
+    to_level0 = fld.mpp / require_mpp(slide)
+    side = plan.box(plan.tiles[0])[2]
+    centres = np.array([[(x0 + side / 2) * to_level0, (y0 + side / 2) * to_level0]
+                        for x0, y0, _ in map(plan.box, plan.tiles)])
+    for _, pixels in iter_patch_batches(slide, centres, fld.mpp, side, 1, workers):
+        yield pixels[0]
+
+
+def _slide_features(tiles: TileSet, enc: Encoder, cfg: EmbedConfig, label: str, progress: Progress) -> np.ndarray:
+    """(N, views, dim) from an encoder that walks the whole slide once (the default encoder)."""
+    _require_slide(tiles, f"encoder '{enc.spec.name}' reads its fields from the slide")
+    with open_slide(tiles.slide, tiles.mpp_source) as slide:
+        plans = enc.plan_slide(tiles.coords.astype(np.float64), require_mpp(slide))
+        with progress.task(f"{label} (slide tiles)", sum(len(p.tiles) for p in plans)) as advance:
+            return enc.encode_slide(plans, lambda fld, plan: read_plan_tiles(slide, fld, plan, cfg.workers), cfg.views, advance)
 
 
 def embed_sample(
@@ -180,15 +209,19 @@ def embed_sample(
             out.create_dataset("coords", data=tiles.coords)
             offset = 0
             for enc in encoders:
-                streams = [_field_batches(tiles, f, cfg.batch_size, cfg.workers) for f in enc.spec.fields]
-                with progress.task(f"{sample}: {enc.spec.name}", n) as advance:
-                    for parts in zip(*streams):
-                        start = parts[0][0]
-                        feats = enc([p for _, p in parts], views)
-                        if not keep_views:
-                            feats = feats.mean(axis=1)
-                        ds[start : start + len(feats), ..., offset : offset + enc.dim] = feats
-                        advance(len(feats))
+                if enc.reads_slide:
+                    feats = _slide_features(tiles, enc, cfg, f"{sample}: {enc.spec.name}", progress)
+                    ds[..., offset : offset + enc.dim] = feats if keep_views else feats.mean(axis=1)
+                else:
+                    streams = [_field_batches(tiles, f, cfg.batch_size, cfg.workers) for f in enc.spec.fields]
+                    with progress.task(f"{sample}: {enc.spec.name}", n) as advance:
+                        for parts in zip(*streams):
+                            start = parts[0][0]
+                            feats = enc([p for _, p in parts], views)
+                            if not keep_views:
+                                feats = feats.mean(axis=1)
+                            ds[start : start + len(feats), ..., offset : offset + enc.dim] = feats
+                            advance(len(feats))
                 offset += enc.dim
             out.attrs.update({
                 "encoder": key,

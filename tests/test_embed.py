@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 from hinge_cli import encoders as enc
 from hinge_cli.cli import app
 from hinge_cli.config import EmbedConfig, load_config
-from hinge_cli.embed import embed_samples, parse_weights
+from hinge_cli.embed import embed_samples, parse_weights, read_plan_tiles
 from hinge_cli.encoders import ARCHS, REGISTRY, build_encoder, get_spec, parse_encoders
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.errors import HingeError
 from hinge_cli.run import Run, Shard
+from hinge_cli.slide.reader import open_slide
 from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.tile import SampleSpec, tile_samples
 
@@ -39,9 +40,9 @@ def read(path: Path) -> dict:
 
 @pytest.fixture
 def small_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default encoder's code on smaller fields: the bookkeeping tests need not pay for 448 px fields."""
+    """The default encoder's code on smaller fields and tiles: the bookkeeping tests need not pay for 448 px fields."""
     fields = (enc.Field(64, 4.0), enc.Field(64, 8.0))
-    spec = dataclasses.replace(REGISTRY["default"], fields=fields, build=lambda: enc.MultiFieldHandcrafted(fields))
+    spec = dataclasses.replace(REGISTRY["default"], fields=fields, build=lambda: enc.MultiFieldHandcrafted(fields, tile_px=64))
     monkeypatch.setitem(REGISTRY, "default", spec)
 
 
@@ -59,13 +60,11 @@ def test_default_embeddings_align_with_tiles_and_resume(tmp_path: Path, synth, s
     assert run.stage("s0", "embed:default")["status"] == "ok"
     # Each row is that spot's own features: re-embedding a subset in another order gives the same rows.
     encoder = build_encoder("default")
-    from hinge_cli.slide.patches import iter_patch_batches
-    from hinge_cli.slide.reader import open_slide
-
     pick = np.array([3, 0, 5])
     with open_slide(synth.slide) as slide:
-        fields = [next(iter_patch_batches(slide, tiles["coords"][pick].astype(float), f.mpp, f.px, 8, 1))[1] for f in encoder.spec.fields]
-    np.testing.assert_allclose(encoder(fields)[:, 0], out["embeddings"][pick], rtol=1e-4, atol=1e-5)
+        plans = encoder.plan_slide(tiles["coords"][pick].astype(float), slide.mpp)
+        again = encoder.encode_slide(plans, lambda fld, plan: read_plan_tiles(slide, fld, plan, 1))
+    np.testing.assert_allclose(again[:, 0], out["embeddings"][pick], rtol=1e-5, atol=1e-6)
 
     mtime = run.embeddings("default", "s0").stat().st_mtime_ns
     again = embed_samples(run, EmbedConfig(device="cpu"))
@@ -128,6 +127,20 @@ def test_no_images_reads_the_slide_and_gives_the_same_features(tmp_path: Path, s
     a = read(with_img.embeddings("uni", "s0"))["embeddings"]
     b = read(without.embeddings("uni", "s0"))["embeddings"]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_default_views_and_no_images(tmp_path: Path, synth, small_default: None) -> None:
+    """--views 8 keeps 8 copies of the default's view-invariant features; tiles without pixels give the same features."""
+    run = tile_run(tmp_path / "run", synth)
+    embed_samples(run, EmbedConfig(device="cpu"))
+    one = read(run.embeddings("default", "s0"))["embeddings"]
+    embed_samples(run, EmbedConfig(device="cpu", views=8), overwrite=True)
+    kept = read(run.embeddings("default", "s0"))
+    assert kept["embeddings"].shape == (len(one), 8, one.shape[1]) and kept["attrs"]["views_kept"]
+    np.testing.assert_array_equal(kept["embeddings"], np.repeat(one[:, None], 8, axis=1))
+    bare = tile_run(tmp_path / "bare", synth, images=False)
+    embed_samples(bare, EmbedConfig(device="cpu"))
+    np.testing.assert_array_equal(read(bare.embeddings("default", "s0"))["embeddings"], one)
 
 
 def test_shard_splits_samples(tmp_path: Path, synth, small_default: None) -> None:

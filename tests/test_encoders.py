@@ -12,11 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from hinge_cli import encoders as enc
-from hinge_cli.encoders import ARCHS, REGISTRY, build_encoder, dihedral_views, get_spec, parse_encoders
+from hinge_cli.embed import read_plan_tiles
+from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
+from hinge_cli.encoders.handcrafted import HandcraftedEncoder
 from hinge_cli.encoders.vit import ViTArch, VisionTransformer
 from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
+from hinge_cli.slide.patches import iter_patch_batches
+from hinge_cli.slide.reader import open_slide
+from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
 
 
 def vit_keys(d: int, depth: int, patch: int, n_pos: int, fc1: int, fc2_in: int, reg: int = 0, layer_scale: bool = True,
@@ -214,3 +219,80 @@ def test_default_encoder_needs_no_weights_and_is_deterministic() -> None:
     assert a.shape == (2, 1, spec.dim)
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+
+
+SMALL_FIELDS = (enc.Field(64, 4.0), enc.Field(64, 8.0))  # the default's geometry (16 µm blocks, nested regions), 64 px wide
+
+
+@pytest.fixture(scope="module")
+def slide_1mm(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSample:
+    """A 1 mm synthetic slide at 1 µm/px: room for spots whose 512 µm fields stay inside it."""
+    return make_synthetic_sample(tmp_path_factory.mktemp("slide1mm"), "m", size_px=1024, mpp=1.0, seed=11)
+
+
+def small_default() -> Encoder:
+    spec = dataclasses.replace(REGISTRY["default"], fields=SMALL_FIELDS, build=lambda: enc.MultiFieldHandcrafted(SMALL_FIELDS))
+    return Encoder(spec, spec.build(), torch.device("cpu"))
+
+
+def slide_level(encoder: Encoder, slide_path: Path, centres: np.ndarray, tile_px: int | None = None, views: int = 1) -> np.ndarray:
+    with open_slide(slide_path) as slide:
+        plans = encoder.plan_slide(centres, slide.mpp, tile_px)
+        return encoder.encode_slide(plans, lambda fld, plan: read_plan_tiles(slide, fld, plan, 1), views)
+
+
+def per_spot(encoder: Encoder, slide_path: Path, centres: np.ndarray) -> np.ndarray:
+    with open_slide(slide_path) as slide:
+        fields = [next(iter_patch_batches(slide, centres, f.mpp, f.px, len(centres), 1))[1] for f in encoder.spec.fields]
+    return encoder(fields)[:, 0]
+
+
+def test_slide_level_default_equals_the_per_spot_computation(slide_1mm: SyntheticSample) -> None:
+    """Block maps computed once per slide and pooled per spot give each spot's own per-field statistics.
+
+    Spots lie at least half the widest field (256 µm) inside the slide. On the 16 µm
+    block grid the two computations share their blocks, so regions clear of the field's
+    edge agree to rounding; the whole field differs only where the per-field blurs met
+    the field's edge. Off the grid, blocks fall differently; the error stays far below
+    that of pairing a spot with its neighbour's features.
+    """
+    encoder = small_default()
+    grid = np.arange(288, 737, 64, dtype=np.float64)
+    on_grid = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+    slide, ref = slide_level(encoder, slide_1mm.slide, on_grid)[:, 0], per_spot(encoder, slide_1mm.slide, on_grid)
+    part = encoder.module.parts[0].dim // 3  # statistics per region; regions run spot, neighbourhood, whole field
+    inner = np.concatenate([np.arange(f * 3 * part, (f * 3 + 2) * part) for f in range(2)])
+    whole = np.setdiff1d(np.arange(encoder.dim), inner)
+    np.testing.assert_allclose(slide[:, inner], ref[:, inner], rtol=1e-3, atol=1e-4)
+    rel = lambda a, b: np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    assert rel(slide[:, whole], ref[:, whole]).max() < 0.02
+
+    off_grid = on_grid + np.random.default_rng(0).uniform(-24, 24, on_grid.shape)
+    slide, ref = slide_level(encoder, slide_1mm.slide, off_grid)[:, 0], per_spot(encoder, slide_1mm.slide, off_grid)
+    own, neighbour = rel(slide, ref), rel(slide, np.roll(ref, 1, axis=0))
+    assert np.median(own) < np.median(neighbour) / 5 and own.max() < 0.1, (np.median(own), np.median(neighbour), own.max())
+    # Tiles only bound memory: tiny tiles give the same block maps as one tile covering everything.
+    np.testing.assert_allclose(slide_level(encoder, slide_1mm.slide, off_grid, tile_px=48)[:, 0], slide, rtol=1e-5, atol=1e-6)
+    # Deterministic, and a spot's row does not depend on which other spots are encoded with it.
+    np.testing.assert_array_equal(slide_level(encoder, slide_1mm.slide, off_grid)[:, 0], slide)
+    np.testing.assert_allclose(slide_level(encoder, slide_1mm.slide, off_grid[[5, 2]])[:, 0], slide[[5, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_default_statistics_are_invariant_to_the_dihedral_views(slide_1mm: SyntheticSample) -> None:
+    """Why --views 8 repeats the default encoder's features: every view of a field gives the same numbers."""
+    encoder = small_default()
+    centres = np.array([[400.0, 520.0], [610.0, 455.0]])
+    with open_slide(slide_1mm.slide) as slide:
+        fields = [next(iter_patch_batches(slide, centres, f.mpp, f.px, 2, 1))[1] for f in SMALL_FIELDS]
+    views = encoder(fields, views=8)
+    # Equal up to float32 summation order (the local-contrast map subtracts two close blurs).
+    np.testing.assert_allclose(views, np.repeat(views[:, :1], 8, axis=1), rtol=1e-3, atol=1e-4)
+    assert encoder.module.view_invariant() and build_encoder("default").module.view_invariant()
+    repeated = slide_level(encoder, slide_1mm.slide, centres, views=8)
+    assert repeated.shape == (2, 8, encoder.dim) and (repeated == repeated[:, :1]).all()
+    # A region off-centre by half a block is not mapped onto itself by the views: refused, not faked.
+    lopsided = HandcraftedEncoder(mpp=4.0, regions=(0.3,))
+    assert not lopsided.view_invariant(64) and lopsided.view_invariant(80)
+    encoder.module.parts[0] = lopsided
+    with pytest.raises(HingeError, match="not invariant to the dihedral views"):
+        slide_level(encoder, slide_1mm.slide, centres, views=8)
