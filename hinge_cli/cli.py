@@ -198,7 +198,7 @@ def embed(
     batch_size: Annotated[Optional[int], typer.Option(help="Patches per forward pass [64].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [auto].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Background patch readers [2].")] = None,
-    config: Annotated[str, typer.Option(help="tiny|small|default or a .yaml file.")] = "default",
+    config: ConfigOpt = None,
     list_encoders: Annotated[bool, typer.Option("--list", help="List encoders, dimensions and whether weights were found.")] = False,
     shard: ShardOpt = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed samples and go on (exit 3).")] = False,

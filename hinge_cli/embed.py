@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -40,24 +40,11 @@ from hinge_cli.encoders import (
 )
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import OutputLocked, Run, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import OutputLocked, Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmbedSummary:
-    key: str
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        out = [f"embedded {len(self.done)} with {self.key}, skipped {len(self.skipped)} (already done), failed {len(self.failed)}"]
-        out += [f"  failed {sample}: {why}" for sample, why in self.failed.items()]
-        return out
 
 
 def encoder_key(specs: Sequence[EncoderSpec]) -> str:
@@ -263,7 +250,7 @@ def embed_samples(
     overwrite: bool = False,
     keep_going: bool = False,
     progress: Progress = SILENT,
-) -> EmbedSummary:
+) -> SampleReport:
     """Embed this shard's share of the run's tiled samples with the configured encoder(s)."""
     if cfg.views not in (1, MAX_VIEWS):
         raise HingeError(f"--views {cfg.views} is not supported", "use --views 1 or --views 8 (the dihedral group)")
@@ -280,10 +267,11 @@ def embed_samples(
     samples = tiled_samples(run)
     if not samples:
         raise HingeError(f"no tiled samples in {run.root}", "run hinge tile first (or point --run at the right folder)")
-    summary = EmbedSummary(encoder_key(specs))
+    key = encoder_key(specs)
+    summary = SampleReport(f"embed ({key})")
     todo = []
     for sample in shard.select(samples):
-        final = run.embeddings(summary.key, sample)
+        final = run.embeddings(key, sample)
         if final.exists() and not overwrite:
             stale = _stale(final, cfg)
             if stale:
@@ -301,7 +289,7 @@ def embed_samples(
                 summary.done.append(sample)
             except Exception as exc:
                 if not isinstance(exc, OutputLocked):
-                    run.record_stage(sample, f"embed:{summary.key}", "failed", error=str(exc))
+                    run.record_stage(sample, f"embed:{key}", "failed", error=str(exc))
                 if not keep_going:
                     raise
                 log.error("%s: %s", sample, exc)

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,21 @@ def output_lock(final: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
+
+
+@dataclass
+class SampleReport:
+    """What a per-sample stage did: the closing lines, and exit code 3 when something failed."""
+
+    stage: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.stage}: {len(self.done)} done, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"]
+        out += [f"  failed {sample}: {why}" for sample, why in self.failed.items()]
+        return out
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +24,7 @@ from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import OutputLocked, Run, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import OutputLocked, Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 from hinge_cli.slide.tissue import TissueMask, detect_tissue
@@ -41,18 +41,6 @@ class SampleSpec(NamedTuple):
     slide: Path
     spots: Path | None = None
     mpp: float | None = None
-
-
-@dataclass
-class TileSummary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        out = [f"tiled {len(self.done)}, skipped {len(self.skipped)} (already done), failed {len(self.failed)}"]
-        out += [f"  failed {sample}: {why}" for sample, why in self.failed.items()]
-        return out
 
 
 def read_sample_sheet(path: Path) -> list[SampleSpec]:
@@ -238,11 +226,11 @@ def tile_samples(
     overwrite: bool = False,
     keep_going: bool = False,
     progress: Progress = SILENT,
-) -> TileSummary:
+) -> SampleReport:
     """Tile this shard's share of `specs`; failures stop the run unless `keep_going`."""
     by_id = {s.sample_id: s for s in specs}
     mine = shard.select(list(by_id))
-    summary = TileSummary()
+    summary = SampleReport("tile")
     with progress.task("slides", len(mine)) as advance:
         for sample in mine:
             spec = by_id[sample]

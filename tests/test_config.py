@@ -49,3 +49,15 @@ def test_typos_and_wrong_types_are_errors(tmp_path: Path) -> None:
 def test_unset_flags_never_replace_values() -> None:
     cfg = load_config("tiny", overrides={"embed": {"encoder": None, "batch_size": 8}, "tile": {"tissue": {"threshold": None}}})
     assert cfg.embed.encoder == "default" and cfg.embed.batch_size == 8 and cfg.tile.tissue.threshold is None
+
+
+def test_later_commands_keep_the_runs_preset(tmp_path: Path, synth) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    runner = CliRunner()
+    run_dir = str(tmp_path / "run")
+    assert runner.invoke(app, ["tile", str(synth.slide), "--run", run_dir, "--config", "tiny", "--no-images", "-q"]).exit_code == 0
+    assert runner.invoke(app, ["embed", "--run", run_dir, "--device", "cpu", "-q"]).exit_code == 0
+    assert Run(run_dir).config().preset == "tiny"

@@ -199,7 +199,7 @@ def test_skip_if_done_and_overwrite(tmp_path: Path, synth) -> None:
     assert runner.invoke(app, args).exit_code == 0
     made = Run(run_dir).tiles(synth.sample_id).stat().st_mtime_ns
     result = runner.invoke(app, args)
-    assert result.exit_code == 0 and "skipped 1" in result.output
+    assert result.exit_code == 0 and "1 skipped" in result.output
     assert Run(run_dir).tiles(synth.sample_id).stat().st_mtime_ns == made
     assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
     assert Run(run_dir).tiles(synth.sample_id).stat().st_mtime_ns != made
@@ -211,7 +211,7 @@ def test_keep_going_exit_code_and_manifest(tmp_path: Path, synth) -> None:
     run_dir = tmp_path / "run"
     result = runner.invoke(app, ["tile", str(synth.slide), str(bad), "--run", str(run_dir), "--config", "tiny", "--keep-going", "-q"])
     assert result.exit_code == 3
-    assert "failed 1" in result.output and "failed bad" in result.output
+    assert "1 failed" in result.output and "failed bad" in result.output
     assert Run(run_dir).stage("bad", "tile")["status"] == "failed"
     assert Run(run_dir).stage(synth.sample_id, "tile")["status"] == "ok"
     result = runner.invoke(app, ["tile", str(bad), "--run", str(tmp_path / "run2"), "-q"])
