@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -18,5 +18,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The whole pipeline on synthetic data with the tiny config, through the real CLI.
+demo: install
+	$(PY) -m hinge_cli.demo --out demo
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo

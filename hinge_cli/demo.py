@@ -27,9 +27,11 @@ def hinge(*args: str) -> None:
 
 def headline(metrics: Path) -> dict[str, float]:
     data = json.loads(metrics.read_text())
-    pearson = data["correlation"]
-    return {"mean Pearson": pearson["model"]["mean_pearson"], "depth-partial Pearson": pearson["depth_partial"]["mean_pearson"],
-            "MSE": data["mse"]}
+    corr = data["correlation"]
+    return {"mean Pearson (log2 counts)": corr["model"]["pearson"]["mean"],
+            "depth-partial Pearson (the headline)": corr["depth_partial"]["pearson"]["mean"],
+            "co-expression consistency": corr["model"]["coexpression"]["consistency"],
+            "MSE": data["errors"]["mse"]}
 
 
 def main(argv: list[str] | None = None) -> int:
