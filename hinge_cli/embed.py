@@ -40,7 +40,7 @@ from hinge_cli.encoders import (
 )
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import OutputLocked, Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 
@@ -284,15 +284,7 @@ def embed_samples(
     encoders = [build_encoder(s.name, paths.get(s.name), cfg.device) for s in specs]
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
-            try:
+            with summary.attempt(run, sample, f"embed:{key}", keep_going):
                 embed_sample(run, sample, encoders, cfg, progress)
-                summary.done.append(sample)
-            except Exception as exc:
-                if not isinstance(exc, OutputLocked):
-                    run.record_stage(sample, f"embed:{key}", "failed", error=str(exc))
-                if not keep_going:
-                    raise
-                log.error("%s: %s", sample, exc)
-                summary.failed[sample] = str(exc)
             advance(1)
     return summary

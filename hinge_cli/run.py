@@ -154,6 +154,21 @@ class SampleReport:
         out += [f"  failed {sample}: {why}" for sample, why in self.failed.items()]
         return out
 
+    @contextlib.contextmanager
+    def attempt(self, run: Run, sample: str, stage: str, keep_going: bool) -> Iterator[None]:
+        """One sample's work: done on success; on failure recorded in the manifest, then raised unless keep_going."""
+        try:
+            yield
+        except Exception as exc:
+            if not isinstance(exc, OutputLocked):  # another job is writing it: not this sample's failure
+                run.record_stage(sample, stage, "failed", error=str(exc))
+            if not keep_going:
+                raise
+            log.error("%s: %s", sample, exc)
+            self.failed[sample] = str(exc)
+        else:
+            self.done.append(sample)
+
 
 @dataclass(frozen=True)
 class Shard:

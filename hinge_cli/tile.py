@@ -24,7 +24,7 @@ from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import OutputLocked, Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 from hinge_cli.slide.tissue import TissueMask, detect_tissue
@@ -241,15 +241,7 @@ def tile_samples(
                 summary.skipped.append(sample)
                 advance(1)
                 continue
-            try:
+            with summary.attempt(run, sample, "tile", keep_going):
                 tile_sample(run, spec, cfg, progress)
-                summary.done.append(sample)
-            except Exception as exc:
-                if not isinstance(exc, OutputLocked):
-                    run.record_stage(sample, "tile", "failed", error=str(exc))
-                if not keep_going:
-                    raise
-                log.error("%s: %s", sample, exc)
-                summary.failed[sample] = str(exc)
             advance(1)
     return summary
