@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hinge_cli.devices import resolve_device
 from hinge_cli.encoders.conch import CONCH_UNUSED, ConchVision
 from hinge_cli.encoders.handcrafted import HandcraftedEncoder, TilePlan
 from hinge_cli.encoders.vit import ViTArch, VisionTransformer
@@ -273,16 +274,6 @@ def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
         v = x.transpose(-1, -2) if k >= 4 else x
         out.append(torch.rot90(v, k % 4, dims=(-2, -1)))
     return torch.cat(out, dim=0)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HingeError(f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise HingeError(f"--device '{device}' is not one of auto, cpu, cuda", "use --device auto|cpu|cuda")
-    return torch.device(device)
 
 
 def build_encoder(name: str, weights: Path | None = None, device: str = "cpu") -> Encoder:
