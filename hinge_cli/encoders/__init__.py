@@ -292,8 +292,3 @@ def build_encoder(name: str, weights: Path | None = None, device: str = "cpu") -
     state = select_keys(read_state_dict(path), spec.key_prefix, spec.drop_keys)
     load_into(module, state, spec.name, path)
     return Encoder(spec, module.float(), dev, path, sha256_file(path))
-
-
-def random_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
-    """A learned architecture at random init (speed benchmarks, tests): never for real features."""
-    return Encoder(spec, spec.build(), resolve_device(device))
