@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench-her2st clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: install
 # The whole pipeline on synthetic data with the tiny config, through the real CLI.
 demo: install
 	$(PY) -m hinge_cli.demo --out demo
+
+# HER2ST patient C, six methods, leave-one-section-out (~90 min on 2 cores; ARGS=--quick: a short smoke run).
+bench-her2st: install
+	$(PY) benchmarks/her2st/benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

@@ -99,7 +99,7 @@ def evaluate_fold(sections: dict[str, Section], test: str, n_genes: int = 50) ->
         "inner_partial": inner_cp,
         "lambda_log": lam_log,
         "lambda_cp": lam_cp,
-        "n_spots": int(len(held.features)),
+        "n_spots": len(held.features),
     }
 
 

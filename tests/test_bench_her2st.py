@@ -1,0 +1,83 @@
+"""The HER2ST benchmark's baselines and results table, on small synthetic arrays."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+
+import baselines  # noqa: E402
+import benchmark  # noqa: E402
+import ridge  # noqa: E402
+
+
+def sections(n_sections: int = 3, n: int = 120, d: int = 6, g: int = 4, nonlinear: bool = False, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d, g))
+    out = []
+    for _ in range(n_sections + 1):
+        x = rng.normal(size=(n, d))
+        signal = np.tanh(x @ w) * 2 if nonlinear else x @ w
+        depth = rng.normal(8, 0.3, size=n)
+        out.append((x, signal + 0.1 * rng.normal(size=(n, g)), depth))
+    return out[:-1], out[-1]
+
+
+def per_gene_r(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return np.array([np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(truth.shape[1])])
+
+
+def test_train_mean_predicts_the_training_mean_everywhere():
+    train, (x, _, _) = sections()
+    pred, info = baselines.train_mean(train, x)
+    assert pred.shape == (len(x), 4) and info == {}
+    np.testing.assert_allclose(pred, np.broadcast_to(np.concatenate([y for _, y, _ in train]).mean(0), pred.shape))
+
+
+def test_ridge_recovers_a_linear_signal_and_reports_its_penalty():
+    train, (x, y, _) = sections()
+    pred, info = baselines.ridge(train, x)
+    assert per_gene_r(pred, y).min() > 0.99
+    assert info["lambda"] in ridge.LAMBDAS
+    assert info["inner_depth_partial"] > 0.95
+
+
+def test_mlp_learns_a_nonlinear_signal_from_training_sections_only():
+    train, (x, y, _) = sections(nonlinear=True)
+    pred, info = baselines.mlp(train, x, max_epochs=150, patience=20)
+    assert pred.shape == y.shape
+    assert per_gene_r(pred, y).mean() > 0.9
+    assert 1 <= info["epochs"] <= 150
+
+
+def fold_numbers(partial: float | None, mse: float, seconds: float) -> dict:
+    return {"correlation": {"depth_partial": {"pearson": {"mean": partial}}}, "errors": {"mse": mse}, "seconds": seconds}
+
+
+def test_summary_is_mean_and_std_over_folds_and_skips_undefined_values():
+    results = {"hvg50": {"ridge": {"C2": fold_numbers(0.4, 1.0, 2), "C3": fold_numbers(0.6, 3.0, 4)},
+                         "train-mean": {"C2": fold_numbers(None, 2.0, 0), "C3": fold_numbers(None, 4.0, 0)}}}
+    summary = benchmark.summarise(results)
+    partial = summary["hvg50"]["ridge"]["correlation.depth_partial.pearson.mean"]
+    assert partial["mean"] == pytest.approx(0.5) and partial["std"] == pytest.approx(0.1)
+    assert partial["folds"] == {"C2": 0.4, "C3": 0.6}
+    assert summary["hvg50"]["train-mean"]["correlation.depth_partial.pearson.mean"]["mean"] is None
+    assert summary["hvg50"]["train-mean"]["errors.mse"]["mean"] == pytest.approx(3.0)
+
+
+def test_markdown_bolds_the_best_mean_in_the_right_direction(tmp_path: Path):
+    results = {"hvg50": {"ridge": {"C2": fold_numbers(0.4, 1.0, 2), "C3": fold_numbers(0.6, 3.0, 4)},
+                         "train-mean": {"C2": fold_numbers(None, 2.0, 0), "C3": fold_numbers(None, 4.0, 0)}}}
+    panel = benchmark.Panel("hvg50", 50, "hvg", ("train-mean", "ridge"))
+    s = benchmark.Settings(tmp_path, tmp_path, benchmark.load_config("tiny", None, {}), ("C2", "C3"), (panel,), 4, 10, [], False,
+                           {"pre-training": 12.0})
+    table = benchmark.markdown(benchmark.summarise(results), s)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["depth-partial Pearson (headline)"].endswith("| — | **0.500 ± 0.100** |")
+    assert rows["MSE"].endswith("| 3.000 ± 1.000 | **2.000 ± 1.000** |")  # lower is better
+    assert "| metric | train-mean | ridge |" in table
+    assert "- pre-training: 12 s" in table
