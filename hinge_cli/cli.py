@@ -334,6 +334,7 @@ def eval(  # noqa: A001 - the subcommand is called eval
     run: Annotated[Optional[Path], typer.Option("--run", help="Run directory: outputs go to <run>/eval/<sample> [$HINGE_RUN].")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Evaluate only these genes (file, one symbol per line).")] = None,
     genes_to_plot: Annotated[Optional[str], typer.Option(help="Also draw maps of these genes, comma-separated.")] = None,
+    overwrite: Overwrite = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -342,7 +343,8 @@ def eval(  # noqa: A001 - the subcommand is called eval
     from hinge_cli.run import Run
 
     the_run = Run(run) if run is not None or os.environ.get("HINGE_RUN") else None
-    summary = evaluate(pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=_ids(genes_to_plot), progress=RichProgress())
+    summary = evaluate(pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=_ids(genes_to_plot),
+                       overwrite=overwrite, progress=RichProgress())
     for line in summary.lines():
         say(line)
 

@@ -534,7 +534,8 @@ class EvalSummary:
 
 
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
-             genes: Path | None = None, genes_to_plot: Sequence[str] = (), progress: Progress = SILENT) -> EvalSummary:
+             genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
+             progress: Progress = SILENT) -> EvalSummary:
     """Score each prediction against its truth (pairs in order) and write metrics.json, report.md and maps/.
 
     Output folders: with `out` and one pair, `out` itself; with several pairs,
@@ -555,6 +556,10 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     else:
         root = Path(out) if out is not None else DEFAULT_OUT
         folders, summary_dir = ([root / s for s in samples] if several else [root]), root
+    existing = [f / "metrics.json" for f in [*folders, *([summary_dir] if several else [])] if (f / "metrics.json").exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
     slides: list[dict[str, Any]] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder in zip(loaded, truths, folders):

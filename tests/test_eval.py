@@ -239,3 +239,15 @@ def test_run_directory_holds_the_outputs_and_records_the_stage(pair, tmp_path: P
     assert (tmp_path / "run" / "eval" / "s1" / "report.md").exists()
     stage = run.stage("s1", "eval")
     assert stage["status"] == "ok" and stage["headline"] == pytest.approx(1.0)
+
+
+def test_existing_results_are_kept_unless_overwrite(pair, tmp_path: Path) -> None:
+    pred, truth_path, _ = pair
+    out = tmp_path / "out"
+    evaluate([pred], [truth_path], out=out)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(HingeError, match="already exist.*--overwrite"):
+        evaluate([pred], [truth_path], out=out)
+    assert (out / "metrics.json").read_bytes() == before
+    evaluate([pred], [truth_path], out=out, overwrite=True)
+    assert json.loads((out / "metrics.json").read_text())["sample"] == "s1"
