@@ -174,10 +174,11 @@ def tile(
         }
     }
     the_run = Run(run)
-    cfg = the_run.config(config, overrides)
+    cfg = the_run.config(config, overrides, record=False)
     summary = tile_samples(
         the_run, specs, cfg.tile, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=RichProgress()
     )
+    the_run.record_config(cfg)
     for line in summary.lines():
         say(line) if not summary.failed else err.print(line, highlight=False, soft_wrap=True)
     if summary.failed:
@@ -224,11 +225,12 @@ def embed(
         }
     }
     the_run = Run(run)
-    cfg = the_run.config(config, overrides)
+    cfg = the_run.config(config, overrides, record=False)
     summary = embed_samples(
         the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going,
         progress=RichProgress(),
     )
+    the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
     if summary.failed:
@@ -290,13 +292,14 @@ def pretrain_warmup(
         raise HingeError(f"--fill-missing {fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
     the_run = Run(run)
     overrides = {"train": {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}}
-    cfg = the_run.config(config, overrides)
+    cfg = the_run.config(config, overrides, record=False)
     opts = WarmupOptions(
         backbone=backbone, vocab=vocab, corpus=_corpus_files(corpus or []), holdout=_ids(holdout), genes=genes,
         n_genes=n_genes, select=select, normalize=normalize, fill_missing=fill_missing == "zero", val_fraction=val_fraction,
         val_samples=_ids(val_samples), warmup_epochs=warmup_epochs, warmup_mask_ratio=warmup_mask_ratio, seed=seed,
     )
     summary = stage(the_run, cfg, opts, overwrite=overwrite, progress=RichProgress())
+    the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
 
@@ -320,8 +323,9 @@ def train(
 
     the_run = Run(run)
     overrides = {"train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "device": device}}
-    cfg = the_run.config(config, overrides)
+    cfg = the_run.config(config, overrides, record=False)
     summary = stage(the_run, cfg, overwrite=overwrite, progress=RichProgress())
+    the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
 

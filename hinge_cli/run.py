@@ -240,16 +240,22 @@ class Run:
         return self.root / "eval" / sample
 
     # config -----------------------------------------------------------------
-    def config(self, preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HingeConfig:
-        """Resolve the config and record it in hinge.yaml (first use, or when the preset or flags change it)."""
+    def config(self, preset: str | Path | None = None, overrides: dict[str, Any] | None = None, record: bool = True) -> HingeConfig:
+        """Resolve the config (hinge.yaml, a preset, flags on top) and, with `record`, save it for later stages."""
         cfg = load_config(preset, self.config_path, overrides)
+        if record:
+            self.record_config(cfg)
+        return cfg
+
+    def record_config(self, cfg: HingeConfig) -> None:
+        """Write hinge.yaml when `cfg` differs from it. The CLI calls this after a command succeeds,
+        so a failed command's flags do not leak into later stages."""
         text = dump_config(cfg)
         if not self.config_path.exists() or self.config_path.read_text() != text:
             if self.config_path.exists() and load_config(None, self.config_path).preset != cfg.preset:
                 log.warning("run config switches to preset '%s'; hinge.yaml is rewritten from it", cfg.preset)
             self.root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.config_path, text)
-        return cfg
 
     # manifest ---------------------------------------------------------------
     @contextlib.contextmanager

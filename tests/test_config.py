@@ -61,3 +61,17 @@ def test_later_commands_keep_the_runs_preset(tmp_path: Path, synth) -> None:
     assert runner.invoke(app, ["tile", str(synth.slide), "--run", run_dir, "--config", "tiny", "--no-images", "-q"]).exit_code == 0
     assert runner.invoke(app, ["embed", "--run", run_dir, "--device", "cpu", "-q"]).exit_code == 0
     assert Run(run_dir).config().preset == "tiny"
+
+
+def test_a_failed_command_does_not_record_its_flags(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    run = Run(tmp_path / "run")
+    run.config("tiny")
+    before = run.config_path.read_text()
+    result = CliRunner().invoke(app, ["train", "--run", str(run.root), "--epochs", "7", "-q"])
+    assert result.exit_code == 2 and "warmup" in result.output  # nothing to train from
+    assert run.config_path.read_text() == before
+    assert run.config().train.epochs != 7
