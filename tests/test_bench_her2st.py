@@ -69,9 +69,9 @@ def test_summary_is_mean_and_std_over_folds_and_skips_undefined_values():
     assert summary["hvg50"]["train-mean"]["errors.mse"]["mean"] == pytest.approx(3.0)
 
 
-def test_markdown_bolds_the_best_mean_in_the_right_direction(tmp_path: Path):
+def test_markdown_bolds_the_best_mean_and_shows_only_errors_of_the_training_mean(tmp_path: Path):
     results = {"hvg50": {"ridge": {"C2": fold_numbers(0.4, 1.0, 2), "C3": fold_numbers(0.6, 3.0, 4)},
-                         "train-mean": {"C2": fold_numbers(None, 2.0, 0), "C3": fold_numbers(None, 4.0, 0)}}}
+                         "train-mean": {"C2": fold_numbers(0.9, 2.0, 0), "C3": fold_numbers(0.9, 4.0, 0)}}}
     panel = benchmark.Panel("hvg50", 50, "hvg", ("train-mean", "ridge"))
     s = benchmark.Settings(tmp_path, tmp_path, benchmark.load_config("tiny", None, {}), ("C2", "C3"), (panel,), 4, 10, [], False,
                            {"pre-training": 12.0})
