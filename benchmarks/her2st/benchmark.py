@@ -78,7 +78,7 @@ PANELS = (
 # The training mean is constant over spots: only its errors mean anything (its RVD is 1 by construction).
 MEAN_ONLY_ROWS = ("errors.mse", "errors.mae", "variance.rvd", "seconds")
 
-# (label, dotted path into `hinge eval`'s per-slide metrics, higher is better)
+# (label, dotted path into `hinge eval`'s per-slide metrics, higher is better; None: no direction, nothing in bold)
 ROWS = (
     ("depth-partial Pearson (headline)", "correlation.depth_partial.pearson.mean", True),
     ("Pearson, log2 counts (raw)", "correlation.model.pearson.mean", True),
@@ -93,9 +93,9 @@ ROWS = (
     ("Moran's I agreement", "spatial.morans_i_agreement", True),
     ("MSE", "errors.mse", False),
     ("MAE", "errors.mae", False),
-    ("calibration: inside ±1 std (0.683 ideal)", "calibration.within_1std", True),
-    ("calibration: inside ±2 std (0.954 ideal)", "calibration.within_2std", True),
-    ("wall time per fold (s)", "seconds", False),
+    ("calibration: inside ±1 std (0.683 ideal)", "calibration.within_1std", None),
+    ("calibration: inside ±2 std (0.954 ideal)", "calibration.within_2std", None),
+    ("wall time per fold (s)", "seconds", None),
 )
 
 
@@ -306,7 +306,7 @@ def markdown(summary: dict, s: Settings) -> str:
             cells = [{"mean": None} if m == "train-mean" and dotted not in MEAN_ONLY_ROWS else summary[panel.name][m][dotted]
                      for m in methods]
             means = [c["mean"] for c in cells if c["mean"] is not None]
-            best = (max(means) if higher else min(means)) if means and dotted != "seconds" else None
+            best = None if higher is None or not means else max(means) if higher else min(means)
             row = []
             for c in cells:
                 if c["mean"] is None:
