@@ -38,6 +38,7 @@ from hinge_cli import evaluate
 from hinge_cli.config import HingeConfig, load_config
 from hinge_cli.data.dataset import assemble, load_expression, read_embeddings
 from hinge_cli.data.expression import Transform, read_expression
+from hinge_cli.data.features import views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
@@ -172,8 +173,9 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
 
 
 def _section(run: Run, key: str, sample: str, genes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A training section for the baselines: features (stored views averaged), targets, log depth."""
     table = assemble(run, key, [sample], genes, TRANSFORM)
-    return table.features.reshape(len(table), -1, table.features.shape[-1]).mean(1), table.targets, np.log(np.maximum(table.depth, 1.0))
+    return views(table.features).mean(1), table.targets, np.log(np.maximum(table.depth, 1.0))
 
 
 def run_baseline(method: str, run: Run, key: str, test: str, genes: list[str]) -> tuple[evaluate.Prediction, dict]:
@@ -188,8 +190,7 @@ def run_baseline(method: str, run: Run, key: str, test: str, genes: list[str]) -
 def held_out_features(run: Run, key: str, sample: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every embedded spot of the held-out section (barcodes, features, coordinates)."""
     emb = read_embeddings(run.embeddings(key, sample))
-    feats = emb.features.reshape(len(emb.barcodes), -1, emb.features.shape[-1]).mean(1)
-    return emb.barcodes, feats.astype(np.float64), emb.coords
+    return emb.barcodes, views(emb.features).mean(1).astype(np.float64), emb.coords
 
 
 def fold_run(base: Run, root: Path) -> Run:
