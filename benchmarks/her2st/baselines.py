@@ -39,16 +39,6 @@ def ridge(train: Sequence[Section], test_x: np.ndarray) -> tuple[np.ndarray, dic
     return predict_ridge(model, test_x), {"lambda": lam, "inner_depth_partial": inner}
 
 
-class MLP(nn.Module):
-    def __init__(self, d_in: int, d_out: int, hidden: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def mlp(train: Sequence[Section], test_x: np.ndarray, seed: int = 0, hidden: int = 256, dropout: float = 0.3,
         lr: float = 1e-3, weight_decay: float = 1e-2, batch: int = 64, max_epochs: int = 400, patience: int = 30,
         val_fraction: float = 0.1) -> tuple[np.ndarray, dict]:
@@ -64,7 +54,8 @@ def mlp(train: Sequence[Section], test_x: np.ndarray, seed: int = 0, hidden: int
     to_t: Callable[[np.ndarray], torch.Tensor] = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     xt, yt = to_t((x - mu) / sd), to_t(y - y_mean)
     torch.manual_seed(seed)
-    net = MLP(x.shape[1], y.shape[1], hidden, dropout)
+    net = nn.Sequential(nn.Dropout(dropout), nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Dropout(dropout),
+                        nn.Linear(hidden, y.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, bad, epoch = np.inf, None, 0, 0

@@ -37,7 +37,7 @@ from baselines import BASELINES
 from hinge_cli import evaluate
 from hinge_cli.config import HingeConfig, load_config
 from hinge_cli.data.dataset import assemble, load_expression, read_embeddings
-from hinge_cli.data.expression import Transform, read_expression
+from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.devices import resolve_device
@@ -178,12 +178,24 @@ def _section(run: Run, key: str, sample: str, genes: list[str]) -> tuple[np.ndar
     return views(table.features).mean(1), table.targets, np.log(np.maximum(table.depth, 1.0))
 
 
-def run_baseline(method: str, run: Run, key: str, test: str, genes: list[str]) -> tuple[evaluate.Prediction, dict]:
-    train_sections = [_section(run, key, x, genes) for x in SECTIONS if x != test]
-    embedded = held_out_features(run, key, test)
-    values, info = BASELINES[method](train_sections, embedded[1])
-    pred = evaluate.Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=embedded[0], genes=genes,
-                               values=values.astype(np.float32), std=None, coords=embedded[2], transform=TRANSFORM)
+@dataclass
+class BaselineInputs:
+    """What every baseline of one fold and panel reads: training sections and the held-out spots."""
+
+    train: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    barcodes: list[str]
+    features: np.ndarray
+    coords: np.ndarray
+
+    @classmethod
+    def read(cls, run: Run, key: str, test: str, genes: list[str]) -> BaselineInputs:
+        return cls([_section(run, key, x, genes) for x in SECTIONS if x != test], *held_out_features(run, key, test))
+
+
+def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str]) -> tuple[evaluate.Prediction, dict]:
+    values, info = BASELINES[method](inputs.train, inputs.features)
+    pred = evaluate.Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
+                               values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
     return pred, info
 
 
@@ -229,8 +241,7 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
 # ----------------------------------------------------------------------------- scoring and the table
 
 
-def score(pred: evaluate.Prediction, truth_path: Path) -> dict:
-    truth = read_expression(truth_path)
+def score(pred: evaluate.Prediction, truth: Expression, truth_path: Path) -> dict:
     numbers = evaluate.score(evaluate.align(pred, truth, truth_path=truth_path), pred.transform).metrics
     numbers.pop("per_gene")
     return numbers
@@ -244,6 +255,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
         for test in s.folds:
             genes = panels[panel.name, test]
             truth_path = Path(base.sample(test)["expression"]["path"])
+            truth, inputs = None, None  # read once per fold and panel, and only if something is computed
             for method in panel.methods:
                 path = s.out / "scores" / panel.name / test / f"{method}.json"
                 if path.exists() and not s.overwrite:
@@ -251,13 +263,15 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                 else:
                     log.info("%s  fold %s  %s", panel.name, test, method)
                     started = time.time()
+                    truth = truth or read_expression(truth_path)
                     if method in BASELINES:
-                        pred, info = run_baseline(method, base, key, test, genes)
+                        inputs = inputs or BaselineInputs.read(base, key, test, genes)
+                        pred, info = run_baseline(method, inputs, test, genes)
                     else:
                         pred, info = run_hinge(method, base, s.out / "folds" / panel.name / test / method, test, genes,
                                                backbone, panel_config(s.config, panel), s)
                     seconds = time.time() - started
-                    numbers = {**score(pred, truth_path), "seconds": seconds, "info": info, "genes": genes}
+                    numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
                     path.parent.mkdir(parents=True, exist_ok=True)
                     evaluate.write_json(path, numbers)
                     numbers = json.loads(path.read_text())
