@@ -40,7 +40,8 @@ from hinge_cli.encoders import (
 )
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 

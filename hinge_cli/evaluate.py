@@ -28,7 +28,8 @@ from hinge_cli import metrics, plots
 from hinge_cli.data.expression import Expression, Transform, read_expression, read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run, write_text_atomic
+from hinge_cli.files import write_text_atomic
+from hinge_cli.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from hinge_cli.errors import HingeError
 from hinge_cli.model import Hinge, load_checkpoint
 from hinge_cli.plots import MapPanel, tissue_maps
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import OutputLocked, Run, Shard, atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.files import OutputLocked, atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, Shard
 from hinge_cli.slide.reader import open_slide
 from hinge_cli.tile import SampleSpec, tile_sample
 

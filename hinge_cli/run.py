@@ -1,17 +1,14 @@
-"""The run directory: where every stage reads and writes, safely.
+"""The run directory: its layout, its config, its manifest, and how array jobs share it.
 
-Three guarantees live here so no stage re-implements them: a reader never sees
-half a file (write to a temporary name, then rename), two array jobs never write
-the same output (lock files), and `manifest.json` records what was done with which
-inputs, updated under an exclusive lock so concurrent jobs do not lose entries.
+`manifest.json` records what was done with which inputs, updated under an exclusive
+lock so concurrent jobs do not lose entries. Safe writing itself (atomic renames,
+output locks) lives in `files.py`, which the core uses without knowing about runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -27,35 +24,15 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
+from hinge_cli.files import OutputLocked, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "hinge-run"
-CHEAP_HASH_BYTES = 256 * 2**20  # files above this get size + mtime instead of sha256
 
 
 def default_run_dir() -> Path:
     return Path(os.environ.get("HINGE_RUN", DEFAULT_RUN))
-
-
-def sha256_file(path: Path, chunk: int = 2**22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_input(path: Path) -> dict[str, Any]:
-    """Path, size and (where cheap) sha256 of an input file, for the manifest."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    info: dict[str, Any] = {"path": str(path), "size": stat.st_size}
-    if path.is_file() and stat.st_size <= CHEAP_HASH_BYTES:
-        info["sha256"] = sha256_file(path)
-    else:
-        info["mtime"] = stat.st_mtime
-    return info
 
 
 def package_versions() -> dict[str, str]:
@@ -64,80 +41,6 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only on success."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def remove_stale_temporaries(final: Path) -> None:
-    """Delete temporaries of `final` left by a killed writer (call while holding its lock)."""
-    for stale in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
-
-
-class OutputLocked(HingeError):
-    """Another live process holds the output's lock: not a failure of this sample."""
-
-
-@contextlib.contextmanager
-def output_lock(final: Path) -> Iterator[None]:
-    """Hold `<final>.lock` while writing `final`; a lock of a dead process on this host is taken over.
-
-    A lock file (not flock) so that it also works across the nodes of a cluster
-    sharing one file system, where the owner's host name tells whether it is ours.
-    """
-    lock = Path(final).with_name(Path(final).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            raise OutputLocked(
-                f"{final} is being written by another process (pid {owner.get('pid', '?')} on {owner.get('host', '?')})",
-                f"wait for it to finish, or delete {lock} if that job is dead",
-            ) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
 
 
 @dataclass

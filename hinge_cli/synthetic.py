@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from hinge_cli.run import atomic_path
+from hinge_cli.files import atomic_path
 from hinge_cli.slide.writer import write_pyramidal_tiff
 
 CLASSES = ("tumour", "stroma", "immune", "fat")

@@ -24,7 +24,8 @@ from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run, SampleReport, Shard, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 from hinge_cli.slide.tissue import TissueMask, detect_tissue

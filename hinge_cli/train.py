@@ -40,7 +40,8 @@ from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
 from hinge_cli.plots import line_chart
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run, atomic_path, write_text_atomic
+from hinge_cli.files import atomic_path, write_text_atomic
+from hinge_cli.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from hinge_cli.cli import app
 from hinge_cli.config import TileConfig, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.run import OutputLocked, Run, output_lock
+from hinge_cli.files import OutputLocked, output_lock
+from hinge_cli.run import Run
 from hinge_cli.slide.reader import open_slide
 from hinge_cli.tile import SampleSpec, read_sample_sheet, tile_sample, tile_samples
 

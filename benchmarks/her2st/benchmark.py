@@ -46,7 +46,8 @@ from hinge_cli.embed import embed_samples, encoder_key
 from hinge_cli.encoders import parse_encoders
 from hinge_cli.generate import GenerateOptions, load_model, predict_sample
 from hinge_cli.progress import SILENT
-from hinge_cli.run import Run, write_text_atomic
+from hinge_cli.files import write_text_atomic
+from hinge_cli.run import Run
 from hinge_cli.tile import read_sample_sheet, tile_samples
 from hinge_cli.train import WarmupOptions, pretrain_backbone, pretrain_warmup, train
 

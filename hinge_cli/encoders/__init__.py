@@ -278,7 +278,7 @@ def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
 
 def build_encoder(name: str, weights: Path | None = None, device: str = "cpu") -> Encoder:
     """The named encoder with its weights loaded (HingeError if a learned encoder has none)."""
-    from hinge_cli.run import sha256_file
+    from hinge_cli.files import sha256_file
 
     spec = get_spec(name)
     dev = resolve_device(device)

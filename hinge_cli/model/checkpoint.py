@@ -23,7 +23,7 @@ from hinge_cli.config import DiffusionConfig, ModelConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.hinge import Hinge
-from hinge_cli.run import atomic_path, sha256_file, write_text_atomic
+from hinge_cli.files import atomic_path, sha256_file, write_text_atomic
 
 FORMAT = "hinge-model/1"
 
