@@ -83,11 +83,40 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     patience: int = 10
-    warmup_epochs: int = 5
-    warmup_mask_ratio: float = 0.2
     seed: int = 0
     device: str = "auto"
     schedule: str = "cosine"  # cosine (after a linear warm-up) | constant learning rate
+
+
+@dataclass
+class WarmupConfig:
+    """`pretrain-warmup`: which samples and genes, which backbone, which split, and the warm-start curriculum."""
+
+    backbone: str = "random"  # random | cellfm:CKPT | FILE.safetensors (an earlier pre-training or model)
+    vocab: str | None = None  # CellFM gene list (CSV, symbol first), for cellfm:CKPT
+    corpus: list[str] = field(default_factory=list)  # expression-only .h5ad files to pre-train the backbone on
+    holdout: list[str] = field(default_factory=list)  # sample ids kept out of training
+    genes: str | None = None  # gene panel file, one symbol per line; None = choose n_genes by `select`
+    n_genes: int = 200
+    select: str = "hvg"  # hvg | hmhvg
+    normalize: str = "none"  # none: log2(counts+1); total: library-size normalise first
+    fill_missing: str = "none"  # none: a panel gene missing from a sample is an error; zero: treat it as 0
+    val_fraction: float = 0.1  # fraction of spots that validate (when val_samples is empty)
+    val_samples: list[str] = field(default_factory=list)  # whole samples that validate instead
+    epochs: int = 5  # warm-start curriculum epochs
+    mask_ratio: float = 0.2  # the curriculum's cap on the hidden fraction of the panel
+
+
+@dataclass
+class GenerateConfig:
+    """`generate`: how the reverse process samples."""
+
+    n_samples: int = 8  # samples per spot; X is their mean, layers['std'] their spread
+    steps: int | None = None  # reverse-process steps; None = every step of the trained schedule
+    seed: int = 0  # the same seed gives the same predictions
+    batch_size: int = 64  # spots per batch of the reverse process
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
+    keep_samples: bool = False  # also store every sample in obsm['samples'] (N, S, G)
 
 
 @dataclass
@@ -119,7 +148,9 @@ class HingeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,8 +180,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in typing.get_args(hint):
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise HingeError(f"config value {where} = {value!r} should be a list", "write it as [a, b] in the YAML file")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
@@ -180,9 +217,22 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LEGACY_KEYS = {("train", "warmup_epochs"): ("warmup", "epochs"), ("train", "warmup_mask_ratio"): ("warmup", "mask_ratio")}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Move keys that older versions kept elsewhere, so a run's old hinge.yaml still loads."""
+    for (old_section, old_key), (section, key) in LEGACY_KEYS.items():
+        old = data.get(old_section)
+        if isinstance(old, dict) and old_key in old:
+            data = {**data, old_section: {k: v for k, v in old.items() if k != old_key}}
+            data[section] = {**data.get(section, {}), key: old[old_key]}
+    return data
+
+
 def _preset_data(preset: str) -> dict[str, Any]:
     if preset.endswith((".yaml", ".yml")):
-        return read_yaml(Path(preset))
+        return _migrate(read_yaml(Path(preset)))
     return yaml.safe_load(_preset_text(preset)) or {}
 
 
@@ -196,7 +246,7 @@ def load_config(
     Without a preset, the run keeps the one it was started with. Naming a different
     preset starts again from it (the run's hinge.yaml belonged to another preset).
     """
-    recorded = read_yaml(run_yaml) if run_yaml is not None and Path(run_yaml).exists() else None
+    recorded = _migrate(read_yaml(run_yaml)) if run_yaml is not None and Path(run_yaml).exists() else None
     chosen = str(preset) if preset is not None else str((recorded or {}).get("preset", "default"))
     data = merge(_preset_data(chosen), {"preset": chosen})
     if recorded is not None and str(recorded.get("preset", "default")) == chosen:

@@ -334,8 +334,8 @@ def pretrain_warmup(run: Run, cfg: HingeConfig, opts: WarmupOptions, *, overwrit
     torch.manual_seed(seed)
     model = Hinge(backbone, [index[g] for g in panel], table.features.shape[-1], cfg.model, cfg.diffusion).to(device)
     train, val = TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm)
-    rho = tc.warmup_mask_ratio if opts.warmup_mask_ratio is None else opts.warmup_mask_ratio
-    epochs = tc.warmup_epochs if opts.warmup_epochs is None else opts.warmup_epochs
+    rho = cfg.warmup.mask_ratio if opts.warmup_mask_ratio is None else opts.warmup_mask_ratio
+    epochs = cfg.warmup.epochs if opts.warmup_epochs is None else opts.warmup_epochs
     batch_loss, validate = hinge_losses(model, train, val, dist, seed, rho, device)
     settings = LoopSettings("warmup", epochs, tc.batch_size, tc.lr, tc.weight_decay, tc.grad_clip, None, seed, "constant")
     state = fit(model, len(train.targets), batch_loss, validate, settings, dist=dist, device=device,

@@ -75,3 +75,16 @@ def test_a_failed_command_does_not_record_its_flags(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "warmup" in result.output  # nothing to train from
     assert run.config_path.read_text() == before
     assert run.config().train.epochs != 7
+
+
+def test_list_values_and_an_old_runs_keys(tmp_path: Path) -> None:
+    cfg = load_config("tiny", overrides={"warmup": {"holdout": ["s1", "s2"]}})
+    assert cfg.warmup.holdout == ["s1", "s2"] and cfg.warmup.epochs == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("warmup:\n  holdout: s1\n")
+    with pytest.raises(HingeError, match="warmup.holdout .* should be a list"):
+        load_config(bad)
+    old = tmp_path / "hinge.yaml"  # written before the warm-up had its own section
+    old.write_text("preset: tiny\ntrain:\n  warmup_epochs: 7\n  warmup_mask_ratio: 0.3\n")
+    cfg = load_config(None, old)
+    assert (cfg.warmup.epochs, cfg.warmup.mask_ratio) == (7, 0.3)

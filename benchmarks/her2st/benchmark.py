@@ -358,7 +358,7 @@ def settings(argv: list[str] | None) -> Settings:
     overrides: dict = {"train": {"epochs": args.epochs, "patience": args.patience}}
     folds, panels = tuple(args.folds.split(",")), PANELS
     if args.quick:
-        overrides = {"train": {"epochs": 8, "warmup_epochs": 2}, "pretrain": {"epochs": 1}}
+        overrides = {"train": {"epochs": 8}, "warmup": {"epochs": 2}, "pretrain": {"epochs": 1}}
         folds, panels, corpus = folds[:2], PANELS[:1], corpus[:6]
     unknown = sorted(set(folds) - set(SECTIONS))
     if unknown:
