@@ -16,7 +16,7 @@ from hinge_cli.embed import read_plan_tiles
 from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
 from hinge_cli.encoders.handcrafted import CHANNELS, MAPS, SPREAD_MAPS, TISSUE_MAPS, HandcraftedEncoder
-from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
 from hinge_cli.slide.patches import iter_patch_batches
