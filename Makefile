@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench-her2st clean
+.PHONY: install lint test demo bench-her2st clean
 
 install: $(STAMP)
 
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	touch $@
+
+# The quality gate: ruff, the 400-line limit in hinge_cli/, and `duplicates` where it is installed.
+lint: install
+	PYTHON=$(PY) tools/quality.sh
 
 test: install
 	$(PY) -m pytest -q

@@ -33,6 +33,18 @@ def test_transform_log2_and_total_normalisation() -> None:
         Transform("cpm")
 
 
+def test_sparse_transform_is_the_dense_one_on_stored_entries() -> None:
+    """Panel selection and corpora transform sparse counts: the same numbers as `apply`, zeros kept sparse."""
+    counts = sparse.csr_matrix(np.array([[0, 3, 0, 1], [5, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32))
+    totals = np.array([10.0, 5.0, 0.0], dtype=np.float32)  # library sizes over more genes than these
+    for transform in (Transform(), Transform("total", target_sum=100), Transform(log_base=10.0)):
+        before = counts.copy()
+        values = transform.apply_sparse(counts, totals)
+        assert values.nnz == counts.nnz and (counts != before).nnz == 0
+        np.testing.assert_allclose(values.toarray(), transform.apply(counts.toarray(), totals), rtol=1e-6)
+    np.testing.assert_allclose(Transform("total", 100).apply_sparse(counts, totals)[0, 1], np.log2(31))
+
+
 def test_read_expression_refuses_normalised_values(tmp_path: Path) -> None:
     adata = ad.AnnData(X=np.array([[0.5, 1.0]], np.float32))
     adata.write_h5ad(tmp_path / "norm.h5ad")

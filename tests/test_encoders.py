@@ -15,8 +15,8 @@ from hinge_cli import encoders as enc
 from hinge_cli.embed import read_plan_tiles
 from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
-from hinge_cli.encoders.handcrafted import HandcraftedEncoder
-from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.handcrafted import CHANNELS, MAPS, SPREAD_MAPS, TISSUE_MAPS, HandcraftedEncoder
+from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
 from hinge_cli.slide.patches import iter_patch_batches
@@ -296,3 +296,24 @@ def test_default_statistics_are_invariant_to_the_dihedral_views(slide_1mm: Synth
     encoder.module.parts[0] = lopsided
     with pytest.raises(HingeError, match="not invariant to the dihedral views"):
         slide_level(encoder, slide_1mm.slide, centres, views=8)
+
+
+def test_handcrafted_channels_are_where_their_names_say() -> None:
+    """One dark nucleus on glass: each named block map holds what its name says, and the layout follows the names."""
+    encoder = HandcraftedEncoder(mpp=1.0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    nucleus = torch.exp(-((yy - 24) ** 2 + (xx - 40) ** 2) / (2 * 3.0**2))  # ~6 µm across, in block (1, 2)
+    haematoxylin = torch.tensor([0.25, 0.2, 0.55]).view(3, 1, 1)
+    blocks = encoder.blocks((1 - nucleus * (1 - haematoxylin)).unsqueeze(0))[0]
+    channel = {name: blocks[i] for i, name in enumerate(CHANNELS)}
+    assert blocks.shape == (len(CHANNELS), 4, 4)
+    assert encoder.dim == len(encoder.regions) * (len(MAPS) + len(TISSUE_MAPS) + len(SPREAD_MAPS))
+    one_peak = torch.zeros(4, 4)
+    one_peak[1, 2] = 1.0 / encoder.block**2  # a block mean: one peak pixel among block x block
+    torch.testing.assert_close(channel["peaks"], one_peak, rtol=0, atol=1e-7)
+    assert [MAPS[i] for i in SPREAD_MAPS] == ["h", "e", "tissue", "peaks"]
+    assert channel["h"].argmax() == channel["nuclear_dense"].argmax() == 6  # block (1, 2)
+    torch.testing.assert_close(channel["tissue_weight"], channel["tissue"], rtol=0, atol=0)
+    for stain in ("h", "e"):
+        bins = torch.stack([blocks[i] for i, name in enumerate(CHANNELS) if name.startswith(f"{stain}_bin")])
+        torch.testing.assert_close(bins.sum(0), torch.ones(4, 4))  # a histogram's fractions add up to one

@@ -35,12 +35,7 @@ def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, alw
     parts = []
     for path in paths:
         expr = read_expression(Path(path))
-        values = expr.counts.copy()
-        if transform.normalize == "total":
-            values = sparse.diags(transform.target_sum / np.maximum(expr.totals, 1.0)) @ values
-        values = sparse.csr_matrix(values)
-        values.data = np.log1p(values.data) / np.log(transform.log_base)
-        parts.append((expr.genes, values.astype(np.float32)))
+        parts.append((expr.genes, transform.apply_sparse(expr.counts, expr.totals).astype(np.float32)))
     union = sorted({g for genes, _ in parts for g in genes})
     column = {g: j for j, g in enumerate(union)}
     stacked = sparse.vstack([

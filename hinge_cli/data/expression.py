@@ -36,8 +36,25 @@ class Transform:
         x = np.asarray(counts, dtype=np.float64)
         if self.normalize == "total":
             depth = x.sum(axis=1) if totals is None else np.asarray(totals, dtype=np.float64)
-            x = x * (self.target_sum / np.maximum(depth, 1.0))[:, None]
-        return (np.log1p(x) / np.log(self.log_base)).astype(np.float32)
+            x = x * self._scale(depth)[:, None]
+        return self._log(x).astype(np.float32)
+
+    def apply_sparse(self, counts: sparse.spmatrix, totals: np.ndarray) -> sparse.csr_matrix:
+        """`apply` for sparse counts, touching only stored entries (log(0 + 1) is 0); `counts` is left as it was.
+
+        The result keeps the arithmetic's precision: float64 once scaled, the counts' dtype otherwise.
+        """
+        values = sparse.diags(self._scale(totals)) @ counts if self.normalize == "total" else counts
+        values = sparse.csr_matrix(values, copy=True)
+        values.data = self._log(values.data)
+        return values
+
+    def _scale(self, totals: np.ndarray) -> np.ndarray:
+        """Each spot's factor to `target_sum` counts; an empty spot is left unscaled rather than divided by zero."""
+        return self.target_sum / np.maximum(totals, 1.0)
+
+    def _log(self, values: np.ndarray) -> np.ndarray:
+        return np.log1p(values) / np.log(self.log_base)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +92,7 @@ class Expression:
         out = np.zeros((len(self.barcodes), len(genes)), np.float32)
         present = [(j, index[g]) for j, g in enumerate(genes) if g in index]
         if present:
-            cols, src = zip(*present)
+            cols, src = zip(*present, strict=True)
             out[:, list(cols)] = self.counts[:, list(src)].toarray()
         return out
 

@@ -6,7 +6,6 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import sparse
 
 from hinge_cli.data.expression import Expression, Transform
 from hinge_cli.errors import HingeError
@@ -28,14 +27,10 @@ def gene_moments(samples: Sequence[Expression], genes: list[str], transform: Tra
     n = 0
     for sample in samples:
         index = {g: i for i, g in enumerate(sample.genes)}
-        counts = sample.counts[:, [index[g] for g in genes]].tocsr()
-        if transform.normalize == "total":
-            counts = sparse.diags(transform.target_sum / np.maximum(sample.totals, 1.0)) @ counts
-        values = counts.copy()
-        values.data = np.log1p(values.data) / np.log(transform.log_base)
+        values = transform.apply_sparse(sample.counts[:, [index[g] for g in genes]].tocsr(), sample.totals)
         total += np.asarray(values.sum(axis=0)).ravel()
         total_sq += np.asarray(values.multiply(values).sum(axis=0)).ravel()
-        n += counts.shape[0]
+        n += values.shape[0]
     mean = total / n
     return mean, np.maximum(total_sq / n - mean**2, 0.0)
 

@@ -34,7 +34,28 @@ from torch import nn
 STAIN_OD = ((0.650, 0.704, 0.286), (0.072, 0.990, 0.105), (0.268, 0.570, 0.776))
 HIST_EDGES_H = (0.15, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3)
 HIST_EDGES_E = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)
-SPREAD_MAPS = (0, 1, 3, 12)  # H, E, tissue, dense-nuclear fraction: block-to-block heterogeneity is reported
+# The block maps, in channel order: each region reports the mean of every one. `blocks` makes them by
+# these names, so the channel layout, its counts and the indices below all follow from this one list.
+MAPS = (
+    "h", "e", "residual",  # stain concentrations
+    "tissue",  # soft mask of optical density above the glass
+    "nuclear", "nuclear_dense",  # soft masks of H above 0.35 and 0.6
+    "dog_fine", "dog_nucleus", "dog_cluster",  # positive band-pass of H: 1-2, 2-4, 4-8 µm
+    "dog_fine_abs", "dog_nucleus_abs", "dog_cluster_abs",  # its energy, either sign
+    "peaks", "peaks_dense",  # nuclear peaks (one per nucleus) where H blurred at 2 µm exceeds 0.3 and 0.55
+    "gradient", "gradient_smooth",  # optical-density gradient magnitude, and it blurred at 4 µm
+    "contrast_h", "contrast_e",  # local standard deviation at 2 µm
+    "od_r", "od_g", "od_b",  # optical density per colour channel
+    *(f"h_bin{i}" for i in range(len(HIST_EDGES_H) + 1)),
+    *(f"e_bin{i}" for i in range(len(HIST_EDGES_E) + 1)),
+)
+# Maps also averaged over tissue pixels only (amounts within tissue, not per area); the signed DoG here.
+TISSUE_MAPS = ("h", "e", "nuclear", "dog_nucleus_signed", "peaks", "peaks_dense")
+# Block channels: MAPS, then TISSUE_MAPS weighted by tissue, then the tissue weight that divides them.
+CHANNELS = (*MAPS, *(f"{name}_in_tissue" for name in TISSUE_MAPS), "tissue_weight")
+# Maps whose block-to-block spread (heterogeneity) is reported: H, E, tissue and nuclear-peak density.
+SPREAD = ("h", "e", "tissue", "peaks")
+SPREAD_MAPS = tuple(MAPS.index(name) for name in SPREAD)
 INTEGRAL_CHUNK = 8  # block-map channels summed into one float64 integral image at a time (bounds memory)
 # Tiles mapped per call: a few large tensor ops rather than many small ones, whose thread
 # synchronisation dominated on a busy CPU; 4 tiles of 576 px hold ~100 MB of maps at once.
@@ -97,8 +118,8 @@ class HandcraftedEncoder(nn.Module):
             self.register_buffer(f"g{i}", _gaussian_kernel(s / self.mpp), persistent=False)
         self.register_buffer("h_edges", torch.tensor(HIST_EDGES_H), persistent=False)
         self.register_buffer("e_edges", torch.tensor(HIST_EDGES_E), persistent=False)
-        self.n_maps = 3 + 1 + 2 + 3 + 3 + 2 + 2 + 2 + 3 + 2 * (len(HIST_EDGES_H) + 1)
-        self.n_tissue = 6  # maps also averaged over tissue pixels only
+        self.n_maps = len(MAPS)
+        self.n_tissue = len(TISSUE_MAPS)
         self.n_spread = len(SPREAD_MAPS)
         self.dim = len(self.regions) * (self.n_maps + self.n_tissue + self.n_spread)
 
@@ -163,12 +184,17 @@ class HandcraftedEncoder(nn.Module):
         return (blurred == m).to(blurred.dtype)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel maps averaged over `block_um` blocks: (B, n_maps + n_tissue + 1, S/b, S/b).
+        """Per-pixel maps averaged over `block_um` blocks: (B, len(CHANNELS), S/b, S/b), in CHANNELS order.
 
         Each group of maps is pooled as soon as it is made, so the full-resolution
         stack is never held at once (memory traffic dominated the run time).
         """
-        pool = lambda m: F.avg_pool2d(m, self.block)
+        pooled: dict[str, torch.Tensor] = {}
+
+        def add(names: tuple[str, ...], stack: torch.Tensor, pool: bool = True) -> None:
+            stack = F.avg_pool2d(stack, self.block) if pool else stack
+            pooled.update(zip(names, stack.split(1, dim=1), strict=True))
+
         od = -torch.log(x.clamp(min=1.0 / 255.0))
         conc = torch.einsum("bchw,cs->bshw", od, self.unmix.to(x.dtype)).clamp(min=0)
         h, e = conc[:, :1], conc[:, 1:2]
@@ -184,17 +210,26 @@ class HandcraftedEncoder(nn.Module):
         gy, gx = torch.gradient(fine[:, 1:], dim=(2, 3))
         grad = torch.sqrt(gx**2 + gy**2 + 1e-12)
         contrast = torch.sqrt((mid[:, 2:] - mid[:, :2] ** 2).clamp(min=0) + 1e-12)
-        # Tissue-weighted: H, E, nuclear mask, nucleus-scale DoG, peaks (amounts within tissue, not per area).
-        weighted = [pool(m * tissue) for m in (h, e, nuclear[0], dog[1], *peaks)]
-        return torch.cat(
-            [
-                pool(conc), pool(tissue), *map(pool, nuclear), *(pool(d.clamp(min=0)) for d in dog),
-                *(pool(d.abs()) for d in dog), *map(pool, peaks), pool(grad), pool(self._blur(grad, 2)),
-                pool(contrast), pool(od), self._soft_hist(h, self.h_edges), self._soft_hist(e, self.e_edges),
-                *weighted, pool(tissue),
-            ],
-            dim=1,
-        )
+        add(("h", "e", "residual"), conc)
+        add(("tissue",), tissue)
+        for name, mask in zip(("nuclear", "nuclear_dense"), nuclear, strict=True):
+            add((name,), mask)
+        for name, band in zip(("dog_fine", "dog_nucleus", "dog_cluster"), dog, strict=True):
+            add((name,), band.clamp(min=0))
+            add((f"{name}_abs",), band.abs())
+        for name, found in zip(("peaks", "peaks_dense"), peaks, strict=True):
+            add((name,), found)
+        add(("gradient",), grad)
+        add(("gradient_smooth",), self._blur(grad, 2))
+        add(("contrast_h", "contrast_e"), contrast)
+        add(("od_r", "od_g", "od_b"), od)
+        add(tuple(n for n in MAPS if n.startswith("h_bin")), self._soft_hist(h, self.h_edges), pool=False)
+        add(tuple(n for n in MAPS if n.startswith("e_bin")), self._soft_hist(e, self.e_edges), pool=False)
+        full_res = {"h": h, "e": e, "nuclear": nuclear[0], "dog_nucleus_signed": dog[1], "peaks": peaks[0], "peaks_dense": peaks[1]}
+        for name in TISSUE_MAPS:
+            add((f"{name}_in_tissue",), full_res[name] * tissue)
+        add(("tissue_weight",), tissue)
+        return torch.cat([pooled[name] for name in CHANNELS], dim=1)
 
     def _region_features(self, mean: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
         """(N, C) block means and (N, n_spread) mean squares of the spread maps, over one region -> its statistics."""
@@ -236,7 +271,7 @@ class HandcraftedEncoder(nn.Module):
         else:
             origin = end = np.zeros(2, np.int64)
         first, last = np.floor_divide(lo_all, tile_blocks), np.floor_divide(hi_all - 1, tile_blocks)
-        tiles = sorted({(ty, tx) for (y0, x0), (y1, x1) in zip(first.tolist(), last.tolist())
+        tiles = sorted({(ty, tx) for (y0, x0), (y1, x1) in zip(first.tolist(), last.tolist(), strict=True)
                         for ty in range(y0, y1 + 1) for tx in range(x0, x1 + 1)})
         return TilePlan(self.block, tile_blocks, self.margin, (int(origin[0]), int(origin[1])),
                         (int(end[0] - origin[0]), int(end[1] - origin[1])), tuple(tiles), starts, layout)
@@ -244,7 +279,7 @@ class HandcraftedEncoder(nn.Module):
     def block_map(self, plan: TilePlan, tiles: Iterable[np.ndarray], advance: Callable[..., None] | None = None) -> torch.Tensor:
         """Block maps (C, H, W) of the plan's area from its tiles' pixels ((side, side, 3) uint8, in plan order)."""
         device = self.unmix.device
-        channels = self.n_maps + self.n_tissue + 1
+        channels = len(CHANNELS)
         out = torch.zeros(channels, *plan.shape, device=device)
         keep = plan.margin // plan.block
         oy, ox = plan.origin
@@ -254,7 +289,7 @@ class HandcraftedEncoder(nn.Module):
             batch = np.stack([next(pixels) for _ in where])
             x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
             maps = self.blocks(x)[:, :, keep : keep + plan.tile_blocks, keep : keep + plan.tile_blocks]
-            for (ty, tx), tile_maps in zip(where, maps):
+            for (ty, tx), tile_maps in zip(where, maps, strict=True):
                 gy, gx = ty * plan.tile_blocks, tx * plan.tile_blocks
                 y0, y1 = max(gy, oy), min(gy + plan.tile_blocks, oy + plan.shape[0])
                 x0, x1 = max(gx, ox), min(gx + plan.tile_blocks, ox + plan.shape[1])
@@ -298,5 +333,5 @@ class HandcraftedEncoder(nn.Module):
                 sums[r, :, c0 : c0 + len(chunk)] = sum(sign * self._integral_at(integral, y, x) for y, x, sign in corners).T
         channels = len(blocks)
         feats = [self._region_features(s[:, :channels] / (w * w), s[:, channels:] / (w * w))
-                 for s, (_, w) in zip(sums, plan.layout)]
+                 for s, (_, w) in zip(sums, plan.layout, strict=True)]
         return self._finish(feats)

@@ -17,7 +17,6 @@ from torch import nn
 
 from hinge_cli.errors import HingeError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 CACHE_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
 
 
