@@ -170,7 +170,7 @@ def read_positions(spatial: Path) -> SpotPositions:
             "copy the whole spatial/ folder that `spaceranger count` wrote into outs/",
         )
     try:
-        table = pd.read_csv(path, header=header, names=None if header == 0 else list(POSITION_COLUMNS), dtype={0: str})
+        table = pd.read_csv(path, header=header, names=None if header == 0 else list(POSITION_COLUMNS), dtype={"barcode": str})
         table = table[list(POSITION_COLUMNS)]
         positions = SpotPositions(
             table["barcode"].astype(str).to_numpy(object),
