@@ -14,6 +14,7 @@ import anndata as ad
 import numpy as np
 from scipy import sparse
 
+from hinge_cli.data.counts import raw_counts
 from hinge_cli.errors import HingeError
 
 NORMALIZE = ("none", "total")
@@ -109,18 +110,10 @@ def read_h5ad(path: Path, what: str, fix: str, backed: bool = False) -> ad.AnnDa
 
 
 def read_expression(path: Path, layer: str | None = None) -> Expression:
-    """Counts from an .h5ad (`X`, or `layers[layer]`), checked to look like raw counts."""
+    """Raw counts from an .h5ad: `layers[layer]`, or as found by `raw_counts` (X, else layers['counts'])."""
     path = Path(path)
     adata = read_h5ad(path, "expression file", "point --spots at an .h5ad written by anndata, with raw counts")
-    if layer is not None and layer not in adata.layers:
-        raise HingeError(f"{path} has no layer '{layer}'", f"available: {', '.join(adata.layers) or 'none'}")
-    matrix = adata.layers[layer] if layer is not None else adata.X
-    counts = sparse.csr_matrix(matrix, dtype=np.float32)
-    if counts.nnz and (counts.data.min() < 0 or not np.allclose(counts.data, np.round(counts.data))):
-        raise HingeError(
-            f"{path} does not hold raw counts (negative or fractional values)",
-            "store raw UMI counts in X, or name the layer that has them",
-        )
+    counts, _ = raw_counts(adata, layer, str(path))
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None
     totals = np.asarray(counts.sum(axis=1)).ravel()
     return Expression([str(b) for b in adata.obs_names], [str(g) for g in adata.var_names], counts, totals, coords)
