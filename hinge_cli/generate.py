@@ -25,15 +25,8 @@ from hinge_cli import __version__
 from hinge_cli.config import EmbedConfig, TileConfig, TissueConfig
 from hinge_cli.data.features import FeatureNorm, prediction_view
 from hinge_cli.devices import resolve_device
-from hinge_cli.encoders import (
-    Encoder,
-    EncoderSpec,
-    build_encoder,
-    encoder_key,
-    locate_weights,
-    missing_weights_error,
-    parse_encoders,
-)
+from hinge_cli.encoders import (Encoder, EncoderSpec, build_encoder, encoder_key, locate_weights, missing_weights_error,
+                                parse_encoders)
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import open_embeddings
@@ -44,12 +37,11 @@ from hinge_cli.plots import MapPanel, tissue_maps
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.run import Run, SampleReport, Shard
-from hinge_cli.slide.reader import open_slide
+from hinge_cli.slide.reader import hires_image
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 
 log = logging.getLogger(__name__)
 
-HIRES_MAX_SIDE = 2000  # the side of Space Ranger's "hires" image, which scanpy users expect
 MPP_TOLERANCE = 0.25  # relative µm/px difference from the training slides that earns a warning
 
 
@@ -246,16 +238,6 @@ def ensure_embeddings(run: Run, sample: str, model: Model, encoders: Encoders, r
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def hires_image(slide_path: Path, mpp: float) -> tuple[np.ndarray, float]:
-    """The whole slide downsampled to about HIRES_MAX_SIDE px, and its scale factor from level-0 px."""
-    if not Path(slide_path).exists():
-        raise HingeError(f"the slide {slide_path} is gone; the output needs its image", "restore the slide at that path")
-    with open_slide(slide_path, mpp) as slide:
-        width, height = slide.dimensions
-        image = slide.thumbnail(max(1.0, max(width, height) / HIRES_MAX_SIDE))
-    return np.ascontiguousarray(image[..., :3], dtype=np.uint8), image.shape[1] / width
 
 
 def _provenance(model: Model, opts: GenerateOptions, steps: int, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
