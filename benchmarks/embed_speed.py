@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hinge_cli.embed import read_plan_tiles
+from hinge_cli.encoders.embedding import read_plan_tiles
 from hinge_cli.devices import resolve_device
 from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, Field, build_encoder
 from hinge_cli.encoders.vit import VisionTransformer

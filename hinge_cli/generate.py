@@ -14,36 +14,35 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import anndata as ad
-import h5py
 import numpy as np
-import pandas as pd
 import torch
 
 from hinge_cli import __version__
 from hinge_cli.config import EmbedConfig, TileConfig, TissueConfig
 from hinge_cli.data.features import FeatureNorm, prediction_view
 from hinge_cli.devices import resolve_device
-from hinge_cli.embed import TileSet, embed_sample, encoder_key, parse_weights
-from hinge_cli.encoders import Encoder, EncoderSpec, build_encoder, locate_weights, missing_weights_error, parse_encoders
+from hinge_cli.encoders import (Encoder, EncoderSpec, build_encoder, encoder_key, locate_weights, missing_weights_error,
+                                parse_encoders)
+from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import open_embeddings
+from hinge_cli.formats.prediction import PredictionSpots, write_prediction
+from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model import Hinge, load_checkpoint
 from hinge_cli.plots import MapPanel, tissue_maps
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.files import OutputLocked, atomic_path, output_lock, remove_stale_temporaries
-from hinge_cli.run import Run, Shard
-from hinge_cli.slide.reader import open_slide
-from hinge_cli.tile import SampleSpec, tile_sample
+from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.run import Run, SampleReport, Shard
+from hinge_cli.slide.reader import hires_image
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
 
 log = logging.getLogger(__name__)
 
-HIRES_MAX_SIDE = 2000  # the side of Space Ranger's "hires" image, which scanpy users expect
 MPP_TOLERANCE = 0.25  # relative µm/px difference from the training slides that earns a warning
-CHUNK_ROWS = 256
 
 
 @dataclass
@@ -69,17 +68,6 @@ class Target(NamedTuple):
     slide: Path | None = None
     spots: Path | None = None
     mpp: float | None = None
-
-
-@dataclass
-class GenerateSummary:
-    done: dict[str, str] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        out = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (output exists; --overwrite to redo)"]
-        out += [f"  {sample}: {path}" for sample, path in {**self.done, **self.skipped}.items()]
-        return out
 
 
 @dataclass
@@ -169,8 +157,7 @@ def load_model(path: Path, device: str = "auto") -> Model:
 
 def _tile_differences(run: Run, target: Target, cfg: TileConfig) -> list[str]:
     """How the sample's existing tiles differ from what `target` with the checkpoint's tiling would give."""
-    with h5py.File(run.tiles(target.sample_id), "r") as h5:
-        made = dict(h5.attrs)
+    made = read_tile_attrs(run.tiles(target.sample_id)).to_h5()
     wanted: dict[str, Any] = {"mpp_target": cfg.target_mpp, "patch_px": cfg.patch_px}
     if target.slide is not None:
         wanted["slide"] = str(Path(target.slide).resolve())
@@ -237,10 +224,9 @@ def ensure_embeddings(run: Run, sample: str, model: Model, encoders: Encoders, r
     """The sample's features under the checkpoint's encoder key, computed unless cached and matching the tiles."""
     path = run.embeddings(model.key, sample)
     if path.exists() and not retiled:
-        tiles = TileSet.read(run.tiles(sample))
-        with h5py.File(path, "r") as h5:
-            shape = h5["embeddings"].shape
-            barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcodes"][()]]
+        tiles = read_tiles(run.tiles(sample))
+        with open_embeddings(path) as src:
+            shape, barcodes = src.shape, src.barcodes()
         if barcodes == tiles.barcodes and shape[-1] == model.net.image_dim:
             return path
         if not overwrite:
@@ -254,66 +240,14 @@ def ensure_embeddings(run: Run, sample: str, model: Model, encoders: Encoders, r
 # ----------------------------------------------------------------------------- output
 
 
-@dataclass
-class SpotSheet:
-    """Per-spot metadata of a tiled sample (small: no pixels, no features)."""
-
-    barcodes: list[str]
-    coords: np.ndarray  # (N, 2) level-0 px
-    tissue_frac: np.ndarray
-    attrs: dict[str, Any]
-
-    @classmethod
-    def read(cls, path: Path) -> SpotSheet:
-        with h5py.File(path, "r") as h5:
-            barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcode"][()]]
-            return cls(barcodes, h5["coords"][()].astype(np.float64), h5["tissue_frac"][()].astype(np.float32), dict(h5.attrs))
-
-
-def hires_image(slide_path: Path, mpp: float) -> tuple[np.ndarray, float]:
-    """The whole slide downsampled to about HIRES_MAX_SIDE px, and its scale factor from level-0 px."""
-    if not Path(slide_path).exists():
-        raise HingeError(f"the slide {slide_path} is gone; the output needs its image", "restore the slide at that path")
-    with open_slide(slide_path, mpp) as slide:
-        width, height = slide.dimensions
-        image = slide.thumbnail(max(1.0, max(width, height) / HIRES_MAX_SIDE))
-    return np.ascontiguousarray(image[..., :3], dtype=np.uint8), image.shape[1] / width
-
-
-def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
-    """An empty float32 array in AnnData's on-disk encoding, chunked by spots, to be filled batch by batch."""
-    chunks = (max(1, min(shape[0], CHUNK_ROWS)), *shape[1:]) if shape[0] else None
-    ds = h5.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
-    ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    return ds
-
-
-def write_skeleton(path: Path, sample: str, spots: SpotSheet, genes: list[str], image: np.ndarray, scalef: float,
-                   spot_diameter: float, provenance: dict[str, Any]) -> None:
-    """Everything but the predictions, written by anndata itself so the encoding is its own."""
-    adata = ad.AnnData(
-        obs=pd.DataFrame({"in_tissue": spots.tissue_frac}, index=pd.Index(spots.barcodes, dtype=str)),
-        var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
-        obsm={"spatial": spots.coords},
-        uns={
-            "spatial": {sample: {
-                "images": {"hires": image},
-                "scalefactors": {"tissue_hires_scalef": float(scalef), "spot_diameter_fullres": float(spot_diameter)},
-            }},
-            "hinge": provenance,
-        },
-    )
-    adata.write_h5ad(path)
-
-
-def _provenance(model: Model, opts: GenerateOptions, steps: int, spots: SpotSheet, encoders_sha: list[str]) -> dict[str, Any]:
+def _provenance(model: Model, opts: GenerateOptions, steps: int, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
     a = spots.attrs
     return {
         "version": __version__, "checkpoint": str(model.path.resolve()), "checkpoint_sha256": model.meta["sha256"],
         "encoders": list(model.meta["encoder"]), "encoder_key": model.key, "encoder_weights_sha256": encoders_sha,
         "n_genes": model.net.n_genes, "transform": model.meta["transform"], "steps": steps, "samples": opts.n_samples,
-        "seed": opts.seed, "fill": model.net.diffusion.fill, "slide": str(a.get("slide", "")), "mpp": float(a["mpp_source"]),
-        "tile_mode": str(a.get("mode", "")), "target_mpp": float(a["mpp_target"]), "patch_px": int(a["patch_px"]),
+        "seed": opts.seed, "fill": model.net.diffusion.fill, "slide": str(a.slide), "mpp": a.mpp_source,
+        "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
     }
 
 
@@ -324,43 +258,42 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def predict_sample(run: Run, sample: str, model: Model, out: Path, opts: GenerateOptions, progress: Progress = SILENT) -> dict:
     """Run the reverse process over one embedded sample and write `out`; returns the manifest record."""
     started = time.time()
-    spots = SpotSheet.read(run.tiles(sample))
+    spots = read_tiles(run.tiles(sample))
     emb_path = run.embeddings(model.key, sample)
     genes = model.genes
     plot_cols = [genes.index(g) for g in opts.plot]
     n, g, s = len(spots.barcodes), len(genes), opts.n_samples
     steps = opts.steps or model.net.diffusion.steps
-    mpp = float(spots.attrs["mpp_source"])
-    image, scalef = hires_image(Path(str(spots.attrs["slide"])), mpp)
-    with h5py.File(emb_path, "r") as src:
-        weights_sha = [w or "none" for w in json.loads(src.attrs.get("weights_sha256", "[]"))]
+    mpp = spots.attrs.mpp_source
+    image, scalef = hires_image(spots.attrs.slide, mpp)
+    with open_embeddings(emb_path) as src:
+        weights_sha = [w or "none" for w in src.attrs.weights_sha256]
     provenance = _provenance(model, opts, steps, spots, weights_sha)
-    spot_diameter = float(spots.attrs["spot_um"]) / mpp
+    spot_diameter = spots.attrs.spot_um / mpp
+    coords = spots.coords.astype(np.float64)
+    sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac)
     maps = np.zeros((2, n, len(plot_cols)), np.float32)
     norm = model.norm
     with output_lock(out):
         remove_stale_temporaries(out)
         run.record_stage(sample, "generate", "running", params={**provenance, "output": str(out.resolve())})
-        with atomic_path(out) as tmp:
-            write_skeleton(tmp, sample, spots, genes, image, scalef, spot_diameter, provenance)
-            with h5py.File(tmp, "r+") as h5, h5py.File(emb_path, "r") as src:
-                mean_ds, std_ds = _dense(h5, "X", (n, g)), _dense(h5["layers"], "std", (n, g))
-                draws_ds = _dense(h5["obsm"], "samples", (n, s, g)) if opts.keep_samples else None
-                features = src["embeddings"]
-                with progress.task(f"{sample}: sampling", n) as advance:
-                    for start in range(0, n, opts.batch_size):
-                        stop = min(n, start + opts.batch_size)
-                        x = torch.from_numpy(norm(prediction_view(features[start:stop]))).to(model.device)
-                        with _autocast(model.device):
-                            out_b = model.net.generate(x, n_samples=s, steps=steps, seed=opts.seed,
-                                                       spot_index=torch.arange(start, stop), keep_samples=opts.keep_samples)
-                        mean, std = out_b.mean.float().cpu().numpy(), out_b.std.float().cpu().numpy()
-                        mean_ds[start:stop], std_ds[start:stop] = mean, std
-                        maps[:, start:stop] = mean[:, plot_cols], std[:, plot_cols]
-                        if draws_ds is not None:
-                            draws_ds[start:stop] = out_b.samples.float().cpu().numpy()
-                        advance(stop - start)
-        plots = [str(p) for p in _plots(out, sample, opts.plot, maps, image, spots.coords * scalef, spot_diameter * scalef)]
+        with (atomic_path(out) as tmp,
+              write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
+                               keep_draws=s if opts.keep_samples else None) as writer,
+              open_embeddings(emb_path) as features,
+              progress.task(f"{sample}: sampling", n) as advance):
+            for start in range(0, n, opts.batch_size):
+                stop = min(n, start + opts.batch_size)
+                x = torch.from_numpy(norm(prediction_view(features.rows(start, stop)))).to(model.device)
+                with _autocast(model.device):
+                    out_b = model.net.generate(x, n_samples=s, steps=steps, seed=opts.seed,
+                                               spot_index=torch.arange(start, stop), keep_samples=opts.keep_samples)
+                mean, std = out_b.mean.float().cpu().numpy(), out_b.std.float().cpu().numpy()
+                draws = out_b.samples.float().cpu().numpy() if opts.keep_samples else None
+                writer.write(start, stop, mean, std, draws)
+                maps[:, start:stop] = mean[:, plot_cols], std[:, plot_cols]
+                advance(stop - start)
+        plots = [str(p) for p in _plots(out, sample, opts.plot, maps, image, coords * scalef, spot_diameter * scalef)]
         record = {"output": str(out.resolve()), "n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.meta["sha256"], "plots": plots}
         run.record_stage(sample, "generate", "ok", **record)
@@ -404,8 +337,7 @@ def output_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str
 
 
 def _check_mpp(run: Run, sample: str, model: Model) -> None:
-    with h5py.File(run.tiles(sample), "r") as h5:
-        mpp = float(h5.attrs["mpp_source"])
+    mpp = read_tile_attrs(run.tiles(sample)).mpp_source
     trained = float(model.extra["tile"]["mpp_source"])
     if abs(mpp / trained - 1) > MPP_TOLERANCE:
         log.warning("%s: the slide has %.3g µm/px, the training slides %.3g µm/px; patches are resampled to %.3g µm/px "
@@ -414,7 +346,7 @@ def _check_mpp(run: Run, sample: str, model: Model) -> None:
 
 
 def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Path | None = None, shard: Shard = Shard(),
-             progress: Progress = SILENT) -> GenerateSummary:
+             progress: Progress = SILENT) -> SampleReport:
     """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample."""
     if opts.n_samples < 1:
         raise HingeError(f"--samples {opts.n_samples} must be at least 1", "give e.g. --samples 8")
@@ -426,13 +358,14 @@ def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Pa
     by_id = {t.sample_id: t for t in targets}
     paths = output_paths(run, sorted(ids), out)
     mine = shard.select(ids)
-    summary = GenerateSummary()
+    summary = SampleReport("generate")
     todo = []
     for sample in mine:
         if paths[sample].exists() and not opts.overwrite:
             if len(ids) == 1:
                 raise HingeError(f"{paths[sample]} exists", "pass --overwrite to replace it, or choose another --out")
-            summary.skipped[sample] = str(paths[sample])
+            summary.skipped.append(sample)
+            summary.outputs[sample] = str(paths[sample])
         else:
             todo.append(sample)
     if not todo:
@@ -452,15 +385,11 @@ def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Pa
     tile_cfg = model.tile_config()
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
-            try:
+            with summary.attempt(run, sample, "generate", keep_going=False):
                 retiled = ensure_tiles(run, by_id[sample], tile_cfg, opts.overwrite, progress)
                 _check_mpp(run, sample, model)
                 ensure_embeddings(run, sample, model, encoders, retiled, opts.overwrite, progress)
                 predict_sample(run, sample, model, paths[sample], opts, progress)
-            except Exception as exc:
-                if not isinstance(exc, OutputLocked):
-                    run.record_stage(sample, "generate", "failed", error=str(exc))
-                raise
-            summary.done[sample] = str(paths[sample])
+            summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

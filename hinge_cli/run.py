@@ -51,9 +51,11 @@ class SampleReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # sample -> the file written for it, where the user chose it
 
     def lines(self) -> list[str]:
         out = [f"{self.stage}: {len(self.done)} done, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"]
+        out += [f"  {sample}: {self.outputs[sample]}" for sample in self.done + self.skipped if sample in self.outputs]
         out += [f"  failed {sample}: {why}" for sample, why in self.failed.items()]
         return out
 

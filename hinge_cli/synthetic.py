@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from hinge_cli.files import atomic_path
+from hinge_cli.files import atomic_path, write_text_atomic
 from hinge_cli.slide.writer import write_pyramidal_tiff
 
 CLASSES = ("tumour", "stroma", "immune", "fat")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sections = make_synthetic_dataset(args.out, args.samples, size_px=args.size)
     rows = "".join(f"{s.sample_id},{s.slide.name},{s.spots.name},\n" for s in sections)
-    (args.out / "samples.csv").write_text("sample_id,slide,spots,mpp\n" + rows)
+    write_text_atomic(args.out / "samples.csv", "sample_id,slide,spots,mpp\n" + rows)
     for i in range(args.corpus):
         make_synthetic_sample(args.out / "corpus", f"corpus{i}", size_px=args.size, seed=1000 + i, pitch_um=50)
     print(f"wrote {len(sections)} sections and {args.corpus} corpus sections to {args.out}")

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,9 +30,10 @@ from hinge_cli.data.features import FeatureNorm, views
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
-from hinge_cli.encoders import parse_encoders
-from hinge_cli.embed import encoder_key
+from hinge_cli.encoders import encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import read_embedding_attrs
+from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.fit import LoopSettings, LoopState, fit, optimizer_state, optimizer_tensors
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
@@ -87,16 +87,13 @@ class TrainingData:
 
 
 def _tile_settings(run: Run, sample: str) -> dict[str, Any]:
-    with h5py.File(run.tiles(sample), "r") as h5:
-        a = h5.attrs
-        return {"target_mpp": float(a["mpp_target"]), "patch_px": int(a["patch_px"]), "mpp_source": float(a["mpp_source"]),
-                "spot_um": float(a["spot_um"]), "pitch_um": float(a["pitch_um"]), "grid": str(a["grid"])}
+    a = read_tile_attrs(run.tiles(sample))
+    return {"target_mpp": a.mpp_target, "patch_px": a.patch_px, "mpp_source": a.mpp_source,
+            "spot_um": a.spot_um, "pitch_um": a.pitch_um, "grid": a.grid}
 
 
 def _embed_settings(run: Run, key: str, sample: str) -> dict[str, Any]:
-    with h5py.File(run.embeddings(key, sample), "r") as h5:
-        return {k: (v.item() if hasattr(v, "item") else v) if not isinstance(v, np.ndarray) else v.tolist()
-                for k, v in h5.attrs.items()}
+    return read_embedding_attrs(run.embeddings(key, sample)).to_record()
 
 
 # ----------------------------------------------------------------------------- losses

@@ -30,7 +30,7 @@ from hinge_cli.model.checkpoint import sidecar_path
 from hinge_cli.run import Run, Shard
 from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.tile import SampleSpec, tile_sample
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.train import WarmupOptions, pretrain_warmup, train
 
 runner = CliRunner()

@@ -21,7 +21,8 @@ from hinge_cli.errors import HingeError
 from hinge_cli.files import OutputLocked, output_lock
 from hinge_cli.run import Run
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.tile import SampleSpec, read_sample_sheet, tile_sample, tile_samples
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.tile import read_sample_sheet, tile_samples
 
 runner = CliRunner()
 
@@ -169,7 +170,7 @@ def test_resume_after_a_killed_writer(tmp_path: Path, synth) -> None:
 
 
 def test_a_failure_mid_write_leaves_no_file(tmp_path: Path, synth, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hinge_cli.tile as tile_mod
+    import hinge_cli.slide.tiling as tile_mod
 
     def broken(*args: object, **kwargs: object):
         yield 0, np.zeros((2, 64, 64, 3), np.uint8)

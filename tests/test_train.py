@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 
 from hinge_cli.data.expression import Transform
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
 from hinge_cli.run import Run
 from hinge_cli.synthetic import CLASSES, make_synthetic_sample
-from hinge_cli.tile import SampleSpec, tile_sample
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.train import WarmupOptions, pretrain_warmup, train
 
@@ -42,12 +43,10 @@ def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
     features = np.column_stack([signal * 3 + rng.normal(0, 0.05, signal.shape), rng.normal(0, 1, (adata.n_obs, 3))])
     path = run.embeddings(ENCODER, sample)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as h5:
-        h5["embeddings"] = features.astype(np.float32)
-        h5["barcodes"] = np.array(adata.obs_names, dtype=object).astype("S")
-        h5["coords"] = np.rint(adata.obsm["spatial"]).astype(np.int64)
-        h5.attrs["encoders"] = ENCODER
-        h5.attrs["views"] = 1
+    attrs = EmbeddingAttrs(ENCODER, encoders=[ENCODER], dims=[features.shape[1]], views=1)
+    coords = np.rint(adata.obsm["spatial"]).astype(np.int64)
+    with write_embeddings(path, attrs, list(adata.obs_names), coords, features.shape) as out:
+        out.write(features.astype(np.float32))
 
 
 @pytest.fixture(scope="module")

@@ -36,17 +36,18 @@ from baselines import BASELINES
 
 from hinge_cli import evaluate
 from hinge_cli.config import HingeConfig, load_config
-from hinge_cli.data.dataset import assemble, load_expression, read_embeddings
+from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
-from hinge_cli.embed import embed_samples, encoder_key
-from hinge_cli.encoders import parse_encoders
+from hinge_cli.embed import embed_samples
+from hinge_cli.encoders import encoder_key, parse_encoders
 from hinge_cli.generate import GenerateOptions, load_model, predict_sample
 from hinge_cli.progress import SILENT
 from hinge_cli.files import write_text_atomic
+from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.run import Run
 from hinge_cli.tile import read_sample_sheet, tile_samples
 from hinge_cli.train import WarmupOptions, pretrain_backbone, pretrain_warmup, train

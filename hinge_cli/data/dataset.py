@@ -11,29 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import Embeddings, read_embeddings
 from hinge_cli.run import Run
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Embeddings:
-    barcodes: list[str]
-    coords: np.ndarray
-    features: np.ndarray  # (N, D), or (N, V, D) with V augmented views per spot
-
-
-def read_embeddings(path: Path) -> Embeddings:
-    if not Path(path).exists():
-        raise HingeError(f"embeddings {path} do not exist", "run `hinge embed` with the same encoder first")
-    with h5py.File(path, "r") as h5:
-        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcodes"][()]]
-        return Embeddings(barcodes, h5["coords"][()], h5["embeddings"][()].astype(np.float32))
 
 
 @dataclass

@@ -172,6 +172,11 @@ def parse_encoders(text: str) -> list[EncoderSpec]:
     return [get_spec(n) for n in names]
 
 
+def encoder_key(specs: Sequence[EncoderSpec]) -> str:
+    """The folder name under embeddings/: the encoder names joined in order (`uni+conch`)."""
+    return "+".join(s.name for s in specs)
+
+
 def locate_weights(spec: EncoderSpec, given: Path | None = None) -> Path | None:
     """The weights file for `spec`: `given`, else the local Hugging Face cache; None if not found."""
     if not spec.needs_weights:

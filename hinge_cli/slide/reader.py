@@ -17,6 +17,8 @@ from hinge_cli.errors import HingeError
 
 log = logging.getLogger(__name__)
 
+HIRES_MAX_SIDE = 2000  # the side of Space Ranger's "hires" image, which scanpy users expect
+
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54, "3": 1.0, "2": 2.54}
 
@@ -206,3 +208,13 @@ def require_mpp(slide: Slide) -> float:
             "pass --mpp (e.g. --mpp 0.25 for a 40x scan), or an mpp column in --samples",
         )
     return slide.mpp
+
+
+def hires_image(slide_path: Path, mpp: float) -> tuple[np.ndarray, float]:
+    """The whole slide downsampled to about HIRES_MAX_SIDE px, and its scale factor from level-0 px."""
+    if not Path(slide_path).exists():
+        raise HingeError(f"the slide {slide_path} is gone; the output needs its image", "restore the slide at that path")
+    with open_slide(slide_path, mpp) as slide:
+        width, height = slide.dimensions
+        image = slide.thumbnail(max(1.0, max(width, height) / HIRES_MAX_SIDE))
+    return np.ascontiguousarray(image[..., :3], dtype=np.uint8), image.shape[1] / width

@@ -1,0 +1,127 @@
+"""The embeddings file, `embeddings/<encoder-key>/<sample>.h5`: image features per spot of one tiles file.
+
+Datasets: `embeddings` (N, D) float32, or (N, V, D) with V dihedral views kept as training augmentations,
+chunked by 256 spots; `barcodes` (N,) UTF-8 and `coords` (N, 2) int64 copied from the tiles. The attributes
+are `EmbeddingAttrs`; its list fields are stored as JSON strings, which only this module parses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hinge_cli.errors import HingeError
+from hinge_cli.formats.hdf5 import decode_strings, write_strings
+
+CHUNK_ROWS = 256
+_JSON_FIELDS = ("encoders", "dims", "weights_sha256", "weights")
+
+
+@dataclass(frozen=True)
+class EmbeddingAttrs:
+    """Which encoders made the features and how; the field order is the order the attributes are written in."""
+
+    encoder: str  # the encoder key, e.g. "uni+conch"
+    encoders: list[str] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)  # feature dimensions per encoder, concatenated in order
+    weights_sha256: list[str | None] = field(default_factory=list)  # per encoder; None for weight-free ones
+    weights: list[str | None] = field(default_factory=list)  # the weight files used, per encoder
+    views: int = 1
+    views_kept: bool = False  # True: (N, V, D) stored; False: the views were averaged
+    sample_id: str = ""
+    tiles: str = ""  # the resolved tiles file the features were computed from
+
+    @classmethod
+    def from_h5(cls, attrs: h5py.AttributeManager) -> EmbeddingAttrs:
+        return cls(
+            encoder=str(attrs.get("encoder", "")),
+            **{k: list(json.loads(attrs[k])) for k in _JSON_FIELDS if k in attrs},
+            views=int(attrs.get("views", 1)), views_kept=bool(attrs.get("views_kept", False)),
+            sample_id=str(attrs.get("sample_id", "")), tiles=str(attrs.get("tiles", "")),
+        )
+
+    def to_h5(self) -> dict[str, Any]:
+        return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in asdict(self).items()}
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON-ready values, for the checkpoint's record of how its training features were made."""
+        return asdict(self)
+
+
+@dataclass
+class Embeddings:
+    barcodes: list[str]
+    coords: np.ndarray
+    features: np.ndarray  # (N, D), or (N, V, D) with V augmented views per spot
+    attrs: EmbeddingAttrs
+
+
+class EmbeddingReader:
+    """An open embeddings file whose features are read a range of spots at a time."""
+
+    def __init__(self, h5: h5py.File):
+        self._h5 = h5
+        self.attrs = EmbeddingAttrs.from_h5(h5.attrs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._h5["embeddings"].shape)
+
+    def barcodes(self) -> list[str]:
+        return decode_strings(self._h5["barcodes"][()])
+
+    def coords(self) -> np.ndarray:
+        return self._h5["coords"][()]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self._h5["embeddings"][start:stop]
+
+
+@contextmanager
+def open_embeddings(path: Path) -> Iterator[EmbeddingReader]:
+    if not Path(path).exists():
+        raise HingeError(f"embeddings {path} do not exist", "run `hinge embed` with the same encoder first")
+    with h5py.File(path, "r") as h5:
+        yield EmbeddingReader(h5)
+
+
+def read_embedding_attrs(path: Path) -> EmbeddingAttrs:
+    with open_embeddings(path) as src:
+        return src.attrs
+
+
+def read_embeddings(path: Path) -> Embeddings:
+    with open_embeddings(path) as src:
+        return Embeddings(src.barcodes(), src.coords(), src.rows(0, src.shape[0]).astype(np.float32), src.attrs)
+
+
+class EmbeddingWriter:
+    """The features dataset of a file being written, filled encoder by encoder and batch by batch."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self._features = dataset
+
+    def write(self, features: np.ndarray, rows: slice = slice(None), columns: slice = slice(None)) -> None:
+        """Store `features` at spots `rows` and feature columns `columns` (the last axis; views stay whole)."""
+        self._features[rows, ..., columns] = features
+
+
+@contextmanager
+def write_embeddings(path: Path, attrs: EmbeddingAttrs, barcodes: Sequence[str], coords: np.ndarray,
+                     shape: tuple[int, ...]) -> Iterator[EmbeddingWriter]:
+    """Create the file with an empty `embeddings` of `shape`; the attributes are written once the caller is done."""
+    n = shape[0]
+    with h5py.File(path, "w") as h5:
+        dataset = h5.create_dataset("embeddings", shape=shape, dtype=np.float32,
+                                    chunks=(max(1, min(n, CHUNK_ROWS)), *shape[1:]) if n else None)
+        write_strings(h5, "barcodes", barcodes)
+        h5.create_dataset("coords", data=coords)
+        yield EmbeddingWriter(dataset)
+        h5.attrs.update(attrs.to_h5())

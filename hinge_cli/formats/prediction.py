@@ -1,0 +1,81 @@
+"""The prediction file, an AnnData `.h5ad` scanpy reads: predicted mean in X, spread in layers['std'].
+
+anndata writes everything but the predictions (obs `in_tissue`, obsm `spatial`, the hires image and scale
+factors in uns['spatial'], provenance in uns['hinge']); the predictions are then streamed into float32
+datasets in anndata's own dense encoding, chunked by spots, so no slide's predictions sit in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class PredictionSpots:
+    """What the output keeps of each spot besides its predictions."""
+
+    barcodes: list[str]
+    coords: np.ndarray  # (N, 2) level-0 px
+    in_tissue: np.ndarray  # (N,) tissue fraction of the spot
+
+
+def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
+    """An empty float32 array in AnnData's on-disk encoding, chunked by spots, to be filled batch by batch."""
+    chunks = (max(1, min(shape[0], CHUNK_ROWS)), *shape[1:]) if shape[0] else None
+    ds = h5.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
+    ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return ds
+
+
+def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
+                   scalef: float, spot_diameter: float, provenance: dict[str, Any]) -> None:
+    """Everything but the predictions, written by anndata itself so the encoding is its own."""
+    adata = ad.AnnData(
+        obs=pd.DataFrame({"in_tissue": spots.in_tissue}, index=pd.Index(spots.barcodes, dtype=str)),
+        var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)),
+        obsm={"spatial": spots.coords},
+        uns={
+            "spatial": {sample: {
+                "images": {"hires": image},
+                "scalefactors": {"tissue_hires_scalef": float(scalef), "spot_diameter_fullres": float(spot_diameter)},
+            }},
+            "hinge": provenance,
+        },
+    )
+    adata.write_h5ad(path)
+
+
+class PredictionWriter:
+    """The prediction datasets of an open output, filled a batch of spots at a time."""
+
+    def __init__(self, h5: h5py.File, n_spots: int, n_genes: int, n_draws: int | None):
+        self._mean = _dense(h5, "X", (n_spots, n_genes))
+        self._std = _dense(h5["layers"], "std", (n_spots, n_genes))
+        self._draws = _dense(h5["obsm"], "samples", (n_spots, n_draws, n_genes)) if n_draws else None
+
+    def write(self, start: int, stop: int, mean: np.ndarray, std: np.ndarray, samples: np.ndarray | None = None) -> None:
+        """Spots start:stop; `samples` (spots, draws, genes) only when the file keeps the draws."""
+        self._mean[start:stop], self._std[start:stop] = mean, std
+        if self._draws is not None:
+            self._draws[start:stop] = samples
+
+
+@contextmanager
+def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
+                     scalef: float, spot_diameter: float, provenance: dict[str, Any],
+                     keep_draws: int | None = None) -> Iterator[PredictionWriter]:
+    """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
+    write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance)
+    with h5py.File(path, "r+") as h5:
+        yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws)

@@ -1,0 +1,170 @@
+"""Tiling one sample: find the tissue, place the spots, write the tiles file and a thumbnail of where they fell.
+
+Spots come from the sample's .h5ad (measured spots) or from a lattice over the tissue (new slides).
+The tiles file is written under a lock to a temporary name and renamed into place, so an interrupted
+run leaves either a finished file or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from hinge_cli.config import TileConfig
+from hinge_cli.data.expression import read_h5ad
+from hinge_cli.errors import HingeError
+from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.formats.tiles import TileAttrs, write_tiles
+from hinge_cli.progress import SILENT, Progress
+from hinge_cli.run import Run
+from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
+from hinge_cli.slide.reader import Slide, open_slide, require_mpp
+from hinge_cli.slide.tissue import TissueMask, detect_tissue
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+THUMB_MAX_SIDE = 1600
+MAX_OUTSIDE = 0.5  # more spots than this off the slide or off the tissue means wrong coordinates
+
+
+class SampleSpec(NamedTuple):
+    sample_id: str
+    slide: Path
+    spots: Path | None = None
+    mpp: float | None = None
+
+
+def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
+    """Barcodes and level-0 (x, y) spot centres from an .h5ad's obsm['spatial']."""
+    adata = read_h5ad(path, "spot file", "check the path given to --spots (an .h5ad written by anndata)", backed=True)
+    try:
+        if "spatial" not in adata.obsm:
+            raise HingeError(f"{path} has no obsm['spatial']", "store spot centres in level-0 pixels there (scanpy/HEST convention)")
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+        barcodes = [str(b) for b in adata.obs_names]
+    finally:
+        adata.file.close()
+    if len(set(barcodes)) != len(barcodes):
+        raise HingeError(f"{path} has duplicate spot barcodes", "make obs_names unique (adata.obs_names_make_unique())")
+    if not np.isfinite(coords).all():
+        raise HingeError(f"{path} has non-finite spot coordinates", "drop or fix those spots")
+    return barcodes, coords
+
+
+def _tissue(slide: Slide, cfg: TileConfig) -> TissueMask:
+    mpp = require_mpp(slide)
+    downsample = max(cfg.tissue.thumb_mpp / mpp, 1.0)
+    return detect_tissue(slide.thumbnail(downsample), downsample, mpp, cfg.tissue)
+
+
+def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConfig) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """Barcodes, centres, tissue fractions and counts for spot mode or grid mode."""
+    mpp = require_mpp(slide)
+    radius = cfg.spot_um / 2 / mpp
+    width, height = slide.dimensions
+    if spec.spots is not None:
+        barcodes, coords = read_spots(spec.spots)
+        inside = (coords[:, 0] >= 0) & (coords[:, 0] < width) & (coords[:, 1] >= 0) & (coords[:, 1] < height)
+        n_out = int((~inside).sum())
+        if n_out > MAX_OUTSIDE * len(coords):
+            raise HingeError(
+                f"{n_out} of {len(coords)} spots of {spec.spots.name} fall outside the {width}x{height} px slide",
+                "spot coordinates must be level-0 pixels of this slide: check the file pairing and any scale factor",
+            )
+        if n_out:
+            log.warning("%s: dropped %d spots outside the slide", spec.sample_id, n_out)
+        barcodes = [b for b, keep in zip(barcodes, inside) if keep]
+        coords = coords[inside]
+        half_patch = cfg.patch_px * cfg.target_mpp / mpp / 2
+        on_tissue = mask.fraction_in_discs(coords, half_patch) > 0
+        if on_tissue.sum() < (1 - MAX_OUTSIDE) * len(coords):
+            raise HingeError(
+                f"{int((~on_tissue).sum())} of {len(coords)} spots of {spec.sample_id} lie off the detected tissue",
+                "check that the spots belong to this slide and the µm/px (--mpp) is right; or lower --tissue-threshold",
+            )
+        frac = mask.fraction_in_discs(coords, radius)
+        return barcodes, coords, frac, {"mode": "spots", "dropped_outside": n_out, "off_tissue": int((~on_tissue).sum())}
+    if cfg.grid not in LATTICES:
+        raise HingeError(f"unknown grid '{cfg.grid}'", f"use one of {', '.join(LATTICES)}")
+    coords, ids = lattice(mask, slide.dimensions, mpp, cfg.pitch_um, cfg.grid)
+    frac = mask.fraction_in_discs(coords, radius) if len(coords) else np.zeros(0, np.float32)
+    keep = frac >= cfg.min_tissue
+    if not keep.any():
+        raise HingeError(
+            f"no tissue found on {slide.path.name} (saturation threshold {mask.threshold:.3f})",
+            "check the slide, or pass a lower --tissue-threshold",
+        )
+    return [i for i, k in zip(ids, keep) if k], coords[keep], frac[keep], {"mode": "grid", "dropped_outside": 0, "off_tissue": 0}
+
+
+def _thumbnail_png(path: Path, slide: Slide, mask: TissueMask, coords: np.ndarray, radius_px0: float) -> None:
+    """The slide with the tissue outline (green) and the patch centres (blue) drawn on it."""
+    downsample = max(1.0, max(slide.dimensions) / THUMB_MAX_SIDE)
+    image = Image.fromarray(slide.thumbnail(downsample))
+    tissue = np.asarray(Image.fromarray(mask.mask).resize(image.size, Image.Resampling.NEAREST))
+    outline = ndimage.binary_dilation(tissue & ~ndimage.binary_erosion(tissue), iterations=1)
+    pixels = np.asarray(image).copy()
+    pixels[outline] = (0, 170, 0)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    r = max(radius_px0 / downsample, 1.5)
+    for x, y in coords / downsample:
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=(0, 80, 255), width=2)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT, register_expression: bool = True) -> dict:
+    """Tile one sample into the run; returns the manifest record.
+
+    With spots, the .h5ad is also registered as the sample's measured expression (training
+    data) unless `register_expression` is off: `generate` only borrows the positions.
+    """
+    final = run.tiles(spec.sample_id)
+    started = time.time()
+    with output_lock(final):
+        remove_stale_temporaries(final)
+        with open_slide(spec.slide, spec.mpp) as slide:
+            if spec.spots is not None and not Path(spec.spots).exists():
+                raise HingeError(f"spot file {spec.spots} does not exist", "check the path given to --spots")
+            inputs = {"slide": describe_input(spec.slide)}
+            if spec.spots is not None:
+                inputs["spots"] = describe_input(spec.spots)
+            run.record_stage(spec.sample_id, "tile", "running", inputs=inputs, params=asdict(cfg))
+            mpp = require_mpp(slide)
+            mask = _tissue(slide, cfg)
+            barcodes, coords, frac, counts = _place_spots(spec, slide, mask, cfg)
+            geom = PatchGeometry.plan(slide, cfg.target_mpp, cfg.patch_px)
+            attrs = TileAttrs(
+                sample_id=spec.sample_id, slide=Path(spec.slide).resolve(), mpp_source=mpp, mpp_origin=slide.mpp_source,
+                mpp_target=cfg.target_mpp, patch_px=cfg.patch_px, level=geom.level, mode=counts["mode"], grid=cfg.grid,
+                spot_um=cfg.spot_um, pitch_um=cfg.pitch_um, tissue_threshold=mask.threshold, tissue=asdict(cfg.tissue),
+                images=cfg.images,
+            )
+            with atomic_path(final) as tmp, write_tiles(tmp, attrs, barcodes, coords, frac) as writer:
+                if cfg.images:
+                    with progress.task(f"{spec.sample_id}: patches", len(barcodes)) as advance:
+                        for start, batch in iter_patch_batches(slide, coords, cfg.target_mpp, cfg.patch_px, BATCH, cfg.workers):
+                            writer.write_images(start, batch)
+                            advance(len(batch))
+            _thumbnail_png(run.thumbnail(spec.sample_id), slide, mask, coords, cfg.spot_um / 2 / mpp)
+        record = {
+            "n_spots": len(barcodes), **counts, "mpp_source": mpp, "mpp_origin": slide.mpp_source, "level": geom.level,
+            "seconds": round(time.time() - started, 2), "output": str(final),
+        }
+        run.record_stage(spec.sample_id, "tile", "ok", **record)
+    sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
+    if spec.spots is not None and register_expression:
+        sample["expression"] = describe_input(spec.spots)
+    run.register_sample(spec.sample_id, **sample)
+    log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])
+    return record
+
