@@ -35,8 +35,12 @@ def tiny_tile(**kw: object) -> TileConfig:
 
 
 def tiles(run: Run, sample: str) -> dict:
+    """The tiles file as a HEST user reads it: barcodes are (N, 1), one per row."""
     with h5py.File(run.tiles(sample), "r") as h5:
-        return {k: h5[k][()] for k in h5} | {"attrs": dict(h5.attrs)}
+        out = {k: h5[k][()] for k in h5} | {"attrs": dict(h5.attrs)}
+    assert out["barcode"].shape == (len(out["coords"]), 1)
+    out["barcode"] = [row[0] for row in out["barcode"]]
+    return out
 
 
 def reference_patch(path: Path, cx: float, cy: float, side0: float, patch_px: int) -> np.ndarray:
@@ -73,6 +77,9 @@ def test_spot_ids_and_coordinates_round_trip(tmp_path: Path, synth) -> None:
     spots = ad.read_h5ad(synth.spots)
     assert [b.decode() for b in out["barcode"]] == list(spots.obs_names)
     np.testing.assert_array_equal(out["coords"], np.rint(spots.obsm["spatial"]).astype(np.int64))
+    half = round(out["attrs"]["patch_size_level0"] / 2)  # HEST/TRIDENT's coords are top-left corners
+    np.testing.assert_array_equal(out["coords_topleft"], out["coords"] - half)
+    assert out["attrs"]["patch_size_level0"] == 64 * 0.5 / 0.5
     assert out["img"].shape == (spots.n_obs, 64, 64, 3) and out["img"].dtype == np.uint8
     assert out["attrs"]["mpp_source"] == 0.5 and out["attrs"]["mpp_target"] == 0.5
     sample = run.sample("s0")

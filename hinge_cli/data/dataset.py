@@ -53,7 +53,8 @@ def training_samples(run: Run, holdout: Sequence[str] = ()) -> list[str]:
 
 
 def load_expression(run: Run, samples: Sequence[str]) -> dict[str, Expression]:
-    return {s: read_expression(Path(run.sample(s)["expression"]["path"])) for s in samples}
+    registered = {s: run.sample(s)["expression"] for s in samples}
+    return {s: read_expression(Path(info["path"]), info.get("layer")) for s, info in registered.items()}
 
 
 def _join(sample: str, emb: Embeddings, expr: Expression, dropped: int) -> tuple[np.ndarray, np.ndarray]:

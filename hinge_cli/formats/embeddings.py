@@ -1,7 +1,8 @@
 """The embeddings file, `embeddings/<encoder-key>/<sample>.h5`: image features per spot of one tiles file.
 
-Datasets: `embeddings` (N, D) float32, or (N, V, D) with V dihedral views kept as training augmentations,
-chunked by 256 spots; `barcodes` (N,) UTF-8 and `coords` (N, 2) int64 copied from the tiles. The attributes
+Datasets: `features` (N, D) float32, or (N, V, D) with V dihedral views kept as training augmentations,
+chunked by 256 spots (TRIDENT's name; `embeddings` is a second HDF5 name for the same dataset, HEST's name and
+this format's own before, so readers of either find it and files written earlier still read); `barcodes` (N,) UTF-8 and `coords` (N, 2) int64 copied from the tiles. The attributes
 are `EmbeddingAttrs`; its list fields are stored as JSON strings, which only this module parses.
 """
 
@@ -21,6 +22,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.formats.hdf5 import decode_strings, write_strings
 
 CHUNK_ROWS = 256
+FEATURE_NAMES = ("features", "embeddings")  # the first is written, with the second as a hard link to it
 _JSON_FIELDS = ("encoders", "dims", "weights_sha256", "weights")
 
 
@@ -69,10 +71,14 @@ class EmbeddingReader:
     def __init__(self, h5: h5py.File):
         self._h5 = h5
         self.attrs = EmbeddingAttrs.from_h5(h5.attrs)
+        names = [name for name in FEATURE_NAMES if name in h5]
+        if not names:
+            raise HingeError(f"{h5.filename} holds no `features` or `embeddings` dataset", "re-run `hinge embed --overwrite`")
+        self._features = h5[names[0]]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._h5["embeddings"].shape)
+        return tuple(self._features.shape)
 
     def barcodes(self) -> list[str]:
         return decode_strings(self._h5["barcodes"][()])
@@ -81,7 +87,7 @@ class EmbeddingReader:
         return self._h5["coords"][()]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return self._h5["embeddings"][start:stop]
+        return self._features[start:stop]
 
 
 @contextmanager
@@ -119,8 +125,9 @@ def write_embeddings(path: Path, attrs: EmbeddingAttrs, barcodes: Sequence[str],
     """Create the file with an empty `embeddings` of `shape`; the attributes are written once the caller is done."""
     n = shape[0]
     with h5py.File(path, "w") as h5:
-        dataset = h5.create_dataset("embeddings", shape=shape, dtype=np.float32,
+        dataset = h5.create_dataset(FEATURE_NAMES[0], shape=shape, dtype=np.float32,
                                     chunks=(max(1, min(n, CHUNK_ROWS)), *shape[1:]) if n else None)
+        h5[FEATURE_NAMES[1]] = dataset
         write_strings(h5, "barcodes", barcodes)
         h5.create_dataset("coords", data=coords)
         yield EmbeddingWriter(dataset)

@@ -8,8 +8,10 @@ import h5py
 import numpy as np
 
 
-def write_strings(h5: h5py.Group, name: str, values: Sequence[str]) -> h5py.Dataset:
-    return h5.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype("utf-8"))
+def write_strings(h5: h5py.Group, name: str, values: Sequence[str], column: bool = False) -> h5py.Dataset:
+    """`column` stores (N, 1), HEST's shape for patch barcodes; readers flatten either shape."""
+    data = np.array(values, dtype=object)
+    return h5.create_dataset(name, data=data.reshape(-1, 1) if column else data, dtype=h5py.string_dtype("utf-8"))
 
 
 def decode_strings(values: Iterable[object]) -> list[str]:

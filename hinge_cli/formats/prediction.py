@@ -1,6 +1,7 @@
 """The prediction file, an AnnData `.h5ad` scanpy reads: predicted mean in X, spread in layers['std'].
 
-anndata writes everything but the predictions (obs `in_tissue`, obsm `spatial`, the hires image and scale
+anndata writes everything but the predictions (obs `in_tissue` 0/1 as in Visium, obs `tissue_fraction`,
+obsm `spatial`, the hires image and scale
 factors in uns['spatial'], provenance in uns['hinge']); the predictions are then streamed into float32
 datasets in anndata's own dense encoding, chunked by spots, so no slide's predictions sit in memory at once.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 CHUNK_ROWS = 256
+IN_TISSUE_FRACTION = 0.5  # a spot is in tissue (Visium's in_tissue == 1) when at least half its disc is
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class PredictionSpots:
 
     barcodes: list[str]
     coords: np.ndarray  # (N, 2) level-0 px
-    in_tissue: np.ndarray  # (N,) tissue fraction of the spot
+    tissue_fraction: np.ndarray  # (N,) fraction of the spot's disc on detected tissue
 
 
 def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
@@ -42,7 +44,8 @@ def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Seque
                    scalef: float, spot_diameter: float, provenance: dict[str, Any]) -> None:
     """Everything but the predictions, written by anndata itself so the encoding is its own."""
     adata = ad.AnnData(
-        obs=pd.DataFrame({"in_tissue": spots.in_tissue}, index=pd.Index(spots.barcodes, dtype=str)),
+        obs=pd.DataFrame({"in_tissue": (spots.tissue_fraction >= IN_TISSUE_FRACTION).astype(np.int64),
+                          "tissue_fraction": spots.tissue_fraction}, index=pd.Index(spots.barcodes, dtype=str)),
         var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)),
         obsm={"spatial": spots.coords},
         uns={

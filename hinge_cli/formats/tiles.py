@@ -1,8 +1,11 @@
 """The tiles file, `tiles/<sample>.h5`: one row per spot (barcode, level-0 centre, tissue fraction), optional pixels.
 
-Datasets: `coords` (N, 2) int64 level-0 px, `barcode` (N,) UTF-8, `tissue_frac` (N,) float32 and, when
-patches are kept, `img` (N, patch_px, patch_px, 3) uint8 chunked one patch per chunk (lzf). The attributes
-are `TileAttrs`: how the spots were placed and at what scale, so later stages can redo or check it.
+Datasets: `coords` (N, 2) int64 level-0 spot CENTRES, `coords_topleft` (N, 2) int64 level-0 top-left corners
+of the patches (HEST's and TRIDENT's meaning of `coords`), `barcode` (N, 1) UTF-8 (HEST's shape, so HEST-style
+readers that take `row[0]` get the barcode; files with (N,) barcodes still read), `tissue_frac` (N,) float32 and,
+when patches are kept, `img` (N, patch_px, patch_px, 3) uint8 chunked one patch per chunk (lzf). The attributes
+are `TileAttrs`: how the spots were placed and at what scale, so later stages can redo or check it;
+`patch_size_level0` (the patch side in level-0 px) is written beside them for HEST/TRIDENT readers.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class TileAttrs:
             tissue=json.loads(attrs.get("tissue", "{}")), images=bool(attrs.get("images", "img" in h5)),
         )
 
+    @property
+    def patch_size_level0(self) -> float:
+        """The patch side in level-0 pixels: what a top-left corner is offset by from the centre, twice."""
+        return self.patch_px * self.mpp_target / self.mpp_source
+
     def to_h5(self) -> dict[str, Any]:
         return {**asdict(self), "slide": str(self.slide), "tissue": json.dumps(self.tissue)}
 
@@ -87,7 +95,7 @@ def read_tile_attrs(path: Path) -> TileAttrs:
 
 def read_tiles(path: Path) -> Tiles:
     with _open(path) as h5:
-        return Tiles(Path(path), TileAttrs.from_h5(h5), decode_strings(h5["barcode"][()]),
+        return Tiles(Path(path), TileAttrs.from_h5(h5), decode_strings(h5["barcode"][()].reshape(-1)),
                      h5["coords"][()].astype(np.int64), h5["tissue_frac"][()].astype(np.float32), "img" in h5)
 
 
@@ -109,12 +117,15 @@ class TilesWriter:
 def write_tiles(path: Path, attrs: TileAttrs, barcodes: Sequence[str], coords: np.ndarray,
                 tissue_frac: np.ndarray) -> Iterator[TilesWriter]:
     """Write the per-spot datasets and attributes; with `attrs.images`, the caller then fills in the patches."""
+    centres = np.rint(coords).astype(np.int64)
     with h5py.File(path, "w") as h5:
-        h5.create_dataset("coords", data=np.rint(coords).astype(np.int64))
-        write_strings(h5, "barcode", barcodes)
+        h5.create_dataset("coords", data=centres)
+        h5.create_dataset("coords_topleft", data=centres - int(round(attrs.patch_size_level0 / 2)))
+        write_strings(h5, "barcode", barcodes, column=True)
         h5.create_dataset("tissue_frac", data=tissue_frac.astype(np.float32))
         for key, value in attrs.to_h5().items():
             h5.attrs[key] = value
+        h5.attrs["patch_size_level0"] = attrs.patch_size_level0
         yield TilesWriter(h5, len(barcodes), attrs)
 
 

@@ -7,6 +7,7 @@ run leaves either a finished file or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from hinge_cli.config import TileConfig
-from hinge_cli.data.expression import read_h5ad
+from hinge_cli.data.expression import read_expression, read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 BATCH = 32
 THUMB_MAX_SIDE = 1600
 MAX_OUTSIDE = 0.5  # more spots than this off the slide or off the tissue means wrong coordinates
+MAX_UPSAMPLING = 2.0  # patches magnified more than this from level 0 are blurred: worth a warning
+BLANK_RANGE = 8  # a thumbnail whose every channel spans fewer grey levels than this holds no image
 
 
 class SampleSpec(NamedTuple):
@@ -40,6 +43,7 @@ class SampleSpec(NamedTuple):
     slide: Path
     spots: Path | None = None
     mpp: float | None = None
+    layer: str | None = None  # the spot file's layer with raw counts; None: X, or scanpy's layers['counts']
 
 
 def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
@@ -62,7 +66,31 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
 def _tissue(slide: Slide, cfg: TileConfig) -> TissueMask:
     mpp = require_mpp(slide)
     downsample = max(cfg.tissue.thumb_mpp / mpp, 1.0)
-    return detect_tissue(slide.thumbnail(downsample), downsample, mpp, cfg.tissue)
+    thumb = slide.thumbnail(downsample)
+    spread = thumb[..., :3].reshape(-1, 3).max(axis=0).astype(int) - thumb[..., :3].reshape(-1, 3).min(axis=0)
+    if spread.max() < BLANK_RANGE:
+        raise HingeError(f"{slide.path.name} is blank: every pixel has nearly the same colour, so there is no tissue to find "
+                         "at any threshold", "check the file (an empty export, a failed scan, or the wrong image of the slide)")
+    return detect_tissue(thumb, downsample, mpp, cfg.tissue)
+
+
+def _warn_upsampling(spec: SampleSpec, mpp: float, cfg: TileConfig) -> None:
+    factor = mpp / cfg.target_mpp
+    if factor > MAX_UPSAMPLING:
+        log.warning("%s: the slide has %.3g µm/px, so %.3g µm/px patches are magnified %.1fx and will look blurred; "
+                    "use a higher-resolution image (for Visium, the full-resolution image) or a larger --target-mpp",
+                    spec.sample_id, mpp, cfg.target_mpp, factor)
+
+
+def _failure_thumbnail(path: Path, spec: SampleSpec, slide: Slide, mask: TissueMask | None, radius_px0: float) -> None:
+    """What tiling saw when it gave up: the slide, any tissue found, and the given spots."""
+    if mask is None:
+        mask = TissueMask(np.zeros((1, 1), bool), float(max(slide.dimensions)), float("nan"))
+    coords = np.zeros((0, 2))
+    if spec.spots is not None:
+        with contextlib.suppress(HingeError):  # a broken spot file is already what the error is about
+            coords = read_spots(spec.spots)[1]
+    _thumbnail_png(path, slide, mask, coords, radius_px0)
 
 
 def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConfig) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
@@ -140,8 +168,15 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
                 inputs["spots"] = describe_input(spec.spots)
             run.record_stage(spec.sample_id, "tile", "running", inputs=inputs, params=asdict(cfg))
             mpp = require_mpp(slide)
-            mask = _tissue(slide, cfg)
-            barcodes, coords, frac, counts = _place_spots(spec, slide, mask, cfg)
+            _warn_upsampling(spec, mpp, cfg)
+            mask = None
+            try:
+                mask = _tissue(slide, cfg)
+                barcodes, coords, frac, counts = _place_spots(spec, slide, mask, cfg)
+            except HingeError as exc:
+                thumb = run.thumbnail(spec.sample_id)
+                _failure_thumbnail(thumb, spec, slide, mask, cfg.spot_um / 2 / mpp)
+                raise HingeError(exc.problem, f"{exc.fix}; {thumb} shows the slide, the tissue found and the spots") from None
             geom = PatchGeometry.plan(slide, cfg.target_mpp, cfg.patch_px)
             attrs = TileAttrs(
                 sample_id=spec.sample_id, slide=Path(spec.slide).resolve(), mpp_source=mpp, mpp_origin=slide.mpp_source,
@@ -163,7 +198,8 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
         run.record_stage(spec.sample_id, "tile", "ok", **record)
     sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
     if spec.spots is not None and register_expression:
-        sample["expression"] = describe_input(spec.spots)
+        read_expression(spec.spots, spec.layer)  # raw counts must be there now, not hours later in training
+        sample["expression"] = {**describe_input(spec.spots), "layer": spec.layer}
     run.register_sample(spec.sample_id, **sample)
     log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])
     return record

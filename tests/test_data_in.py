@@ -1,0 +1,70 @@
+"""Traps on the way in: blank images, blurred patches, and the HEST/TRIDENT/Visium conventions of the outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from hinge_cli.config import load_config
+from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
+from hinge_cli.formats.prediction import PredictionSpots, write_skeleton
+from hinge_cli.run import Run
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
+
+
+def test_a_blank_image_is_refused_and_its_thumbnail_written(tmp_path: Path) -> None:
+    blank = tmp_path / "black.png"
+    Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(blank)
+    run = Run(tmp_path / "run")
+    with pytest.raises(HingeError, match="is blank") as info:
+        tile_sample(run, SampleSpec("b", blank, mpp=2.0), load_config("tiny").tile)
+    assert "--tissue-threshold" not in str(info.value) and str(run.thumbnail("b")) in str(info.value)
+    assert run.thumbnail("b").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_tissue_found_still_writes_the_thumbnail(tmp_path: Path) -> None:
+    grey = np.linspace(180, 240, 800).astype(np.uint8)
+    glass = np.repeat(np.repeat(grey[None, :, None], 600, axis=0), 3, axis=2)  # a grey ramp: an image, nothing stained
+    path = tmp_path / "glass.png"
+    Image.fromarray(glass).save(path)
+    run = Run(tmp_path / "run")
+    with pytest.raises(HingeError, match="no tissue found") as info:
+        tile_sample(run, SampleSpec("g", path, mpp=2.0), load_config("tiny").tile)
+    assert str(run.thumbnail("g")) in str(info.value) and run.thumbnail("g").exists()
+
+
+def test_magnified_patches_are_warned_about(tmp_path: Path, synth, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config("tiny").tile
+    cfg.target_mpp, cfg.images = 0.2, False  # the slide has 0.5 µm/px: 2.5x magnification
+    with caplog.at_level(logging.WARNING, logger="hinge_cli"):
+        tile_sample(Run(tmp_path / "run"), SampleSpec("s0", synth.slide, synth.spots), cfg)
+    assert any("magnified 2.5x" in r.getMessage() for r in caplog.records)
+
+
+def test_features_are_found_under_tridents_and_hests_names(tmp_path: Path) -> None:
+    path = tmp_path / "f.h5"
+    features = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with write_embeddings(path, EmbeddingAttrs(encoder="default"), ["a", "b", "c"], np.zeros((3, 2), np.int64), (3, 4)) as out:
+        out.write(features)
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["features"][()], features)
+        np.testing.assert_array_equal(h5["embeddings"][()], features)  # readers of the old name
+        assert h5["features"].id == h5["embeddings"].id  # one dataset, two names: no extra disk
+    with h5py.File(path, "r+") as h5:  # a file from before the rename has only `embeddings`
+        del h5["features"]
+    np.testing.assert_array_equal(read_embeddings(path).features, features)
+
+
+def test_in_tissue_is_visiums_zero_or_one(tmp_path: Path) -> None:
+    spots = PredictionSpots(["a", "b", "c"], np.zeros((3, 2)), np.array([0.2, 0.5, 1.0], np.float32))
+    write_skeleton(tmp_path / "p.h5ad", "s", spots, ["G1"], np.zeros((4, 4, 3), np.uint8), 1.0, 10.0, {})
+    obs = ad.read_h5ad(tmp_path / "p.h5ad").obs
+    assert obs["in_tissue"].tolist() == [0, 1, 1]
+    np.testing.assert_allclose(obs["tissue_fraction"], [0.2, 0.5, 1.0])
