@@ -21,15 +21,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hinge_cli.distributed import Dist
+from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
 
 SCHEDULES = ("cosine", "constant")
 
-# (model or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
+# (network or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
 BatchLoss = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+# the network (unwrapped, in eval mode) -> its validation loss
+Validate = Callable[[nn.Module], float]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopSettings:
     stage: str
     epochs: int
@@ -41,6 +44,11 @@ class LoopSettings:
     seed: int = 0
     schedule: str = "cosine"  # cosine decay after a linear warm-up, or constant
     lr_warmup: float = 0.05  # fraction of all steps spent ramping the learning rate up
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise HingeError(f"unknown learning-rate schedule '{self.schedule}'",
+                             f"set train.schedule to one of {', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -83,44 +91,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimiser state into tensors (for safetensors) and JSON (param groups, scalars)."""
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    scalars = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `optimizer_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def fit(
-    model: nn.Module,
+    net: nn.Module,
     n_rows: int,
     batch_loss: BatchLoss,
-    validate: Callable[[nn.Module], float],
+    validate: Validate,
     s: LoopSettings,
     *,
-    dist: Dist = Dist(),
-    device: torch.device = torch.device("cpu"),
+    dist: Dist | None = None,
+    device: torch.device | None = None,
     state: LoopState | None = None,
     optimizer_state_dict: dict[str, Any] | None = None,
     on_epoch_end: Callable[[LoopState, nn.Module, torch.optim.Optimizer, bool], None] | None = None,
     progress: Progress = SILENT,
 ) -> LoopState:
-    """Train `model` for `s.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
-    state = state or LoopState()
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Train `net` for `s.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
+    dist, device, state = dist or Dist(), device or torch.device("cpu"), state or LoopState()
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     if optimizer_state_dict is not None:
         opt.load_state_dict(optimizer_state_dict)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else model
+    wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else net
     steps_per_epoch = max(1, math.ceil(n_rows / s.batch_size))
     total = steps_per_epoch * s.epochs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -131,7 +122,7 @@ def fit(
         generator = epoch_generator(s.seed, s.stage, epoch)
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
         order = torch.randperm(n_rows, generator=generator)
-        model.train()
+        net.train()
         total_loss, lr = 0.0, s.lr
         with progress.task(f"{s.stage} {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
             for b in range(steps_per_epoch):
@@ -142,7 +133,7 @@ def fit(
                 share = dist.rows(len(rows))
                 with autocast:
                     # weighted so that DDP's gradient average is the gradient of the global batch mean
-                    loss = batch_loss(net, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
+                    loss = batch_loss(wrapped, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if s.grad_clip > 0:
@@ -152,9 +143,9 @@ def fit(
                 value = float(dist.mean(loss.detach().float()))
                 total_loss += value
                 advance(1, f"loss {value:.4f}  lr {lr:.2e}")
-        model.eval()
+        net.eval()
         with torch.no_grad(), autocast:
-            val = float(validate(model))
+            val = float(validate(net))
         improved = state.best_val is None or val < state.best_val
         if improved:
             state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
@@ -167,6 +158,6 @@ def fit(
             "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         })
         if dist.main and on_epoch_end is not None:
-            on_epoch_end(state, model, opt, improved)
+            on_epoch_end(state, net, opt, improved)
         dist.barrier()
     return state
