@@ -75,14 +75,14 @@ def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{stage}:{seed}:{epoch}".encode()))
 
 
-def lr_at(step: int, total: int, s: LoopSettings) -> float:
-    warm = max(1, int(s.lr_warmup * total))
+def lr_at(step: int, total: int, settings: LoopSettings) -> float:
+    warm = max(1, int(settings.lr_warmup * total))
     if step < warm:
-        return s.lr * (step + 1) / warm
-    if s.schedule == "constant":
-        return s.lr
+        return settings.lr * (step + 1) / warm
+    if settings.schedule == "constant":
+        return settings.lr
     progress = min(1.0, (step - warm) / max(1, total - warm))
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -96,7 +96,7 @@ def fit(
     n_rows: int,
     batch_loss: BatchLoss,
     validate: Validate,
-    s: LoopSettings,
+    settings: LoopSettings,
     *,
     dist: Dist | None = None,
     device: torch.device | None = None,
@@ -105,29 +105,29 @@ def fit(
     on_epoch_end: Callable[[LoopState, nn.Module, torch.optim.Optimizer, bool], None] | None = None,
     progress: Progress = SILENT,
 ) -> LoopState:
-    """Train `net` for `s.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
+    """Train `net` for `settings.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
     dist, device, state = dist or Dist(), device or torch.device("cpu"), state or LoopState()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if optimizer_state_dict is not None:
         opt.load_state_dict(optimizer_state_dict)
     wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else net
-    steps_per_epoch = max(1, math.ceil(n_rows / s.batch_size))
-    total = steps_per_epoch * s.epochs
+    steps_per_epoch = max(1, math.ceil(n_rows / settings.batch_size))
+    total = steps_per_epoch * settings.epochs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for epoch in range(state.epoch, s.epochs):
+    for epoch in range(state.epoch, settings.epochs):
         if state.stopped_early:
             break
         started = time.time()
-        generator = epoch_generator(s.seed, s.stage, epoch)
+        generator = epoch_generator(settings.seed, settings.stage, epoch)
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
         order = torch.randperm(n_rows, generator=generator)
         net.train()
-        total_loss, lr = 0.0, s.lr
-        with progress.task(f"{s.stage} {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
-            for b in range(steps_per_epoch):
-                rows = order[b * s.batch_size : (b + 1) * s.batch_size]
-                lr = lr_at(state.step, total, s)
+        total_loss, lr = 0.0, settings.lr
+        with progress.task(f"{settings.stage} {epoch + 1}/{settings.epochs}", steps_per_epoch) as advance:
+            for batch in range(steps_per_epoch):
+                rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
+                lr = lr_at(state.step, total, settings)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 share = dist.rows(len(rows))
@@ -136,8 +136,8 @@ def fit(
                     loss = batch_loss(wrapped, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if s.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                if settings.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 opt.step()
                 state.step += 1
                 value = float(dist.mean(loss.detach().float()))
@@ -152,7 +152,7 @@ def fit(
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
-        state.stopped_early = s.patience is not None and state.bad_epochs >= s.patience
+        state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
         state.history.append({
             "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
             "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),

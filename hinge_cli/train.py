@@ -123,12 +123,12 @@ class SplitData:
 def hinge_losses(net: Hinge, data: SplitData, dist: Dist, seed: int, max_hidden_fraction: float | None,
                  device: torch.device) -> tuple[BatchLoss, Validate]:
     """Batch loss (a random stored view per spot; this rank's share of the global draws) and validation loss."""
-    d, train, val = net.diffusion, data.train, data.val
+    diffusion, train, val = net.diffusion, data.train, data.val
 
     def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         view = torch.randint(train.features.shape[1], (len(rows),), generator=generator)
         x0, image = train.targets[rows].to(device), train.features[rows, view].to(device)
-        return diffusion_loss(wrapped, x0, image, net.schedule, d.fill, d.noise_std, generator, max_hidden_fraction,
+        return diffusion_loss(wrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator, max_hidden_fraction,
                               rows=dist.rows(len(rows)))
 
     def validate(unwrapped: nn.Module) -> float:
@@ -137,7 +137,7 @@ def hinge_losses(net: Hinge, data: SplitData, dist: Dist, seed: int, max_hidden_
         for start in range(0, n, EVAL_BATCH):
             x0 = val.targets[start : start + EVAL_BATCH].to(device)
             image = val.features[start : start + EVAL_BATCH, 0].to(device)
-            loss = diffusion_loss(unwrapped, x0, image, net.schedule, d.fill, d.noise_std, generator)
+            loss = diffusion_loss(unwrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator)
             total += float(loss) * len(x0)
         return total / n
 
@@ -148,23 +148,23 @@ def pretrain_losses(corpus: Corpus, train_rows: np.ndarray, val_rows: np.ndarray
                     device: torch.device) -> tuple[BatchLoss, Validate]:
     """Masked-value loss on random gene subsets of corpus profiles (expressed genes favoured)."""
     length = min(cfg.pretrain.seq_len, len(corpus.vocab))
-    d = cfg.diffusion
+    diffusion = cfg.diffusion
 
     def draw(rows: np.ndarray, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         dense = torch.from_numpy(corpus.dense(rows))
-        cols = select_genes(dense, length, generator, d.pretrain_expressed_fraction)
+        cols = select_genes(dense, length, generator, diffusion.pretrain_expressed_fraction)
         return (cols + 1).to(device), dense.gather(1, cols).to(device)
 
     def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         ids, values = draw(train_rows[rows.numpy()], generator)
-        return pretrain_loss(wrapped, ids, values, d, generator, rows=dist.rows(len(rows)))
+        return pretrain_loss(wrapped, ids, values, diffusion, generator, rows=dist.rows(len(rows)))
 
     def validate(unwrapped: nn.Module) -> float:
         generator = torch.Generator().manual_seed(cfg.train.seed + PRETRAIN_VALIDATION_SEED_OFFSET)
         total = 0.0
         for start in range(0, len(val_rows), EVAL_BATCH):
             ids, values = draw(val_rows[start : start + EVAL_BATCH], generator)
-            total += float(pretrain_loss(unwrapped, ids, values, d, generator)) * len(ids)
+            total += float(pretrain_loss(unwrapped, ids, values, diffusion, generator)) * len(ids)
         return total / len(val_rows)
 
     return batch_loss, validate
@@ -265,8 +265,8 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     order = np.random.default_rng(cfg.train.seed).permutation(len(corpus))
     n_val = max(1, round(0.05 * len(corpus)))
     batch_loss, validate = pretrain_losses(corpus, order[n_val:], order[:n_val], cfg, dist, device)
-    p, tc = cfg.pretrain, cfg.train
-    settings = LoopSettings(stage="pretrain", epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+    pc, tc = cfg.pretrain, cfg.train
+    settings = LoopSettings(stage="pretrain", epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule=tc.schedule)
     state = fit(backbone, len(order) - n_val, batch_loss, validate, settings, dist=dist, device=device,
                 on_epoch_end=lambda state, *_: write_log(run, "pretrain", state), progress=progress)
