@@ -210,7 +210,15 @@ def _corpus_files(values: list[str]) -> list[Path]:
 
 
 def _resolved(path: Path | None) -> str | None:
+    """A path as hinge.yaml records it: absolute, so later commands find it from any directory."""
     return str(path.resolve()) if path is not None else None
+
+
+def _backbone_spec(value: str | None) -> str | None:
+    """random, or cellfm:CKPT / FILE with the file's path resolved."""
+    if value is None or value == "random":
+        return value
+    return "cellfm:" + _resolved(Path(value[len("cellfm:"):])) if value.startswith("cellfm:") else _resolved(Path(value))
 
 
 @command
@@ -243,7 +251,7 @@ def pretrain_warmup(
     from hinge_cli.train import pretrain_warmup as stage
 
     warmup = {
-        "backbone": backbone, "vocab": _resolved(vocab), "corpus": [_resolved(f) for f in _corpus_files(corpus)] if corpus else None,
+        "backbone": _backbone_spec(backbone), "vocab": _resolved(vocab), "corpus": [_resolved(f) for f in _corpus_files(corpus)] if corpus else None,
         "holdout": _ids(holdout) if holdout is not None else None, "genes": _resolved(genes), "n_genes": n_genes,
         "select": select, "normalize": normalize, "fill_missing": fill_missing, "val_fraction": val_fraction,
         "val_samples": _ids(val_samples) if val_samples is not None else None, "epochs": warmup_epochs,
