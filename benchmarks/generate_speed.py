@@ -29,11 +29,14 @@ import h5py
 import numpy as np
 import torch
 
-from hinge_cli.config import load_config
+from hinge_cli.config import GenerateConfig, load_config
 from hinge_cli.data.expression import Transform
+from hinge_cli.data.features import FeatureNorm
 from hinge_cli.encoders import get_spec
-from hinge_cli.generate import GenerateOptions, Target, generate, load_model
+from hinge_cli.formats.model_card import EmbedSettings, ModelCard, TileSettings
+from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
+from hinge_cli.model.trained import load_trained_model
 from hinge_cli.run import Run
 from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
@@ -49,11 +52,11 @@ def make_checkpoint(path: Path, preset: str, genes: int, pitch_um: float = 100.0
     dim = get_spec("default").dim
     torch.manual_seed(0)
     model = Hinge.build(cfg.model, genes + 1, torch.arange(1, genes + 1), dim, cfg.diffusion)
-    tile = {"target_mpp": 0.5, "patch_px": 224, "mpp_source": MPP, "spot_um": spot_um, "pitch_um": pitch_um, "grid": "hex"}
-    extra = {"encoder_key": "default", "feature_norm": {"mean": [0.0] * dim, "std": [1.0] * dim}, "tile": tile,
-             "embed": {"views": 1, "views_kept": False, "weights_sha256": "[null]"}, "config": cfg.to_dict(), "stage": "benchmark"}
-    save_checkpoint(path, model, genes=[f"G{i:04d}" for i in range(genes)], encoder=["default"],
-                    transform=Transform().to_dict(), extra=extra)
+    card = ModelCard("benchmark", genes=[f"G{i:04d}" for i in range(genes)], transform=Transform(), encoders=["default"],
+                     encoder_key="default", feature_norm=FeatureNorm(np.zeros(dim, np.float32), np.ones(dim, np.float32)),
+                     tiling=TileSettings(0.5, 224, MPP, spot_um, pitch_um, "hex"), embedding=EmbedSettings(weights_sha256=[None]),
+                     config=cfg)
+    save_checkpoint(path, model, card)
     return path
 
 
@@ -62,7 +65,7 @@ def speed(preset: str, device: str, genes: int, size_px: int, root: Path) -> Non
     slide = make_synthetic_sample(root / "slides", "speed", size_px=size_px, mpp=MPP, seed=1).slide
     run = Run(root / f"run-{preset}")
     started = time.perf_counter()
-    generate(run, [Target("speed", slide)], GenerateOptions(checkpoint=checkpoint, n_samples=1, steps=1, device=device),
+    generate(run, [Target("speed", slide)], GenerateConfig(n_samples=1, steps=1, device=device), checkpoint=checkpoint,
              out=root / "first.h5ad")
     first = time.perf_counter() - started
     inputs = run.stage("speed", "tile")["seconds"] + run.stage("speed", "embed:default")["seconds"]
@@ -71,9 +74,9 @@ def speed(preset: str, device: str, genes: int, size_px: int, root: Path) -> Non
           f"tile + embed {inputs:.1f}s ({n / inputs:.2f} spots/s), first call {first:.1f}s")
     print(f"{'steps':>5} {'samples':>7} {'generate s':>10} {'sampling spots/s':>16} {'end-to-end spots/s':>18}")
     for steps, samples in SPEED_GRID:
-        opts = GenerateOptions(checkpoint=checkpoint, n_samples=samples, steps=steps, device=device, overwrite=True)
         t0 = time.perf_counter()
-        generate(run, [Target("speed")], opts, out=root / "speed.h5ad")
+        generate(run, [Target("speed")], GenerateConfig(n_samples=samples, steps=steps, device=device), checkpoint=checkpoint,
+                 out=root / "speed.h5ad", overwrite=True)
         seconds = time.perf_counter() - t0
         print(f"{steps:5d} {samples:7d} {seconds:10.1f} {n / seconds:16.2f} {n / (inputs + seconds):18.2f}")
 
@@ -83,7 +86,7 @@ def memory_child(root: Path, pitch_um: float, genes: int, samples: int) -> None:
     checkpoint = make_checkpoint(root / f"mem-{pitch_um}.safetensors", "tiny", genes, pitch_um, pitch_um / 2)
     slide = root / "slides" / "memory.tif"
     run = Run(root / f"run-mem-{pitch_um}")
-    tile_sample(run, SampleSpec("mem", slide), load_model(checkpoint, "cpu").tile_config())
+    tile_sample(run, SampleSpec("mem", slide), load_trained_model(checkpoint, "cpu").tile_config())
     dim = get_spec("default").dim
     run.embeddings("default", "mem").parent.mkdir(parents=True)
     with h5py.File(run.tiles("mem"), "r") as tiles, h5py.File(run.embeddings("default", "mem"), "w") as out:
@@ -95,7 +98,7 @@ def memory_child(root: Path, pitch_um: float, genes: int, samples: int) -> None:
         out["barcodes"], out["coords"] = tiles["barcode"][()], tiles["coords"][()]
         out.attrs.update({"encoder": "default", "views": 1, "weights_sha256": "[null]"})
     t0 = time.perf_counter()
-    generate(run, [Target("mem")], GenerateOptions(checkpoint=checkpoint, n_samples=samples, steps=1, device="cpu"),
+    generate(run, [Target("mem")], GenerateConfig(n_samples=samples, steps=1, device="cpu"), checkpoint=checkpoint,
              out=root / f"mem-{pitch_um}.h5ad")
     print(json.dumps({"spots": n, "peak_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0}))
 

@@ -20,7 +20,7 @@ import torch
 from hinge_cli.embed import embed_samples
 from hinge_cli.run import Run
 from hinge_cli.tile import read_sample_sheet, tile_samples
-from hinge_cli.train import WarmupOptions, pretrain_warmup, train
+from hinge_cli.train import pretrain_warmup, train
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
     for stale in ("checkpoints", "logs"):
         shutil.rmtree(run.root / stale, ignore_errors=True)
     started = time.time()
-    pretrain_warmup(run, cfg, WarmupOptions(holdout=["C2"], n_genes=args.genes, warmup_epochs=1))
+    cfg.warmup.holdout, cfg.warmup.n_genes, cfg.warmup.epochs = ["C2"], args.genes, 1
+    pretrain_warmup(run, cfg)
     warm = time.time() - started
     started = time.time()
     train(run, cfg)

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hinge_cli import __version__
+from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig, field_default
 from hinge_cli.errors import HingeError
+from hinge_cli.terminal import RichProgress, err, say, setup_output, verbosity
 
 app = typer.Typer(
     name="hinge",
@@ -28,57 +25,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
-_state = {"verbose": False, "quiet": False}
-
-
-class RichProgress:
-    """Rich bars for the core's loops, all in one live display; silent under -q."""
-
-    def __init__(self) -> None:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-        self._bars = Progress(*columns, console=err)
-        self._open = 0
-
-    @contextlib.contextmanager
-    def task(self, label: str, total: int | None) -> Iterator[Callable[..., None]]:
-        if _state["quiet"]:
-            yield lambda n=1, status=None: None
-            return
-        if self._open == 0:
-            self._bars.start()
-        self._open += 1
-        task_id = self._bars.add_task(label, total=total, status="")
-
-        def advance(n: int = 1, status: str | None = None) -> None:
-            self._bars.update(task_id, advance=n, **({"status": status} if status is not None else {}))
-
-        try:
-            yield advance
-        finally:
-            self._open -= 1
-            if self._open == 0:
-                self._bars.stop()
-                for done in list(self._bars.task_ids):
-                    self._bars.remove_task(done)
-
-
-def say(line: str) -> None:
-    """A result line for the user (summaries); silent under -q and on torchrun's other ranks."""
-    if not _state["quiet"]:
-        err.print(line, highlight=False, soft_wrap=True)
-
-
-def _setup(verbose: bool, quiet: bool, fresh: bool = False) -> None:
-    """-v/-q may come before the subcommand (fresh: the app callback, first) or after it."""
-    _state["verbose"] = verbose or (not fresh and _state["verbose"])
-    _state["quiet"] = quiet or (not fresh and _state["quiet"]) or int(os.environ.get("RANK", "0")) > 0  # torchrun: rank 0 speaks
-    level = logging.DEBUG if _state["verbose"] else logging.WARNING if _state["quiet"] else logging.INFO
-    root = logging.getLogger("hinge_cli")
-    root.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
-    root.setLevel(level)
-    root.propagate = False
+def default(section: type, name: str, none: str = "none") -> str:
+    """'(default: X)' from the config dataclass, so help cannot drift from the code (Rich would swallow '[X]')."""
+    value = field_default(section, name)
+    return f"(default: {none if value is None else value})"
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and tracebacks for errors.")]
@@ -98,11 +48,11 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _setup(kwargs.pop("verbose", False), kwargs.pop("quiet", False))
+        setup_output(kwargs.pop("verbose", False), kwargs.pop("quiet", False))
         try:
             return fn(*args, **kwargs)
         except HingeError as exc:
-            if _state["verbose"]:
+            if verbosity["verbose"]:
                 err.print(traceback.format_exc(), markup=False)
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -125,7 +75,7 @@ def _main(
     quiet: Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
-    _setup(verbose, quiet, fresh=True)
+    setup_output(verbose, quiet, fresh=True)
 
 
 @command
@@ -137,15 +87,15 @@ def tile(
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
     samples: Annotated[Optional[Path], typer.Option(help="CSV with columns sample_id, slide[, spots, mpp].")] = None,
     config: ConfigOpt = None,
-    target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the patches [0.5].")] = None,
-    patch_px: Annotated[Optional[int], typer.Option(help="Patch side in pixels [224].")] = None,
-    grid: Annotated[Optional[str], typer.Option(help="Lattice without spots: hex|square [hex].")] = None,
-    spot_um: Annotated[Optional[float], typer.Option(help="Grid spot diameter in µm [55].")] = None,
-    pitch_um: Annotated[Optional[float], typer.Option(help="Grid centre-to-centre spacing in µm [100].")] = None,
-    min_tissue: Annotated[Optional[float], typer.Option(help="Grid spots keep this tissue fraction [0.5].")] = None,
-    tissue_threshold: Annotated[Optional[float], typer.Option(help="Saturation cut-off 0-1 for tissue [Otsu].")] = None,
+    target_mpp: Annotated[Optional[float], typer.Option(help=f"µm/px of the patches {default(TileConfig, 'target_mpp')}.")] = None,
+    patch_px: Annotated[Optional[int], typer.Option(help=f"Patch side in pixels {default(TileConfig, 'patch_px')}.")] = None,
+    grid: Annotated[Optional[str], typer.Option(help=f"Lattice without spots: hex|square {default(TileConfig, 'grid')}.")] = None,
+    spot_um: Annotated[Optional[float], typer.Option(help=f"Grid spot diameter in µm {default(TileConfig, 'spot_um')}.")] = None,
+    pitch_um: Annotated[Optional[float], typer.Option(help=f"Grid centre-to-centre spacing in µm {default(TileConfig, 'pitch_um')}.")] = None,
+    min_tissue: Annotated[Optional[float], typer.Option(help=f"Grid spots keep this tissue fraction {default(TileConfig, 'min_tissue')}.")] = None,
+    tissue_threshold: Annotated[Optional[float], typer.Option(help=f"Saturation cut-off 0-1 for tissue {default(TissueConfig, 'threshold', 'Otsu')}.")] = None,
     no_images: Annotated[bool, typer.Option("--no-images", help="Store coordinates only, no pixels.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Parallel patch readers [2].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=f"Parallel patch readers {default(TileConfig, 'workers')}.")] = None,
     shard: ShardOpt = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed slides and go on (exit 3).")] = False,
     overwrite: Overwrite = False,
@@ -154,7 +104,8 @@ def tile(
 ) -> None:
     """Detect tissue and cut patches at a fixed µm/px: one per spot, or on a grid over the tissue."""
     from hinge_cli.run import Run, Shard
-    from hinge_cli.tile import SampleSpec, read_sample_sheet, tile_samples
+    from hinge_cli.slide.tiling import SampleSpec
+    from hinge_cli.tile import read_sample_sheet, tile_samples
 
     if samples is not None:
         specs = read_sample_sheet(samples)
@@ -188,17 +139,17 @@ def tile(
 @command
 def embed(
     run: RunDir = None,
-    encoder: Annotated[Optional[str], typer.Option(help="NAME,NAME...: features concatenated in that order (default: default).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help=f"NAME,NAME...: features concatenated in that order {default(EmbedConfig, 'encoder')}.")] = None,
     weights: Annotated[
-        Optional[list[str]], typer.Option(help="FILE, or NAME=FILE per learned encoder [Hugging Face cache].")
+        Optional[list[str]], typer.Option(help="FILE, or NAME=FILE per learned encoder (default: the Hugging Face cache).")
     ] = None,
-    views: Annotated[Optional[int], typer.Option(help="1, or 8 dihedral views (test-time augmentation) [1].")] = None,
+    views: Annotated[Optional[int], typer.Option(help=f"1, or 8 dihedral views (test-time augmentation) {default(EmbedConfig, 'views')}.")] = None,
     average_views: Annotated[
         bool, typer.Option("--average-views", help="With --views 8: store the mean (N, D), not every view (N, 8, D).")
     ] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Patches per forward pass [64].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [auto].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Background patch readers [2].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Patches per forward pass {default(EmbedConfig, 'batch_size')}.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"auto|cpu|cuda {default(EmbedConfig, 'device')}.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=f"Background patch readers {default(EmbedConfig, 'workers')}.")] = None,
     config: ConfigOpt = None,
     list_encoders: Annotated[bool, typer.Option("--list", help="List encoders, dimensions and whether weights were found.")] = False,
     shard: ShardOpt = None,
@@ -208,7 +159,8 @@ def embed(
     quiet: Quiet = False,
 ) -> None:
     """Turn every tiled sample into one feature vector per spot (pathology encoders)."""
-    from hinge_cli.embed import embed_samples, parse_weights
+    from hinge_cli.embed import embed_samples
+    from hinge_cli.encoders.embedding import parse_weights
     from hinge_cli.encoders import REGISTRY, locate_weights
     from hinge_cli.run import Run, Shard
 
@@ -259,46 +211,58 @@ def _corpus_files(values: list[str]) -> list[Path]:
     return files
 
 
+def _resolved(path: Path | None) -> str | None:
+    """A path as hinge.yaml records it: absolute, so later commands find it from any directory."""
+    return str(path.resolve()) if path is not None else None
+
+
+def _backbone_spec(value: str | None) -> str | None:
+    """random, or cellfm:CKPT / FILE with the file's path resolved."""
+    if value is None or value == "random":
+        return value
+    return "cellfm:" + _resolved(Path(value[len("cellfm:"):])) if value.startswith("cellfm:") else _resolved(Path(value))
+
+
 @command
 def pretrain_warmup(
     run: RunDir = None,
     config: ConfigOpt = None,
-    backbone: Annotated[str, typer.Option(help="random | cellfm:CKPT | FILE.safetensors (an earlier pre-training).")] = "random",
+    backbone: Annotated[Optional[str], typer.Option(help=f"random | cellfm:CKPT | FILE.safetensors (an earlier pre-training) {default(WarmupConfig, 'backbone')}.")] = None,
     vocab: Annotated[Optional[Path], typer.Option(help="CellFM gene list (CSV, symbol first) for cellfm:CKPT.")] = None,
     corpus: Annotated[Optional[list[str]], typer.Option(help="Expression-only .h5ad to pre-train the backbone on; repeat, quote a glob, or give a .txt list.")] = None,
     holdout: Annotated[Optional[str], typer.Option(help="Sample ids kept out of training, comma-separated.")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line.")] = None,
-    n_genes: Annotated[int, typer.Option(help="Panel size when choosing genes.")] = 200,
-    select: Annotated[str, typer.Option(help="Panel selection: hvg | hmhvg.")] = "hvg",
-    normalize: Annotated[str, typer.Option(help="none: log2(counts+1); total: library-size normalise first.")] = "none",
-    fill_missing: Annotated[str, typer.Option(help="none: a panel gene missing in a sample is an error; zero: treat as 0.")] = "none",
-    val_fraction: Annotated[float, typer.Option(help="Fraction of spots for validation.")] = 0.1,
+    n_genes: Annotated[Optional[int], typer.Option(help=f"Panel size when choosing genes {default(WarmupConfig, 'n_genes')}.")] = None,
+    select: Annotated[Optional[str], typer.Option(help=f"Panel selection: hvg | hmhvg {default(WarmupConfig, 'select')}.")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help=f"none: log2(counts+1); total: library-size normalise first {default(WarmupConfig, 'normalize')}.")] = None,
+    fill_missing: Annotated[Optional[str], typer.Option(help=f"none: a panel gene missing in a sample is an error; zero: treat as 0 {default(WarmupConfig, 'fill_missing')}.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help=f"Fraction of spots for validation {default(WarmupConfig, 'val_fraction')}.")] = None,
     val_samples: Annotated[Optional[str], typer.Option(help="Whole samples for validation instead, comma-separated.")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(help="Warm-start curriculum epochs [config].")] = None,
-    warmup_mask_ratio: Annotated[Optional[float], typer.Option(help="Curriculum cap on the hidden fraction [0.2].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of every random draw [config].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Spots per step [config].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate [config].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help=f"Warm-start curriculum epochs {default(WarmupConfig, 'epochs')}.")] = None,
+    warmup_mask_ratio: Annotated[Optional[float], typer.Option(help=f"Curriculum cap on the hidden fraction {default(WarmupConfig, 'mask_ratio')}.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed of every random draw {default(TrainConfig, 'seed')}.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per step {default(TrainConfig, 'batch_size')}.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate {default(TrainConfig, 'lr')}.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda {default(TrainConfig, 'device')}.")] = None,
     overwrite: Overwrite = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
     """Choose the gene panel, get a backbone (CellFM, pre-training on a corpus, or random) and run the warm-start curriculum."""
     from hinge_cli.run import Run
-    from hinge_cli.train import WarmupOptions, pretrain_warmup as stage
+    from hinge_cli.train import pretrain_warmup as stage
 
-    if fill_missing not in ("none", "zero"):
-        raise HingeError(f"--fill-missing {fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
+    warmup = {
+        "backbone": _backbone_spec(backbone), "vocab": _resolved(vocab), "corpus": [_resolved(f) for f in _corpus_files(corpus)] if corpus else None,
+        "holdout": _ids(holdout) if holdout is not None else None, "genes": _resolved(genes), "n_genes": n_genes,
+        "select": select, "normalize": normalize, "fill_missing": fill_missing, "val_fraction": val_fraction,
+        "val_samples": _ids(val_samples) if val_samples is not None else None, "epochs": warmup_epochs,
+        "mask_ratio": warmup_mask_ratio,
+    }
     the_run = Run(run)
-    overrides = {"train": {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}}
+    overrides = {"warmup": warmup, "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}}
     cfg = the_run.config(config, overrides, record=False)
-    opts = WarmupOptions(
-        backbone=backbone, vocab=vocab, corpus=_corpus_files(corpus or []), holdout=_ids(holdout), genes=genes,
-        n_genes=n_genes, select=select, normalize=normalize, fill_missing=fill_missing == "zero", val_fraction=val_fraction,
-        val_samples=_ids(val_samples), warmup_epochs=warmup_epochs, warmup_mask_ratio=warmup_mask_ratio, seed=seed,
-    )
-    summary = stage(the_run, cfg, opts, overwrite=overwrite, progress=RichProgress())
+    summary = stage(the_run, cfg, overwrite=overwrite, progress=RichProgress())
     the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
@@ -308,11 +272,11 @@ def pretrain_warmup(
 def train(
     run: RunDir = None,
     config: ConfigOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs [config].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Spots per step (the global batch under torchrun) [config].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [config].")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping: epochs without a better validation loss [config].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Epochs {default(TrainConfig, 'epochs')}.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per step (the global batch under torchrun) {default(TrainConfig, 'batch_size')}.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate {default(TrainConfig, 'lr')}.")] = None,
+    patience: Annotated[Optional[int], typer.Option(help=f"Early stopping: epochs without a better validation loss {default(TrainConfig, 'patience')}.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda {default(TrainConfig, 'device')}.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again from the warm-up instead of resuming.")] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -366,13 +330,13 @@ def generate(
     spots: Annotated[Optional[Path], typer.Option(help="Spot .h5ad for the slide: predict at its spots, not on a grid.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model to use; default: the run's checkpoints/best.safetensors.")] = None,
-    samples: Annotated[int, typer.Option(help="Samples per spot; X is their mean, layers['std'] their spread.")] = 8,
-    steps: Annotated[Optional[int], typer.Option(help="Reverse-process steps; default: the trained T.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same predictions.")] = 0,
+    samples: Annotated[Optional[int], typer.Option(help=f"Samples per spot; X is their mean, layers['std'] their spread {default(GenerateConfig, 'n_samples')}.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Reverse-process steps {default(GenerateConfig, 'steps', 'the trained T')}.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed: the same seed gives the same predictions {default(GenerateConfig, 'seed')}.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="GENE,...: a PNG per gene beside the output (H&E, mean, std).")] = None,
     keep_samples: Annotated[bool, typer.Option("--keep-samples", help="Also store every sample in obsm['samples'] (N, S, G).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Spots per batch of the reverse process.")] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (bf16 autocast on CUDA).")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per batch of the reverse process {default(GenerateConfig, 'batch_size')}.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda (bf16 autocast on CUDA) {default(GenerateConfig, 'device')}.")] = None,
     weights: Annotated[
         Optional[list[str]], typer.Option(help="FILE, or NAME=FILE, for the checkpoint's learned encoder; default: the Hugging Face cache.")
     ] = None,
@@ -382,7 +346,8 @@ def generate(
     quiet: Quiet = False,
 ) -> None:
     """Predict spot expression for new slides (or tiled samples) and write AnnData files scanpy can plot."""
-    from hinge_cli.generate import GenerateOptions, Target, generate as stage
+    from hinge_cli.generate import Target
+    from hinge_cli.generate import generate as stage
     from hinge_cli.run import Run, Shard
 
     ids = [i for value in sample_id or [] for i in _ids(value)]
@@ -398,11 +363,13 @@ def generate(
         targets = [Target(i) for i in ids]
     else:
         raise HingeError("nothing to predict", "pass --slide SLIDE, or --sample-id ID of a sample already in the run")
-    opts = GenerateOptions(
-        checkpoint=checkpoint, n_samples=samples, steps=steps, seed=seed, batch_size=batch_size, device=device,
-        keep_samples=keep_samples, plot=_ids(plot), weights=weights or [], overwrite=overwrite,
-    )
-    summary = stage(Run(run), targets, opts, out=out, shard=Shard.parse(shard), progress=RichProgress())
+    the_run = Run(run)
+    overrides = {"generate": {"n_samples": samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
+                              "keep_samples": True if keep_samples else None}}
+    cfg = the_run.config(None, overrides, record=False)
+    summary = stage(the_run, targets, cfg.generate, checkpoint=checkpoint, weights=weights or [], genes_to_plot=_ids(plot),
+                    out=out, shard=Shard.parse(shard), overwrite=overwrite, progress=RichProgress())
+    the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
 

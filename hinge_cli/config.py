@@ -106,6 +106,10 @@ class WarmupConfig:
     epochs: int = 5  # warm-start curriculum epochs
     mask_ratio: float = 0.2  # the curriculum's cap on the hidden fraction of the panel
 
+    def __post_init__(self) -> None:
+        if self.fill_missing not in ("none", "zero"):
+            raise HingeError(f"--fill-missing {self.fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
+
 
 @dataclass
 class GenerateConfig:
@@ -253,6 +257,17 @@ def load_config(
         data = merge(data, recorded)
     data = merge(data, overrides or {})
     return _build(HingeConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> HingeConfig:
+    """A config recorded as a mapping (a model card's), checked like a YAML file; older keys migrate."""
+    return _build(HingeConfig, _migrate(data), "")
+
+
+def field_default(section: type, name: str) -> Any:
+    """A config field's default as its dataclass declares it: help texts show it, so they cannot drift."""
+    (found,) = [f for f in dataclasses.fields(section) if f.name == name]
+    return found.default_factory() if found.default is dataclasses.MISSING else found.default
 
 
 def dump_config(cfg: HingeConfig) -> str:

@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     hinge("generate", "--run", str(run), "--sample-id", HELD_OUT, "--out", str(prediction), "--plot", ",".join(panel[:2]))
     hinge("eval", "--pred", str(prediction), "--truth", str(data / f"{HELD_OUT}.h5ad"), "--run", str(run))
 
-    shutil.copytree(run, baseline, ignore=shutil.ignore_patterns("checkpoints", "logs", "plots", "predictions", "eval"))
-    hinge("pretrain-warmup", "--run", str(baseline), "--holdout", HELD_OUT, "--n-genes", "60", "--warmup-epochs", "0", "-q")
+    # hinge.yaml stays behind: it recorded the trained run's --corpus, and the baseline's backbone is random
+    shutil.copytree(run, baseline, ignore=shutil.ignore_patterns("hinge.yaml", "checkpoints", "logs", "plots", "predictions", "eval"))
+    hinge("pretrain-warmup", "--run", str(baseline), "--config", "tiny", "--holdout", HELD_OUT, "--n-genes", "60",
+          "--warmup-epochs", "0", "-q")
     untrained = baseline / "predictions" / f"{HELD_OUT}.h5ad"
     hinge("generate", "--run", str(baseline), "--sample-id", HELD_OUT, "--out", str(untrained),
           "--checkpoint", str(baseline / "checkpoints" / "warmup.safetensors"), "-q")

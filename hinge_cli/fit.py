@@ -21,15 +21,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hinge_cli.distributed import Dist
+from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
 
 SCHEDULES = ("cosine", "constant")
 
-# (model or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
+# (network or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
 BatchLoss = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+# the network (unwrapped, in eval mode) -> its validation loss
+Validate = Callable[[nn.Module], float]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopSettings:
     stage: str
     epochs: int
@@ -41,6 +44,11 @@ class LoopSettings:
     seed: int = 0
     schedule: str = "cosine"  # cosine decay after a linear warm-up, or constant
     lr_warmup: float = 0.05  # fraction of all steps spent ramping the learning rate up
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise HingeError(f"unknown learning-rate schedule '{self.schedule}'",
+                             f"set train.schedule to one of {', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -67,14 +75,14 @@ def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{stage}:{seed}:{epoch}".encode()))
 
 
-def lr_at(step: int, total: int, s: LoopSettings) -> float:
-    warm = max(1, int(s.lr_warmup * total))
+def lr_at(step: int, total: int, settings: LoopSettings) -> float:
+    warm = max(1, int(settings.lr_warmup * total))
     if step < warm:
-        return s.lr * (step + 1) / warm
-    if s.schedule == "constant":
-        return s.lr
+        return settings.lr * (step + 1) / warm
+    if settings.schedule == "constant":
+        return settings.lr
     progress = min(1.0, (step - warm) / max(1, total - warm))
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -83,90 +91,73 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimiser state into tensors (for safetensors) and JSON (param groups, scalars)."""
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    scalars = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `optimizer_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def fit(
-    model: nn.Module,
+    net: nn.Module,
     n_rows: int,
     batch_loss: BatchLoss,
-    validate: Callable[[nn.Module], float],
-    s: LoopSettings,
+    validate: Validate,
+    settings: LoopSettings,
     *,
-    dist: Dist = Dist(),
-    device: torch.device = torch.device("cpu"),
+    dist: Dist | None = None,
+    device: torch.device | None = None,
     state: LoopState | None = None,
     optimizer_state_dict: dict[str, Any] | None = None,
     on_epoch_end: Callable[[LoopState, nn.Module, torch.optim.Optimizer, bool], None] | None = None,
     progress: Progress = SILENT,
 ) -> LoopState:
-    """Train `model` for `s.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
-    state = state or LoopState()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    """Train `net` for `settings.epochs` epochs (from `state.epoch` when resuming); returns the final state."""
+    dist, device, state = dist or Dist(), device or torch.device("cpu"), state or LoopState()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if optimizer_state_dict is not None:
         opt.load_state_dict(optimizer_state_dict)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else model
-    steps_per_epoch = max(1, math.ceil(n_rows / s.batch_size))
-    total = steps_per_epoch * s.epochs
+    wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else net
+    steps_per_epoch = max(1, math.ceil(n_rows / settings.batch_size))
+    total = steps_per_epoch * settings.epochs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for epoch in range(state.epoch, s.epochs):
+    for epoch in range(state.epoch, settings.epochs):
         if state.stopped_early:
             break
         started = time.time()
-        generator = epoch_generator(s.seed, s.stage, epoch)
+        generator = epoch_generator(settings.seed, settings.stage, epoch)
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
         order = torch.randperm(n_rows, generator=generator)
-        model.train()
-        total_loss, lr = 0.0, s.lr
-        with progress.task(f"{s.stage} {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
-            for b in range(steps_per_epoch):
-                rows = order[b * s.batch_size : (b + 1) * s.batch_size]
-                lr = lr_at(state.step, total, s)
+        net.train()
+        total_loss, lr = 0.0, settings.lr
+        with progress.task(f"{settings.stage} {epoch + 1}/{settings.epochs}", steps_per_epoch) as advance:
+            for batch in range(steps_per_epoch):
+                rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
+                lr = lr_at(state.step, total, settings)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 share = dist.rows(len(rows))
                 with autocast:
                     # weighted so that DDP's gradient average is the gradient of the global batch mean
-                    loss = batch_loss(net, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
+                    loss = batch_loss(wrapped, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if s.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                if settings.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 opt.step()
                 state.step += 1
                 value = float(dist.mean(loss.detach().float()))
                 total_loss += value
                 advance(1, f"loss {value:.4f}  lr {lr:.2e}")
-        model.eval()
+        net.eval()
         with torch.no_grad(), autocast:
-            val = float(validate(model))
+            val = float(validate(net))
         improved = state.best_val is None or val < state.best_val
         if improved:
             state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
-        state.stopped_early = s.patience is not None and state.bad_epochs >= s.patience
+        state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
         state.history.append({
             "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
             "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         })
         if dist.main and on_epoch_end is not None:
-            on_epoch_end(state, model, opt, improved)
+            on_epoch_end(state, net, opt, improved)
         dist.barrier()
     return state

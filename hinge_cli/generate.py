@@ -10,11 +10,9 @@ file is written under a lock to a temporary name and renamed into place.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,20 +20,18 @@ import numpy as np
 import torch
 
 from hinge_cli import __version__
-from hinge_cli.config import EmbedConfig, TileConfig, TissueConfig
-from hinge_cli.data.features import FeatureNorm, prediction_view
-from hinge_cli.devices import resolve_device
-from hinge_cli.encoders import (Encoder, EncoderSpec, build_encoder, encoder_key, locate_weights, missing_weights_error,
-                                parse_encoders)
+from hinge_cli.config import GenerateConfig, TileConfig
+from hinge_cli.data.features import prediction_view
+from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
+from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
-from hinge_cli.model import Hinge, load_checkpoint
+from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.plots import MapPanel, tissue_maps
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
@@ -45,22 +41,6 @@ log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.25  # relative µm/px difference from the training slides that earns a warning
 
 
-@dataclass
-class GenerateOptions:
-    """What `hinge generate` does beyond choosing samples; defaults match the command line."""
-
-    checkpoint: Path | None = None  # None: the run's best checkpoint
-    n_samples: int = 8
-    steps: int | None = None  # None: every step of the trained schedule
-    seed: int = 0
-    batch_size: int = 64  # spots per reverse-process batch (each runs n_samples rows)
-    device: str = "auto"
-    keep_samples: bool = False
-    plot: Sequence[str] = ()
-    weights: Sequence[str] = ()
-    overwrite: bool = False
-
-
 class Target(NamedTuple):
     """One sample to predict: a new slide (tiled on demand) or, with slide None, a sample already in the run."""
 
@@ -68,88 +48,6 @@ class Target(NamedTuple):
     slide: Path | None = None
     spots: Path | None = None
     mpp: float | None = None
-
-
-@dataclass
-class Model:
-    """A trained checkpoint, checked to be self-consistent, with what generation needs from its sidecar."""
-
-    path: Path
-    net: Hinge
-    meta: dict[str, Any]
-    device: torch.device
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return self.meta["extra"]
-
-    @property
-    def genes(self) -> list[str]:
-        return list(self.meta["genes"])
-
-    @property
-    def specs(self) -> list[EncoderSpec]:
-        return parse_encoders(",".join(self.meta["encoder"]))
-
-    @property
-    def key(self) -> str:
-        return str(self.extra["encoder_key"])
-
-    @property
-    def norm(self) -> FeatureNorm:
-        return FeatureNorm.from_dict(self.extra["feature_norm"])
-
-    def tile_config(self) -> TileConfig:
-        """The tiling the training samples were cut with: their recorded settings over the run config of that time."""
-        base = dict(self.extra.get("config", {}).get("tile", {}))
-        tissue = TissueConfig(**base.pop("tissue", {}))
-        made = self.extra["tile"]
-        settings = {k: made[k] for k in ("target_mpp", "patch_px", "spot_um", "pitch_um", "grid")}
-        needs_patches = any(f.mpp is None for spec in self.specs for f in spec.fields)
-        return TileConfig(**{**base, **settings, "images": needs_patches, "tissue": tissue})
-
-    def embed_config(self, device: str) -> EmbedConfig:
-        """Training's encoder settings; kept views were augmentations, so prediction needs only the original."""
-        base = dict(self.extra.get("config", {}).get("embed", {}))
-        made = self.extra.get("embed", {})
-        averaged = int(made.get("views", 1)) > 1 and not bool(made.get("views_kept", False))
-        return EmbedConfig(**{**base, "encoder": ",".join(self.meta["encoder"]), "views": 8 if averaged else 1,
-                              "average_views": averaged, "device": device})
-
-    def trained_weights(self) -> list[str | None]:
-        recorded = self.extra.get("embed", {}).get("weights_sha256", "[]")
-        return json.loads(recorded) if isinstance(recorded, str) else list(recorded)
-
-
-def load_model(path: Path, device: str = "auto") -> Model:
-    """Load a HINGE checkpoint and check that its sidecar describes its weights (panel, encoder, features)."""
-    dev = resolve_device(device)
-    loaded = load_checkpoint(path, device=dev)
-    meta = loaded.meta
-    if meta.get("kind") != "hinge" or not isinstance(loaded.model, Hinge):
-        raise HingeError(f"{path} is a bare backbone, not a trained HINGE model",
-                         "use checkpoints/best.safetensors after `hinge train`")
-    net: Hinge = loaded.model
-    extra = meta.get("extra", {})
-    missing = [k for k in ("encoder_key", "feature_norm", "tile") if k not in extra]
-    missing += [] if meta.get("encoder") else ["encoder"]
-    if missing:
-        raise HingeError(f"{path} does not record {', '.join(missing)}",
-                         "use a checkpoint written by `hinge pretrain-warmup` or `hinge train`")
-    genes = meta.get("genes") or []
-    if len(genes) != net.n_genes or len(set(genes)) != len(genes):
-        raise HingeError(f"{path}: the sidecar lists {len(genes)} panel genes but the weights predict {net.n_genes}",
-                         "keep each checkpoint's .json beside its own .safetensors")
-    model = Model(Path(path), net, meta, dev)
-    specs = model.specs
-    if model.key != encoder_key(specs):
-        raise HingeError(f"{path}: encoder key {model.key} does not match its encoders {meta['encoder']}",
-                         "re-create the checkpoint")
-    dim = sum(s.dim for s in specs)
-    if dim != net.image_dim or len(model.norm.mean) != net.image_dim:
-        raise HingeError(f"{path}: encoder {model.key} gives {dim}-dim features, the model takes {net.image_dim}",
-                         "train the model on features of the encoder its sidecar names")
-    return model
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -194,7 +92,7 @@ def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, pro
 class Encoders:
     """The checkpoint's encoders, built on first use (cached embeddings need none) and checked against training's weights."""
 
-    def __init__(self, model: Model, weights: Sequence[str], device: str):
+    def __init__(self, model: TrainedModel, weights: Sequence[str], device: str):
         self.model = model
         self.specs = model.specs
         self.paths = parse_weights(weights, self.specs) if weights else {}
@@ -219,7 +117,7 @@ class Encoders:
         return self._built
 
 
-def ensure_embeddings(run: Run, sample: str, model: Model, encoders: Encoders, retiled: bool, overwrite: bool,
+def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Encoders, retiled: bool, overwrite: bool,
                       progress: Progress = SILENT) -> Path:
     """The sample's features under the checkpoint's encoder key, computed unless cached and matching the tiles."""
     path = run.embeddings(model.key, sample)
@@ -240,13 +138,13 @@ def ensure_embeddings(run: Run, sample: str, model: Model, encoders: Encoders, r
 # ----------------------------------------------------------------------------- output
 
 
-def _provenance(model: Model, opts: GenerateOptions, steps: int, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
-    a = spots.attrs
+def _provenance(model: TrainedModel, cfg: GenerateConfig, steps: int, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
+    a, card = spots.attrs, model.card
     return {
-        "version": __version__, "checkpoint": str(model.path.resolve()), "checkpoint_sha256": model.meta["sha256"],
-        "encoders": list(model.meta["encoder"]), "encoder_key": model.key, "encoder_weights_sha256": encoders_sha,
-        "n_genes": model.net.n_genes, "transform": model.meta["transform"], "steps": steps, "samples": opts.n_samples,
-        "seed": opts.seed, "fill": model.net.diffusion.fill, "slide": str(a.slide), "mpp": a.mpp_source,
+        "version": __version__, "checkpoint": str(model.path.resolve()), "checkpoint_sha256": card.sha256,
+        "encoders": list(card.encoders), "encoder_key": model.key, "encoder_weights_sha256": encoders_sha,
+        "n_genes": model.net.n_genes, "transform": card.transform.to_dict(), "steps": steps, "samples": cfg.n_samples,
+        "seed": cfg.seed, "fill": model.net.diffusion.fill, "slide": str(a.slide), "mpp": a.mpp_source,
         "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
     }
 
@@ -255,20 +153,21 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def predict_sample(run: Run, sample: str, model: Model, out: Path, opts: GenerateOptions, progress: Progress = SILENT) -> dict:
+def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
+                   genes_to_plot: Sequence[str] = (), progress: Progress = SILENT) -> dict:
     """Run the reverse process over one embedded sample and write `out`; returns the manifest record."""
     started = time.time()
     spots = read_tiles(run.tiles(sample))
     emb_path = run.embeddings(model.key, sample)
     genes = model.genes
-    plot_cols = [genes.index(g) for g in opts.plot]
-    n, g, s = len(spots.barcodes), len(genes), opts.n_samples
-    steps = opts.steps or model.net.diffusion.steps
+    plot_cols = [genes.index(g) for g in genes_to_plot]
+    n, g, s = len(spots.barcodes), len(genes), cfg.n_samples
+    steps = cfg.steps or model.net.diffusion.steps
     mpp = spots.attrs.mpp_source
     image, scalef = hires_image(spots.attrs.slide, mpp)
     with open_embeddings(emb_path) as src:
         weights_sha = [w or "none" for w in src.attrs.weights_sha256]
-    provenance = _provenance(model, opts, steps, spots, weights_sha)
+    provenance = _provenance(model, cfg, steps, spots, weights_sha)
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
     sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac)
@@ -279,23 +178,23 @@ def predict_sample(run: Run, sample: str, model: Model, out: Path, opts: Generat
         run.record_stage(sample, "generate", "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
-                               keep_draws=s if opts.keep_samples else None) as writer,
+                               keep_draws=s if cfg.keep_samples else None) as writer,
               open_embeddings(emb_path) as features,
               progress.task(f"{sample}: sampling", n) as advance):
-            for start in range(0, n, opts.batch_size):
-                stop = min(n, start + opts.batch_size)
+            for start in range(0, n, cfg.batch_size):
+                stop = min(n, start + cfg.batch_size)
                 x = torch.from_numpy(norm(prediction_view(features.rows(start, stop)))).to(model.device)
                 with _autocast(model.device):
-                    out_b = model.net.generate(x, n_samples=s, steps=steps, seed=opts.seed,
-                                               spot_index=torch.arange(start, stop), keep_samples=opts.keep_samples)
+                    out_b = model.net.generate(x, n_samples=s, steps=steps, seed=cfg.seed,
+                                               spot_index=torch.arange(start, stop), keep_samples=cfg.keep_samples)
                 mean, std = out_b.mean.float().cpu().numpy(), out_b.std.float().cpu().numpy()
-                draws = out_b.samples.float().cpu().numpy() if opts.keep_samples else None
+                draws = out_b.samples.float().cpu().numpy() if cfg.keep_samples else None
                 writer.write(start, stop, mean, std, draws)
                 maps[:, start:stop] = mean[:, plot_cols], std[:, plot_cols]
                 advance(stop - start)
-        plots = [str(p) for p in _plots(out, sample, opts.plot, maps, image, coords * scalef, spot_diameter * scalef)]
+        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, image, coords * scalef, spot_diameter * scalef)]
         record = {"output": str(out.resolve()), "n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
-                  "checkpoint_sha256": model.meta["sha256"], "plots": plots}
+                  "checkpoint_sha256": model.card.sha256, "plots": plots}
         run.record_stage(sample, "generate", "ok", **record)
     log.info("%s: %d spots x %d genes -> %s in %.1fs", sample, n, g, out, record["seconds"])
     return record
@@ -336,22 +235,27 @@ def output_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str
     return {s: out / f"{s}.h5ad" for s in samples}
 
 
-def _check_mpp(run: Run, sample: str, model: Model) -> None:
+def _check_mpp(run: Run, sample: str, model: TrainedModel) -> None:
     mpp = read_tile_attrs(run.tiles(sample)).mpp_source
-    trained = float(model.extra["tile"]["mpp_source"])
+    trained = model.tiling.mpp_source
     if abs(mpp / trained - 1) > MPP_TOLERANCE:
         log.warning("%s: the slide has %.3g µm/px, the training slides %.3g µm/px; patches are resampled to %.3g µm/px "
                     "but a different scanner or magnification may still shift the predictions",
-                    sample, mpp, trained, model.extra["tile"]["target_mpp"])
+                    sample, mpp, trained, model.tiling.target_mpp)
 
 
-def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Path | None = None, shard: Shard = Shard(),
-             progress: Progress = SILENT) -> SampleReport:
-    """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample."""
-    if opts.n_samples < 1:
-        raise HingeError(f"--samples {opts.n_samples} must be at least 1", "give e.g. --samples 8")
-    if opts.batch_size < 1:
-        raise HingeError(f"--batch-size {opts.batch_size} must be at least 1", "give e.g. --batch-size 64")
+def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
+             weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
+             overwrite: bool = False, progress: Progress = SILENT) -> SampleReport:
+    """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample.
+
+    checkpoint: the model (default: the run's best); weights: the encoder's, when not in the Hugging Face cache;
+    genes_to_plot: a PNG each beside the output; out: a .h5ad for one sample, or a folder (default: the run's).
+    """
+    if cfg.n_samples < 1:
+        raise HingeError(f"--samples {cfg.n_samples} must be at least 1", "give e.g. --samples 8")
+    if cfg.batch_size < 1:
+        raise HingeError(f"--batch-size {cfg.batch_size} must be at least 1", "give e.g. --batch-size 64")
     ids = [t.sample_id for t in targets]
     if not ids or len(set(ids)) != len(ids):
         raise HingeError("no samples, or a sample id given twice", "give each slide or --sample-id once")
@@ -361,7 +265,7 @@ def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Pa
     summary = SampleReport("generate")
     todo = []
     for sample in mine:
-        if paths[sample].exists() and not opts.overwrite:
+        if paths[sample].exists() and not overwrite:
             if len(ids) == 1:
                 raise HingeError(f"{paths[sample]} exists", "pass --overwrite to replace it, or choose another --out")
             summary.skipped.append(sample)
@@ -370,26 +274,26 @@ def generate(run: Run, targets: Sequence[Target], opts: GenerateOptions, out: Pa
             todo.append(sample)
     if not todo:
         return summary
-    checkpoint = Path(opts.checkpoint) if opts.checkpoint is not None else run.checkpoint("best")
+    checkpoint = Path(checkpoint) if checkpoint is not None else run.checkpoint("best")
     if not checkpoint.exists():
         raise HingeError(f"no trained model at {checkpoint}", "run `hinge train` first, or pass --checkpoint PATH")
-    model = load_model(checkpoint, opts.device)
-    unknown = [gene for gene in opts.plot if gene not in model.genes]
+    model = load_trained_model(checkpoint, cfg.device)
+    unknown = [gene for gene in genes_to_plot if gene not in model.genes]
     if unknown:
         raise HingeError(f"--plot genes not in the model's panel: {', '.join(unknown)}",
                          f"choose among the {len(model.genes)} panel genes, e.g. {', '.join(model.genes[:5])}")
-    model.net.schedule.grid(opts.steps)  # an impossible --steps fails now, not after tiling
-    encoders = Encoders(model, opts.weights, opts.device)
+    model.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
+    encoders = Encoders(model, weights, cfg.device)
     if any(not run.embeddings(model.key, s).exists() for s in todo):
         encoders.check_available()  # before any tiling: a missing download is the likeliest failure
     tile_cfg = model.tile_config()
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
             with summary.attempt(run, sample, "generate", keep_going=False):
-                retiled = ensure_tiles(run, by_id[sample], tile_cfg, opts.overwrite, progress)
+                retiled = ensure_tiles(run, by_id[sample], tile_cfg, overwrite, progress)
                 _check_mpp(run, sample, model)
-                ensure_embeddings(run, sample, model, encoders, retiled, opts.overwrite, progress)
-                predict_sample(run, sample, model, paths[sample], opts, progress)
+                ensure_embeddings(run, sample, model, encoders, retiled, overwrite, progress)
+                predict_sample(run, sample, model, paths[sample], cfg, genes_to_plot, progress)
             summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

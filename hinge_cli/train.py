@@ -13,16 +13,15 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from hinge_cli.config import HingeConfig
+from hinge_cli.config import HingeConfig, WarmupConfig
 from hinge_cli.data.corpus import Corpus, load_corpus
 from hinge_cli.data.dataset import SpotTable, assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
@@ -32,46 +31,43 @@ from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.encoders import encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
+from hinge_cli.files import write_text_atomic
+from hinge_cli.fit import BatchLoss, LoopSettings, LoopState, Validate, fit
 from hinge_cli.formats.embeddings import read_embedding_attrs
+from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord, ValidationSplit
 from hinge_cli.formats.tiles import read_tile_attrs
-from hinge_cli.fit import LoopSettings, LoopState, fit, optimizer_state, optimizer_tensors
+from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
 from hinge_cli.plots import line_chart
 from hinge_cli.progress import SILENT, Progress
-from hinge_cli.files import atomic_path, write_text_atomic
 from hinge_cli.run import Run
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 256
+# Validation draws timesteps and masks from a generator of its own, seeded once per run: every epoch is scored on
+# the same corruptions, so the numbers compare across epochs. The offsets (the 1000th and 10000th primes; arbitrary
+# but fixed: changing them changes every recorded validation loss) keep it apart from the training draws' seed.
+HINGE_VALIDATION_SEED_OFFSET = 7919
+PRETRAIN_VALIDATION_SEED_OFFSET = 104729
 
 
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """Which spots validate: whole samples, or a seeded random fraction of spots (views stay together)."""
-
-    val_samples: list[str] = field(default_factory=list)
-    val_fraction: float = 0.1
-    seed: int = 0
-
-    def rows(self, table: SpotTable) -> tuple[np.ndarray, np.ndarray]:
-        if self.val_samples:
-            is_val = np.isin(table.sample, self.val_samples)
-        else:
-            keys = np.array([f"{s}\t{b}" for s, b in zip(table.sample, table.barcodes)])
-            order = np.argsort(keys, kind="stable")
-            shuffled = order[np.random.default_rng(self.seed).permutation(len(order))]
-            is_val = np.zeros(len(table), bool)
-            is_val[shuffled[: max(1, round(self.val_fraction * len(table)))]] = True
-        if is_val.all() or not is_val.any():
-            raise HingeError("the validation split leaves no training or no validation spots",
-                             "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
-        return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows: whole samples, or a seeded random fraction of spots (views stay together)."""
+    if split.val_samples:
+        is_val = np.isin(table.sample, split.val_samples)
+    else:
+        keys = np.array([f"{s}\t{b}" for s, b in zip(table.sample, table.barcodes, strict=True)])
+        order = np.argsort(keys, kind="stable")
+        shuffled = order[np.random.default_rng(split.seed).permutation(len(order))]
+        is_val = np.zeros(len(table), bool)
+        is_val[shuffled[: max(1, round(split.val_fraction * len(table)))]] = True
+    if is_val.all() or not is_val.any():
+        raise HingeError("the validation split leaves no training or no validation spots",
+                         "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
+    return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
 @dataclass
@@ -96,60 +92,79 @@ def _embed_settings(run: Run, key: str, sample: str) -> dict[str, Any]:
     return read_embedding_attrs(run.embeddings(key, sample)).to_record()
 
 
+@dataclass
+class SplitData:
+    """The training table split into training and validation spots, standardised by `norm`."""
+
+    train: TrainingData
+    val: TrainingData
+    norm: FeatureNorm
+    split: ValidationSplit
+
+    @classmethod
+    def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None) -> SplitData:
+        """Split `table`; without `norm`, fit it on the training spots."""
+        train_rows, val_rows = split_rows(split, table)
+        norm = norm or FeatureNorm.fit(views(table.features[train_rows]))
+        return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split)
+
+    def record(self, state: LoopState) -> TrainingRecord:
+        """What the model card says about a loop over this data."""
+        return TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(self.train.targets),
+                              len(self.val.targets))
+
+
 # ----------------------------------------------------------------------------- losses
 
 
-def hinge_losses(model: Hinge, train: TrainingData, val: TrainingData, dist: Dist, seed: int,
-                 max_hidden_fraction: float | None, device: torch.device) -> tuple[Any, Any]:
+def hinge_losses(net: Hinge, data: SplitData, dist: Dist, seed: int, max_hidden_fraction: float | None,
+                 device: torch.device) -> tuple[BatchLoss, Validate]:
     """Batch loss (a random stored view per spot; this rank's share of the global draws) and validation loss."""
-    d = model.diffusion
+    diffusion, train, val = net.diffusion, data.train, data.val
 
-    def batch_loss(net: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
+    def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         view = torch.randint(train.features.shape[1], (len(rows),), generator=generator)
         x0, image = train.targets[rows].to(device), train.features[rows, view].to(device)
-        return diffusion_loss(net, x0, image, model.schedule, d.fill, d.noise_std, generator, max_hidden_fraction,
+        return diffusion_loss(wrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator, max_hidden_fraction,
                               rows=dist.rows(len(rows)))
 
-    def validate(net: nn.Module) -> float:
-        generator = torch.Generator().manual_seed(seed + 7919)  # the same draws every epoch: comparable numbers
+    def validate(unwrapped: nn.Module) -> float:
+        generator = torch.Generator().manual_seed(seed + HINGE_VALIDATION_SEED_OFFSET)
         total, n = 0.0, len(val.targets)
         for start in range(0, n, EVAL_BATCH):
             x0 = val.targets[start : start + EVAL_BATCH].to(device)
             image = val.features[start : start + EVAL_BATCH, 0].to(device)
-            loss = diffusion_loss(net, x0, image, model.schedule, d.fill, d.noise_std, generator)
+            loss = diffusion_loss(unwrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator)
             total += float(loss) * len(x0)
         return total / n
 
     return batch_loss, validate
 
 
-def pretrain_losses(backbone: Backbone, corpus: Corpus, train_rows: np.ndarray, val_rows: np.ndarray, cfg: HingeConfig,
-                    dist: Dist, device: torch.device) -> tuple[Any, Any]:
+def pretrain_losses(corpus: Corpus, train_rows: np.ndarray, val_rows: np.ndarray, cfg: HingeConfig, dist: Dist,
+                    device: torch.device) -> tuple[BatchLoss, Validate]:
     """Masked-value loss on random gene subsets of corpus profiles (expressed genes favoured)."""
     length = min(cfg.pretrain.seq_len, len(corpus.vocab))
-    d = cfg.diffusion
+    diffusion = cfg.diffusion
 
     def draw(rows: np.ndarray, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         dense = torch.from_numpy(corpus.dense(rows))
-        cols = select_genes(dense, length, generator, d.pretrain_expressed_fraction)
+        cols = select_genes(dense, length, generator, diffusion.pretrain_expressed_fraction)
         return (cols + 1).to(device), dense.gather(1, cols).to(device)
 
-    def batch_loss(net: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
+    def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         ids, values = draw(train_rows[rows.numpy()], generator)
-        return pretrain_loss(net, ids, values, d, generator, rows=dist.rows(len(rows)))
+        return pretrain_loss(wrapped, ids, values, diffusion, generator, rows=dist.rows(len(rows)))
 
-    def validate(net: nn.Module) -> float:
-        generator = torch.Generator().manual_seed(cfg.train.seed + 104729)
+    def validate(unwrapped: nn.Module) -> float:
+        generator = torch.Generator().manual_seed(cfg.train.seed + PRETRAIN_VALIDATION_SEED_OFFSET)
         total = 0.0
         for start in range(0, len(val_rows), EVAL_BATCH):
             ids, values = draw(val_rows[start : start + EVAL_BATCH], generator)
-            total += float(pretrain_loss(net, ids, values, d, generator)) * len(ids)
+            total += float(pretrain_loss(unwrapped, ids, values, diffusion, generator)) * len(ids)
         return total / len(val_rows)
 
     return batch_loss, validate
-
-
-# ----------------------------------------------------------------------------- files
 
 
 def write_log(run: Run, stage: str, state: LoopState) -> None:
@@ -157,19 +172,6 @@ def write_log(run: Run, stage: str, state: LoopState) -> None:
     write_text_atomic(run.log(stage), "".join(json.dumps(r) + "\n" for r in state.history))
     series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
     line_chart(run.plot(stage), series, f"{stage}: masked loss")
-
-
-def save_state(path: Path, opt: torch.optim.Optimizer, state: LoopState) -> None:
-    """Optimiser tensors in safetensors, counters and history in a JSON sidecar."""
-    tensors, meta = optimizer_tensors(opt)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-    write_text_atomic(path.with_suffix(".json"), json.dumps({"optimizer": meta, "loop": state.to_dict()}))
-
-
-def load_state(path: Path) -> tuple[dict[str, Any], LoopState]:
-    meta = json.loads(path.with_suffix(".json").read_text())
-    return optimizer_state(load_file(str(path)), meta["optimizer"]), LoopState.from_dict(meta["loop"])
 
 
 # ----------------------------------------------------------------------------- stages
@@ -191,24 +193,6 @@ class StageSummary:
         return out
 
 
-@dataclass
-class WarmupOptions:
-    backbone: str = "random"  # random | cellfm:CKPT | FILE (a backbone or model checkpoint)
-    vocab: Path | None = None  # CellFM gene CSV
-    corpus: Sequence[Path] = ()
-    holdout: Sequence[str] = ()
-    genes: Path | None = None
-    n_genes: int = 200
-    select: str = "hvg"
-    normalize: str = "none"
-    fill_missing: bool = False
-    val_fraction: float = 0.1
-    val_samples: Sequence[str] = ()
-    warmup_epochs: int | None = None
-    warmup_mask_ratio: float | None = None
-    seed: int | None = None
-
-
 def _encoder_key(cfg: HingeConfig) -> tuple[str, list[str]]:
     specs = parse_encoders(cfg.embed.encoder)
     return encoder_key(specs), [s.name for s in specs]
@@ -223,33 +207,32 @@ def _read_genes(path: Path) -> list[str]:
     return genes
 
 
-def _backbone_source(cfg: HingeConfig, opts: WarmupOptions) -> tuple[Backbone | None, list[str] | None, str]:
+def _backbone_source(cfg: HingeConfig) -> tuple[Backbone | None, list[str] | None, str]:
     """A ready backbone and its vocabulary, when the source fixes them before the panel is chosen."""
-    spec = opts.backbone
+    spec = cfg.warmup.backbone
     if spec.startswith("cellfm:"):
-        if opts.vocab is None:
+        if cfg.warmup.vocab is None:
             raise HingeError("--backbone cellfm:CKPT needs CellFM's gene list", "pass --vocab path/to/CellFM_vocab.csv")
         backbone, report = import_cellfm(Path(spec.split(":", 1)[1]), cfg.model)
         for line in report.lines():
             log.info("%s", line)
-        return backbone, read_vocab(opts.vocab), "cellfm"
+        return backbone, read_vocab(cfg.warmup.vocab), "cellfm"
     if spec != "random":
-        loaded = load_checkpoint(spec)
-        vocab = loaded.meta.get("vocab")
-        if not vocab:
+        checkpoint = load_checkpoint(spec)
+        if not checkpoint.card.vocab:
             raise HingeError(f"{spec} records no gene vocabulary", "use a backbone written by `hinge pretrain-warmup --corpus`")
-        backbone = loaded.model.backbone if isinstance(loaded.model, Hinge) else loaded.model
-        return backbone, list(vocab), "file"
-    return None, None, "corpus" if opts.corpus else "random"
+        net = checkpoint.net
+        return (net.backbone if isinstance(net, Hinge) else net), list(checkpoint.card.vocab), "file"
+    return None, None, "corpus" if cfg.warmup.corpus else "random"
 
 
-def _choose_panel(expression: dict, samples: list[str], opts: WarmupOptions, transform: Transform,
+def _choose_panel(expression: dict, samples: list[str], wc: WarmupConfig, transform: Transform,
                   vocab: list[str] | None) -> list[str]:
-    if opts.genes is not None:
-        genes = _read_genes(opts.genes)
+    if wc.genes is not None:
+        genes = _read_genes(Path(wc.genes))
         absent = [g for g in genes if vocab is not None and g not in vocab]
         if absent:
-            raise HingeError(f"{len(absent)} genes of {opts.genes} are not in the backbone's vocabulary: {', '.join(absent[:10])}",
+            raise HingeError(f"{len(absent)} genes of {wc.genes} are not in the backbone's vocabulary: {', '.join(absent[:10])}",
                              "drop them from the list")
         return genes
     candidates = [expression[s] for s in samples]
@@ -259,7 +242,7 @@ def _choose_panel(expression: dict, samples: list[str], opts: WarmupOptions, tra
         if dropped:
             log.info("%d genes absent from the backbone vocabulary are not candidates for the panel", len(dropped))
         candidates = [e.restrict(known) for e in candidates]
-    return select_panel(candidates, opts.n_genes, opts.select, transform)
+    return select_panel(candidates, wc.n_genes, wc.select, transform)
 
 
 def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], panel: list[str], transform: Transform,
@@ -267,10 +250,10 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     """Pre-train (or reuse) `checkpoints/pretrain` on an expression-only corpus."""
     path = run.checkpoint("pretrain")
     if path.exists() and not overwrite:
-        loaded = load_checkpoint(path)
-        if set(panel) <= set(loaded.meta["vocab"]):
+        checkpoint = load_checkpoint(path)
+        if set(panel) <= set(checkpoint.card.vocab):
             log.info("reusing the pre-trained backbone %s (pass --overwrite to pre-train again)", path)
-            return loaded.model, loaded.meta["vocab"]
+            return checkpoint.net, checkpoint.card.vocab
         log.info("the existing pre-trained backbone lacks panel genes: pre-training again")
     corpus = load_corpus(corpus_files, transform, cfg.pretrain.max_vocab, always=panel)
     log.info("corpus: %d profiles, vocabulary of %d genes", len(corpus), len(corpus.vocab))
@@ -278,77 +261,90 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     backbone = Backbone(cfg.model, len(corpus.vocab) + 1).to(device)
     order = np.random.default_rng(cfg.train.seed).permutation(len(corpus))
     n_val = max(1, round(0.05 * len(corpus)))
-    batch_loss, validate = pretrain_losses(backbone, corpus, order[n_val:], order[:n_val], cfg, dist, device)
-    p = cfg.pretrain
-    settings = LoopSettings("pretrain", p.epochs, p.batch_size, p.lr, cfg.train.weight_decay, cfg.train.grad_clip, None,
-                            cfg.train.seed, cfg.train.schedule)
-
-    def on_epoch_end(state: LoopState, model: nn.Module, opt: torch.optim.Optimizer, improved: bool) -> None:
-        write_log(run, "pretrain", state)
-
+    batch_loss, validate = pretrain_losses(corpus, order[n_val:], order[:n_val], cfg, dist, device)
+    pc, tc = cfg.pretrain, cfg.train
+    settings = LoopSettings(stage="pretrain", epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
+                            weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule=tc.schedule)
     state = fit(backbone, len(order) - n_val, batch_loss, validate, settings, dist=dist, device=device,
-                on_epoch_end=on_epoch_end, progress=progress)
+                on_epoch_end=lambda state, *_: write_log(run, "pretrain", state), progress=progress)
     if dist.main:
-        save_checkpoint(path, backbone.cpu(), vocab=corpus.vocab, transform=transform.to_dict(),
-                        extra={"stage": "pretrain", "corpus": [str(Path(f).resolve()) for f in corpus_files],
-                               "history": state.history})
+        source = BackboneSource("corpus", corpus=[str(Path(f).resolve()) for f in corpus_files])
+        record = TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(order) - n_val, n_val)
+        save_checkpoint(path, backbone.cpu(), ModelCard("pretrain", vocab=corpus.vocab, transform=transform,
+                                                        backbone=source, training=record))
     dist.barrier()
     return backbone.cpu(), corpus.vocab
 
 
-def pretrain_warmup(run: Run, cfg: HingeConfig, opts: WarmupOptions, *, overwrite: bool = False,
-                    progress: Progress = SILENT) -> StageSummary:
-    """Panel, backbone and the warm-start curriculum; writes genes.txt and checkpoints/warmup.*."""
-    started = time.time()
-    warmup_path = run.checkpoint("warmup")
-    if warmup_path.exists() and not overwrite:
-        raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
-    tc = cfg.train
-    seed = tc.seed if opts.seed is None else opts.seed
-    device = resolve_device(tc.device)
-    dist = Dist.from_env(device)
-    key, encoders = _encoder_key(cfg)
-    samples = training_samples(run, opts.holdout)
-    expression = load_expression(run, samples)
-    transform = Transform(opts.normalize)
-    backbone, vocab, source = _backbone_source(cfg, opts)
-    panel = _choose_panel(expression, samples, opts, transform, vocab)
-    if dist.main:
-        write_text_atomic(run.root / "genes.txt", "".join(g + "\n" for g in panel))
+def _ready_backbone(run: Run, cfg: HingeConfig, found: tuple[Backbone | None, list[str] | None, str], panel: list[str],
+                    transform: Transform, dist: Dist, device: torch.device, overwrite: bool,
+                    progress: Progress) -> tuple[Backbone, list[str], str]:
+    """The source's backbone and vocabulary, pre-trained on the corpus or drawn at random if the source is either."""
+    backbone, vocab, source = found
     if source == "corpus":
-        backbone, vocab = pretrain_backbone(run, cfg, opts.corpus, panel, transform, dist, device, overwrite, progress)
+        backbone, vocab = pretrain_backbone(run, cfg, [Path(f) for f in cfg.warmup.corpus], panel, transform, dist,
+                                            device, overwrite, progress)
     elif source == "random":
         log.warning("ABLATION: the backbone is randomly initialised. HINGE's premise is a pre-trained backbone; "
                     "pass --corpus FILES or --backbone cellfm:CKPT for real use")
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.train.seed)
         vocab = list(panel)
         backbone = Backbone(cfg.model, len(vocab) + 1)
-    index = {g: i + 1 for i, g in enumerate(vocab)}
-    table = assemble(run, key, samples, panel, transform, opts.fill_missing, expression)
-    split = Split(list(opts.val_samples), opts.val_fraction, seed)
-    train_rows, val_rows = split.rows(table)
-    norm = FeatureNorm.fit(views(table.features[train_rows]))
-    torch.manual_seed(seed)
-    model = Hinge(backbone, [index[g] for g in panel], table.features.shape[-1], cfg.model, cfg.diffusion).to(device)
-    train, val = TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm)
-    rho = cfg.warmup.mask_ratio if opts.warmup_mask_ratio is None else opts.warmup_mask_ratio
-    epochs = cfg.warmup.epochs if opts.warmup_epochs is None else opts.warmup_epochs
-    batch_loss, validate = hinge_losses(model, train, val, dist, seed, rho, device)
-    settings = LoopSettings("warmup", epochs, tc.batch_size, tc.lr, tc.weight_decay, tc.grad_clip, None, seed, "constant")
-    state = fit(model, len(train.targets), batch_loss, validate, settings, dist=dist, device=device,
-                on_epoch_end=lambda state, *_: write_log(run, "warmup", state), progress=progress)
-    meta = {
-        "stage": "warmup", "backbone_source": source, "backbone": opts.backbone, "samples": samples,
-        "holdout": list(opts.holdout), "split": asdict(split), "feature_norm": norm.to_dict(), "encoder_key": key,
-        "tile": _tile_settings(run, samples[0]), "embed": _embed_settings(run, key, samples[0]),
-        "config": cfg.to_dict(), "warmup_mask_ratio": rho, "fill_missing": opts.fill_missing,
-        "n_train_spots": len(train_rows), "n_val_spots": len(val_rows), "history": state.history,
-    }
+    return backbone, vocab, source
+
+
+def _warmup_curriculum(run: Run, cfg: HingeConfig, net: Hinge, data: SplitData, dist: Dist, device: torch.device,
+                       progress: Progress) -> LoopState:
+    """Train on lightly masked timesteps only (at most `warmup.mask_ratio` of the panel hidden)."""
+    tc, wc = cfg.train, cfg.warmup
+    batch_loss, validate = hinge_losses(net, data, dist, tc.seed, wc.mask_ratio, device)
+    settings = LoopSettings(stage="warmup", epochs=wc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                            weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule="constant")
+    return fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device,
+               on_epoch_end=lambda state, *_: write_log(run, "warmup", state), progress=progress)
+
+
+def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str], vocab: list[str], source: str,
+                 data: SplitData, state: LoopState) -> ModelCard:
+    wc = cfg.warmup
+    key, encoders = _encoder_key(cfg)
+    return ModelCard(
+        "warmup", genes=panel, vocab=vocab, transform=Transform(wc.normalize), encoders=encoders, encoder_key=key,
+        feature_norm=data.norm, tiling=TileSettings(**_tile_settings(run, samples[0])),
+        embedding=EmbedSettings.from_attrs(_embed_settings(run, key, samples[0])), samples=samples, holdout=list(wc.holdout),
+        split=data.split, fill_missing=wc.fill_missing == "zero", warmup_mask_ratio=wc.mask_ratio,
+        backbone=BackboneSource(source, wc.backbone, corpus=list(wc.corpus) if source == "corpus" else []), config=cfg,
+        training=data.record(state))
+
+
+def pretrain_warmup(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
+    """Panel, backbone and the warm-start curriculum; writes genes.txt and checkpoints/warmup.*."""
+    started = time.time()
+    wc, seed = cfg.warmup, cfg.train.seed
+    warmup_path = run.checkpoint("warmup")
+    if warmup_path.exists() and not overwrite:
+        raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
+    device = resolve_device(cfg.train.device)
+    dist = Dist.from_env(device)
+    key, encoders = _encoder_key(cfg)
+    samples = training_samples(run, wc.holdout)
+    expression = load_expression(run, samples)
+    transform = Transform(wc.normalize)
+    found = _backbone_source(cfg)
+    panel = _choose_panel(expression, samples, wc, transform, found[1])
     if dist.main:
-        save_checkpoint(warmup_path, model.cpu(), genes=panel, vocab=vocab, encoder=encoders, transform=transform.to_dict(),
-                        extra=meta)
+        write_text_atomic(run.root / "genes.txt", "".join(g + "\n" for g in panel))
+    backbone, vocab, source = _ready_backbone(run, cfg, found, panel, transform, dist, device, overwrite, progress)
+    split = ValidationSplit(list(wc.val_samples), wc.val_fraction, seed)
+    data = SplitData.of(assemble(run, key, samples, panel, transform, wc.fill_missing == "zero", expression), split)
+    torch.manual_seed(seed)
+    index = {g: i + 1 for i, g in enumerate(vocab)}
+    net = Hinge(backbone, [index[g] for g in panel], data.train.features.shape[-1], cfg.model, cfg.diffusion).to(device)
+    state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
+    if dist.main:
+        save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
         run.record_run_stage("pretrain-warmup", "ok", seconds=round(time.time() - started, 1), samples=samples,
-                             n_genes=len(panel), backbone=source, epochs=epochs)
+                             n_genes=len(panel), backbone=source, epochs=wc.epochs)
     dist.close()
     files = {"genes": str(run.root / "genes.txt"), "warmup": str(warmup_path), "log": str(run.log("warmup"))}
     if source == "corpus":
@@ -359,8 +355,7 @@ def pretrain_warmup(run: Run, cfg: HingeConfig, opts: WarmupOptions, *, overwrit
 def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
     """Full masked-diffusion training from the warm-up; resumes from `last` after an interruption."""
     started = time.time()
-    warmup_path, last_path, best_path = run.checkpoint("warmup"), run.checkpoint("last"), run.checkpoint("best")
-    state_path = run.checkpoint("last.state")
+    warmup_path, last_path, best_path, state_path = (run.checkpoint(n) for n in ("warmup", "last", "best", "last.state"))
     tc = cfg.train
     device = resolve_device(tc.device)
     dist = Dist.from_env(device)
@@ -368,38 +363,30 @@ def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Prog
     source = last_path if resume else warmup_path
     if not source.exists():
         raise HingeError(f"{warmup_path} does not exist", "run `hinge pretrain-warmup` first")
-    loaded = load_checkpoint(source)
-    model: Hinge = loaded.model
-    meta = loaded.meta
-    extra = meta["extra"]
-    opt_state, state = load_state(state_path) if resume else (None, LoopState())
+    checkpoint = load_checkpoint(source)
+    card = checkpoint.card
+    opt_state, state = read_train_state(state_path) if resume else (None, LoopState())
     if resume and state.epoch >= tc.epochs and not state.stopped_early:
         log.info("training already finished %d epochs (raise --epochs to go on, or pass --overwrite)", state.epoch)
     if resume:
         log.info("resuming from %s after epoch %d", last_path, state.epoch)
-    transform = Transform.from_dict(meta["transform"])
-    table = assemble(run, extra["encoder_key"], extra["samples"], meta["genes"], transform, extra["fill_missing"])
-    train_rows, val_rows = Split(**extra["split"]).rows(table)
-    norm = FeatureNorm.from_dict(extra["feature_norm"])
-    train_data, val_data = TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm)
-    model.to(device)
-    seed = extra["split"]["seed"]
-    batch_loss, validate = hinge_losses(model, train_data, val_data, dist, seed, None, device)
-    settings = LoopSettings("train", tc.epochs, tc.batch_size, tc.lr, tc.weight_decay, tc.grad_clip, tc.patience, seed,
-                            tc.schedule)
-    sidecar = {**extra, "stage": "train", "config": cfg.to_dict()}
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    data = SplitData.of(table, card.split, card.feature_norm)
+    net = checkpoint.net.to(device)
+    batch_loss, validate = hinge_losses(net, data, dist, card.split.seed, None, device)
+    settings = LoopSettings(stage="train", epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                            weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, patience=tc.patience, seed=card.split.seed,
+                            schedule=tc.schedule)
 
-    def on_epoch_end(state: LoopState, net: nn.Module, opt: torch.optim.Optimizer, improved: bool) -> None:
-        common = {"genes": meta["genes"], "vocab": meta["vocab"], "encoder": meta["encoder"], "transform": meta["transform"]}
-        info = {**sidecar, "epoch": state.epoch, "best_epoch": state.best_epoch, "best_val": state.best_val,
-                "history": state.history}
-        save_checkpoint(last_path, net, **common, extra=info)
+    def on_epoch_end(state: LoopState, fitted: nn.Module, opt: torch.optim.Optimizer, improved: bool) -> None:
+        trained = replace(card, stage="train", config=cfg, training=data.record(state))
+        save_checkpoint(last_path, fitted, trained)
         if improved:
-            save_checkpoint(best_path, net, **common, extra=info)
-        save_state(state_path, opt, state)
+            save_checkpoint(best_path, fitted, trained)
+        write_train_state(state_path, opt, state)
         write_log(run, "train", state)
 
-    state = fit(model, len(train_data.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
+    state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
     if dist.main:
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,

@@ -21,17 +21,21 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
-from hinge_cli.config import DiffusionConfig
+from hinge_cli.config import GenerateConfig
+from hinge_cli.data.features import FeatureNorm
 from hinge_cli.encoders import get_spec
 from hinge_cli.errors import HingeError
-from hinge_cli.generate import GenerateOptions, Target, generate, load_model
+from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
+from hinge_cli.model.trained import load_trained_model
 from hinge_cli.run import Run, Shard
 from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.train import WarmupOptions, pretrain_warmup, train
+from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()
 FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
@@ -39,14 +43,14 @@ FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
 
 def write_features(run: Run, sample: str, seed: int) -> None:
     """Stand-in default-encoder features for a tiled sample (the real encoder is slow; the new slide uses it)."""
-    with h5py.File(run.tiles(sample), "r") as h5:
-        barcodes, coords = h5["barcode"][()], h5["coords"][()]
+    tiles = read_tiles(run.tiles(sample))
+    dim = get_spec("default").dim
+    attrs = EmbeddingAttrs(encoder="default", encoders=["default"], dims=[dim], weights_sha256=[None], weights=[None])
+    features = np.random.default_rng(seed).normal(0, 1, (len(tiles.barcodes), dim)).astype(np.float32)
     path = run.embeddings("default", sample)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as h5:
-        h5["embeddings"] = np.random.default_rng(seed).normal(0, 1, (len(barcodes), get_spec("default").dim)).astype(np.float32)
-        h5["barcodes"], h5["coords"] = barcodes, coords
-        h5.attrs.update({"encoder": "default", "encoders": '["default"]', "views": 1, "weights_sha256": "[null]"})
+    with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
+        out.write(features)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
         s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40)
         tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
         write_features(run, s.sample_id, i)
-    pretrain_warmup(run, cfg, WarmupOptions(n_genes=12, seed=0, warmup_epochs=1, val_fraction=0.2))
+    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
+    pretrain_warmup(run, cfg)
     train(run, cfg)
     new = make_synthetic_sample(root / "data", "new", size_px=256, mpp=2.0, seed=30, n_genes=40)
     return run, new.slide
@@ -72,7 +77,7 @@ def predicted(trained: tuple[Run, Path]) -> tuple[Run, Path, Path]:
     """`hinge generate --slide new.tif` through the CLI, grid mode, with plots."""
     run, slide = trained
     out = run.root.parent / "out" / "new.h5ad"
-    genes = load_checkpoint(run.checkpoint("best")).meta["genes"]
+    genes = load_checkpoint(run.checkpoint("best")).card.genes
     result = runner.invoke(app, ["generate", "--slide", str(slide), "--out", str(out), "--run", str(run.root),
                                  "--samples", "3", "--steps", "4", "--device", "cpu", "--plot", ",".join(genes[:2]), "-q"])
     assert result.exit_code == 0, result.output
@@ -86,21 +91,22 @@ def test_output_is_valid_anndata_consistent_with_the_tiles(predicted: tuple[Run,
     adata._check_uniqueness()
     copy = ad.AnnData(adata.X, adata.obs, adata.var, adata.uns, obsm=dict(adata.obsm), layers=dict(adata.layers))
     copy.write_h5ad(out.with_name("copy.h5ad"))  # what anndata itself builds from it writes again
-    meta = load_checkpoint(run.checkpoint("best")).meta
+    card = load_checkpoint(run.checkpoint("best")).card
     with h5py.File(run.tiles("new"), "r") as h5:
-        barcodes = [b.decode() for b in h5["barcode"][()]]
+        barcodes = [b.decode() for b in h5["barcode"][:, 0]]
         coords, frac, attrs = h5["coords"][()], h5["tissue_frac"][()], dict(h5.attrs)
-    assert attrs["mode"] == "grid" and attrs["pitch_um"] == meta["extra"]["tile"]["pitch_um"]
-    assert list(adata.obs_names) == barcodes and list(adata.var_names) == meta["genes"]
-    assert adata.X.dtype == np.float32 and adata.X.shape == (len(barcodes), len(meta["genes"])) and np.isfinite(adata.X).all()
+    assert attrs["mode"] == "grid" and attrs["pitch_um"] == card.tiling.pitch_um
+    assert list(adata.obs_names) == barcodes and list(adata.var_names) == card.genes
+    assert adata.X.dtype == np.float32 and adata.X.shape == (len(barcodes), len(card.genes)) and np.isfinite(adata.X).all()
     assert adata.layers["std"].shape == adata.X.shape and (adata.layers["std"] > 0).any() and (adata.layers["std"] >= 0).all()
     np.testing.assert_array_equal(adata.obsm["spatial"], coords.astype(np.float64))
     assert adata.obsm["spatial"].dtype == np.float64
-    np.testing.assert_array_equal(adata.obs["in_tissue"].to_numpy(), frac)
+    np.testing.assert_array_equal(adata.obs["tissue_fraction"].to_numpy(), frac)
+    np.testing.assert_array_equal(adata.obs["in_tissue"].to_numpy(), (frac >= 0.5).astype(int))  # Visium's 0/1
     hinge = adata.uns["hinge"]
-    assert hinge["checkpoint_sha256"] == meta["sha256"] and list(hinge["encoders"]) == ["default"]
-    assert (hinge["steps"], hinge["samples"], hinge["seed"], hinge["n_genes"]) == (4, 3, 0, len(meta["genes"]))
-    assert dict(hinge["transform"]) == meta["transform"] and hinge["version"]
+    assert hinge["checkpoint_sha256"] == card.sha256 and list(hinge["encoders"]) == ["default"]
+    assert (hinge["steps"], hinge["samples"], hinge["seed"], hinge["n_genes"]) == (4, 3, 0, len(card.genes))
+    assert dict(hinge["transform"]) == card.transform.to_dict() and hinge["version"]
     assert run.stage("new", "generate")["status"] == "ok"
 
 
@@ -122,7 +128,7 @@ def test_uns_spatial_has_what_scanpy_reads(predicted: tuple[Run, Path, Path]) ->
 
 def test_plots_show_he_mean_and_std(predicted: tuple[Run, Path, Path]) -> None:
     run, _, out = predicted
-    genes = load_checkpoint(run.checkpoint("best")).meta["genes"][:2]
+    genes = load_checkpoint(run.checkpoint("best")).card.genes[:2]
     for gene in genes:
         png = np.asarray(Image.open(out.with_name(f"new_{gene}.png")).convert("RGB"))
         assert png.shape[1] > 2 * png.shape[0]  # three panels side by side
@@ -133,37 +139,35 @@ def test_same_seed_same_file_cached_inputs_and_batch_independence(predicted: tup
     run, slide, out = predicted
     tiles_mtime, emb_mtime = run.tiles("new").stat().st_mtime_ns, run.embeddings("default", "new").stat().st_mtime_ns
     again = tmp_path / "again.h5ad"
-    generate(run, [Target("new", slide)], GenerateOptions(**{**FAST, "n_samples": 3, "batch_size": 5}), out=again)
+    generate(run, [Target("new", slide)], GenerateConfig(**{**FAST, "n_samples": 3, "batch_size": 5}), out=again)
     assert run.tiles("new").stat().st_mtime_ns == tiles_mtime  # cached, not redone
     assert run.embeddings("default", "new").stat().st_mtime_ns == emb_mtime
     a, b = ad.read_h5ad(out), ad.read_h5ad(again)
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)  # batch size 5 vs 64: same draws per spot
     np.testing.assert_allclose(a.layers["std"], b.layers["std"], rtol=1e-5, atol=1e-6)
     twin = tmp_path / "twin.h5ad"
-    generate(run, [Target("new")], GenerateOptions(**{**FAST, "n_samples": 3, "batch_size": 5}), out=twin)
+    generate(run, [Target("new")], GenerateConfig(**{**FAST, "n_samples": 3, "batch_size": 5}), out=twin)
     c = ad.read_h5ad(twin)
     assert np.array_equal(b.X, c.X) and np.array_equal(b.layers["std"], c.layers["std"])
     other = tmp_path / "other.h5ad"
-    generate(run, [Target("new")], GenerateOptions(**{**FAST, "n_samples": 3, "seed": 1}), out=other)
+    generate(run, [Target("new")], GenerateConfig(**{**FAST, "n_samples": 3, "seed": 1}), out=other)
     assert not np.array_equal(ad.read_h5ad(other).X, c.X)
 
 
 def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp_path: Path) -> None:
     run, _ = trained
     kept = tmp_path / "kept.h5ad"
-    generate(run, [Target("t0")], GenerateOptions(**{**FAST, "keep_samples": True}), out=kept)
+    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "keep_samples": True}), out=kept)
     adata = ad.read_h5ad(kept)
     assert adata.obsm["samples"].shape == (adata.n_obs, 2, adata.n_vars)
     np.testing.assert_allclose(adata.obsm["samples"].mean(1), adata.X, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(adata.obsm["samples"].std(1), adata.layers["std"], rtol=1e-4, atol=1e-6)
-    loaded = load_checkpoint(run.checkpoint("best"))
-    loaded.model.diffusion = dataclasses.replace(loaded.model.diffusion, fill="zero")
+    checkpoint = load_checkpoint(run.checkpoint("best"))
+    checkpoint.net.diffusion = dataclasses.replace(checkpoint.net.diffusion, fill="zero")
     zero = tmp_path / "zero.safetensors"
-    m = loaded.meta
-    save_checkpoint(zero, loaded.model, genes=m["genes"], vocab=m["vocab"], encoder=m["encoder"], transform=m["transform"],
-                    extra=m["extra"])
+    save_checkpoint(zero, checkpoint.net, checkpoint.card)
     one = tmp_path / "one.h5ad"
-    generate(run, [Target("t0")], GenerateOptions(**{**FAST, "n_samples": 1, "checkpoint": zero}), out=one)
+    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 1}), checkpoint=zero, out=one)
     single = ad.read_h5ad(one)
     assert single.uns["hinge"]["fill"] == "zero" and np.all(single.layers["std"] == 0)
     assert np.isfinite(single.X).all() and single.X.std() > 0
@@ -180,29 +184,29 @@ def _tampered(run: Run, tmp_path: Path, name: str, **changes: object) -> Path:
 def test_refusals(trained: tuple[Run, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run, slide = trained
     out = tmp_path / "t1.h5ad"
-    generate(run, [Target("t1")], GenerateOptions(**{**FAST, "n_samples": 1, "steps": 1}), out=out)
+    generate(run, [Target("t1")], GenerateConfig(**{**FAST, "n_samples": 1, "steps": 1}), out=out)
     before = out.read_bytes()
     with pytest.raises(HingeError, match="--overwrite"):
-        generate(run, [Target("t1")], GenerateOptions(**FAST), out=out)
+        generate(run, [Target("t1")], GenerateConfig(**FAST), out=out)
     assert out.read_bytes() == before
     meta = json.loads(sidecar_path(run.checkpoint("best")).read_text())
     bad_panel = _tampered(run, tmp_path, "panel", genes=meta["genes"][:-1])
     with pytest.raises(HingeError, match="panel genes"):
-        generate(run, [Target("t1")], GenerateOptions(**FAST, checkpoint=bad_panel), out=tmp_path / "x.h5ad")
-    bad_encoder = _tampered(run, tmp_path, "encoder", encoder=["conch"], extra={**meta["extra"], "encoder_key": "conch"})
+        generate(run, [Target("t1")], GenerateConfig(**FAST), checkpoint=bad_panel, out=tmp_path / "x.h5ad")
+    bad_encoder = _tampered(run, tmp_path, "encoder", encoders=["conch"], encoder_key="conch")
     with pytest.raises(HingeError, match="512-dim features"):
-        generate(run, [Target("t1")], GenerateOptions(**FAST, checkpoint=bad_encoder), out=tmp_path / "x.h5ad")
+        generate(run, [Target("t1")], GenerateConfig(**FAST), checkpoint=bad_encoder, out=tmp_path / "x.h5ad")
     with pytest.raises(HingeError, match="not in the model's panel"):
-        generate(run, [Target("t1")], GenerateOptions(**FAST, plot=["NOPE"]), out=tmp_path / "x.h5ad")
+        generate(run, [Target("t1")], GenerateConfig(**FAST), genes_to_plot=["NOPE"], out=tmp_path / "x.h5ad")
     with pytest.raises(HingeError, match="one file"):
-        generate(run, [Target("t0"), Target("t1")], GenerateOptions(**FAST), out=tmp_path / "x.h5ad")
+        generate(run, [Target("t0"), Target("t1")], GenerateConfig(**FAST), out=tmp_path / "x.h5ad")
     with pytest.raises(HingeError, match="not tiled"):
-        generate(run, [Target("ghost")], GenerateOptions(**FAST), out=tmp_path / "x.h5ad")
+        generate(run, [Target("ghost")], GenerateConfig(**FAST), out=tmp_path / "x.h5ad")
     with pytest.raises(HingeError, match="cached tiles differ"):  # t0 was tiled at its spots; a grid would replace them
-        generate(run, [Target("t0", slide)], GenerateOptions(**FAST), out=tmp_path / "x.h5ad")
+        generate(run, [Target("t0", slide)], GenerateConfig(**FAST), out=tmp_path / "x.h5ad")
     blank = write_pyramidal_tiff(tmp_path / "blank.tif", np.full((512, 512, 3), 242, np.uint8), 0.5)
     with pytest.raises(HingeError, match="no tissue"):
-        generate(run, [Target("blank", blank)], GenerateOptions(**FAST), out=tmp_path / "x.h5ad")
+        generate(run, [Target("blank", blank)], GenerateConfig(**FAST), out=tmp_path / "x.h5ad")
     assert not (tmp_path / "x.h5ad").exists()
 
 
@@ -212,13 +216,12 @@ def test_missing_encoder_weights_name_the_encoder(trained: tuple[Run, Path], tmp
     for var in ("HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(var, str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    loaded = load_checkpoint(run.checkpoint("best"))
-    m = loaded.meta
-    uni = Hinge.build(loaded.model.cfg, m["vocab_size"], m["gene_ids"], 1024, DiffusionConfig(**m["diffusion"]))
-    norm = {"mean": [0.0] * 1024, "std": [1.0] * 1024}
+    checkpoint = load_checkpoint(run.checkpoint("best"))
+    arch = checkpoint.card.architecture
+    uni = Hinge.build(checkpoint.net.cfg, arch.vocab_size, arch.gene_ids, 1024, arch.diffusion)
+    norm = FeatureNorm.from_dict({"mean": [0.0] * 1024, "std": [1.0] * 1024})
     path = tmp_path / "uni.safetensors"
-    save_checkpoint(path, uni, genes=m["genes"], encoder=["uni"], transform=m["transform"],
-                    extra={**m["extra"], "encoder_key": "uni", "feature_norm": norm})
+    save_checkpoint(path, uni, dataclasses.replace(checkpoint.card, vocab=None, encoders=["uni"], encoder_key="uni", feature_norm=norm))
     result = runner.invoke(app, ["generate", "--slide", str(slide), "--sample-id", "viauni", "--checkpoint", str(path),
                                  "--run", str(run.root), "--out", str(tmp_path / "u.h5ad"), "-q"])
     assert result.exit_code == 2
@@ -229,21 +232,21 @@ def test_missing_encoder_weights_name_the_encoder(trained: tuple[Run, Path], tmp
 def test_far_mpp_warns_and_shards_split_samples(trained: tuple[Run, Path], tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     run, slide = trained
-    tile_sample(run, SampleSpec("coarse", slide, mpp=2.8), load_model(run.checkpoint("best")).tile_config())
+    tile_sample(run, SampleSpec("coarse", slide, mpp=2.8), load_trained_model(run.checkpoint("best")).tile_config())
     write_features(run, "coarse", 5)
     with caplog.at_level(logging.WARNING, logger="hinge_cli"):
-        generate(run, [Target("coarse")], GenerateOptions(**{**FAST, "n_samples": 1, "steps": 1}), out=tmp_path / "c.h5ad")
+        generate(run, [Target("coarse")], GenerateConfig(**{**FAST, "n_samples": 1, "steps": 1}), out=tmp_path / "c.h5ad")
     assert any("2.8 µm/px" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hinge_cli"):
-        generate(run, [Target("t0")], GenerateOptions(**{**FAST, "n_samples": 1, "steps": 1}), out=tmp_path / "t0.h5ad")
+        generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 1, "steps": 1}), out=tmp_path / "t0.h5ad")
     assert not any("µm/px" in r.getMessage() for r in caplog.records)
 
     folder = tmp_path / "sharded"
     targets = [Target("t0"), Target("t1")]
-    opts = GenerateOptions(**{**FAST, "n_samples": 1, "steps": 1})
-    first = generate(run, targets, opts, out=folder, shard=Shard(0, 2))
-    second = generate(run, targets, opts, out=folder, shard=Shard(1, 2))
+    cfg = GenerateConfig(**{**FAST, "n_samples": 1, "steps": 1})
+    first = generate(run, targets, cfg, out=folder, shard=Shard(0, 2))
+    second = generate(run, targets, cfg, out=folder, shard=Shard(1, 2))
     assert list(first.done) == ["t0"] and list(second.done) == ["t1"]
     assert sorted(p.name for p in folder.glob("*.h5ad")) == ["t0.h5ad", "t1.h5ad"]
-    assert list(generate(run, targets, opts, out=folder).skipped) == ["t0", "t1"]  # a re-run resumes, it does not redo
+    assert list(generate(run, targets, cfg, out=folder).skipped) == ["t0", "t1"]  # a re-run resumes, it does not redo

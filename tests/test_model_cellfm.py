@@ -97,9 +97,9 @@ def test_vocabulary_and_conversion(cellfm_ckpt, tmp_path):
     assert ids == [6, 8, 0] and missing == ["NOTAGENE"]
     out = tmp_path / "cellfm.safetensors"
     convert_cellfm(path, csv, out, load_config("tiny").model)
-    loaded = load_checkpoint(out)
-    assert loaded.meta["vocab"] == vocab and loaded.meta["kind"] == "backbone"
-    model = Hinge(loaded.model, ids[:2], 3)
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.card.vocab == vocab and checkpoint.card.kind == "backbone"
+    model = Hinge(checkpoint.net, ids[:2], 3)
     assert model.n_genes == 2
     with pytest.raises(HingeError, match="outside"):
-        Hinge(loaded.model, ids, 3)
+        Hinge(checkpoint.net, ids, 3)

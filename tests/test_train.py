@@ -21,16 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hinge_cli.data.expression import Transform
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.fit import LoopSettings
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
 from hinge_cli.run import Run
 from hinge_cli.synthetic import CLASSES, make_synthetic_sample
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.data.features import FeatureNorm
-from hinge_cli.train import WarmupOptions, pretrain_warmup, train
+from hinge_cli.train import pretrain_warmup, train
 
 ENCODER = "default"
 
@@ -69,13 +68,12 @@ def copy_run(base: Path, dest: Path) -> Run:
 
 
 def warm(run: Run, **kw: object) -> None:
-    opts = WarmupOptions(**{"n_genes": 30, "holdout": ["s2"], "seed": 0, **kw})
-    pretrain_warmup(run, run.config(), opts)
+    pretrain_warmup(run, run.config(None, {"warmup": {"n_genes": 30, "holdout": ["s2"], **kw}, "train": {"seed": 0}}, record=False))
 
 
 def test_panel_is_chosen_without_the_held_out_sample(base_run: Path, tmp_path: Path) -> None:
     run = copy_run(base_run, tmp_path / "a")
-    warm(run, warmup_epochs=1)
+    warm(run, epochs=1)
     genes = (run.root / "genes.txt").read_text()
     other = copy_run(base_run, tmp_path / "b")
     held = ad.read_h5ad(other.sample("s2")["expression"]["path"])
@@ -84,7 +82,7 @@ def test_panel_is_chosen_without_the_held_out_sample(base_run: Path, tmp_path: P
     path = tmp_path / "s2_changed.h5ad"
     held.write_h5ad(path)
     other.register_sample("s2", expression={"path": str(path)})
-    warm(other, warmup_epochs=1)
+    warm(other, epochs=1)
     assert (other.root / "genes.txt").read_text() == genes
     assert len(genes.split()) == 30
 
@@ -100,7 +98,7 @@ def test_warmup_never_exceeds_the_mask_cap(base_run: Path, tmp_path: Path, monke
 
     monkeypatch.setattr(MaskSchedule, "sample_t", spy)
     run = copy_run(base_run, tmp_path / "run")
-    warm(run, warmup_epochs=2, warmup_mask_ratio=0.2)
+    warm(run, epochs=2, mask_ratio=0.2)
     capped = [(t, s) for t, s, cap in seen if cap is not None]
     assert capped, "the warm-up drew no capped timesteps"
     for t, schedule in capped:
@@ -114,26 +112,26 @@ def test_pretraining_lowers_the_masked_loss(base_run: Path, tmp_path: Path) -> N
     for i in range(4):  # more sections of the same 'patient', expression only
         s = make_synthetic_sample(tmp_path / "corpus", f"c{i}", size_px=1024, mpp=0.5, seed=100 + i, pitch_um=30, n_genes=60)
         corpus.append(s.spots)
-    cfg = run.config()
+    cfg = run.config(None, {"warmup": {"corpus": [str(c) for c in corpus], "n_genes": 30, "holdout": ["s2"], "epochs": 1}}, record=False)
     cfg.pretrain.epochs = 6
-    pretrain_warmup(run, cfg, WarmupOptions(corpus=corpus, n_genes=30, holdout=["s2"], warmup_epochs=1))
+    pretrain_warmup(run, cfg)
     history = [json.loads(line) for line in run.log("pretrain").read_text().splitlines()]
     assert len(history) == 6 and history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
-    meta = load_checkpoint(run.checkpoint("pretrain")).meta
+    card = load_checkpoint(run.checkpoint("pretrain")).card
     panel = (run.root / "genes.txt").read_text().split()
-    assert set(panel) <= set(meta["vocab"]) and meta["kind"] == "backbone"
+    assert set(panel) <= set(card.vocab) and card.kind == "backbone"
 
 
-def _pearson_on_holdout(run: Run, checkpoint: Path) -> float:
-    loaded = load_checkpoint(checkpoint)
-    model, meta = loaded.model, loaded.meta
+def _pearson_on_holdout(run: Run, path: Path) -> float:
+    checkpoint = load_checkpoint(path)
+    net, card = checkpoint.net, checkpoint.card
     with h5py.File(run.embeddings(ENCODER, "s2")) as h5:
         features = h5["embeddings"][()]
         barcodes = [b.decode() for b in h5["barcodes"][()]]
-    truth = ad.read_h5ad(run.sample("s2")["expression"]["path"])[barcodes, meta["genes"]]
-    target = Transform.from_dict(meta["transform"]).apply(np.asarray(truth.X))
-    norm = FeatureNorm.from_dict(meta["extra"]["feature_norm"])
-    pred = model.generate(torch.from_numpy(norm(features)), n_samples=2, seed=0).mean.numpy()
+    truth = ad.read_h5ad(run.sample("s2")["expression"]["path"])[barcodes, card.genes]
+    target = card.transform.apply(np.asarray(truth.X))
+    norm = card.feature_norm
+    pred = net.generate(torch.from_numpy(norm(features)), n_samples=2, seed=0).mean.numpy()
     rs = [np.corrcoef(pred[:, g], target[:, g])[0, 1] for g in range(target.shape[1]) if target[:, g].std() > 0 and pred[:, g].std() > 0]
     return float(np.mean(rs))
 
@@ -141,7 +139,7 @@ def _pearson_on_holdout(run: Run, checkpoint: Path) -> float:
 @pytest.fixture(scope="module")
 def trained(base_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     run = copy_run(base_run, tmp_path_factory.mktemp("trained") / "run")
-    warm(run, warmup_epochs=2)
+    warm(run, epochs=2)
     shutil.copytree(run.root, run.root.parent / "warm")  # for the resume and DDP tests
     cfg = run.config()
     cfg.train.epochs, cfg.train.lr = 30, 0.01  # clean features: a short, brisk run suffices
@@ -154,12 +152,11 @@ def test_training_learns_the_synthetic_signal(trained: Run) -> None:
     untrained = trained.root.parent / "untrained.safetensors"
     from hinge_cli.model import save_checkpoint
 
-    loaded = load_checkpoint(trained.checkpoint("warmup"))
+    checkpoint = load_checkpoint(trained.checkpoint("warmup"))
     torch.manual_seed(1)
-    for p in loaded.model.parameters():  # a random-init, untrained model of the same shape
+    for p in checkpoint.net.parameters():  # a random-init, untrained model of the same shape
         torch.nn.init.normal_(p, 0, 0.05)
-    save_checkpoint(untrained, loaded.model, genes=loaded.meta["genes"], transform=loaded.meta["transform"],
-                    extra=loaded.meta["extra"])
+    save_checkpoint(untrained, checkpoint.net, checkpoint.card)
     r_random = _pearson_on_holdout(trained, untrained)
     assert r_trained > 0.4 and r_trained > r_random + 0.3, (r_trained, r_random)
     history = [json.loads(line) for line in trained.log("train").read_text().splitlines()]
@@ -211,7 +208,7 @@ def test_resume_after_a_kill_mid_epoch_is_bit_exact(trained: Run, tmp_path: Path
     cfg = straight.config()
     cfg.train.epochs, cfg.train.patience = epochs, 100
     train(straight, cfg)
-    n_train = load_checkpoint(killed.checkpoint("warmup")).meta["extra"]["n_train_spots"]
+    n_train = load_checkpoint(killed.checkpoint("warmup")).card.training.n_train_spots
     steps = int(2.5 * -(-n_train // cfg.train.batch_size))
     with pytest.raises(Interrupt):
         train(killed, cfg, progress=KillAt(steps))  # dies half-way through the third epoch
@@ -250,7 +247,12 @@ def test_train_without_warmup_and_refusing_to_redo_warmup(base_run: Path, tmp_pa
     with pytest.raises(HingeError, match="pretrain-warmup"):
         train(run, run.config())
     with pytest.raises(HingeError, match="not in the run"):
-        warm(run, holdout=["nope"], warmup_epochs=1)
-    warm(run, warmup_epochs=1)
+        warm(run, holdout=["nope"], epochs=1)
+    warm(run, epochs=1)
     with pytest.raises(HingeError, match="--overwrite"):
-        warm(run, warmup_epochs=1)
+        warm(run, epochs=1)
+
+
+def test_an_unknown_learning_rate_schedule_is_a_user_error() -> None:
+    with pytest.raises(HingeError, match="cosine, constant"):
+        LoopSettings(stage="train", epochs=1, batch_size=8, lr=1e-3, schedule="linear")

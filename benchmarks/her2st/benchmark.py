@@ -35,7 +35,7 @@ import numpy as np
 from baselines import BASELINES
 
 from hinge_cli import evaluate
-from hinge_cli.config import HingeConfig, load_config
+from hinge_cli.config import GenerateConfig, HingeConfig, load_config
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
@@ -44,13 +44,14 @@ from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.embed import embed_samples
 from hinge_cli.encoders import encoder_key, parse_encoders
-from hinge_cli.generate import GenerateOptions, load_model, predict_sample
+from hinge_cli.generate import predict_sample
+from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
 from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.run import Run
 from hinge_cli.tile import read_sample_sheet, tile_samples
-from hinge_cli.train import WarmupOptions, pretrain_backbone, pretrain_warmup, train
+from hinge_cli.train import pretrain_backbone, pretrain_warmup, train
 
 log = logging.getLogger("bench-her2st")
 
@@ -228,13 +229,14 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
     run = fold_run(base, root)
     genes_file = root / "panel.txt"
     write_text_atomic(genes_file, "".join(g + "\n" for g in genes))
-    opts = WarmupOptions(backbone="random" if method == "hinge-random" else str(backbone), holdout=[test], genes=genes_file,
-                         normalize=TRANSFORM.normalize, warmup_epochs=0 if method == "hinge-no-curriculum" else None)
-    warm = pretrain_warmup(run, cfg, opts, progress=SILENT)
+    warmup = replace(cfg.warmup, backbone="random" if method == "hinge-random" else str(backbone), holdout=[test],
+                     genes=str(genes_file), normalize=TRANSFORM.normalize,
+                     epochs=0 if method == "hinge-no-curriculum" else cfg.warmup.epochs)
+    warm = pretrain_warmup(run, replace(cfg, warmup=warmup), progress=SILENT)
     fitted = train(run, cfg, progress=SILENT)
     out = root / f"{test}.h5ad"
-    model = load_model(run.checkpoint("best"), cfg.train.device)
-    predict_sample(run, test, model, out, GenerateOptions(n_samples=s.n_samples, steps=s.steps), SILENT)
+    model = load_trained_model(run.checkpoint("best"), cfg.train.device)
+    predict_sample(run, test, model, out, GenerateConfig(n_samples=s.n_samples, steps=s.steps), progress=SILENT)
     info = {"warmup_epochs": warm.epochs, "train_epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
             "best_val_loss": fitted.best_val, "prediction": str(out)}
     return evaluate.read_prediction(out), info

@@ -2,14 +2,14 @@
 
 A library: no CLI, no terminal output. Typical use:
 
-    model = Hinge(backbone, gene_ids, image_dim, cfg.model, cfg.diffusion)
-    loss = model.loss(x0, image, generator)            # training
-    out = model.generate(image, n_samples=8, seed=0)  # prediction: out.mean, out.std
+    net = Hinge(backbone, gene_ids, image_dim, cfg.model, cfg.diffusion)
+    out = net.generate(image, n_samples=8, seed=0)  # prediction: out.mean, out.std
+    checkpoint = load_checkpoint(path)              # a saved one: checkpoint.net and its card
 """
 
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.cellfm import ImportReport, convert_cellfm, import_cellfm, map_panel, read_mindspore_checkpoint, read_vocab
-from hinge_cli.model.checkpoint import Loaded, load_checkpoint, read_sidecar, save_checkpoint, sidecar_path
+from hinge_cli.model.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_card, save_checkpoint, sidecar_path
 from hinge_cli.model.conditioning import ConditionNet, SoftAdaLN
 from hinge_cli.model.diffusion import MaskSchedule, automatic_alpha, corrupt, diffusion_loss
 from hinge_cli.model.hinge import Hinge
@@ -20,10 +20,10 @@ from hinge_cli.model.sampler import Samples, sample
 __all__ = [
     "POLICIES",
     "Backbone",
+    "Checkpoint",
     "ConditionNet",
     "Hinge",
     "ImportReport",
-    "Loaded",
     "MaskSchedule",
     "Samples",
     "SoftAdaLN",
@@ -38,7 +38,7 @@ __all__ = [
     "map_panel",
     "pretrain_loss",
     "read_mindspore_checkpoint",
-    "read_sidecar",
+    "read_checkpoint_card",
     "read_vocab",
     "sample",
     "save_checkpoint",

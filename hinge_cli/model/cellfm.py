@@ -22,6 +22,7 @@ from torch import Tensor
 
 from hinge_cli.config import ModelConfig
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.model_card import BackboneSource, ModelCard
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.checkpoint import save_checkpoint
 from hinge_cli.model.hinge import check_architecture
@@ -259,6 +260,6 @@ def convert_cellfm(ckpt: Path | str, vocab_csv: Path | str, out: Path | str, cfg
     if len(vocab) >= report.vocab_size:
         raise HingeError(f"{vocab_csv} lists {len(vocab)} genes but the checkpoint embeds only {report.vocab_size - 1}",
                          "pass the gene CSV released with this checkpoint")
-    save_checkpoint(out, backbone, vocab=vocab,
-                    extra={"source": str(ckpt), "skipped": report.skipped, "missing": report.missing})
+    source = BackboneSource("cellfm", str(ckpt), skipped=report.skipped, missing=report.missing)
+    save_checkpoint(out, backbone, ModelCard("cellfm-import", vocab=vocab, backbone=source))
     return report
