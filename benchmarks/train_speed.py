@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.embed import embed_samples
 from hinge_cli.run import Run
-from hinge_cli.tile import read_sample_sheet, tile_samples
+from hinge_cli.tile import tile_samples
 from hinge_cli.train import pretrain_warmup, train
 
 

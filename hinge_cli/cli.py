@@ -85,7 +85,12 @@ def tile(
     spots: Annotated[Optional[Path], typer.Option(help="Spot .h5ad (obsm['spatial'] in level-0 px): one patch per spot.")] = None,
     sample_id: Annotated[Optional[str], typer.Option(help="Sample id (default: the slide's file stem).")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
-    samples: Annotated[Optional[Path], typer.Option(help="CSV with columns sample_id, slide[, spots, mpp].")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="CSV with columns sample_id, slide[, spots, mpp, layer].")] = None,
+    visium: Annotated[Optional[Path], typer.Option(help="A Space Ranger outs/ folder: its spots, counts and scale factors.")] = None,
+    image: Annotated[str, typer.Option(help="With --visium: the full-resolution image file, or hires|lowres from outs/spatial.")] = "hires",
+    hest: Annotated[Optional[Path], typer.Option(help="A HEST-1k folder (wsis/, st/, metadata/): every sample, or --ids.")] = None,
+    ids: Annotated[Optional[str], typer.Option(help="With --hest: the sample ids to tile, comma-separated.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="The spot files' layer with raw counts (default: X, else layers['counts']).")] = None,
     config: ConfigOpt = None,
     target_mpp: Annotated[Optional[float], typer.Option(help=f"µm/px of the patches {default(TileConfig, 'target_mpp')}.")] = None,
     patch_px: Annotated[Optional[int], typer.Option(help=f"Patch side in pixels {default(TileConfig, 'patch_px')}.")] = None,
@@ -103,20 +108,13 @@ def tile(
     quiet: Quiet = False,
 ) -> None:
     """Detect tissue and cut patches at a fixed µm/px: one per spot, or on a grid over the tissue."""
+    from hinge_cli.data.sources import sample_specs
     from hinge_cli.run import Run, Shard
-    from hinge_cli.slide.tiling import SampleSpec
-    from hinge_cli.tile import read_sample_sheet, tile_samples
+    from hinge_cli.tile import tile_samples
 
-    if samples is not None:
-        specs = read_sample_sheet(samples)
-    elif slides:
-        if len(slides) > 1 and (spots is not None or sample_id is not None):
-            raise HingeError("--spots and --sample-id apply to one slide", "tile one slide per call, or use --samples sheet.csv")
-        specs = [SampleSpec(sample_id or s.stem, s, spots, mpp) for s in slides]
-    else:
-        raise HingeError("no slide given", "pass slide files, or --samples sheet.csv")
-    if mpp is not None:
-        specs = [s if s.mpp is not None else s._replace(mpp=mpp) for s in specs]
+    the_run = Run(run)
+    specs = sample_specs(the_run, slides=slides or (), spots=spots, sample_id=sample_id, mpp=mpp, sheet=samples, visium=visium,
+                         image=image, hest=hest, ids=_ids(ids), layer=layer)
     overrides = {
         "tile": {
             "target_mpp": target_mpp, "patch_px": patch_px, "grid": grid, "spot_um": spot_um, "pitch_um": pitch_um,
@@ -124,7 +122,6 @@ def tile(
             "tissue": {"threshold": tissue_threshold},
         }
     }
-    the_run = Run(run)
     cfg = the_run.config(config, overrides, record=False)
     summary = tile_samples(
         the_run, specs, cfg.tile, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=RichProgress()
@@ -152,6 +149,8 @@ def embed(
     workers: Annotated[Optional[int], typer.Option(help=f"Background patch readers {default(EmbedConfig, 'workers')}.")] = None,
     config: ConfigOpt = None,
     list_encoders: Annotated[bool, typer.Option("--list", help="List encoders, dimensions and whether weights were found.")] = False,
+    import_features: Annotated[Optional[Path], typer.Option(help="TRIDENT/HEST feature .h5 files (a folder of <sample>.h5) to use instead of embedding; --encoder names their model.")] = None,
+    patch_size_level0: Annotated[Optional[float], typer.Option(help="With --import-features: patch side in level-0 px when the files do not say.")] = None,
     shard: ShardOpt = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed samples and go on (exit 3).")] = False,
     overwrite: Overwrite = False,
@@ -159,9 +158,9 @@ def embed(
     quiet: Quiet = False,
 ) -> None:
     """Turn every tiled sample into one feature vector per spot (pathology encoders)."""
-    from hinge_cli.embed import embed_samples
-    from hinge_cli.encoders.embedding import parse_weights
+    from hinge_cli.embed import embed_samples, import_samples
     from hinge_cli.encoders import REGISTRY, locate_weights
+    from hinge_cli.encoders.embedding import parse_weights
     from hinge_cli.run import Run, Shard
 
     if list_encoders:
@@ -178,10 +177,14 @@ def embed(
     }
     the_run = Run(run)
     cfg = the_run.config(config, overrides, record=False)
-    summary = embed_samples(
-        the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going,
-        progress=RichProgress(),
-    )
+    if import_features is not None:
+        if encoder is None or "," in encoder:
+            raise HingeError("--import-features needs the one encoder that made the features", "add e.g. --encoder uni")
+        summary = import_samples(the_run, import_features, encoder, patch_size_level0, shard=Shard.parse(shard),
+                                 overwrite=overwrite, keep_going=keep_going, progress=RichProgress())
+    else:
+        summary = embed_samples(the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite,
+                                keep_going=keep_going, progress=RichProgress())
     the_run.record_config(cfg)
     for line in summary.lines():
         say(line)
@@ -329,6 +332,8 @@ def generate(
     run: RunDir = None,
     spots: Annotated[Optional[Path], typer.Option(help="Spot .h5ad for the slide: predict at its spots, not on a grid.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px of level 0 when the slide does not say.")] = None,
+    visium: Annotated[Optional[Path], typer.Option(help="A Space Ranger outs/ folder: predict at its spots.")] = None,
+    image: Annotated[str, typer.Option(help="With --visium: the full-resolution image file, or hires|lowres from outs/spatial.")] = "hires",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model to use; default: the run's checkpoints/best.safetensors.")] = None,
     samples: Annotated[Optional[int], typer.Option(help=f"Samples per spot; X is their mean, layers['std'] their spread {default(GenerateConfig, 'n_samples')}.")] = None,
     steps: Annotated[Optional[int], typer.Option(help=f"Reverse-process steps {default(GenerateConfig, 'steps', 'the trained T')}.")] = None,
@@ -350,8 +355,16 @@ def generate(
     from hinge_cli.generate import generate as stage
     from hinge_cli.run import Run, Shard
 
+    the_run = Run(run)
     ids = [i for value in sample_id or [] for i in _ids(value)]
-    if slide:
+    if visium is not None:
+        if slide or spots is not None or mpp is not None or len(ids) > 1:
+            raise HingeError("--visium names the slide, its spots and µm/px", "drop --slide, --spots and --mpp (one --sample-id at most)")
+        from hinge_cli.data.sources import visium_sample
+
+        spec = visium_sample(the_run, visium, image, ids[0] if ids else None)
+        targets = [Target(spec.sample_id, spec.slide, spec.spots, spec.mpp)]
+    elif slide:
         if len(slide) > 1 and (spots is not None or ids):
             raise HingeError("--spots and --sample-id apply to one --slide", "predict one slide per call, or drop them")
         if len(ids) > 1:
@@ -362,8 +375,7 @@ def generate(
             raise HingeError("--spots and --mpp need --slide", "give the slide, or drop them to predict the tiled samples")
         targets = [Target(i) for i in ids]
     else:
-        raise HingeError("nothing to predict", "pass --slide SLIDE, or --sample-id ID of a sample already in the run")
-    the_run = Run(run)
+        raise HingeError("nothing to predict", "pass --slide SLIDE, --visium OUTS, or --sample-id ID of a sample already in the run")
     overrides = {"generate": {"n_samples": samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
                               "keep_samples": True if keep_samples else None}}
     cfg = the_run.config(None, overrides, record=False)

@@ -19,11 +19,13 @@ from hinge_cli.encoders import (
     MAX_VIEWS,
     build_encoder,
     encoder_key,
+    get_spec,
     locate_weights,
     missing_weights_error,
     parse_encoders,
 )
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
+from hinge_cli.encoders.imported import import_features
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.progress import SILENT, Progress
@@ -89,5 +91,35 @@ def embed_samples(
         for sample in todo:
             with summary.attempt(run, sample, f"embed:{key}", keep_going):
                 embed_sample(run, sample, encoders, cfg, progress)
+            advance(1)
+    return summary
+
+
+def import_samples(
+    run: Run,
+    source: Path,
+    encoder: str,
+    patch_size_level0: float | None = None,
+    shard: Shard = Shard(),
+    overwrite: bool = False,
+    keep_going: bool = False,
+    progress: Progress = SILENT,
+) -> SampleReport:
+    """Take this shard's tiled samples' features from TRIDENT/HEST files instead of computing them."""
+    samples = tiled_samples(run)
+    if not samples:
+        raise HingeError(f"no tiled samples in {run.root}", "run hinge tile first (spot positions come from the tiles)")
+    if Path(source).is_file() and len(samples) > 1:
+        raise HingeError(f"{source} is one file but the run has {len(samples)} samples",
+                         "give the folder of TRIDENT feature files, one <sample>.h5 each")
+    name = get_spec(encoder).name
+    summary = SampleReport(f"embed ({name}, imported)")
+    with progress.task("samples", len(shard.select(samples))) as advance:
+        for sample in shard.select(samples):
+            if run.embeddings(name, sample).exists() and not overwrite:
+                summary.skipped.append(sample)
+            else:
+                with summary.attempt(run, sample, f"embed:{name}", keep_going):
+                    import_features(run, sample, source, name, patch_size_level0)
             advance(1)
     return summary

@@ -122,6 +122,10 @@ class Run:
     def tiles(self, sample: str) -> Path:
         return self.root / "tiles" / f"{sample}.h5"
 
+    def input_spots(self, sample: str) -> Path:
+        """Spots hinge wrote itself from another layout (a Space Ranger folder), in the slide image's pixels."""
+        return self.root / "inputs" / f"{sample}.h5ad"
+
     def thumbnail(self, sample: str) -> Path:
         return self.root / "tiles" / f"{sample}.png"
 

@@ -7,44 +7,15 @@ picks up exactly the samples that are missing.
 
 from __future__ import annotations
 
-import csv
 import logging
-from pathlib import Path
 
 from hinge_cli.config import TileConfig
-from hinge_cli.errors import HingeError
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 
 log = logging.getLogger(__name__)
-
-
-def read_sample_sheet(path: Path) -> list[SampleSpec]:
-    """Rows of `sample_id, slide[, spots, mpp]`; relative paths are relative to the sheet."""
-    path = Path(path)
-    if not path.exists():
-        raise HingeError(f"sample sheet {path} does not exist", "check the path given to --samples")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"sample_id", "slide"} <= set(rows[0]):
-        raise HingeError(f"sample sheet {path} needs the columns sample_id and slide", "add a header line: sample_id,slide,spots,mpp")
-    specs = []
-    for n, row in enumerate(rows, start=2):
-        def resolve(value: str | None) -> Path | None:
-            return (path.parent / value.strip()) if value and value.strip() else None
-
-        mpp = (row.get("mpp") or "").strip()
-        try:
-            specs.append(SampleSpec(row["sample_id"].strip(), resolve(row["slide"]), resolve(row.get("spots")), float(mpp) if mpp else None))
-        except ValueError:
-            raise HingeError(f"{path} line {n}: mpp '{mpp}' is not a number", "give micrometres per pixel, e.g. 0.5") from None
-    ids = [s.sample_id for s in specs]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicated:
-        raise HingeError(f"sample sheet {path} repeats sample ids: {', '.join(duplicated)}", "give every row its own sample_id")
-    return specs
 
 
 def _stale_params(run: Run, sample: str, cfg: TileConfig) -> list[str]:

@@ -68,3 +68,81 @@ def test_in_tissue_is_visiums_zero_or_one(tmp_path: Path) -> None:
     obs = ad.read_h5ad(tmp_path / "p.h5ad").obs
     assert obs["in_tissue"].tolist() == [0, 1, 1]
     np.testing.assert_allclose(obs["tissue_fraction"], [0.2, 0.5, 1.0])
+
+
+def hinge(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    result = CliRunner().invoke(app, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize(("legacy", "image"), [(False, "fullres"), (True, "hires")])
+def test_visium_outs_tile_in_one_command(tmp_path: Path, legacy: bool, image: str) -> None:
+    from hinge_cli.formats.fixtures import make_spaceranger_outs
+    from hinge_cli.formats.tiles import read_tiles
+
+    sample = tmp_path / "slide1"
+    visium = make_spaceranger_outs(sample / "outs", legacy_positions=legacy, seed=2,
+                                   fullres=sample / "fullres.tif" if image == "fullres" else None)
+    run = tmp_path / "run"
+    chosen = str(visium.fullres) if image == "fullres" else image
+    hinge("tile", "--visium", str(visium.outs), "--image", chosen, "--run", str(run), "--config", "tiny", "--no-images")
+    tiles = read_tiles(Run(run).tiles("slide1"))  # the sample is named after the folder above outs/
+    assert len(tiles.barcodes) == visium.n_in_tissue
+    scale = 1.0 if image == "fullres" else 0.5  # the fixture's tissue_hires_scalef
+    assert tiles.attrs.mpp_source == pytest.approx(visium.mpp_fullres / scale)
+    centre, radius = np.array(visium.tissue.centre), visium.tissue.radius + 1 / scale  # tiles round to whole pixels
+    assert (np.hypot(*(tiles.coords / scale - centre).T) < radius).all()  # back in full-resolution px: all on the tissue
+    registered = Run(run).sample("slide1")["expression"]["path"]
+    assert ad.read_h5ad(registered).X.sum() > 0
+
+
+def test_hest_folder_tiles_with_the_metadata_mpp(tmp_path: Path) -> None:
+    from hinge_cli.formats.fixtures import make_hest_folder
+    from hinge_cli.formats.tiles import read_tile_attrs
+
+    hest = make_hest_folder(tmp_path / "hest")
+    run = Run(tmp_path / "run")
+    hinge("tile", "--hest", str(hest.root), "--ids", hest.ids[1], "--run", str(run.root), "--config", "tiny", "--no-images")
+    assert not run.tiles(hest.ids[0]).exists()
+    assert read_tile_attrs(run.tiles(hest.ids[1])).mpp_source == pytest.approx(hest.mpps[hest.ids[1]])  # not the TIFF's wrong tag
+
+
+def test_trident_features_import_and_train(tmp_path: Path, synth) -> None:
+    from hinge_cli.encoders import get_spec
+    from hinge_cli.formats.embeddings import read_embeddings
+    from hinge_cli.formats.fixtures import make_trident_features
+
+    run = Run(tmp_path / "run")
+    hinge("tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run.root), "--config", "tiny", "--no-images")
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    made = make_trident_features(folder / "s0.h5", synth.spots, 0.5, dim=get_spec("uni").dim, hest_barcodes=False)
+    hinge("embed", "--import-features", str(folder), "--encoder", "uni", "--run", str(run.root))
+    imported = read_embeddings(run.embeddings("uni", "s0"))
+    order = [made.barcodes.index(b) for b in imported.barcodes]  # paired by centre: the file's barcodes are coordinates
+    np.testing.assert_array_equal(imported.features, made.features[order])
+    hinge("pretrain-warmup", "--run", str(run.root), "--n-genes", "8", "--warmup-epochs", "1")
+    hinge("train", "--run", str(run.root), "--epochs", "1")
+    assert run.checkpoint("best").exists()
+
+
+def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
+    spots = ad.read_h5ad(synth.spots)
+    spots.layers["raw"] = spots.X.copy()
+    spots.X = np.log1p(np.asarray(spots.X, dtype=np.float32))
+    path = tmp_path / "logged.h5ad"
+    spots.write_h5ad(path)
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    args = ["tile", str(synth.slide), "--spots", str(path), "--run", str(tmp_path / "run"), "--config", "tiny", "--no-images"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--layer" in refused.output
+    hinge(*args, "--layer", "raw")
+    assert Run(tmp_path / "run").sample("s0")["expression"]["layer"] == "raw"

@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import TileConfig, load_config
+from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.errors import HingeError
 from hinge_cli.files import OutputLocked, output_lock
 from hinge_cli.run import Run
 from hinge_cli.slide.reader import open_slide
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.tile import read_sample_sheet, tile_samples
+from hinge_cli.tile import tile_samples
 
 runner = CliRunner()
 

@@ -50,7 +50,8 @@ from hinge_cli.progress import SILENT
 from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.run import Run
-from hinge_cli.tile import read_sample_sheet, tile_samples
+from hinge_cli.data.sources import read_sample_sheet
+from hinge_cli.tile import tile_samples
 from hinge_cli.train import pretrain_backbone, pretrain_warmup, train
 
 log = logging.getLogger("bench-her2st")

@@ -163,6 +163,8 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
         with open_slide(spec.slide, spec.mpp) as slide:
             if spec.spots is not None and not Path(spec.spots).exists():
                 raise HingeError(f"spot file {spec.spots} does not exist", "check the path given to --spots")
+            if spec.spots is not None and register_expression:
+                read_expression(spec.spots, spec.layer)  # raw counts must be there now, not hours later in training
             inputs = {"slide": describe_input(spec.slide)}
             if spec.spots is not None:
                 inputs["spots"] = describe_input(spec.spots)
@@ -198,7 +200,6 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
         run.record_stage(spec.sample_id, "tile", "ok", **record)
     sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
     if spec.spots is not None and register_expression:
-        read_expression(spec.spots, spec.layer)  # raw counts must be there now, not hours later in training
         sample["expression"] = {**describe_input(spec.spots), "layer": spec.layer}
     run.register_sample(spec.sample_id, **sample)
     log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])
