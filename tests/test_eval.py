@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from hinge_cli.cli import app
 from hinge_cli.data.expression import Transform, read_expression
 from hinge_cli.errors import HingeError
-from hinge_cli.evaluate import align, evaluate, match_coordinates, read_prediction
+from hinge_cli.eval import align, evaluate, match_coordinates, read_prediction
 from hinge_cli.run import Run
 
 PITCH = 100.0  # px between spot centres
