@@ -32,7 +32,7 @@ from hinge_cli.embed import TileSet, embed_sample, encoder_key, parse_weights
 from hinge_cli.encoders import Encoder, EncoderSpec, build_encoder, locate_weights, missing_weights_error, parse_encoders
 from hinge_cli.errors import HingeError
 from hinge_cli.model import Hinge, load_checkpoint
-from hinge_cli.plots import MapPanel, tissue_maps
+from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.files import OutputLocked, atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.run import Run, Shard
@@ -360,7 +360,8 @@ def predict_sample(run: Run, sample: str, model: Model, out: Path, opts: Generat
                         if draws_ds is not None:
                             draws_ds[start:stop] = out_b.samples.float().cpu().numpy()
                         advance(stop - start)
-        plots = [str(p) for p in _plots(out, sample, opts.plot, maps, image, spots.coords * scalef, spot_diameter * scalef)]
+        plots = [str(p) for p in _plots(out, sample, opts.plot, maps, image, spots.coords * scalef, spot_diameter * scalef,
+                                        expression_unit(**provenance["transform"]))]
         record = {"output": str(out.resolve()), "n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.meta["sha256"], "plots": plots}
         run.record_stage(sample, "generate", "ok", **record)
@@ -368,20 +369,14 @@ def predict_sample(run: Run, sample: str, model: Model, out: Path, opts: Generat
     return record
 
 
-def _value_range(values: np.ndarray) -> tuple[float, float]:
-    return (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-
-
 def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, image: np.ndarray, xy: np.ndarray,
-           diameter: float) -> list[Path]:
-    """One PNG per gene beside the output: H&E, predicted mean and spread over samples."""
+           diameter: float, unit: str) -> list[Path]:
+    """One PNG per gene beside the output: H&E, predicted mean and spread over samples, each with its colour bar."""
     paths = []
     for k, gene in enumerate(genes):
-        path = out.with_name(f"{out.stem}_{gene}.png")
-        panels = [MapPanel(f"{gene} {what}", values, *_value_range(values))
-                  for what, values in (("mean", maps[0, :, k]), ("std over samples", maps[1, :, k]))]
-        tissue_maps(path, image, xy, diameter, panels, f"{sample}: {gene}")
-        paths.append(path)
+        panels = [MapPanel("predicted mean", maps[0, :, k], unit), MapPanel("std over samples", maps[1, :, k], unit)]
+        paths.append(spot_maps(out.with_name(f"{out.stem}_{gene}.png"), xy, diameter, panels, f"{sample}: {gene}", image,
+                               image_panel=True))
     return paths
 
 

@@ -38,7 +38,7 @@ from hinge_cli.fit import LoopSettings, LoopState, fit, optimizer_state, optimiz
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
-from hinge_cli.plots import line_chart
+from hinge_cli.figures import loss_curves
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.files import atomic_path, write_text_atomic
 from hinge_cli.run import Run
@@ -159,7 +159,7 @@ def write_log(run: Run, stage: str, state: LoopState) -> None:
     """Rewrite logs/<stage>.jsonl and plots/<stage>_loss.png from the loop history."""
     write_text_atomic(run.log(stage), "".join(json.dumps(r) + "\n" for r in state.history))
     series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
-    line_chart(run.plot(stage), series, f"{stage}: masked loss")
+    loss_curves(run.plot(stage), series, f"{stage}: masked loss")
 
 
 def save_state(path: Path, opt: torch.optim.Optimizer, state: LoopState) -> None:

@@ -7,15 +7,28 @@
     stage.py     the stage: `evaluate`
 """
 
-from hinge_cli.eval.align import Aligned, Prediction, align, match_coordinates, read_gene_list, read_prediction
-from hinge_cli.eval.report import Pictures, SlideResult, Spread, read_slide_metrics, write_json
+from hinge_cli.eval.align import (
+    Aligned,
+    Prediction,
+    align,
+    match_coordinates,
+    read_gene_list,
+    read_prediction,
+)
+from hinge_cli.eval.report import (
+    Pictures,
+    SlideResult,
+    Spread,
+    read_slide_metrics,
+    write_json,
+)
 from hinge_cli.eval.score import (
     HEADLINE,
     METRICS,
     Calibration,
     Coexpression,
-    CorrelationSummary,
     Correlations,
+    CorrelationSummary,
     Errors,
     GeneScores,
     Metric,

@@ -11,8 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from hinge_cli.eval.score import CORRELATION_ROWS, HEADLINE, METRICS, MORAN_K, OTHER_METRICS, VIEWS
-from hinge_cli.eval.score import Metric, SlideMetrics, metric_table
+from hinge_cli.eval.score import (
+    CORRELATION_ROWS,
+    HEADLINE,
+    METRICS,
+    MORAN_K,
+    OTHER_METRICS,
+    VIEWS,
+    Metric,
+    SlideMetrics,
+    metric_table,
+)
 from hinge_cli.figures import expression_unit
 from hinge_cli.files import write_text_atomic
 
@@ -97,7 +106,7 @@ def across_slides(slides: Sequence[SlideResult]) -> dict[str, Spread]:
         got = [metric.get(s.metrics) for s in slides]
         values = np.array([v for v in got if isinstance(v, (int, float)) and math.isfinite(v)], float)
         out[key] = Spread(float(values.mean()) if len(values) else math.nan,
-                          float(values.std(ddof=1)) if len(values) > 1 else math.nan, int(len(values)))
+                          float(values.std(ddof=1)) if len(values) > 1 else math.nan, len(values))
     return out
 
 
@@ -186,8 +195,9 @@ def slide_report(slide: SlideResult) -> str:
                       ("not_in_prediction", "asked for but not in the panel")):
         if g[key]:
             lines.append(f"- {len(g[key])} genes {what}: {', '.join(g[key])}")
-    lines += ["", f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
-                  "(gene-specific signal beyond sequencing depth).", "", correlation_table(slide.metrics), "",
+    headline = (f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
+                "(gene-specific signal beyond sequencing depth).")
+    lines += ["", headline, "", correlation_table(slide.metrics), "",
               metrics_table([slide], rows=OTHER_METRICS), ""]
     lines += ["## Best and worst genes (by model-space Pearson)", "", "| gene | Pearson | depth-partial | Spearman | MSE |",
               "|---|---|---|---|---|"]
@@ -208,8 +218,8 @@ def slide_report(slide: SlideResult) -> str:
 def summary_report(slides: Sequence[SlideResult], summary: dict[str, Spread]) -> str:
     """report.md across slides: the per-slide columns and mean ± std."""
     links = [f"- [{s.sample}]({s.sample}/report.md)" for s in slides]
-    headline = summary[HEADLINE.key]
-    return "\n".join([f"# hinge eval: {len(slides)} slides", "", *links, "",
-                      f"**Headline: depth-partial mean Pearson = {fmt(headline.mean)} ± {fmt(headline.std)}** "
-                      "(mean ± sample std over slides)", "",
+    spread = summary[HEADLINE.key]
+    headline = (f"**Headline: depth-partial mean Pearson = {fmt(spread.mean)} ± {fmt(spread.std)}** "
+                "(mean ± sample std over slides)")
+    return "\n".join([f"# hinge eval: {len(slides)} slides", "", *links, "", headline, "",
                       metrics_table(slides, summary), "", "## What the numbers mean", "", _notes(), ""])

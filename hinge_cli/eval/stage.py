@@ -10,8 +10,15 @@ from hinge_cli.data.expression import read_expression
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import align, read_gene_list, read_prediction
 from hinge_cli.eval.pictures import draw_pictures
-from hinge_cli.eval.report import SlideResult, across_slides, fmt, slide_report, summary_report, write_slide_metrics
-from hinge_cli.eval.report import write_summary_metrics
+from hinge_cli.eval.report import (
+    SlideResult,
+    across_slides,
+    fmt,
+    slide_report,
+    summary_report,
+    write_slide_metrics,
+    write_summary_metrics,
+)
 from hinge_cli.eval.score import HEADLINE, score
 from hinge_cli.files import write_text_atomic
 from hinge_cli.progress import SILENT, Progress
