@@ -15,8 +15,16 @@ from typer.testing import CliRunner
 from hinge_cli.cli import app
 from hinge_cli.data.expression import Transform, read_expression
 from hinge_cli.errors import HingeError
-from hinge_cli.eval import HEADLINE, align, evaluate, match_coordinates, metric_table, read_prediction, read_slide_metrics
-from hinge_cli.eval import write_json
+from hinge_cli.eval import (
+    HEADLINE,
+    align,
+    evaluate,
+    match_coordinates,
+    metric_table,
+    read_prediction,
+    read_slide_metrics,
+    write_json,
+)
 from hinge_cli.run import Run
 
 PITCH = 100.0  # px between spot centres

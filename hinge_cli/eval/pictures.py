@@ -65,6 +65,6 @@ def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_d
                            {"Pearson": (result.truth.var(0), result.pearson),
                             "depth-partial": (result.truth.var(0), result.partial)},
                            f"{aligned.sample}: per-gene correlation against truth variance",
-                           f"variance of the truth, {unit}", "correlation r (prediction vs truth)")
+                           f"variance of the truth in {unit}", "correlation r (prediction vs truth)")
     named["pearson_vs_variance"] = path.name
     return Pictures(maps=maps, figures=named, chosen=chosen)
