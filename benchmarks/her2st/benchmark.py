@@ -49,9 +49,9 @@ from hinge_cli.eval import (
     align,
     metric_table,
     read_prediction,
+    score_slide,
     write_json,
 )
-from hinge_cli.eval import score as score_slide
 from hinge_cli.files import write_text_atomic
 from hinge_cli.generate import GenerateOptions, load_model, predict_sample
 from hinge_cli.progress import SILENT

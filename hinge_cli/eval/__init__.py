@@ -38,7 +38,7 @@ from hinge_cli.eval.score import (
     VarianceScores,
     ViewScores,
     metric_table,
-    score,
+    score_slide,
 )
 from hinge_cli.eval.stage import EvalSummary, evaluate
 
@@ -46,5 +46,5 @@ __all__ = [
     "HEADLINE", "METRICS", "Aligned", "Calibration", "Coexpression", "CorrelationSummary", "Correlations", "Errors",
     "EvalSummary", "GeneScores", "Metric", "Pictures", "Prediction", "SlideMetrics", "SlideResult", "SlideScore",
     "SpatialScores", "Spread", "VarianceScores", "ViewScores", "align", "evaluate", "match_coordinates", "metric_table",
-    "read_gene_list", "read_prediction", "read_slide_metrics", "score", "write_json",
+    "read_gene_list", "read_prediction", "read_slide_metrics", "score_slide", "write_json",
 ]

@@ -261,7 +261,7 @@ def _spatial(pred: np.ndarray, truth: np.ndarray, coords: np.ndarray) -> tuple[S
     return scores, moran_pred, moran_true
 
 
-def score(aligned: Aligned, transform: Transform) -> SlideScore:
+def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
     """All metrics of one aligned slide (see report.NOTES for their definitions)."""
     pred, log_depth = aligned.pred, np.log(np.maximum(aligned.totals, 1.0))
     truth = transform.apply(aligned.counts, aligned.totals).astype(np.float64)

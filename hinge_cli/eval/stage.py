@@ -19,7 +19,7 @@ from hinge_cli.eval.report import (
     write_slide_metrics,
     write_summary_metrics,
 )
-from hinge_cli.eval.score import HEADLINE, score
+from hinge_cli.eval.score import HEADLINE, score_slide
 from hinge_cli.files import write_text_atomic
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
@@ -81,7 +81,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             if unknown:
                 raise HingeError(f"--genes-to-plot: {', '.join(unknown)} not evaluated on {pred.sample}",
                                  "choose genes in both the prediction's panel and the truth")
-            result = score(aligned, pred.transform)
+            result = score_slide(aligned, pred.transform)
             pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot)
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures)
