@@ -310,7 +310,7 @@ def eval(  # noqa: A001 - the subcommand is called eval
     quiet: Quiet = False,
 ) -> None:
     """Score predictions against measured expression: metrics.json, report.md and maps."""
-    from hinge_cli.evaluate import evaluate
+    from hinge_cli.eval import evaluate
     from hinge_cli.run import Run
 
     the_run = Run(run) if run is not None or os.environ.get("HINGE_RUN") else None

@@ -9,12 +9,13 @@ generate -> eval, the same held-out section is predicted by an untrained model
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hinge_cli.eval import read_slide_metrics
 
 HELD_OUT = "synth3"
 
@@ -26,12 +27,11 @@ def hinge(*args: str) -> None:
 
 
 def headline(metrics: Path) -> dict[str, float]:
-    data = json.loads(metrics.read_text())
-    corr = data["correlation"]
-    return {"mean Pearson (log2 counts)": corr["model"]["pearson"]["mean"],
-            "depth-partial Pearson (the headline)": corr["depth_partial"]["pearson"]["mean"],
-            "co-expression consistency": corr["model"]["coexpression"]["consistency"],
-            "MSE": data["errors"]["mse"]}
+    scores = read_slide_metrics(metrics)
+    return {"mean Pearson (log2 counts)": scores.correlation.model.pearson.mean,
+            "depth-partial Pearson (the headline)": scores.correlation.depth_partial.pearson.mean,
+            "co-expression consistency": scores.correlation.model.coexpression.consistency,
+            "MSE": scores.errors.mse}
 
 
 def main(argv: list[str] | None = None) -> int:

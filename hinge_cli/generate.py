@@ -30,7 +30,7 @@ from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.plots import MapPanel, tissue_maps
+from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
@@ -192,7 +192,8 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
                 writer.write(start, stop, mean, std, draws)
                 maps[:, start:stop] = mean[:, plot_cols], std[:, plot_cols]
                 advance(stop - start)
-        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, image, coords * scalef, spot_diameter * scalef)]
+        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, image, coords * scalef, spot_diameter * scalef,
+                                        expression_unit(**provenance["transform"]))]
         record = {"output": str(out.resolve()), "n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.card.sha256, "plots": plots}
         run.record_stage(sample, "generate", "ok", **record)
@@ -200,20 +201,14 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     return record
 
 
-def _value_range(values: np.ndarray) -> tuple[float, float]:
-    return (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-
-
 def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, image: np.ndarray, xy: np.ndarray,
-           diameter: float) -> list[Path]:
-    """One PNG per gene beside the output: H&E, predicted mean and spread over samples."""
+           diameter: float, unit: str) -> list[Path]:
+    """One PNG per gene beside the output: H&E, predicted mean and spread over samples, each with its colour bar."""
     paths = []
     for k, gene in enumerate(genes):
-        path = out.with_name(f"{out.stem}_{gene}.png")
-        panels = [MapPanel(f"{gene} {what}", values, *_value_range(values))
-                  for what, values in (("mean", maps[0, :, k]), ("std over samples", maps[1, :, k]))]
-        tissue_maps(path, image, xy, diameter, panels, f"{sample}: {gene}")
-        paths.append(path)
+        panels = [MapPanel("predicted mean", maps[0, :, k], unit), MapPanel("std over samples", maps[1, :, k], unit)]
+        paths.append(spot_maps(out.with_name(f"{out.stem}_{gene}.png"), xy, diameter, panels, f"{sample}: {gene}", image,
+                               image_panel=True))
     return paths
 
 

@@ -22,10 +22,6 @@ from scipy.stats import rankdata
 FLAT = 1e-6  # centred norm below this fraction of the magnitude is constant (float32 rounding is ~6e-8)
 
 
-def log1p_counts(counts: np.ndarray) -> np.ndarray:
-    return np.log1p(np.asarray(counts, dtype=np.float64))
-
-
 def cp10k_log(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
     """log1p(counts per 10k), with each spot's library size `totals` taken over all its genes."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -143,9 +139,9 @@ def summarise_correlations(r: np.ndarray, top: np.ndarray, ks: tuple[int, ...] =
     out: dict[str, float | int] = {
         "mean": finite_mean(r),
         "mean_top_variable": finite_mean(r[top]),
-        "n_genes": int(len(r)),
+        "n_genes": len(r),
         "n_excluded": int((~np.isfinite(r)).sum()),
-        "n_top_variable": int(len(top)),
+        "n_top_variable": len(top),
     }
     out.update({f"pcc_at_{k}": pcc_at_k(r, k) for k in ks})
     return out
@@ -189,7 +185,7 @@ def coexpression(pred: np.ndarray, truth: np.ndarray,
     a, b = cp[upper], ct[upper]
     consistency = float(pearson_per_gene(a[:, None], b[:, None])[0]) if len(a) >= 2 else float("nan")
     mad = float(np.mean(np.abs(a - b))) if len(a) else float("nan")
-    return {"consistency": consistency, "mean_abs_diff": mad, "n_genes": int(len(genes))}, cp, ct, genes
+    return {"consistency": consistency, "mean_abs_diff": mad, "n_genes": len(genes)}, cp, ct, genes
 
 
 def knn_weights(coords: np.ndarray, k: int = 6) -> sparse.csr_matrix:

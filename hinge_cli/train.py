@@ -40,7 +40,7 @@ from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
-from hinge_cli.plots import line_chart
+from hinge_cli.figures import loss_curves
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 
@@ -171,7 +171,7 @@ def write_log(run: Run, stage: str, state: LoopState) -> None:
     """Rewrite logs/<stage>.jsonl and plots/<stage>_loss.png from the loop history."""
     write_text_atomic(run.log(stage), "".join(json.dumps(r) + "\n" for r in state.history))
     series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
-    line_chart(run.plot(stage), series, f"{stage}: masked loss")
+    loss_curves(run.plot(stage), series, f"{stage}: masked loss")
 
 
 # ----------------------------------------------------------------------------- stages

@@ -55,7 +55,8 @@ def test_mlp_learns_a_nonlinear_signal_from_training_sections_only():
 
 
 def fold_numbers(partial: float | None, mse: float, seconds: float) -> dict:
-    return {"correlation": {"depth_partial": {"pearson": {"mean": partial}}}, "errors": {"mse": mse}, "seconds": seconds}
+    """One fold's scores as the benchmark stores them: `hinge eval`'s metric table by key, and the wall time."""
+    return {"correlation.depth_partial.pearson.mean": partial, "errors.mse": mse, "seconds": seconds}
 
 
 def test_summary_is_mean_and_std_over_folds_and_skips_undefined_values():

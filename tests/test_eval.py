@@ -15,7 +15,16 @@ from typer.testing import CliRunner
 from hinge_cli.cli import app
 from hinge_cli.data.expression import Transform, read_expression
 from hinge_cli.errors import HingeError
-from hinge_cli.evaluate import align, evaluate, match_coordinates, read_prediction
+from hinge_cli.eval import (
+    HEADLINE,
+    align,
+    evaluate,
+    match_coordinates,
+    metric_table,
+    read_prediction,
+    read_slide_metrics,
+    write_json,
+)
 from hinge_cli.run import Run
 
 PITCH = 100.0  # px between spot centres
@@ -95,7 +104,7 @@ def test_perfect_prediction_scores_perfectly(pair, tmp_path: Path) -> None:
     assert m["spatial"]["morans_i_agreement"] == pytest.approx(1.0)
     assert m["calibration"]["within_1std"] == 1.0
     assert m["alignment"]["matched_by"] == "barcode" and m["alignment"]["n_matched"] == 64
-    assert summary.slides[0]["sample"] == "s1"
+    assert summary.slides[0].sample == "s1"
     report = (tmp_path / "report.md").read_text()
     assert "**Headline: depth-partial mean Pearson = 1.000**" in report and "PCC@50" in report
     pngs = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
@@ -251,3 +260,43 @@ def test_existing_results_are_kept_unless_overwrite(pair, tmp_path: Path) -> Non
     assert (out / "metrics.json").read_bytes() == before
     evaluate([pred], [truth_path], out=out, overwrite=True)
     assert json.loads((out / "metrics.json").read_text())["sample"] == "s1"
+
+
+SUMMARY_KEYS = ["mean", "mean_top_variable", "n_genes", "n_excluded", "n_top_variable", "pcc_at_50", "pcc_at_200"]
+PER_GENE_KEYS = ["pearson_model", "spearman_model", "pearson_normalised", "spearman_normalised", "pearson_depth_partial",
+                 "spearman_depth_partial", "mse", "mae", "var_true", "var_pred", "rvd", "morans_i_true", "morans_i_pred",
+                 "within_1std"]
+
+
+def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path) -> None:
+    """The keys users' scripts read stay where they were; the reader gives back what the writer wrote."""
+    pred, truth, _ = pair
+    evaluate([pred], [truth], out=tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(m) == ["sample", "pred", "truth", "alignment", "genes", "transform", "headline", "correlation", "errors",
+                       "variance", "spatial", "calibration", "per_gene", "pictures", "notes"]
+    assert list(m["correlation"]) == ["model", "normalised", "depth_partial"]
+    for view in m["correlation"].values():
+        assert list(view) == ["pearson", "spearman", "coexpression"]
+        assert list(view["pearson"]) == SUMMARY_KEYS and list(view["spearman"]) == SUMMARY_KEYS
+        assert list(view["coexpression"]) == ["consistency", "mean_abs_diff", "n_genes"]
+    assert list(m["errors"]) == ["mse", "mae"]
+    assert list(m["variance"]) == ["rvd", "n_genes", "mean_var_true", "mean_var_pred"]
+    assert list(m["spatial"]) == ["morans_i_agreement", "morans_i_mean_abs_diff", "morans_i_mean_true",
+                                  "morans_i_mean_pred", "n_genes", "weights"]
+    assert m["calibration"] == {"within_1std": 1.0, "within_2std": 1.0,
+                                "expected_gaussian": {"within_1std": 0.683, "within_2std": 0.954}}
+    assert list(m["per_gene"]) == [f"G{j}" for j in range(12)] and list(m["per_gene"]["G0"]) == PER_GENE_KEYS
+    assert list(m["pictures"]) == ["maps", "coexpression_model", "coexpression_depth_partial", "pearson_vs_variance", "chosen"]
+    assert m["headline"] == HEADLINE.key == "correlation.depth_partial.pearson.mean"
+
+    scores = read_slide_metrics(tmp_path / "out" / "metrics.json")
+    assert scores.correlation.depth_partial.pearson.mean == m["correlation"]["depth_partial"]["pearson"]["mean"]
+    write_json(tmp_path / "again.json", scores.to_dict())
+    assert json.loads((tmp_path / "again.json").read_text()) == {k: m[k] for k in ("correlation", "errors", "variance",
+                                                                                    "spatial", "calibration", "per_gene")}
+    for key, value in metric_table(scores).items():  # a table key is the path of its number in the slide's metrics.json
+        place = m
+        for part in key.split("."):
+            place = place[part]
+        assert place == (None if value is None or np.isnan(value) else value), key

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 from baselines import BASELINES
 
-from hinge_cli import evaluate
 from hinge_cli.config import GenerateConfig, HingeConfig, load_config
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
@@ -44,11 +43,20 @@ from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.embed import embed_samples
 from hinge_cli.encoders import encoder_key, parse_encoders
+from hinge_cli.eval import (
+    METRICS,
+    Prediction,
+    align,
+    metric_table,
+    read_prediction,
+    score_slide,
+    write_json,
+)
+from hinge_cli.files import write_text_atomic
+from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.generate import predict_sample
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
-from hinge_cli.files import write_text_atomic
-from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.run import Run
 from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.tile import tile_samples
@@ -83,7 +91,7 @@ PANELS = (
 # The training mean is constant over spots: only its errors mean anything (its RVD is 1 by construction).
 MEAN_ONLY_ROWS = ("errors.mse", "errors.mae", "variance.rvd", "seconds")
 
-# (label, dotted path into `hinge eval`'s per-slide metrics, higher is better; None: no direction, nothing in bold)
+# (label, key of `hinge eval`'s metric table (eval.METRICS) or "seconds", higher is better; None: no direction, no bold)
 ROWS = (
     ("depth-partial Pearson (headline)", "correlation.depth_partial.pearson.mean", True),
     ("Pearson, log2 counts (raw)", "correlation.model.pearson.mean", True),
@@ -102,6 +110,7 @@ ROWS = (
     ("calibration: inside ±2 std (0.954 ideal)", "calibration.within_2std", None),
     ("wall time per fold (s)", "seconds", None),
 )
+assert {key for _, key, _ in ROWS} <= {*METRICS, "seconds"}, "every row is a metric of `hinge eval`'s table"
 
 
 @dataclass
@@ -196,10 +205,10 @@ class BaselineInputs:
         return cls([_section(run, key, x, genes) for x in SECTIONS if x != test], *held_out_features(run, key, test))
 
 
-def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str]) -> tuple[evaluate.Prediction, dict]:
+def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str]) -> tuple[Prediction, dict]:
     values, info = BASELINES[method](inputs.train, inputs.features)
-    pred = evaluate.Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
-                               values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
+    pred = Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
+                      values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
     return pred, info
 
 
@@ -226,7 +235,7 @@ def panel_config(cfg: HingeConfig, panel: Panel) -> HingeConfig:
 
 
 def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], backbone: Path | None,
-              cfg: HingeConfig, s: Settings) -> tuple[evaluate.Prediction, dict]:
+              cfg: HingeConfig, s: Settings) -> tuple[Prediction, dict]:
     run = fold_run(base, root)
     genes_file = root / "panel.txt"
     write_text_atomic(genes_file, "".join(g + "\n" for g in genes))
@@ -240,16 +249,15 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
     predict_sample(run, test, model, out, GenerateConfig(n_samples=s.n_samples, steps=s.steps), progress=SILENT)
     info = {"warmup_epochs": warm.epochs, "train_epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
             "best_val_loss": fitted.best_val, "prediction": str(out)}
-    return evaluate.read_prediction(out), info
+    return read_prediction(out), info
 
 
 # ----------------------------------------------------------------------------- scoring and the table
 
 
-def score(pred: evaluate.Prediction, truth: Expression, truth_path: Path) -> dict:
-    numbers = evaluate.score(evaluate.align(pred, truth, truth_path=truth_path), pred.transform).metrics
-    numbers.pop("per_gene")
-    return numbers
+def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
+    """Every metric of `hinge eval`'s table, by key."""
+    return metric_table(score_slide(align(pred, truth, truth_path=truth_path), pred.transform).metrics)
 
 
 def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> dict[str, dict[str, dict[str, dict]]]:
@@ -263,9 +271,8 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
             truth, inputs = None, None  # read once per fold and panel, and only if something is computed
             for method in panel.methods:
                 path = s.out / "scores" / panel.name / test / f"{method}.json"
-                if path.exists() and not s.overwrite:
-                    numbers = json.loads(path.read_text())
-                else:
+                numbers = json.loads(path.read_text()) if path.exists() and not s.overwrite else {}
+                if ROWS[0][1] not in numbers:  # not scored yet, or scored before scores were flat metric tables
                     log.info("%s  fold %s  %s", panel.name, test, method)
                     started = time.time()
                     truth = truth or read_expression(truth_path)
@@ -278,20 +285,17 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                     seconds = time.time() - started
                     numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    evaluate.write_json(path, numbers)
+                    write_json(path, numbers)
                     numbers = json.loads(path.read_text())
                     log.info("  depth-partial %.3f  raw %.3f  (%.0f s)", _get(numbers, ROWS[0][1]), _get(numbers, ROWS[1][1]), seconds)
                 results.setdefault(panel.name, {}).setdefault(method, {})[test] = numbers
     return results
 
 
-def _get(numbers: dict, dotted: str) -> float:
-    value = numbers
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or value.get(part) is None:
-            return float("nan")
-        value = value[part]
-    return float(value)
+def _get(numbers: dict, key: str) -> float:
+    """One fold's value of a row (NaN where undefined: written as null)."""
+    value = numbers.get(key)
+    return float("nan") if value is None else float(value)
 
 
 def summarise(results: dict) -> dict:
@@ -299,10 +303,10 @@ def summarise(results: dict) -> dict:
     out: dict = {}
     for panel, methods in results.items():
         for method, folds in methods.items():
-            for _, dotted, _ in ROWS:
-                values = np.array([_get(folds[f], dotted) for f in sorted(folds)])
+            for _, key, _ in ROWS:
+                values = np.array([_get(folds[f], key) for f in sorted(folds)])
                 finite = values[np.isfinite(values)]
-                out.setdefault(panel, {}).setdefault(method, {})[dotted] = {
+                out.setdefault(panel, {}).setdefault(method, {})[key] = {
                     "mean": float(finite.mean()) if len(finite) else None,
                     "std": float(finite.std()) if len(finite) else None,
                     "folds": dict(zip(sorted(folds), [None if not np.isfinite(v) else float(v) for v in values])),
@@ -322,8 +326,8 @@ def markdown(summary: dict, s: Settings) -> str:
         lines += [(f"## {panel.name}: {panel.n_genes} genes ({panel.select}, chosen on the training sections); "
                   f"HINGE trains up to {epochs} epochs"), "",
                   "| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        for label, dotted, higher in ROWS:
-            cells = [{"mean": None} if m == "train-mean" and dotted not in MEAN_ONLY_ROWS else summary[panel.name][m][dotted]
+        for label, key, higher in ROWS:
+            cells = [{"mean": None} if m == "train-mean" and key not in MEAN_ONLY_ROWS else summary[panel.name][m][key]
                      for m in methods]
             means = [c["mean"] for c in cells if c["mean"] is not None]
             best = None if higher is None or not means else max(means) if higher else min(means)
@@ -332,7 +336,7 @@ def markdown(summary: dict, s: Settings) -> str:
                 if c["mean"] is None:
                     row.append("—")
                     continue
-                digits = 0 if dotted == "seconds" else 3
+                digits = 0 if key == "seconds" else 3
                 text = f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}"
                 row.append(f"**{text}**" if best is not None and c["mean"] == best else text)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -385,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     s.timings["total compute (one-off costs + every method on every fold)"] = sum(s.timings.values()) + folds_total
     report = markdown(summary, s)
     write_text_atomic(s.out / "results.md", report)
-    evaluate.write_json(s.out / "results.json", {"summary": summary, "timings": s.timings, "folds": list(s.folds),
-                                                 "config": s.config.to_dict(), "samples": s.n_samples, "steps": s.steps})
+    write_json(s.out / "results.json", {"summary": summary, "timings": s.timings, "folds": list(s.folds),
+                                        "config": s.config.to_dict(), "samples": s.n_samples, "steps": s.steps})
     print(report)
     print(f"wrote {s.out / 'results.md'} and {s.out / 'results.json'}")
     return 0

@@ -37,6 +37,11 @@ class Section:
     totals: np.ndarray  # (N,) total counts over all genes of the spot
 
 
+def log1p_counts(counts: np.ndarray) -> np.ndarray:
+    """This benchmark's target space: natural-log counts, as the ridge acceptance test was specified."""
+    return np.log1p(np.asarray(counts, dtype=np.float64))
+
+
 def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardise x, centre y, solve (XᵀX + λ n I) W = Xᵀ y; returns (mu, sd, W, y_mean)."""
     mu, sd = x.mean(0), x.std(0)
@@ -73,7 +78,7 @@ def choose_lambda(xs: list[np.ndarray], ys: list[np.ndarray], score) -> tuple[fl
 
 def evaluate_fold(sections: dict[str, Section], test: str, n_genes: int = 50) -> dict[str, float]:
     train = [s for s in sections if s != test]
-    log_train = [metrics.log1p_counts(sections[s].counts) for s in train]
+    log_train = [log1p_counts(sections[s].counts) for s in train]
     genes = metrics.top_variable(np.concatenate(log_train), n_genes)
     xs = [sections[s].features for s in train]
     ys_log = [y[:, genes] for y in log_train]
@@ -85,7 +90,7 @@ def evaluate_fold(sections: dict[str, Section], test: str, n_genes: int = 50) ->
 
     x_all = np.concatenate(xs)
     held = sections[test]
-    truth_log = metrics.log1p_counts(held.counts[:, genes])
+    truth_log = log1p_counts(held.counts[:, genes])
     truth_cp = metrics.cp10k_log(held.counts[:, genes], held.totals)
     pred_log = predict_ridge(fit_ridge(x_all, np.concatenate(ys_log), lam_log), held.features)
     pred_cp = predict_ridge(fit_ridge(x_all, np.concatenate(ys_cp), lam_cp), held.features)

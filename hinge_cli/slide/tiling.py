@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_expression, read_h5ad
 from hinge_cli.errors import HingeError
+from hinge_cli.figures import slide_thumbnail
 from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
 from hinge_cli.progress import SILENT, Progress
@@ -134,20 +133,10 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
 
 
 def _thumbnail_png(path: Path, slide: Slide, mask: TissueMask, coords: np.ndarray, radius_px0: float) -> None:
-    """The slide with the tissue outline (green) and the patch centres (blue) drawn on it."""
+    """The slide with the tissue outline and the patch footprints, a legend and a scale bar."""
     downsample = max(1.0, max(slide.dimensions) / THUMB_MAX_SIDE)
-    image = Image.fromarray(slide.thumbnail(downsample))
-    tissue = np.asarray(Image.fromarray(mask.mask).resize(image.size, Image.Resampling.NEAREST))
-    outline = ndimage.binary_dilation(tissue & ~ndimage.binary_erosion(tissue), iterations=1)
-    pixels = np.asarray(image).copy()
-    pixels[outline] = (0, 170, 0)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    r = max(radius_px0 / downsample, 1.5)
-    for x, y in coords / downsample:
-        draw.ellipse((x - r, y - r, x + r, y + r), outline=(0, 80, 255), width=2)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    slide_thumbnail(path, slide.thumbnail(downsample), mask.mask, mask.downsample / downsample, coords / downsample,
+                    radius_px0 / downsample, require_mpp(slide) * downsample)
 
 
 def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT, register_expression: bool = True) -> dict:

@@ -1,0 +1,50 @@
+"""`hinge eval`: align a prediction with its truth, score it, draw it and report it.
+
+    align.py     read the prediction and gene lists, match spots and genes (`Aligned`)
+    score.py     every metric as typed results (`SlideMetrics`), and the table of reported metrics
+    pictures.py  the slide's maps, heatmaps and scatter (drawn by hinge_cli.figures)
+    report.py    metrics.json (writer and reader) and report.md
+    stage.py     the stage: `evaluate`
+"""
+
+from hinge_cli.eval.align import (
+    Aligned,
+    Prediction,
+    align,
+    match_coordinates,
+    read_gene_list,
+    read_prediction,
+)
+from hinge_cli.eval.report import (
+    Pictures,
+    SlideResult,
+    Spread,
+    read_slide_metrics,
+    write_json,
+)
+from hinge_cli.eval.score import (
+    HEADLINE,
+    METRICS,
+    Calibration,
+    Coexpression,
+    Correlations,
+    CorrelationSummary,
+    Errors,
+    GeneScores,
+    Metric,
+    SlideMetrics,
+    SlideScore,
+    SpatialScores,
+    VarianceScores,
+    ViewScores,
+    metric_table,
+    score_slide,
+)
+from hinge_cli.eval.stage import EvalSummary, evaluate
+
+__all__ = [
+    "HEADLINE", "METRICS", "Aligned", "Calibration", "Coexpression", "CorrelationSummary", "Correlations", "Errors",
+    "EvalSummary", "GeneScores", "Metric", "Pictures", "Prediction", "SlideMetrics", "SlideResult", "SlideScore",
+    "SpatialScores", "Spread", "VarianceScores", "ViewScores", "align", "evaluate", "match_coordinates", "metric_table",
+    "read_gene_list", "read_prediction", "read_slide_metrics", "score_slide", "write_json",
+]

@@ -1,0 +1,200 @@
+"""Reading a prediction and its truth, and matching them on spots and genes.
+
+Spots match by barcode when the two files share any, else by coordinates within half a
+spot (one-to-one, the closer claim wins). Genes are the prediction's panel ∩ the truth
+∩ an optional list; genes the prediction holds NaN for are left out and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from hinge_cli.data.expression import Expression, Transform, read_h5ad
+from hinge_cli.errors import HingeError
+
+log = logging.getLogger(__name__)
+
+MIN_SPOTS = 3
+
+
+@dataclass
+class Prediction:
+    """What `eval` needs from a prediction .h5ad (see DESIGN.md, "Output of generate")."""
+
+    path: Path
+    sample: str
+    barcodes: list[str]
+    genes: list[str]
+    values: np.ndarray
+    std: np.ndarray | None
+    coords: np.ndarray | None
+    transform: Transform
+    image: np.ndarray | None = None
+    image_scale: float = 1.0
+    spot_diameter: float | None = None
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float64)
+
+
+def _unique(names: list[str], path: Path) -> list[str]:
+    if len(set(names)) != len(names):
+        raise HingeError(f"{path} has duplicate spot barcodes", "make obs_names unique (adata.obs_names_make_unique())")
+    return names
+
+
+def read_prediction(path: Path) -> Prediction:
+    """Read a prediction written by `hinge generate`, checking it carries its transform."""
+    path = Path(path)
+    adata = read_h5ad(path, "prediction file", "give the .h5ad written by `hinge generate --out`")
+    provenance = dict(adata.uns.get("hinge", {}))
+    if "transform" not in provenance:
+        raise HingeError(
+            f"{path} does not record the transform its values are in (uns['hinge']['transform'])",
+            "evaluate a file written by `hinge generate`, or set uns['hinge']['transform'] = "
+            "{'normalize': 'none', 'target_sum': 10000, 'log_base': 2}",
+        )
+    try:
+        transform = Transform.from_dict({k: _plain(v) for k, v in dict(provenance["transform"]).items()})
+    except TypeError as exc:
+        raise HingeError(f"{path}: uns['hinge']['transform'] is malformed ({exc})", "keys are normalize, target_sum, log_base") from None
+    spatial = dict(adata.uns.get("spatial", {}))
+    sample = str(provenance.get("sample_id") or provenance.get("sample") or (next(iter(spatial)) if len(spatial) == 1 else path.stem))
+    pred = Prediction(
+        path=path, sample=sample, barcodes=_unique([str(b) for b in adata.obs_names], path),
+        genes=[str(g) for g in adata.var_names], values=_dense(adata.X),
+        std=_dense(adata.layers["std"]) if "std" in adata.layers else None,
+        coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None,
+        transform=transform,
+    )
+    entry = spatial.get(sample, next(iter(spatial.values()))) if spatial else {}
+    scalefactors = dict(entry.get("scalefactors", {}))
+    if scalefactors.get("spot_diameter_fullres"):
+        pred.spot_diameter = float(scalefactors["spot_diameter_fullres"])
+    hires = dict(entry.get("images", {})).get("hires")
+    if hires is not None and "tissue_hires_scalef" in scalefactors:
+        image = np.asarray(hires)
+        pred.image = (image * 255).clip(0, 255).astype(np.uint8) if image.dtype.kind == "f" and image.max() <= 1 else image.astype(np.uint8)
+        pred.image_scale = float(scalefactors["tissue_hires_scalef"])
+    return pred
+
+
+def read_gene_list(path: Path) -> list[str]:
+    """One symbol per line; blank lines and '#' comments ignored."""
+    path = Path(path)
+    if not path.exists():
+        raise HingeError(f"gene list {path} does not exist", "give a text file with one gene symbol per line")
+    genes = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not genes:
+        raise HingeError(f"gene list {path} is empty", "list the genes to evaluate, one per line")
+    return list(dict.fromkeys(genes))
+
+
+def median_spacing(coords: np.ndarray) -> float:
+    """Median distance from each spot to its nearest neighbour (the grid pitch)."""
+    dist, _ = cKDTree(coords).query(coords, k=2)
+    return float(np.median(dist[:, 1]))
+
+
+def match_coordinates(pred_xy: np.ndarray, truth_xy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest matches within `radius`: (pred rows, truth rows); the closer claim wins a contested spot."""
+    dist, nearest = cKDTree(truth_xy).query(pred_xy, k=1, distance_upper_bound=radius)
+    found = np.flatnonzero(np.isfinite(dist))
+    order = found[np.argsort(dist[found], kind="stable")]
+    _, first = np.unique(nearest[order], return_index=True)
+    keep = np.sort(order[first])
+    return keep, nearest[keep]
+
+
+@dataclass
+class Aligned:
+    """One prediction and its truth on the same spots and genes."""
+
+    sample: str
+    genes: list[str]
+    pred: np.ndarray
+    std: np.ndarray | None
+    counts: np.ndarray
+    totals: np.ndarray
+    coords: np.ndarray
+    spot_diameter: float
+    alignment: dict[str, Any]
+    gene_report: dict[str, Any]
+
+
+def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = None, truth_path: Path | None = None) -> Aligned:
+    """Match spots (barcodes, else coordinates within half a spot) and genes (the panel ∩ the truth ∩ `genes`)."""
+    index = {b: i for i, b in enumerate(_unique(truth.barcodes, truth_path or Path("truth")))}
+    shared = [(i, index[b]) for i, b in enumerate(pred.barcodes) if b in index]
+    spacing = median_spacing(truth.coords) if truth.coords is not None and len(truth.coords) > 1 else None
+    diameter = pred.spot_diameter or spacing
+    alignment: dict[str, Any] = {"n_pred_spots": len(pred.barcodes), "n_truth_spots": len(truth.barcodes)}
+    if shared:
+        rows_p, rows_t = (np.array(r, dtype=int) for r in zip(*shared))
+        alignment["matched_by"] = "barcode"
+    else:
+        if pred.coords is None or truth.coords is None or diameter is None:
+            raise HingeError(
+                f"prediction {pred.path} and truth share no spot barcode, and coordinates are missing",
+                "give both files obsm['spatial'] in level-0 pixels, or use the truth's barcodes",
+            )
+        rows_p, rows_t = match_coordinates(pred.coords, truth.coords, diameter / 2)
+        alignment.update(matched_by="coordinates", radius_px=diameter / 2)
+    alignment["n_matched"] = len(rows_p)
+    if len(rows_p) < MIN_SPOTS:
+        raise HingeError(
+            f"only {len(rows_p)} spots of {pred.path} match the truth (by {alignment['matched_by']})",
+            "check that both files describe the same slide, with coordinates in the same level-0 pixels",
+        )
+    candidates = list(pred.genes)
+    not_in_prediction: list[str] = []
+    if genes is not None:
+        panel = set(pred.genes)
+        not_in_prediction = [g for g in genes if g not in panel]
+        wanted = set(genes)
+        candidates = [g for g in pred.genes if g in wanted]
+    truth_genes = set(truth.genes)
+    missing = [g for g in candidates if g not in truth_genes]
+    evaluated = [g for g in candidates if g in truth_genes]
+    if not evaluated:
+        raise HingeError(
+            f"no gene of the prediction's panel is in the truth {truth_path or ''}".rstrip(),
+            "check that gene symbols match (same naming, e.g. HGNC symbols) and any --genes list",
+        )
+    column = {g: j for j, g in enumerate(pred.genes)}
+    cols = np.array([column[g] for g in evaluated])
+    values = pred.values[np.ix_(rows_p, cols)]
+    std = pred.std[np.ix_(rows_p, cols)] if pred.std is not None else None
+    finite = np.isfinite(values).all(0) & (np.isfinite(std).all(0) if std is not None else True)
+    dropped = [g for g, ok in zip(evaluated, finite) if not ok]
+    if not finite.any():
+        raise HingeError(f"every prediction of {pred.path} holds NaN or infinite values", "re-run `hinge generate`")
+    for what, names in (("missing from the truth", missing), ("with non-finite predictions, left out", dropped),
+                        ("asked for but not in the prediction's panel", not_in_prediction)):
+        if names:
+            log.warning("%s: %d genes %s: %s", pred.sample, len(names), what, ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+    kept = [g for g, ok in zip(evaluated, finite) if ok]
+    counts = truth.columns(kept)[rows_t].astype(np.float64)
+    coords = pred.coords[rows_p] if pred.coords is not None else truth.coords[rows_t] if truth.coords is not None else None
+    if coords is None:
+        raise HingeError(f"neither {pred.path} nor the truth has obsm['spatial']", "add spot centres in level-0 pixels")
+    return Aligned(
+        sample=pred.sample, genes=kept, pred=values[:, finite], std=std[:, finite] if std is not None else None,
+        counts=counts, totals=truth.totals[rows_t].astype(np.float64), coords=coords,
+        spot_diameter=float(diameter if diameter is not None else median_spacing(coords)), alignment=alignment,
+        gene_report={"n_panel": len(pred.genes), "n_evaluated": len(kept), "missing_from_truth": missing,
+                     "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction},
+    )

@@ -1,0 +1,225 @@
+"""What `hinge eval` writes: a slide's record, metrics.json (typed writer and reader) and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hinge_cli.eval.score import (
+    CORRELATION_ROWS,
+    HEADLINE,
+    METRICS,
+    MORAN_K,
+    OTHER_METRICS,
+    VIEWS,
+    Metric,
+    SlideMetrics,
+    metric_table,
+)
+from hinge_cli.figures import expression_unit
+from hinge_cli.files import write_text_atomic
+
+NOTES = {
+    "model space": "prediction and truth after the model's own transform (uns['hinge']['transform']).",
+    "CP10k-log": "truth as log1p(counts per 10k of the spot's total over all its genes); the prediction is "
+                 "turned back into counts (base^x - 1, clipped at 0) and put on the same scale: from its own "
+                 "target_sum when the model was trained on normalised targets, else with the same library size "
+                 "as the truth, so a prediction that only knows depth gets no credit.",
+    "depth-partial": "both sides regressed on the spot's log total counts within the slide, residuals "
+                     "correlated: gene-specific signal beyond sequencing depth. The headline.",
+    "constant genes": "a gene constant (or non-finite) on either side has no correlation; it is excluded "
+                      "from means and counted as 'genes excluded'.",
+    "top-50": "mean over the 50 truth genes with the largest variance in model space (HEST convention).",
+    "PCC@k": "mean of the k best genes, the convention of published tables (Stem, HINGE); optimistic by "
+             "construction, since it picks genes after seeing the result. n/a when the panel has fewer than k genes.",
+    "co-expression": "Pearson between the upper triangles of the predicted and true gene-gene correlation "
+                     "matrices (1 = same structure), and their mean absolute difference.",
+    "MSE/MAE": "over all spots and genes, in model space.",
+    "RVD": "relative variance distance, mean over genes of (var_pred - var_true)^2 / var_true^2: 0 is perfect, "
+           "a prediction without spread scores 1.",
+    "Moran's I": f"per gene on row-standardised {MORAN_K}-nearest-neighbour weights over spot centres; "
+                 "agreement is the Pearson across genes of predicted against true I.",
+    "calibration": "fraction of true values inside mean ± 1 and ± 2 predicted std (layers['std']); "
+                   "a calibrated Gaussian gives 0.683 and 0.954.",
+}
+
+
+@dataclass
+class GenePicks:
+    """The genes drawn as maps: the best and worst by Pearson, and those asked for."""
+
+    best: list[str]
+    worst: list[str]
+    asked: list[str]
+
+
+@dataclass
+class Pictures:
+    """File names (inside maps/) of a slide's pictures."""
+
+    maps: dict[str, str]  # gene -> file
+    figures: dict[str, str]  # coexpression_model, coexpression_depth_partial, pearson_vs_variance -> file
+    chosen: GenePicks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"maps": self.maps, **self.figures, "chosen": asdict(self.chosen)}
+
+
+@dataclass
+class SlideResult:
+    """Everything `hinge eval` found about one slide; `to_dict` is its metrics.json (without the notes)."""
+
+    sample: str
+    pred: str
+    truth: str
+    alignment: dict[str, Any]
+    genes: dict[str, Any]
+    transform: dict[str, Any]
+    metrics: SlideMetrics
+    pictures: Pictures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"sample": self.sample, "pred": self.pred, "truth": self.truth, "alignment": self.alignment,
+               "genes": self.genes, "transform": self.transform, "headline": HEADLINE.key, **self.metrics.to_dict()}
+        return {**out, "pictures": self.pictures.to_dict()}
+
+
+@dataclass
+class Spread:
+    """Mean and sample std (ddof=1) of one metric over slides, and how many slides had it."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def across_slides(slides: Sequence[SlideResult]) -> dict[str, Spread]:
+    """Every table metric over slides; NaN/absent values are left out and counted."""
+    out: dict[str, Spread] = {}
+    for key, metric in METRICS.items():
+        got = [metric.get(s.metrics) for s in slides]
+        values = np.array([v for v in got if isinstance(v, (int, float)) and math.isfinite(v)], float)
+        out[key] = Spread(float(values.mean()) if len(values) else math.nan,
+                          float(values.std(ddof=1)) if len(values) > 1 else math.nan, len(values))
+    return out
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN and infinities to null."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """JSON with NaN as null, written atomically."""
+    write_text_atomic(path, json.dumps(_json_ready(data), indent=1))
+
+
+def write_slide_metrics(path: Path, slide: SlideResult) -> None:
+    write_json(path, {**slide.to_dict(), "notes": NOTES})
+
+
+def write_summary_metrics(path: Path, slides: Sequence[SlideResult], summary: dict[str, Spread]) -> None:
+    table = {s.sample: metric_table(s.metrics) for s in slides}
+    write_json(path, {"slides": table, "mean_std": {k: asdict(v) for k, v in summary.items()}, "headline": HEADLINE.key,
+                      "notes": NOTES})
+
+
+def read_slide_metrics(path: Path) -> SlideMetrics:
+    """The metrics of a slide's metrics.json, as written by `hinge eval`."""
+    return SlideMetrics.from_dict(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def metrics_table(slides: Sequence[SlideResult], summary: dict[str, Spread] | None = None,
+                  rows: Sequence[Metric] = tuple(METRICS.values())) -> str:
+    """Markdown table: one row per metric, one column per slide, plus mean ± std when given."""
+    body = []
+    for metric in rows:
+        cells = [fmt(metric.get(s.metrics)) for s in slides]
+        if summary:
+            cells.append(f"{fmt(summary[metric.key].mean)} ± {fmt(summary[metric.key].std)}")
+        body.append([f"**{c}**" for c in [metric.label, *cells]] if metric is HEADLINE else [metric.label, *cells])
+    return _markdown(["metric"] + [s.sample for s in slides] + (["mean ± std"] if summary else []), body)
+
+
+def correlation_table(slide: SlideMetrics) -> str:
+    """One slide's correlation metrics: one row per metric, one column per view (depth-partial first: the headline)."""
+    body = [[label] + [fmt(get(slide.correlation.view(view))) for view in VIEWS] for _, label, get in CORRELATION_ROWS]
+    return _markdown(["correlation metric"] + list(VIEWS.values()), body)
+
+
+def _notes() -> str:
+    return "\n".join(f"- **{name}**: {text}" for name, text in NOTES.items())
+
+
+def slide_report(slide: SlideResult) -> str:
+    """report.md of one slide: provenance, the metric table, best and worst genes, pictures, definitions."""
+    a, g = slide.alignment, slide.genes
+    lines = [
+        f"# hinge eval: {slide.sample}", "",
+        f"- prediction `{slide.pred}`, truth `{slide.truth}`",
+        f"- spots: {a['n_matched']} matched by {a['matched_by']} (prediction {a['n_pred_spots']}, truth {a['n_truth_spots']})",
+        f"- genes: {g['n_evaluated']} evaluated of a {g['n_panel']}-gene panel; model space {expression_unit(**slide.transform)}",
+    ]
+    for key, what in (("missing_from_truth", "missing from the truth"), ("dropped_nonfinite", "left out, non-finite predictions"),
+                      ("not_in_prediction", "asked for but not in the panel")):
+        if g[key]:
+            lines.append(f"- {len(g[key])} genes {what}: {', '.join(g[key])}")
+    headline = (f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
+                "(gene-specific signal beyond sequencing depth).")
+    lines += ["", headline, "", correlation_table(slide.metrics), "",
+              metrics_table([slide], rows=OTHER_METRICS), ""]
+    lines += ["## Best and worst genes (by model-space Pearson)", "", "| gene | Pearson | depth-partial | Spearman | MSE |",
+              "|---|---|---|---|---|"]
+    per_gene = slide.metrics.per_gene
+    column = {gene: j for j, gene in enumerate(per_gene.genes)}
+    pictures = slide.pictures
+    for gene in dict.fromkeys(pictures.chosen.best + pictures.chosen.worst):
+        j = column[gene]
+        lines.append(f"| {gene} | {fmt(per_gene.pearson_model[j])} | {fmt(per_gene.pearson_depth_partial[j])} | "
+                     f"{fmt(per_gene.spearman_model[j])} | {fmt(per_gene.mse[j])} |")
+    lines += ["", "## Pictures", ""]
+    lines += [f"![{name}](maps/{file})" for name, file in pictures.figures.items()]
+    lines += [f"![{gene}](maps/{file})" for gene, file in pictures.maps.items()]
+    lines += ["", "## What the numbers mean", "", _notes(), ""]
+    return "\n".join(lines)
+
+
+def summary_report(slides: Sequence[SlideResult], summary: dict[str, Spread]) -> str:
+    """report.md across slides: the per-slide columns and mean ± std."""
+    links = [f"- [{s.sample}]({s.sample}/report.md)" for s in slides]
+    spread = summary[HEADLINE.key]
+    headline = (f"**Headline: depth-partial mean Pearson = {fmt(spread.mean)} ± {fmt(spread.std)}** "
+                "(mean ± sample std over slides)")
+    return "\n".join([f"# hinge eval: {len(slides)} slides", "", *links, "", headline, "",
+                      metrics_table(slides, summary), "", "## What the numbers mean", "", _notes(), ""])
