@@ -38,8 +38,8 @@ from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.run import Run
-from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.synthetic import make_synthetic_sample
 
 MPP = 0.5
 SPEED_GRID = [(50, 1), (50, 8), (10, 1), (10, 8)]  # (steps, samples)

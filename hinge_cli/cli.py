@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,8 +15,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from hinge_cli import __version__
-from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig, field_default
+from hinge_cli.config import EmbedConfig, GenerateConfig, HingeConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig, field_default
 from hinge_cli.errors import HingeError
+from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.terminal import RichProgress, err, say, setup_output, verbosity
 
 app = typer.Typer(
@@ -31,6 +34,30 @@ def default(section: type, name: str, none: str = "none") -> str:
     return f"(default: {none if value is None else value})"
 
 
+def setting(section: type, name: str, text: str, none: str = "none") -> Any:
+    """A flag that overrides config `section.name`: unset, it keeps the run's value; its help shows the default."""
+    hint = typing.get_type_hints(section)[name]
+    value_type = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+    return Annotated[Optional[value_type], typer.Option(help=f"{text} {default(section, name, none)}.")]
+
+
+def finish(summary: Any) -> None:
+    """Print a stage's closing lines; a per-sample stage with failures (under --keep-going) exits 3."""
+    failed = bool(getattr(summary, "failed", None))
+    for line in summary.lines():
+        err.print(line, highlight=False, soft_wrap=True) if failed else say(line)
+    if failed:
+        raise typer.Exit(3)
+
+
+def run_stage(run: Run, preset: str | None, overrides: dict[str, Any], stage: Callable[[HingeConfig], Any]) -> None:
+    """Resolve the config (preset < hinge.yaml < flags), run the stage, and record the flags only once it succeeded."""
+    cfg = run.config(preset, overrides, record=False)
+    summary = stage(cfg)
+    run.record_config(cfg)
+    finish(summary)
+
+
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and tracebacks for errors.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")]
 RunDir = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: $HINGE_RUN or ./hinge-run).")]
@@ -44,7 +71,7 @@ ShardOpt = Annotated[
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Register a subcommand whose user errors print as one line and exit 2."""
+    """Register a subcommand whose user errors print as one line and exit 2; it also takes -v/-q, like every command."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -60,6 +87,11 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             err.print("[yellow]interrupted[/]: finished outputs are kept; run the same command again to resume")
             raise typer.Exit(130) from None
 
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=hint)
+              for name, hint in (("verbose", Verbose), ("quiet", Quiet))]
+    signature = inspect.signature(fn, eval_str=True)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *shared])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, "verbose": Verbose, "quiet": Quiet}
     return app.command(context_settings={"help_option_names": ["-h", "--help"]})(wrapper)
 
 
@@ -92,24 +124,21 @@ def tile(
     ids: Annotated[Optional[str], typer.Option(help="With --hest: the sample ids to tile, comma-separated.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="The spot files' layer with raw counts (default: X, else layers['counts']).")] = None,
     config: ConfigOpt = None,
-    target_mpp: Annotated[Optional[float], typer.Option(help=f"µm/px of the patches {default(TileConfig, 'target_mpp')}.")] = None,
-    patch_px: Annotated[Optional[int], typer.Option(help=f"Patch side in pixels {default(TileConfig, 'patch_px')}.")] = None,
-    grid: Annotated[Optional[str], typer.Option(help=f"Lattice without spots: hex|square {default(TileConfig, 'grid')}.")] = None,
-    spot_um: Annotated[Optional[float], typer.Option(help=f"Grid spot diameter in µm {default(TileConfig, 'spot_um')}.")] = None,
-    pitch_um: Annotated[Optional[float], typer.Option(help=f"Grid centre-to-centre spacing in µm {default(TileConfig, 'pitch_um')}.")] = None,
-    min_tissue: Annotated[Optional[float], typer.Option(help=f"Grid spots keep this tissue fraction {default(TileConfig, 'min_tissue')}.")] = None,
-    tissue_threshold: Annotated[Optional[float], typer.Option(help=f"Saturation cut-off 0-1 for tissue {default(TissueConfig, 'threshold', 'Otsu')}.")] = None,
+    target_mpp: setting(TileConfig, "target_mpp", "µm/px of the patches") = None,
+    patch_px: setting(TileConfig, "patch_px", "Patch side in pixels") = None,
+    grid: setting(TileConfig, "grid", "Lattice without spots: hex|square") = None,
+    spot_um: setting(TileConfig, "spot_um", "Grid spot diameter in µm") = None,
+    pitch_um: setting(TileConfig, "pitch_um", "Grid centre-to-centre spacing in µm") = None,
+    min_tissue: setting(TileConfig, "min_tissue", "Grid spots keep this tissue fraction") = None,
+    tissue_threshold: setting(TissueConfig, "threshold", "Saturation cut-off 0-1 for tissue", none="Otsu") = None,
     no_images: Annotated[bool, typer.Option("--no-images", help="Store coordinates only, no pixels.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help=f"Parallel patch readers {default(TileConfig, 'workers')}.")] = None,
+    workers: setting(TileConfig, "workers", "Parallel patch readers") = None,
     shard: ShardOpt = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed slides and go on (exit 3).")] = False,
     overwrite: Overwrite = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Detect tissue and cut patches at a fixed µm/px: one per spot, or on a grid over the tissue."""
     from hinge_cli.data.sources import sample_specs
-    from hinge_cli.run import Run, Shard
     from hinge_cli.tile import tile_samples
 
     the_run = Run(run)
@@ -122,31 +151,24 @@ def tile(
             "tissue": {"threshold": tissue_threshold},
         }
     }
-    cfg = the_run.config(config, overrides, record=False)
-    summary = tile_samples(
-        the_run, specs, cfg.tile, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=RichProgress()
-    )
-    the_run.record_config(cfg)
-    for line in summary.lines():
-        say(line) if not summary.failed else err.print(line, highlight=False, soft_wrap=True)
-    if summary.failed:
-        raise typer.Exit(3)
+    run_stage(the_run, config, overrides, lambda cfg: tile_samples(
+        the_run, specs, cfg.tile, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=RichProgress()))
 
 
 @command
 def embed(
     run: RunDir = None,
-    encoder: Annotated[Optional[str], typer.Option(help=f"NAME,NAME...: features concatenated in that order {default(EmbedConfig, 'encoder')}.")] = None,
+    encoder: setting(EmbedConfig, "encoder", "NAME,NAME...: features concatenated in that order") = None,
     weights: Annotated[
         Optional[list[str]], typer.Option(help="FILE, or NAME=FILE per learned encoder (default: the Hugging Face cache).")
     ] = None,
-    views: Annotated[Optional[int], typer.Option(help=f"1, or 8 dihedral views (test-time augmentation) {default(EmbedConfig, 'views')}.")] = None,
+    views: setting(EmbedConfig, "views", "1, or 8 dihedral views (test-time augmentation)") = None,
     average_views: Annotated[
         bool, typer.Option("--average-views", help="With --views 8: store the mean (N, D), not every view (N, 8, D).")
     ] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Patches per forward pass {default(EmbedConfig, 'batch_size')}.")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"auto|cpu|cuda {default(EmbedConfig, 'device')}.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help=f"Background patch readers {default(EmbedConfig, 'workers')}.")] = None,
+    batch_size: setting(EmbedConfig, "batch_size", "Patches per forward pass") = None,
+    device: setting(EmbedConfig, "device", "auto|cpu|cuda") = None,
+    workers: setting(EmbedConfig, "workers", "Background patch readers") = None,
     config: ConfigOpt = None,
     list_encoders: Annotated[bool, typer.Option("--list", help="List encoders, dimensions and whether weights were found.")] = False,
     import_features: Annotated[Optional[Path], typer.Option(help="TRIDENT/HEST feature .h5 files (a folder of <sample>.h5) to use instead of embedding; --encoder names their model.")] = None,
@@ -154,14 +176,11 @@ def embed(
     shard: ShardOpt = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Record failed samples and go on (exit 3).")] = False,
     overwrite: Overwrite = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Turn every tiled sample into one feature vector per spot (pathology encoders)."""
     from hinge_cli.embed import embed_samples, import_samples
     from hinge_cli.encoders import REGISTRY, locate_weights
     from hinge_cli.encoders.embedding import parse_weights
-    from hinge_cli.run import Run, Shard
 
     if list_encoders:
         given = parse_weights(weights or [], list(REGISTRY.values())) if weights else {}
@@ -175,21 +194,18 @@ def embed(
             "batch_size": batch_size, "device": device, "workers": workers,
         }
     }
+    if import_features is not None and (encoder is None or "," in encoder):
+        raise HingeError("--import-features needs the one encoder that made the features", "add e.g. --encoder uni")
     the_run = Run(run)
-    cfg = the_run.config(config, overrides, record=False)
-    if import_features is not None:
-        if encoder is None or "," in encoder:
-            raise HingeError("--import-features needs the one encoder that made the features", "add e.g. --encoder uni")
-        summary = import_samples(the_run, import_features, encoder, patch_size_level0, shard=Shard.parse(shard),
-                                 overwrite=overwrite, keep_going=keep_going, progress=RichProgress())
-    else:
-        summary = embed_samples(the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite,
-                                keep_going=keep_going, progress=RichProgress())
-    the_run.record_config(cfg)
-    for line in summary.lines():
-        say(line)
-    if summary.failed:
-        raise typer.Exit(3)
+
+    def stage(cfg: HingeConfig) -> SampleReport:
+        if import_features is not None:
+            return import_samples(the_run, import_features, cfg.embed.encoder, patch_size_level0, shard=Shard.parse(shard),
+                                  overwrite=overwrite, keep_going=keep_going, progress=RichProgress())
+        return embed_samples(the_run, cfg.embed, weights or [], shard=Shard.parse(shard), overwrite=overwrite,
+                             keep_going=keep_going, progress=RichProgress())
+
+    run_stage(the_run, config, overrides, stage)
 
 
 def _ids(text: str | None) -> list[str]:
@@ -230,29 +246,26 @@ def _backbone_spec(value: str | None) -> str | None:
 def pretrain_warmup(
     run: RunDir = None,
     config: ConfigOpt = None,
-    backbone: Annotated[Optional[str], typer.Option(help=f"random | cellfm:CKPT | FILE.safetensors (an earlier pre-training) {default(WarmupConfig, 'backbone')}.")] = None,
+    backbone: setting(WarmupConfig, "backbone", "random | cellfm:CKPT | FILE.safetensors (an earlier pre-training)") = None,
     vocab: Annotated[Optional[Path], typer.Option(help="CellFM gene list (CSV, symbol first) for cellfm:CKPT.")] = None,
     corpus: Annotated[Optional[list[str]], typer.Option(help="Expression-only .h5ad to pre-train the backbone on; repeat, quote a glob, or give a .txt list.")] = None,
     holdout: Annotated[Optional[str], typer.Option(help="Sample ids kept out of training, comma-separated.")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line.")] = None,
-    n_genes: Annotated[Optional[int], typer.Option(help=f"Panel size when choosing genes {default(WarmupConfig, 'n_genes')}.")] = None,
-    select: Annotated[Optional[str], typer.Option(help=f"Panel selection: hvg | hmhvg {default(WarmupConfig, 'select')}.")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help=f"none: log2(counts+1); total: library-size normalise first {default(WarmupConfig, 'normalize')}.")] = None,
-    fill_missing: Annotated[Optional[str], typer.Option(help=f"none: a panel gene missing in a sample is an error; zero: treat as 0 {default(WarmupConfig, 'fill_missing')}.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help=f"Fraction of spots for validation {default(WarmupConfig, 'val_fraction')}.")] = None,
+    n_genes: setting(WarmupConfig, "n_genes", "Panel size when choosing genes") = None,
+    select: setting(WarmupConfig, "select", "Panel selection: hvg | hmhvg") = None,
+    normalize: setting(WarmupConfig, "normalize", "none: log2(counts+1); total: library-size normalise first") = None,
+    fill_missing: setting(WarmupConfig, "fill_missing", "none: a panel gene missing in a sample is an error; zero: treat as 0") = None,
+    val_fraction: setting(WarmupConfig, "val_fraction", "Fraction of spots for validation") = None,
     val_samples: Annotated[Optional[str], typer.Option(help="Whole samples for validation instead, comma-separated.")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(help=f"Warm-start curriculum epochs {default(WarmupConfig, 'epochs')}.")] = None,
-    warmup_mask_ratio: Annotated[Optional[float], typer.Option(help=f"Curriculum cap on the hidden fraction {default(WarmupConfig, 'mask_ratio')}.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Seed of every random draw {default(TrainConfig, 'seed')}.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per step {default(TrainConfig, 'batch_size')}.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate {default(TrainConfig, 'lr')}.")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda {default(TrainConfig, 'device')}.")] = None,
+    warmup_epochs: setting(WarmupConfig, "epochs", "Warm-start curriculum epochs") = None,
+    warmup_mask_ratio: setting(WarmupConfig, "mask_ratio", "Curriculum cap on the hidden fraction") = None,
+    seed: setting(TrainConfig, "seed", "Seed of every random draw") = None,
+    batch_size: setting(TrainConfig, "batch_size", "Spots per step") = None,
+    lr: setting(TrainConfig, "lr", "Learning rate") = None,
+    device: setting(TrainConfig, "device", "auto | cpu | cuda") = None,
     overwrite: Overwrite = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Choose the gene panel, get a backbone (CellFM, pre-training on a corpus, or random) and run the warm-start curriculum."""
-    from hinge_cli.run import Run
     from hinge_cli.train import pretrain_warmup as stage
 
     warmup = {
@@ -264,37 +277,26 @@ def pretrain_warmup(
     }
     the_run = Run(run)
     overrides = {"warmup": warmup, "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}}
-    cfg = the_run.config(config, overrides, record=False)
-    summary = stage(the_run, cfg, overwrite=overwrite, progress=RichProgress())
-    the_run.record_config(cfg)
-    for line in summary.lines():
-        say(line)
+    run_stage(the_run, config, overrides, lambda cfg: stage(the_run, cfg, overwrite=overwrite, progress=RichProgress()))
 
 
 @command
 def train(
     run: RunDir = None,
     config: ConfigOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help=f"Epochs {default(TrainConfig, 'epochs')}.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per step (the global batch under torchrun) {default(TrainConfig, 'batch_size')}.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate {default(TrainConfig, 'lr')}.")] = None,
-    patience: Annotated[Optional[int], typer.Option(help=f"Early stopping: epochs without a better validation loss {default(TrainConfig, 'patience')}.")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda {default(TrainConfig, 'device')}.")] = None,
+    epochs: setting(TrainConfig, "epochs", "Epochs") = None,
+    batch_size: setting(TrainConfig, "batch_size", "Spots per step (the global batch under torchrun)") = None,
+    lr: setting(TrainConfig, "lr", "Peak learning rate") = None,
+    patience: setting(TrainConfig, "patience", "Early stopping: epochs without a better validation loss") = None,
+    device: setting(TrainConfig, "device", "auto | cpu | cuda") = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again from the warm-up instead of resuming.")] = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Train on all timesteps from the warm-up; resumes from checkpoints/last after an interruption."""
-    from hinge_cli.run import Run
     from hinge_cli.train import train as stage
 
     the_run = Run(run)
     overrides = {"train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "device": device}}
-    cfg = the_run.config(config, overrides, record=False)
-    summary = stage(the_run, cfg, overwrite=overwrite, progress=RichProgress())
-    the_run.record_config(cfg)
-    for line in summary.lines():
-        say(line)
+    run_stage(the_run, config, overrides, lambda cfg: stage(the_run, cfg, overwrite=overwrite, progress=RichProgress()))
 
 
 @command
@@ -306,18 +308,14 @@ def eval(  # noqa: A001 - the subcommand is called eval
     genes: Annotated[Optional[Path], typer.Option(help="Evaluate only these genes (file, one symbol per line).")] = None,
     genes_to_plot: Annotated[Optional[str], typer.Option(help="Also draw maps of these genes, comma-separated.")] = None,
     overwrite: Overwrite = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Score predictions against measured expression: metrics.json, report.md and maps."""
     from hinge_cli.eval import evaluate
-    from hinge_cli.run import Run
 
     the_run = Run(run) if run is not None or os.environ.get("HINGE_RUN") else None
     summary = evaluate(pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=_ids(genes_to_plot),
                        overwrite=overwrite, progress=RichProgress())
-    for line in summary.lines():
-        say(line)
+    finish(summary)
 
 
 @command
@@ -335,25 +333,22 @@ def generate(
     visium: Annotated[Optional[Path], typer.Option(help="A Space Ranger outs/ folder: predict at its spots.")] = None,
     image: Annotated[str, typer.Option(help="With --visium: the full-resolution image file, or hires|lowres from outs/spatial.")] = "hires",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model to use; default: the run's checkpoints/best.safetensors.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help=f"Samples per spot; X is their mean, layers['std'] their spread {default(GenerateConfig, 'n_samples')}.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help=f"Reverse-process steps {default(GenerateConfig, 'steps', 'the trained T')}.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Seed: the same seed gives the same predictions {default(GenerateConfig, 'seed')}.")] = None,
+    samples: setting(GenerateConfig, "n_samples", "Samples per spot; X is their mean, layers['std'] their spread") = None,
+    steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="the trained T") = None,
+    seed: setting(GenerateConfig, "seed", "Seed: the same seed gives the same predictions") = None,
     plot: Annotated[Optional[str], typer.Option(help="GENE,...: a PNG per gene beside the output (H&E, mean, std).")] = None,
     keep_samples: Annotated[bool, typer.Option("--keep-samples", help="Also store every sample in obsm['samples'] (N, S, G).")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Spots per batch of the reverse process {default(GenerateConfig, 'batch_size')}.")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda (bf16 autocast on CUDA) {default(GenerateConfig, 'device')}.")] = None,
+    batch_size: setting(GenerateConfig, "batch_size", "Spots per batch of the reverse process") = None,
+    device: setting(GenerateConfig, "device", "auto | cpu | cuda (bf16 autocast on CUDA)") = None,
     weights: Annotated[
         Optional[list[str]], typer.Option(help="FILE, or NAME=FILE, for the checkpoint's learned encoder; default: the Hugging Face cache.")
     ] = None,
     shard: ShardOpt = None,
     overwrite: Overwrite = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
 ) -> None:
     """Predict spot expression for new slides (or tiled samples) and write AnnData files scanpy can plot."""
     from hinge_cli.generate import Target
     from hinge_cli.generate import generate as stage
-    from hinge_cli.run import Run, Shard
 
     the_run = Run(run)
     ids = [i for value in sample_id or [] for i in _ids(value)]
@@ -378,12 +373,9 @@ def generate(
         raise HingeError("nothing to predict", "pass --slide SLIDE, --visium OUTS, or --sample-id ID of a sample already in the run")
     overrides = {"generate": {"n_samples": samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
                               "keep_samples": True if keep_samples else None}}
-    cfg = the_run.config(None, overrides, record=False)
-    summary = stage(the_run, targets, cfg.generate, checkpoint=checkpoint, weights=weights or [], genes_to_plot=_ids(plot),
-                    out=out, shard=Shard.parse(shard), overwrite=overwrite, progress=RichProgress())
-    the_run.record_config(cfg)
-    for line in summary.lines():
-        say(line)
+    run_stage(the_run, None, overrides, lambda cfg: stage(
+        the_run, targets, cfg.generate, checkpoint=checkpoint, weights=weights or [], genes_to_plot=_ids(plot), out=out,
+        shard=Shard.parse(shard), overwrite=overwrite, progress=RichProgress()))
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def spot_maps(path: Path, xy: np.ndarray, diameter: float, panels: Sequence[MapP
     if image_panel and image is not None:
         axes[0].imshow(image, interpolation="antialiased")
         axes[0].set_title("H&E", fontsize=FONT + 1)
-    for ax, panel in zip(axes[n - len(panels):], panels):
+    for ax, panel in zip(axes[n - len(panels):], panels, strict=True):
         if image is not None:
             ax.imshow(image, interpolation="antialiased", alpha=0.45 if image_panel else 1.0)
         cmap, norm = _colour_scale(panel.values, panel.diverging)
@@ -132,7 +132,7 @@ def heatmaps(path: Path, matrices: Sequence[tuple[str, np.ndarray]], labels: Seq
     fig = _figure(len(matrices) * (side + margin + 0.2) + 1.1, side + margin + 0.8)
     axes = fig.subplots(1, len(matrices), squeeze=False)[0]
     fig.suptitle(title, fontsize=FONT + 1)
-    for ax, (name, matrix) in zip(axes, matrices):
+    for ax, (name, matrix) in zip(axes, matrices, strict=True):
         shown = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=font)
         ax.set_yticks(range(len(labels)), labels, fontsize=font)

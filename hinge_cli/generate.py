@@ -25,12 +25,12 @@ from hinge_cli.data.features import prediction_view
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
+from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
@@ -108,7 +108,7 @@ class Encoders:
         if self._built is None:
             self.check_available()
             built = [build_encoder(s.name, self.paths.get(s.name), self.device) for s in self.specs]
-            for enc, trained in zip(built, self.model.trained_weights()):
+            for enc, trained in zip(built, self.model.trained_weights(), strict=False):  # older cards list no weights
                 if trained and enc.weights_sha256 != trained:
                     raise HingeError(f"weights {enc.weights} of encoder '{enc.spec.name}' are not those the model was trained with "
                                      f"(sha256 {enc.weights_sha256[:12]}..., trained {trained[:12]}...)",

@@ -31,6 +31,7 @@ from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.encoders import encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
+from hinge_cli.figures import loss_curves
 from hinge_cli.files import write_text_atomic
 from hinge_cli.fit import BatchLoss, LoopSettings, LoopState, Validate, fit
 from hinge_cli.formats.embeddings import read_embedding_attrs
@@ -40,7 +41,6 @@ from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
-from hinge_cli.figures import loss_curves
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 

@@ -14,14 +14,14 @@ from hinge_cli import encoders as enc
 from hinge_cli.cli import app
 from hinge_cli.config import EmbedConfig, load_config
 from hinge_cli.embed import embed_samples
-from hinge_cli.encoders.embedding import parse_weights, read_plan_tiles
 from hinge_cli.encoders import ARCHS, REGISTRY, build_encoder, get_spec, parse_encoders
+from hinge_cli.encoders.embedding import parse_weights, read_plan_tiles
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.errors import HingeError
 from hinge_cli.run import Run, Shard
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.slide.tiling import SampleSpec
+from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.tile import tile_samples
 
 runner = CliRunner()

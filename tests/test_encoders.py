@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from hinge_cli import encoders as enc
-from hinge_cli.encoders.embedding import read_plan_tiles
 from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
+from hinge_cli.encoders.embedding import read_plan_tiles
 from hinge_cli.encoders.handcrafted import CHANNELS, MAPS, SPREAD_MAPS, TISSUE_MAPS, HandcraftedEncoder
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys

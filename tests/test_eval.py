@@ -55,14 +55,14 @@ def make_truth(path: Path, n_side: int = 8, n_genes: int = 12, seed: int = 0) ->
 
 
 def write_prediction(path: Path, values: np.ndarray, barcodes: list[str], genes: list[str], coords: np.ndarray,
-                     transform: Transform = Transform(), std: np.ndarray | None = None, image: np.ndarray | None = None,
+                     transform: Transform | None = None, std: np.ndarray | None = None, image: np.ndarray | None = None,
                      sample: str = "s1") -> Path:
     """A prediction file laid out as `hinge generate` writes it."""
     adata = ad.AnnData(X=values.astype(np.float32), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes))
     adata.obsm["spatial"] = coords
     if std is not None:
         adata.layers["std"] = std.astype(np.float32)
-    adata.uns["hinge"] = {"transform": transform.to_dict(), "sample_id": sample}
+    adata.uns["hinge"] = {"transform": (transform or Transform()).to_dict(), "sample_id": sample}
     if image is not None:
         adata.uns["spatial"] = {sample: {"images": {"hires": image},
                                          "scalefactors": {"tissue_hires_scalef": 0.25, "spot_diameter_fullres": 55.0}}}

@@ -25,16 +25,16 @@ from hinge_cli.config import GenerateConfig
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.encoders import get_spec
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.run import Run, Shard
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
-from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()

@@ -6,8 +6,7 @@ import torch
 
 from hinge_cli.config import load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.model import (Backbone, Hinge, convert_cellfm, import_cellfm, load_checkpoint, map_panel,
-                             read_mindspore_checkpoint, read_vocab)
+from hinge_cli.model import Backbone, Hinge, convert_cellfm, import_cellfm, load_checkpoint, map_panel, read_mindspore_checkpoint, read_vocab
 from hinge_cli.model.cellfm import cellfm_names
 
 TYPES = {np.float32: "Float32", np.float16: "Float16", np.int32: "Int32"}
@@ -71,7 +70,7 @@ def test_import_maps_every_parameter(cellfm_ckpt):
     imported, report = import_cellfm(path, load_config("tiny").model)
     assert report.missing == [] and report.skipped == ["cellwise_dec.map.weight"] and report.vocab_size == 24
     assert len(report.loaded) == len(bb.state_dict())
-    for (k, a), b in zip(bb.state_dict().items(), imported.state_dict().values()):
+    for (k, a), b in zip(bb.state_dict().items(), imported.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     ids, values, visible = torch.arange(1, 11).expand(2, -1), torch.rand(2, 10), torch.rand(2, 10) < 0.5
     torch.testing.assert_close(imported(ids, values, visible), bb(ids, values, visible), rtol=0, atol=0)

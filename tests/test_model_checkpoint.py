@@ -36,9 +36,9 @@ def test_hinge_round_trip(tmp_path):
     checkpoint = load_checkpoint(path)
     again = checkpoint.net
     assert isinstance(again, Hinge) and again.cfg == model.cfg and again.diffusion == model.diffusion
-    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
-    assert all(p.requires_grad == q.requires_grad for p, q in zip(model.parameters(), again.parameters()))
+    assert all(p.requires_grad == q.requires_grad for p, q in zip(model.parameters(), again.parameters(), strict=True))
     values, visible = torch.rand(2, 4), torch.tensor([[True, False, True, False]] * 2)
     t, image = torch.tensor([2, 5]), torch.randn(2, 5)
     torch.testing.assert_close(again(values, visible, t, image), model(values, visible, t, image), rtol=0, atol=0)

@@ -32,13 +32,13 @@ def test_every_gene_is_revealed_once_at_its_step(steps):
     out = sample(step_oracle, torch.zeros(4, 1), s, n_samples=2, steps=steps, keep_samples=True)
     grid = s.grid(steps)
     counts = s.hidden_counts
-    expected = {t: int(counts[t] - counts[t_next]) for t, t_next in zip(grid[:-1], grid[1:]) if counts[t] > counts[t_next]}
+    expected = {t: int(counts[t] - counts[t_next]) for t, t_next in zip(grid[:-1], grid[1:], strict=True) if counts[t] > counts[t_next]}
     for draw in out.samples.flatten(0, 1):
         got = {int(t): int((draw == t).sum()) for t in draw.unique()}
         assert got == expected  # each gene holds the step that revealed it; all revealed
     assert len(seen) == len(expected)
     assert not seen[0].any()
-    for before, after in zip(seen[:-1], seen[1:]):
+    for before, after in zip(seen[:-1], seen[1:], strict=True):
         assert torch.all(before <= after)  # revealed genes stay revealed
 
 

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.fit import LoopSettings
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
 from hinge_cli.run import Run
-from hinge_cli.synthetic import CLASSES, make_synthetic_sample
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.synthetic import CLASSES, make_synthetic_sample
 from hinge_cli.train import pretrain_warmup, train
 
 ENCODER = "default"
@@ -237,7 +237,7 @@ def test_two_process_ddp_matches_one_process(trained: Run, tmp_path: Path) -> No
     one = [json.loads(line) for line in single.log("train").read_text().splitlines()]
     two = [json.loads(line) for line in double.log("train").read_text().splitlines()]
     assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
 

@@ -59,7 +59,7 @@ def mlp(train: Sequence[Section], test_x: np.ndarray, seed: int = 0, hidden: int
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, bad, epoch = np.inf, None, 0, 0
-    for epoch in range(1, max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):  # noqa: B007 - the epoch reached is reported after the loop
         net.train()
         perm = torch.from_numpy(fit_rows)[torch.randperm(len(fit_rows), generator=generator)]
         for start in range(0, len(perm), batch):

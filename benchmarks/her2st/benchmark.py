@@ -39,6 +39,7 @@ from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
 from hinge_cli.data.panel import select_panel
+from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.embed import embed_samples
@@ -58,7 +59,6 @@ from hinge_cli.generate import predict_sample
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
 from hinge_cli.run import Run
-from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.tile import tile_samples
 from hinge_cli.train import pretrain_backbone, pretrain_warmup, train
 
@@ -309,7 +309,7 @@ def summarise(results: dict) -> dict:
                 out.setdefault(panel, {}).setdefault(method, {})[key] = {
                     "mean": float(finite.mean()) if len(finite) else None,
                     "std": float(finite.std()) if len(finite) else None,
-                    "folds": dict(zip(sorted(folds), [None if not np.isfinite(v) else float(v) for v in values])),
+                    "folds": dict(zip(sorted(folds), [None if not np.isfinite(v) else float(v) for v in values], strict=True)),
                 }
     return out
 

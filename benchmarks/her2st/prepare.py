@@ -40,7 +40,7 @@ def section(source: Path, sid: str) -> ad.AnnData:
     counts = pd.read_csv(source / "counts" / f"{sid}.tsv.gz", sep="\t", index_col=0)
     spots = pd.read_csv(source / "spots" / f"{sid}_selection.tsv", sep="\t")
     spots = spots[spots["selected"] == 1]
-    spots.index = [f"{int(x)}x{int(y)}" for x, y in zip(spots["x"], spots["y"])]
+    spots.index = [f"{int(x)}x{int(y)}" for x, y in zip(spots["x"], spots["y"], strict=True)]
     spots = spots[spots.index.isin(counts.index)]
     counts = counts.loc[spots.index]
     adata = ad.AnnData(

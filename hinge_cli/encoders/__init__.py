@@ -24,7 +24,7 @@ from torch import nn
 from hinge_cli.devices import resolve_device
 from hinge_cli.encoders.conch import CONCH_UNUSED, ConchVision
 from hinge_cli.encoders.handcrafted import HandcraftedEncoder, TilePlan
-from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, hf_cache_dirs, load_into, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
 
@@ -95,15 +95,15 @@ class MultiFieldHandcrafted(nn.Module):
         self.out_dim = sum(p.dim for p in self.parts)
 
     def forward(self, *images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part, x in zip(self.parts, images)], dim=1)
+        return torch.cat([part(x) for part, x in zip(self.parts, images, strict=True)], dim=1)
 
     def view_invariant(self) -> bool:
-        return all(part.view_invariant(f.px) for part, f in zip(self.parts, self.fields))
+        return all(part.view_invariant(f.px) for part, f in zip(self.parts, self.fields, strict=True))
 
     def plan_slide(self, centres: np.ndarray, slide_mpp: float, tile_px: int | None = None) -> list[TilePlan]:
         """One tile plan per field for spots at `centres` ((N, 2) level-0 x, y of a slide at `slide_mpp`)."""
         tile_px = tile_px or self.tile_px
-        return [part.plan(centres * (slide_mpp / f.mpp), f.px, tile_px) for part, f in zip(self.parts, self.fields)]
+        return [part.plan(centres * (slide_mpp / f.mpp), f.px, tile_px) for part, f in zip(self.parts, self.fields, strict=True)]
 
     def encode_slide(
         self,
@@ -113,7 +113,7 @@ class MultiFieldHandcrafted(nn.Module):
     ) -> torch.Tensor:
         """(N, dim) for the planned spots; `read(field, plan)` yields each planned tile's pixels in order."""
         return torch.cat([part.pool(part.block_map(plan, read(f, plan), advance), plan)
-                          for part, f, plan in zip(self.parts, self.fields, plans)], dim=1)
+                          for part, f, plan in zip(self.parts, self.fields, plans, strict=True)], dim=1)
 
 
 # Chosen on HER2ST by the ridge benchmark's inner (training-section-only) cross-validation among
@@ -232,7 +232,7 @@ class Encoder:
         """One uint8 (B, P, P, 3) batch per field -> float32 (B, views, dim)."""
         if len(fields) != len(self.spec.fields):
             raise ValueError(f"{self.spec.name} takes {len(self.spec.fields)} fields, got {len(fields)}")
-        inputs = [self._prepare(p, f, views) for p, f in zip(fields, self.spec.fields)]
+        inputs = [self._prepare(p, f, views) for p, f in zip(fields, self.spec.fields, strict=True)]
         use_bf16 = self.device.type == "cuda" and self.spec.autocast
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = self.module(*inputs)

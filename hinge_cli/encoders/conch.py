@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hinge_cli.encoders.vit import ViTArch, VisionTransformer
+from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 
 CONCH_TRUNK = ViTArch(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, pool="none")
 # Caption pooler and its norm only feed CONCH's text decoder; embeddings never use them.

@@ -130,7 +130,7 @@ def embed_sample(
                 else:
                     streams = [_field_batches(tiles, f, cfg.batch_size, cfg.workers) for f in enc.spec.fields]
                     with progress.task(f"{sample}: {enc.spec.name}", n) as advance:
-                        for parts in zip(*streams):
+                        for parts in zip(*streams, strict=True):
                             start = parts[0][0]
                             feats = enc([p for _, p in parts], views)
                             if not keep_views:

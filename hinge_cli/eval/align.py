@@ -143,7 +143,7 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     diameter = pred.spot_diameter or spacing
     alignment: dict[str, Any] = {"n_pred_spots": len(pred.barcodes), "n_truth_spots": len(truth.barcodes)}
     if shared:
-        rows_p, rows_t = (np.array(r, dtype=int) for r in zip(*shared))
+        rows_p, rows_t = (np.array(r, dtype=int) for r in zip(*shared, strict=True))
         alignment["matched_by"] = "barcode"
     else:
         if pred.coords is None or truth.coords is None or diameter is None:
@@ -179,14 +179,14 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     values = pred.values[np.ix_(rows_p, cols)]
     std = pred.std[np.ix_(rows_p, cols)] if pred.std is not None else None
     finite = np.isfinite(values).all(0) & (np.isfinite(std).all(0) if std is not None else True)
-    dropped = [g for g, ok in zip(evaluated, finite) if not ok]
+    dropped = [g for g, ok in zip(evaluated, finite, strict=True) if not ok]
     if not finite.any():
         raise HingeError(f"every prediction of {pred.path} holds NaN or infinite values", "re-run `hinge generate`")
     for what, names in (("missing from the truth", missing), ("with non-finite predictions, left out", dropped),
                         ("asked for but not in the prediction's panel", not_in_prediction)):
         if names:
             log.warning("%s: %d genes %s: %s", pred.sample, len(names), what, ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
-    kept = [g for g, ok in zip(evaluated, finite) if ok]
+    kept = [g for g, ok in zip(evaluated, finite, strict=True) if ok]
     counts = truth.columns(kept)[rows_t].astype(np.float64)
     coords = pred.coords[rows_p] if pred.coords is not None else truth.coords[rows_t] if truth.coords is not None else None
     if coords is None:

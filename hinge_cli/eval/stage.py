@@ -37,7 +37,7 @@ class EvalSummary:
         out = [f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
                f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
                f"({s.alignment['n_matched']} spots, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}"
-               for s, folder in zip(self.slides, self.folders)]
+               for s, folder in zip(self.slides, self.folders, strict=True)]
         if self.summary_dir is not None:
             out.append(f"across {len(self.slides)} slides -> {self.summary_dir / 'report.md'}")
         return out
@@ -75,7 +75,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
         raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
-        for pred, truth_path, folder in zip(loaded, truths, folders):
+        for pred, truth_path, folder in zip(loaded, truths, folders, strict=True):
             aligned = align(pred, read_expression(truth_path), wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:

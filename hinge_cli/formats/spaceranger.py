@@ -160,15 +160,14 @@ def write_matrix(path: Path, counts: ad.AnnData, genome: str = "GRCh38") -> None
 def read_positions(spatial: Path) -> SpotPositions:
     """Spot positions from tissue_positions.csv, or else the older tissue_positions_list.csv."""
     spatial = Path(spatial)
-    for name, header in ((POSITIONS_FILE, 0), (LEGACY_POSITIONS_FILE, None)):
-        path = spatial / name
-        if path.is_file():
-            break
-    else:
+    found = [(spatial / name, header) for name, header in ((POSITIONS_FILE, 0), (LEGACY_POSITIONS_FILE, None))
+             if (spatial / name).is_file()]
+    if not found:
         raise HingeError(
             f"{spatial} has neither {POSITIONS_FILE} nor {LEGACY_POSITIONS_FILE}",
             "copy the whole spatial/ folder that `spaceranger count` wrote into outs/",
         )
+    path, header = found[0]
     try:
         table = pd.read_csv(path, header=header, names=None if header == 0 else list(POSITION_COLUMNS), dtype={"barcode": str})
         table = table[list(POSITION_COLUMNS)]

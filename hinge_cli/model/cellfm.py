@@ -250,7 +250,7 @@ def map_panel(panel: Sequence[str], vocab: Sequence[str]) -> tuple[list[int], li
     for i, g in enumerate(vocab):
         folded.setdefault(g.upper(), i + 1)
     ids = [exact.get(g) or folded.get(g.upper(), 0) for g in panel]
-    return ids, [g for g, i in zip(panel, ids) if i == 0]
+    return ids, [g for g, i in zip(panel, ids, strict=True) if i == 0]
 
 
 def convert_cellfm(ckpt: Path | str, vocab_csv: Path | str, out: Path | str, cfg: ModelConfig) -> ImportReport:

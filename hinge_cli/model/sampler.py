@@ -72,7 +72,7 @@ def sample(
     counts = schedule.hidden_counts.tolist()
     grid = schedule.grid(steps)
     with progress.task("sampling", len(grid) - 1) as advance:
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
+        for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
             n_now, n_next = counts[t_now], counts[t_next]
             if n_now > n_next:
                 hidden = ranks < n_now

@@ -15,8 +15,7 @@ import torch
 from hinge_cli.config import EmbedConfig, TileConfig
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.devices import resolve_device
-from hinge_cli.encoders import encoder_key
-from hinge_cli.encoders import EncoderSpec, parse_encoders
+from hinge_cli.encoders import EncoderSpec, encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import EmbedSettings, ModelCard, TileSettings
 from hinge_cli.model.checkpoint import load_checkpoint

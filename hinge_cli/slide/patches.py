@@ -114,6 +114,6 @@ def lattice(
     y = rr * dy
     inside = (x < dimensions[0]) & (y < dimensions[1])
     centres = np.stack([x[inside], y[inside]], axis=1)
-    ids = [f"{kind}-{r}-{c}" for r, c in zip(rr[inside], cc[inside])]
+    ids = [f"{kind}-{r}-{c}" for r, c in zip(rr[inside], cc[inside], strict=True)]
     return centres, ids
 

@@ -108,7 +108,7 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
             )
         if n_out:
             log.warning("%s: dropped %d spots outside the slide", spec.sample_id, n_out)
-        barcodes = [b for b, keep in zip(barcodes, inside) if keep]
+        barcodes = [b for b, keep in zip(barcodes, inside, strict=True) if keep]
         coords = coords[inside]
         half_patch = cfg.patch_px * cfg.target_mpp / mpp / 2
         on_tissue = mask.fraction_in_discs(coords, half_patch) > 0
@@ -129,7 +129,7 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
             f"no tissue found on {slide.path.name} (saturation threshold {mask.threshold:.3f})",
             "check the slide, or pass a lower --tissue-threshold",
         )
-    return [i for i, k in zip(ids, keep) if k], coords[keep], frac[keep], {"mode": "grid", "dropped_outside": 0, "off_tissue": 0}
+    return [i for i, k in zip(ids, keep, strict=True) if k], coords[keep], frac[keep], {"mode": "grid", "dropped_outside": 0, "off_tissue": 0}
 
 
 def _thumbnail_png(path: Path, slide: Slide, mask: TissueMask, coords: np.ndarray, radius_px0: float) -> None:
