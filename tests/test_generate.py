@@ -250,3 +250,19 @@ def test_far_mpp_warns_and_shards_split_samples(trained: tuple[Run, Path], tmp_p
     assert list(first.done) == ["t0"] and list(second.done) == ["t1"]
     assert sorted(p.name for p in folder.glob("*.h5ad")) == ["t0.h5ad", "t1.h5ad"]
     assert list(generate(run, targets, cfg, out=folder).skipped) == ["t0", "t1"]  # a re-run resumes, it does not redo
+
+
+def test_visium_outs_are_predicted_at_their_spots(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    from hinge_cli.formats.fixtures import make_spaceranger_outs
+
+    run, _ = trained
+    visium = make_spaceranger_outs(tmp_path / "v1" / "outs", side_px=600, seed=5)
+    out = tmp_path / "v1.h5ad"
+    result = runner.invoke(app, ["generate", "--visium", str(visium.outs), "--out", str(out), "--run", str(run.root),
+                                 "--samples", "1", "--steps", "2", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == visium.n_in_tissue and "expression" not in run.sample("v1")  # predicted, not training data
+    hires = 0.5  # the fixture's tissue_hires_scalef: coordinates are in the hires image's pixels
+    centre, radius = np.array(visium.tissue.centre), visium.tissue.radius + 1 / hires
+    assert (np.hypot(*(adata.obsm["spatial"] / hires - centre).T) < radius).all()
