@@ -249,6 +249,7 @@ def pretrain_warmup(
     backbone: setting(WarmupConfig, "backbone", "random | cellfm:CKPT | FILE.safetensors (an earlier pre-training)") = None,
     vocab: Annotated[Optional[Path], typer.Option(help="CellFM gene list (CSV, symbol first) for cellfm:CKPT.")] = None,
     corpus: Annotated[Optional[list[str]], typer.Option(help="Expression-only .h5ad to pre-train the backbone on; repeat, quote a glob, or give a .txt list.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="The corpus files' layer with raw counts (default: X, else layers['counts']).")] = None,
     holdout: Annotated[Optional[str], typer.Option(help="Sample ids kept out of training, comma-separated.")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene panel file, one symbol per line.")] = None,
     n_genes: setting(WarmupConfig, "n_genes", "Panel size when choosing genes") = None,
@@ -270,6 +271,7 @@ def pretrain_warmup(
 
     warmup = {
         "backbone": _backbone_spec(backbone), "vocab": _resolved(vocab), "corpus": [_resolved(f) for f in _corpus_files(corpus)] if corpus else None,
+        "corpus_layer": layer,
         "holdout": _ids(holdout) if holdout is not None else None, "genes": _resolved(genes), "n_genes": n_genes,
         "select": select, "normalize": normalize, "fill_missing": fill_missing, "val_fraction": val_fraction,
         "val_samples": _ids(val_samples) if val_samples is not None else None, "epochs": warmup_epochs,
@@ -307,6 +309,7 @@ def eval(  # noqa: A001 - the subcommand is called eval
     run: Annotated[Optional[Path], typer.Option("--run", help="Run directory: outputs go to <run>/eval/<sample> [$HINGE_RUN].")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Evaluate only these genes (file, one symbol per line).")] = None,
     genes_to_plot: Annotated[Optional[str], typer.Option(help="Also draw maps of these genes, comma-separated.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="The truth files' layer with raw counts (default: X, else layers['counts']).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Score predictions against measured expression: metrics.json, report.md and maps."""
@@ -314,7 +317,7 @@ def eval(  # noqa: A001 - the subcommand is called eval
 
     the_run = Run(run) if run is not None or os.environ.get("HINGE_RUN") else None
     summary = evaluate(pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=_ids(genes_to_plot),
-                       overwrite=overwrite, progress=RichProgress())
+                       overwrite=overwrite, progress=RichProgress(), layer=layer)
     finish(summary)
 
 

@@ -95,6 +95,7 @@ class WarmupConfig:
     backbone: str = "random"  # random | cellfm:CKPT | FILE.safetensors (an earlier pre-training or model)
     vocab: str | None = None  # CellFM gene list (CSV, symbol first), for cellfm:CKPT
     corpus: list[str] = field(default_factory=list)  # expression-only .h5ad files to pre-train the backbone on
+    corpus_layer: str | None = None  # the corpus files' layer with raw counts; None: X, else layers['counts']
     holdout: list[str] = field(default_factory=list)  # sample ids kept out of training
     genes: str | None = None  # gene panel file, one symbol per line; None = choose n_genes by `select`
     n_genes: int = 200

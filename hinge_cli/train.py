@@ -255,7 +255,7 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
             log.info("reusing the pre-trained backbone %s (pass --overwrite to pre-train again)", path)
             return checkpoint.net, checkpoint.card.vocab
         log.info("the existing pre-trained backbone lacks panel genes: pre-training again")
-    corpus = load_corpus(corpus_files, transform, cfg.pretrain.max_vocab, always=panel)
+    corpus = load_corpus(corpus_files, transform, cfg.pretrain.max_vocab, always=panel, layer=cfg.warmup.corpus_layer)
     log.info("corpus: %d profiles, vocabulary of %d genes", len(corpus), len(corpus.vocab))
     torch.manual_seed(cfg.train.seed)
     backbone = Backbone(cfg.model, len(corpus.vocab) + 1).to(device)

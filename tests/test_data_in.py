@@ -146,3 +146,37 @@ def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
     assert refused.exit_code == 2 and "--layer" in refused.output
     hinge(*args, "--layer", "raw")
     assert Run(tmp_path / "run").sample("s0")["expression"]["layer"] == "raw"
+
+
+def _logged_counts(tmp_path: Path, synth) -> Path:
+    """The synthetic spots as scanpy users often save them: log values in X, the counts in a layer."""
+    spots = ad.read_h5ad(synth.spots)
+    spots.layers["raw"] = spots.X.copy()
+    spots.X = np.log1p(np.asarray(spots.X, dtype=np.float32))
+    path = tmp_path / "logged.h5ad"
+    spots.write_h5ad(path)
+    return path
+
+
+def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
+    from hinge_cli.data.corpus import load_corpus
+    from hinge_cli.data.expression import Transform
+    from hinge_cli.eval import evaluate
+    from hinge_cli.formats.prediction import write_prediction
+
+    logged = _logged_counts(tmp_path, synth)
+    with pytest.raises(HingeError, match="--layer"):
+        load_corpus([logged], Transform(), 50)
+    assert len(load_corpus([logged], Transform(), 50, layer="raw").vocab) == 50
+    truth = ad.read_h5ad(synth.spots)
+    genes = list(truth.var_names[:5])
+    spots = PredictionSpots(list(truth.obs_names), np.asarray(truth.obsm["spatial"]), np.ones(truth.n_obs, np.float32))
+    pred = tmp_path / "pred.h5ad"
+    provenance = {"transform": Transform().to_dict(), "sample_id": "s0"}
+    with write_prediction(pred, "s0", spots, genes, np.zeros((8, 8, 3), np.uint8), 1.0, 20.0, provenance) as out:
+        values = Transform().apply(np.asarray(truth[:, genes].X))
+        out.write(0, truth.n_obs, values, np.ones_like(values))
+    with pytest.raises(HingeError, match="--layer"):
+        evaluate([pred], [logged], out=tmp_path / "e1")
+    summary = evaluate([pred], [logged], out=tmp_path / "e2", layer="raw")
+    assert summary.slides[0].metrics.correlation.model.pearson.mean == pytest.approx(1.0)  # the truth, transformed

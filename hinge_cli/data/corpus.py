@@ -27,14 +27,15 @@ class Corpus:
         return self.values[rows].toarray()
 
 
-def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, always: Sequence[str] = ()) -> Corpus:
+def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, always: Sequence[str] = (),
+                layer: str | None = None) -> Corpus:
     """Read every file; the vocabulary is the union of their genes, cut to the `max_vocab` most
     variable (a gene absent from a file counts as zero there), and always keeps `always`."""
     if not paths:
         raise HingeError("no corpus files given", "pass --corpus a.h5ad b.h5ad ...")
     parts = []
     for path in paths:
-        expr = read_expression(Path(path))
+        expr = read_expression(Path(path), layer)
         parts.append((expr.genes, transform.apply_sparse(expr.counts, expr.totals).astype(np.float32)))
     union = sorted({g for genes, _ in parts for g in genes})
     column = {g: j for j, g in enumerate(union)}

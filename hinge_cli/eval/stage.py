@@ -52,7 +52,7 @@ def _folders(samples: list[str], out: Path | None, run: Run | None) -> tuple[lis
 
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
-             progress: Progress = SILENT) -> EvalSummary:
+             progress: Progress = SILENT, layer: str | None = None) -> EvalSummary:
     """Score each prediction against its truth (pairs in order) and write metrics.json, report.md and maps/.
 
     Output folders: with `out` and one pair, `out` itself; with several pairs,
@@ -76,7 +76,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder in zip(loaded, truths, folders, strict=True):
-            aligned = align(pred, read_expression(truth_path), wanted, Path(truth_path))
+            aligned = align(pred, read_expression(truth_path, layer), wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:
                 raise HingeError(f"--genes-to-plot: {', '.join(unknown)} not evaluated on {pred.sample}",
