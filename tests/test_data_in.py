@@ -180,3 +180,12 @@ def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
         evaluate([pred], [logged], out=tmp_path / "e1")
     summary = evaluate([pred], [logged], out=tmp_path / "e2", layer="raw")
     assert summary.slides[0].metrics.correlation.model.pearson.mean == pytest.approx(1.0)  # the truth, transformed
+
+
+def test_a_hest_folder_given_as_a_sample_sheet_is_pointed_to_hest(tmp_path: Path) -> None:
+    from hinge_cli.data.sources import read_sample_sheet
+    from hinge_cli.formats.fixtures import make_hest_folder
+
+    hest = make_hest_folder(tmp_path / "hest", side_px=256)
+    with pytest.raises(HingeError, match="--hest"):
+        read_sample_sheet(hest.root)

@@ -28,6 +28,10 @@ def read_sample_sheet(path: Path) -> list[SampleSpec]:
     path = Path(path)
     if not path.exists():
         raise HingeError(f"sample sheet {path} does not exist", "check the path given to --samples")
+    if path.is_dir():
+        hest = all((path / name).is_dir() for name in ("wsis", "st", "metadata"))
+        raise HingeError(f"--samples {path} is a folder, not a CSV sample sheet",
+                         f"tile a HEST-1k folder with --hest {path}" if hest else "give a CSV with columns sample_id,slide,...")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"sample_id", "slide"} <= set(rows[0]):
