@@ -1,10 +1,10 @@
 """`hinge embed`: `tiles/<sample>.h5` in, `embeddings/<encoder-key>/<sample>.h5` out.
 
-The stage picks this shard's samples, skips finished ones (warning when their views
-differ from the asked-for ones) and embeds the rest one by one with
-`hinge_cli.encoders.embedding.embed_sample`. Each output is written under a lock to a
-temporary name and renamed into place, so an interrupted run resumes with exactly
-the missing samples.
+The stage picks this shard's samples, skips those the manifest records as finished
+(warning when their views differ from the asked-for ones) and embeds the rest one by
+one with `hinge_cli.encoders.embedding.embed_sample`. Each output is written under a
+lock to a temporary name, renamed into place and then recorded, so an interrupted run
+resumes with exactly the unfinished samples.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def _stale(path: Path, cfg: EmbedConfig) -> list[str]:
 
 
 def tiled_samples(run: Run) -> list[str]:
-    """Samples with a finished tiles file (temporaries and locks are not samples)."""
-    folder = run.root / "tiles"
-    return sorted(p.stem for p in folder.glob("*.h5") if not p.name.startswith(".")) if folder.is_dir() else []
+    """Samples whose tiling the manifest records as finished for the tiles file now on disk."""
+    return [s for s in run.samples() if run.is_done(s, "tile", run.tiles(s))]
 
 
 def embed_samples(
@@ -77,7 +76,7 @@ def embed_samples(
     todo = []
     for sample in shard.select(samples):
         final = run.embeddings(key, sample)
-        if final.exists() and not overwrite:
+        if not overwrite and run.is_done(sample, f"embed:{key}", final):
             stale = _stale(final, cfg)
             if stale:
                 log.warning("%s: existing embeddings have %s; pass --overwrite to redo", sample, ", ".join(stale))
@@ -90,7 +89,7 @@ def embed_samples(
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
             with summary.attempt(run, sample, f"embed:{key}", keep_going):
-                embed_sample(run, sample, encoders, cfg, progress)
+                embed_sample(run, sample, encoders, cfg, progress, overwrite=overwrite)
             advance(1)
     return summary
 
@@ -116,7 +115,7 @@ def import_samples(
     summary = SampleReport(f"embed ({name}, imported)")
     with progress.task("samples", len(shard.select(samples))) as advance:
         for sample in shard.select(samples):
-            if run.embeddings(name, sample).exists() and not overwrite:
+            if not overwrite and run.is_done(sample, f"embed:{name}", run.embeddings(name, sample)):
                 summary.skipped.append(sample)
             else:
                 with summary.attempt(run, sample, f"embed:{name}", keep_going):

@@ -24,7 +24,7 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputLocked, write_text_atomic
+from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class SampleReport:
         """One sample's work: done on success; on failure recorded in the manifest, then raised unless keep_going."""
         try:
             yield
+        except OutputFinished:
+            self.skipped.append(sample)
         except Exception as exc:
             if not isinstance(exc, OutputLocked):  # another job is writing it: not this sample's failure
                 run.record_stage(sample, stage, "failed", error=str(exc))
@@ -148,6 +150,12 @@ class Run:
     def eval_dir(self, sample: str) -> Path:
         return self.root / "eval" / sample
 
+    def training_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by pretrain-warmup and train (rank 0 of a torchrun job): both write checkpoints/ and genes.txt."""
+        if os.environ.get("RANK", "0") != "0":
+            return contextlib.nullcontext()
+        return output_lock(self.root / "training", what=f"run {self.root} is being trained")
+
     # config -----------------------------------------------------------------
     def config(self, preset: str | Path | None = None, overrides: dict[str, Any] | None = None, record: bool = True) -> HingeConfig:
         """Resolve the config (hinge.yaml, a preset, flags on top) and, with `record`, save it for later stages."""
@@ -217,3 +225,20 @@ class Run:
 
     def stage(self, sample: str, stage: str) -> dict[str, Any]:
         return self.sample(sample).get("stages", {}).get(stage, {})
+
+    def record_output(self, sample: str, stage: str, output: Path, **fields: Any) -> None:
+        """Record `stage` ok for `output`, pinned by its fingerprint: the last write of a finished sample."""
+        self.record_stage(sample, stage, "ok", output=str(output), output_file=fingerprint(output), **fields)
+
+    def is_done(self, sample: str, stage: str, output: Path) -> bool:
+        """Whether the manifest records `stage` ok for the file now at `output`.
+
+        The file's existence alone proves nothing: a writer killed after the rename (or a
+        job that wrote it without finishing the sample) leaves a file but no record.
+        Records written before fingerprints existed are trusted while their output exists.
+        """
+        entry = self.stage(sample, stage)
+        if entry.get("status") != "ok" or not Path(output).is_file():
+            return False
+        pinned = entry.get("output_file")
+        return pinned is None or pinned == fingerprint(output)

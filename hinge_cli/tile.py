@@ -1,8 +1,8 @@
 """`hinge tile`: slides in, `tiles/<sample>.h5` (+ a thumbnail) out, one sample at a time.
 
 Each sample is written under a lock to a temporary file and renamed into place,
-so an interrupted run leaves either a finished file or nothing, and a re-run
-picks up exactly the samples that are missing.
+and is done only once the manifest records it (the last write), so a re-run
+redoes exactly the samples that were not finished, whatever files they left.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def tile_samples(
     with progress.task("slides", len(mine)) as advance:
         for sample in mine:
             spec = by_id[sample]
-            if run.tiles(sample).exists() and not overwrite:
+            if not overwrite and run.is_done(sample, "tile", run.tiles(sample)):
                 stale = _stale_params(run, sample, cfg)
                 if stale:
                     log.warning("%s: existing tiles were made with %s; pass --overwrite to redo", sample, ", ".join(stale))
@@ -49,6 +49,6 @@ def tile_samples(
                 advance(1)
                 continue
             with summary.attempt(run, sample, "tile", keep_going):
-                tile_sample(run, spec, cfg, progress)
+                tile_sample(run, spec, cfg, progress, overwrite=overwrite)
             advance(1)
     return summary

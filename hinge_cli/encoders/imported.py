@@ -73,5 +73,5 @@ def import_features(run: Run, sample: str, source: Path, encoder: str, patch_siz
         with atomic_path(final) as tmp, write_embeddings(tmp, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
             out.write(features)
         record = {"n_spots": len(rows), "imported_from": str(path.resolve()), "seconds": round(time.time() - started, 2)}
-        run.record_stage(sample, stage, "ok", **record)
+        run.record_output(sample, stage, final, **record)
     return record
