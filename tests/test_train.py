@@ -46,6 +46,7 @@ def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
     coords = np.rint(adata.obsm["spatial"]).astype(np.int64)
     with write_embeddings(path, attrs, list(adata.obs_names), coords, features.shape) as out:
         out.write(features.astype(np.float32))
+    run.record_output(sample, f"embed:{ENCODER}", path)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,41 @@ def test_train_without_warmup_and_refusing_to_redo_warmup(base_run: Path, tmp_pa
 def test_an_unknown_learning_rate_schedule_is_a_user_error() -> None:
     with pytest.raises(HingeError, match="cosine, constant"):
         LoopSettings(stage="train", epochs=1, batch_size=8, lr=1e-3, schedule="linear")
+
+
+def test_train_killed_at_every_write_resumes_bit_identically(trained: Run, tmp_path: Path) -> None:
+    """Weights, cards and resume state land as one unit: a kill at any write of an epoch resumes to the same model."""
+    from kills import Killed, count_writes, kill_at
+
+    start = copy_run(trained.root.parent / "warm", tmp_path / "start")
+    cfg = start.config()
+    cfg.train.epochs, cfg.train.patience = 1, 100
+    train(start, cfg)  # the unit a kill in epoch 2 must fall back to
+    cfg.train.epochs = 2
+    straight = copy_run(start.root, tmp_path / "straight")
+    writes = count_writes(lambda: train(straight, cfg))
+    names = ("last", "best", "last.state")
+    expected = {n: load_file(str(straight.checkpoint(n))) for n in names}
+    for n in range(writes):
+        killed = copy_run(start.root, tmp_path / f"kill{n}")
+        with kill_at(n), pytest.raises(Killed):
+            train(killed, cfg)
+        train(killed, cfg)
+        for name in names:
+            got = load_file(str(killed.checkpoint(name)))
+            assert got.keys() == expected[name].keys() and all(torch.equal(got[k], expected[name][k]) for k in got), (n, name)
+        assert load_checkpoint(killed.checkpoint("last")).card.training.epochs == 2
+
+
+def test_a_second_training_process_is_refused(trained: Run, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    run = copy_run(trained.root.parent / "warm", tmp_path / "run")
+    (run.root / "training.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live job
+    for stage in (["train", "--epochs", "1"], ["pretrain-warmup", "--overwrite"]):
+        result = CliRunner().invoke(app, [*stage, "--run", str(run.root), "-q"])
+        assert result.exit_code == 2 and "being trained by another process" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not run.checkpoint("last").exists()
