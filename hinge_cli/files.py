@@ -83,6 +83,28 @@ def remove_stale_temporaries(final: Path) -> None:
             stale.unlink()
 
 
+OS_ERRORS = {  # errno -> (what happened, what to do): the system errors a user causes and can fix
+    errno.ENOSPC: ("no space left on the device", "free disk space (or use a --run / --out folder on a larger disk), then "
+                   "run the same command again: finished outputs are kept"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or use a --run / --out folder elsewhere), then "
+                   "run the same command again"),
+    errno.EROFS: ("the file system is read-only", "use a writable --run (and --out) folder, or copy the run to one"),
+    errno.EACCES: ("permission denied", "fix the permissions of that path, or use a --run / --out folder you can write to"),
+    errno.EPERM: ("operation not permitted", "fix the permissions of that path, or use a --run / --out folder you can write to"),
+}
+OS_ERROR_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}  # h5py keeps only the text
+
+
+def user_os_error(exc: OSError) -> HingeError | None:
+    """The one-line user error for a full disk, a read-only folder or missing permissions; None for anything else."""
+    code = exc.errno if exc.errno in OS_ERRORS else next((c for t, c in OS_ERROR_TEXTS.items() if t in str(exc)), None)
+    if code is None:
+        return None
+    problem, fix = OS_ERRORS[code]
+    return HingeError(f"{problem}" + (f" at {exc.filename}" if exc.filename else ""), fix)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

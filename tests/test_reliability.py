@@ -94,3 +94,22 @@ def test_embed_rechecks_under_the_lock_and_keeps_a_finished_output(tmp_path: Pat
     summary = embed_samples(run, cfg)  # the to-do list says "not done"; under the lock it is
     assert summary.skipped == ["s0"] and summary.done == []
     assert run.embeddings("default", "s0").stat().st_mtime_ns == made
+
+
+def test_an_empty_lock_file_is_explained_then_taken_over(tmp_path: Path) -> None:
+    import os
+
+    from hinge_cli.files import EMPTY_LOCK_GRACE_S, OutputLocked, output_lock
+
+    target = tmp_path / "x.h5"
+    lock = tmp_path / "x.h5.lock"
+    lock.write_text("")  # a job died on a full disk between creating and filling its lock
+    with pytest.raises(OutputLocked, match="empty or unreadable") as info:
+        with output_lock(target):
+            pass
+    assert str(lock) in str(info.value)
+    old = lock.stat().st_mtime - EMPTY_LOCK_GRACE_S - 1
+    os.utime(lock, (old, old))
+    with output_lock(target):
+        assert lock.read_text().startswith("{")
+    assert not lock.exists()

@@ -51,10 +51,16 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
     try:
         if "spatial" not in adata.obsm:
             raise HingeError(f"{path} has no obsm['spatial']", "store spot centres in level-0 pixels there (scanpy/HEST convention)")
-        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         barcodes = [str(b) for b in adata.obs_names]
     finally:
         adata.file.close()
+    if not barcodes:
+        raise HingeError(f"{path} holds no spots", "point --spots at the sample's full .h5ad")
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise HingeError(f"{path} has obsm['spatial'] of shape {coords.shape}, not one (x, y) row per spot",
+                         "store spot centres as an (N, 2) array of level-0 pixels there")
+    coords = coords[:, :2]
     if len(set(barcodes)) != len(barcodes):
         raise HingeError(f"{path} has duplicate spot barcodes", "make obs_names unique (adata.obs_names_make_unique())")
     if not np.isfinite(coords).all():
