@@ -287,6 +287,12 @@ def _preset_data(preset: str) -> dict[str, Any]:
     return yaml.safe_load(_preset_text(preset)) or {}
 
 
+def _preset_name(preset: str | Path) -> str:
+    """A preset's name, or a YAML file's absolute path: later stages may run from another directory."""
+    name = str(preset)
+    return str(Path(name).expanduser().resolve()) if name.endswith((".yaml", ".yml")) else name
+
+
 def load_config(
     preset: str | Path | None = None,
     run_yaml: Path | None = None,
@@ -298,9 +304,9 @@ def load_config(
     preset starts again from it (the run's hinge.yaml belonged to another preset).
     """
     recorded = _migrate(read_yaml(run_yaml)) if run_yaml is not None and Path(run_yaml).exists() else None
-    chosen = str(preset) if preset is not None else str((recorded or {}).get("preset", "default"))
+    chosen = _preset_name(preset if preset is not None else (recorded or {}).get("preset", "default"))
     data = merge(_preset_data(chosen), {"preset": chosen})
-    if recorded is not None and str(recorded.get("preset", "default")) == chosen:
+    if recorded is not None and _preset_name(recorded.get("preset", "default")) == chosen:
         data = merge(data, recorded)
     data = merge(data, overrides or {})
     return _build(HingeConfig, data, "")

@@ -28,6 +28,7 @@ from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.imported import import_features
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import read_embedding_attrs
+from hinge_cli.lineage import embeddings_current, require_current_tiles, stale_embeddings_error
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 
@@ -76,7 +77,10 @@ def embed_samples(
     todo = []
     for sample in shard.select(samples):
         final = run.embeddings(key, sample)
+        require_current_tiles(run, sample)
         if not overwrite and run.is_done(sample, f"embed:{key}", final):
+            if not embeddings_current(run, sample, key):
+                raise stale_embeddings_error(sample, key)
             stale = _stale(final, cfg)
             if stale:
                 log.warning("%s: existing embeddings have %s; pass --overwrite to redo", sample, ", ".join(stale))
@@ -115,7 +119,10 @@ def import_samples(
     summary = SampleReport(f"embed ({name}, imported)")
     with progress.task("samples", len(shard.select(samples))) as advance:
         for sample in shard.select(samples):
+            require_current_tiles(run, sample)
             if not overwrite and run.is_done(sample, f"embed:{name}", run.embeddings(name, sample)):
+                if not embeddings_current(run, sample, name):
+                    raise stale_embeddings_error(sample, name)
                 summary.skipped.append(sample)
             else:
                 with summary.attempt(run, sample, f"embed:{name}", keep_going):

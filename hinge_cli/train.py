@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hinge_cli.config import HingeConfig, WarmupConfig
 from hinge_cli.data.corpus import Corpus, load_corpus
-from hinge_cli.data.dataset import assemble, load_expression, require_finished, training_samples
+from hinge_cli.data.dataset import assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.devices import resolve_device
@@ -37,6 +37,7 @@ from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord, ValidationSplit
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
+from hinge_cli.lineage import WARMUP, require_ready_for_training, require_unchanged_since_warmup, training_inputs
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
@@ -291,7 +292,7 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     dist = Dist.from_env(device)
     key, encoders = _encoder_key(cfg)
     samples = training_samples(run, wc.holdout)
-    require_finished(run, samples, key)
+    require_ready_for_training(run, samples, key)
     expression = load_expression(run, samples)
     transform = Transform(wc.normalize)
     found = _backbone_source(cfg)
@@ -307,8 +308,8 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
         save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
-        run.record_run_stage("pretrain-warmup", "ok", seconds=round(time.time() - started, 1), samples=samples,
-                             n_genes=len(panel), backbone=source, epochs=wc.epochs)
+        run.record_run_stage(WARMUP, "ok", seconds=round(time.time() - started, 1), samples=samples, n_genes=len(panel),
+                             backbone=source, epochs=wc.epochs, inputs=training_inputs(run, samples, key))
     dist.close()
     files = {"genes": str(run.root / "genes.txt"), "warmup": str(warmup_path), "log": str(run.log("warmup"))}
     if source == "corpus":
@@ -334,7 +335,8 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
         log.info("training already finished %d epochs (raise --epochs to go on, or pass --overwrite)", state.epoch)
     if resume:
         log.info("resuming from %s after epoch %d", last_path, state.epoch)
-    require_finished(run, card.samples, card.encoder_key)
+    require_ready_for_training(run, card.samples, card.encoder_key)
+    require_unchanged_since_warmup(run, card.samples, card.encoder_key)
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
     data = SplitData.of(table, card.split, card.feature_norm)
     net = checkpoint.net.to(device)

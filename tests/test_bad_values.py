@@ -160,3 +160,22 @@ def test_a_sidecar_without_its_hash_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps({"format": FORMAT, "sha256": "ab"}))
     with pytest.raises(HingeError, match="incomplete or malformed"):
         read_card(tmp_path / "m.json")
+
+
+def test_a_relative_config_path_is_recorded_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.yaml").write_text("train:\n  epochs: 3\n")
+    monkeypatch.chdir(tmp_path)
+    run = Run(tmp_path / "run")
+    run.config("mine.yaml")
+    monkeypatch.chdir(tmp_path / "run")  # a later stage, started elsewhere
+    cfg = Run(tmp_path / "run").config()
+    assert cfg.preset == str(tmp_path / "mine.yaml") and cfg.train.epochs == 3
+
+
+def test_a_legacy_non_zip_state_dict_loads(tmp_path: Path) -> None:
+    import torch
+
+    from hinge_cli.encoders.weights import read_state_dict
+
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(tmp_path / "old.pth")["w"], torch.arange(3.0))

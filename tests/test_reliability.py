@@ -113,3 +113,27 @@ def test_an_empty_lock_file_is_explained_then_taken_over(tmp_path: Path) -> None
     with output_lock(target):
         assert lock.read_text().startswith("{")
     assert not lock.exists()
+
+
+def test_embed_refuses_embeddings_of_replaced_tiles_until_told_to_redo_them(tmp_path: Path, synth, small_default: None) -> None:
+    import anndata as ad
+
+    from hinge_cli.errors import HingeError
+
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    cfg = EmbedConfig(device="cpu", batch_size=64, workers=1)
+    embed_samples(run, cfg)
+    fewer = ad.read_h5ad(synth.spots)[::2].copy()  # corrected spots: a different set
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    tile_cfg = load_config("tiny").tile
+    tile_cfg.patch_px = 16
+    tile_samples(run, [SampleSpec("s0", synth.slide, tmp_path / "fewer.h5ad")], tile_cfg, overwrite=True)
+    with pytest.raises(HingeError, match="stale") as info:
+        embed_samples(run, cfg)
+    assert "hinge embed --encoder default --overwrite" in info.value.fix
+    assert embed_samples(run, cfg, overwrite=True).done == ["s0"]
+    assert embed_samples(run, cfg).skipped == ["s0"]
+    (tmp_path / "fewer.h5ad").write_bytes((tmp_path / "fewer.h5ad").read_bytes() + b"\0")  # the spot file changed under the tiles
+    with pytest.raises(HingeError, match="tiles are stale: its spots file"):
+        embed_samples(run, cfg)

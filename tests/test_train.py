@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.lineage import tiles_made_from
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
 from hinge_cli.run import Run
@@ -46,7 +47,7 @@ def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
     coords = np.rint(adata.obsm["spatial"]).astype(np.int64)
     with write_embeddings(path, attrs, list(adata.obs_names), coords, features.shape) as out:
         out.write(features.astype(np.float32))
-    run.record_output(sample, f"embed:{ENCODER}", path)
+    run.record_output(sample, f"embed:{ENCODER}", path, tiles_file=tiles_made_from(run, sample))
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +253,29 @@ def test_train_without_warmup_and_refusing_to_redo_warmup(base_run: Path, tmp_pa
     warm(run, epochs=1)
     with pytest.raises(HingeError, match="--overwrite"):
         warm(run, epochs=1)
+
+
+def test_training_refuses_a_stale_chain_until_the_named_stage_is_redone(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "run")
+    warm(run, epochs=1)
+    spots = Path(run.sample("s0")["expression"]["path"])
+    fewer = ad.read_h5ad(spots)[::2].copy()  # re-tiled with corrected spots
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    cfg = run.config()
+    cfg.tile.images = False
+    tile_sample(run, SampleSpec("s0", Path(run.sample("s0")["slide"]), tmp_path / "fewer.h5ad"), cfg.tile)
+    cfg.train.epochs = 1
+    with pytest.raises(HingeError, match="stale") as info:
+        train(run, cfg)
+    assert "hinge embed" in info.value.fix
+    write_features(run, "s0", tmp_path / "fewer.h5ad", 0)  # what `hinge embed --overwrite` does
+    with pytest.raises(HingeError, match="changed after `hinge pretrain-warmup`") as info:
+        train(run, cfg)
+    assert "pretrain-warmup --overwrite" in info.value.fix
+    pretrain_warmup(run, run.config(None, {"warmup": {"n_genes": 30, "holdout": ["s2"], "epochs": 1}}, record=False),
+                    overwrite=True)
+    train(run, cfg)
+    assert run.manifest()["stages"]["train"]["status"] == "ok"
 
 
 def test_an_unknown_learning_rate_schedule_is_a_user_error() -> None:

@@ -52,20 +52,6 @@ def training_samples(run: Run, holdout: Sequence[str] = ()) -> list[str]:
     return chosen
 
 
-def require_finished(run: Run, samples: Sequence[str], encoder_key: str) -> None:
-    """Refuse samples whose tiling or embedding the manifest does not record as finished for the files on disk.
-
-    A file left by a killed job is not a finished sample: training on it (or without it) would be silent.
-    """
-    for sample in samples:
-        if not run.is_done(sample, "tile", run.tiles(sample)):
-            raise HingeError(f"{sample}: tiling did not finish (the manifest records no finished tiles for {run.tiles(sample)})",
-                             "run the same `hinge tile` command again: it redoes unfinished samples")
-        if not run.is_done(sample, f"embed:{encoder_key}", run.embeddings(encoder_key, sample)):
-            raise HingeError(f"{sample}: embeddings ({encoder_key}) are missing or did not finish",
-                             f"run `hinge embed --encoder {encoder_key.replace('+', ',')}` (it redoes unfinished samples)")
-
-
 def load_expression(run: Run, samples: Sequence[str]) -> dict[str, Expression]:
     registered = {s: run.sample(s)["expression"] for s in samples}
     return {s: read_expression(Path(info["path"]), info.get("layer")) for s, info in registered.items()}

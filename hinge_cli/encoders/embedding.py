@@ -26,6 +26,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import Tiles, read_tile_images, read_tiles
+from hinge_cli.lineage import tiles_made_from
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 from hinge_cli.slide.patches import iter_patch_batches
@@ -145,7 +146,7 @@ def embed_sample(
                             out.write(feats, rows=slice(start, start + len(feats)), columns=columns)
                             advance(len(feats))
                 offset += enc.dim
-        record = {"encoder": key, "n_spots": n, "dim": sum(dims), "views": views, "views_kept": keep_views,
+        record = {"encoder": key, "tiles_file": tiles_made_from(run, sample), "n_spots": n, "dim": sum(dims), "views": views, "views_kept": keep_views,
                   "weights_sha256": attrs.weights_sha256, "device": str(encoders[0].device),
                   "seconds": round(time.time() - started, 2)}
         run.record_output(sample, stage, final, **record)
