@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from hinge_cli.config import EmbedConfig
@@ -27,19 +28,16 @@ from hinge_cli.encoders import (
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.imported import import_features
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.embeddings import read_embedding_attrs
-from hinge_cli.lineage import embeddings_current, require_current_tiles, stale_embeddings_error
+from hinge_cli.lineage import changed_settings, embeddings_current, require_current_tiles, stale_embeddings_error
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 
 log = logging.getLogger(__name__)
 
 
-def _stale(path: Path, cfg: EmbedConfig) -> list[str]:
-    attrs = read_embedding_attrs(path)
-    made = {"views": attrs.views, "views_kept": attrs.views_kept}
-    wanted = {"views": cfg.views, "views_kept": cfg.views > 1 and not cfg.average_views}
-    return [f"{k}={made[k]} (now {wanted[k]})" for k in made if made[k] != wanted[k]]
+def _stale(run: Run, sample: str, stage: str, cfg: EmbedConfig) -> list[str]:
+    """Settings that differ from those the existing embeddings were made with."""
+    return changed_settings(run.stage(sample, stage).get("params"), asdict(cfg), ignore=("device", "workers", "batch_size"))
 
 
 def tiled_samples(run: Run) -> list[str]:
@@ -81,7 +79,7 @@ def embed_samples(
         if not overwrite and run.is_done(sample, f"embed:{key}", final):
             if not embeddings_current(run, sample, key):
                 raise stale_embeddings_error(sample, key)
-            stale = _stale(final, cfg)
+            stale = _stale(run, sample, f"embed:{key}", cfg)
             if stale:
                 log.warning("%s: existing embeddings have %s; pass --overwrite to redo", sample, ", ".join(stale))
             summary.skipped.append(sample)

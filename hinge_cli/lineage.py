@@ -77,3 +77,16 @@ def require_unchanged_since_warmup(run: Run, samples: Sequence[str], encoder_key
     if changed:
         raise HingeError(f"the embeddings or expression of {', '.join(changed)} changed after `hinge pretrain-warmup` ran",
                          "run `hinge pretrain-warmup --overwrite`, then `hinge train --overwrite`")
+
+
+def changed_settings(recorded: dict[str, Any] | None, now: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """`name was (now new)` for each setting that differs from those an output was made with (nested keys dotted)."""
+    out: list[str] = []
+    for key, value in now.items():
+        if key in ignore or recorded is None or key not in recorded:
+            continue
+        if isinstance(value, dict) and isinstance(recorded[key], dict):
+            out += [f"{key}.{line}" for line in changed_settings(recorded[key], value)]
+        elif recorded[key] != value:
+            out.append(f"{key} {recorded[key]} (now {value})")
+    return out

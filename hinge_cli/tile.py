@@ -8,9 +8,10 @@ redoes exactly the samples that were not finished, whatever files they left.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from hinge_cli.config import TileConfig
-from hinge_cli.formats.tiles import read_tile_attrs
+from hinge_cli.lineage import changed_settings
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
@@ -19,10 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def _stale_params(run: Run, sample: str, cfg: TileConfig) -> list[str]:
-    """Names of settings that differ from those the existing tiles were made with."""
-    made = read_tile_attrs(run.tiles(sample))
-    differ = {"mpp_target": (made.mpp_target, cfg.target_mpp), "patch_px": (made.patch_px, cfg.patch_px)}
-    return [f"{k} {was} (now {now})" for k, (was, now) in differ.items() if float(was) != float(now)]
+    """Settings that differ from those the existing tiles were made with."""
+    return changed_settings(run.stage(sample, "tile").get("params"), asdict(cfg), ignore=("workers",))
 
 
 def tile_samples(

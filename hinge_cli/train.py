@@ -9,6 +9,7 @@ warm-up on all timesteps, with validation, early stopping and exact resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord, ValidationSplit
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
-from hinge_cli.lineage import WARMUP, require_ready_for_training, require_unchanged_since_warmup, training_inputs
+from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
@@ -191,6 +192,10 @@ def _choose_panel(expression: dict, samples: list[str], wc: WarmupConfig, transf
     if vocab is not None:
         known = set(vocab)
         dropped = [g for g in shared_genes(candidates) if g not in known]
+        if dropped and len(dropped) == len(shared_genes(candidates)):
+            raise HingeError(f"no gene name of the samples is in the backbone's vocabulary (samples: {', '.join(dropped[:3])}; "
+                             f"vocabulary: {', '.join(vocab[:3])})", "name genes the same way in both (e.g. map Ensembl ids "
+                             "to symbols in the samples' var_names)")
         if dropped:
             log.info("%d genes absent from the backbone vocabulary are not candidates for the panel", len(dropped))
         candidates = [e.restrict(known) for e in candidates]
@@ -335,6 +340,11 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
         log.info("training already finished %d epochs (raise --epochs to go on, or pass --overwrite)", state.epoch)
     if resume:
         log.info("resuming from %s after epoch %d", last_path, state.epoch)
+        made_with = dataclasses.asdict(card.config.train) if card.config is not None else None
+        changed = changed_settings(made_with, dataclasses.asdict(tc), ignore=("epochs", "device"))
+        if changed:
+            log.warning("%s was trained with other settings: %s; the rest of the run uses the new ones "
+                        "(pass --overwrite to train from the warm-up with them)", last_path.name, ", ".join(changed))
     require_ready_for_training(run, card.samples, card.encoder_key)
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)

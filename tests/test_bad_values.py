@@ -179,3 +179,18 @@ def test_a_legacy_non_zip_state_dict_loads(tmp_path: Path) -> None:
 
     torch.save({"w": torch.arange(3.0)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(read_state_dict(tmp_path / "old.pth")["w"], torch.arange(3.0))
+
+
+def test_samples_with_no_shared_gene_names_are_told_so() -> None:
+    import numpy as np
+    from scipy import sparse
+
+    from hinge_cli.data.expression import Expression, Transform
+    from hinge_cli.data.panel import select_panel
+
+    def sample(genes: list[str]) -> Expression:
+        return Expression(["a", "b"], genes, sparse.csr_matrix(np.ones((2, len(genes)), np.float32)), np.full(2, 2.0), None)
+
+    with pytest.raises(HingeError, match="share no gene names .*ENSG0001.*ERBB2") as info:
+        select_panel([sample(["ENSG0001", "ENSG0002"]), sample(["ERBB2", "ESR1"])], 1, "hvg", Transform())
+    assert "fewer genes" not in str(info.value)

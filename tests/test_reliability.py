@@ -137,3 +137,13 @@ def test_embed_refuses_embeddings_of_replaced_tiles_until_told_to_redo_them(tmp_
     (tmp_path / "fewer.h5ad").write_bytes((tmp_path / "fewer.h5ad").read_bytes() + b"\0")  # the spot file changed under the tiles
     with pytest.raises(HingeError, match="tiles are stale: its spots file"):
         embed_samples(run, cfg)
+
+
+def test_a_rerun_with_other_settings_says_which_differ(tmp_path: Path, synth, caplog: pytest.LogCaptureFixture) -> None:
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    cfg = load_config("tiny").tile
+    cfg.patch_px, cfg.spot_um, cfg.tissue.open_um = 16, 40.0, 8.0
+    summary = tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
+    assert summary.skipped == ["s0"]
+    assert "spot_um" in caplog.text and "tissue.open_um" in caplog.text and "--overwrite" in caplog.text
