@@ -57,14 +57,31 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def fingerprint(path: Path) -> dict[str, int]:
-    """Size and modification time (ns) of an output: what a manifest's `ok` record pins it by.
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Size, modification time (ns) and, where cheap, sha256 of an output: what a manifest's `ok` record pins it by.
 
     A file replaced, rewritten or left behind by an interrupted writer no longer matches,
-    so the stage is redone instead of trusted.
+    so the stage is redone instead of trusted; `same_file` says whether one still does.
     """
     stat = Path(path).stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    pin: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if stat.st_size <= CHEAP_HASH_BYTES:
+        pin["sha256"] = sha256_file(path)
+    return pin
+
+
+def same_file(path: Path, pin: dict[str, Any]) -> bool:
+    """Whether the file at `path` is the one `pin` (from `fingerprint`) describes.
+
+    A copied run (cp -r) changes modification times, so a differing time falls back on the
+    sha256; a large file without one is trusted on its size (it only ever lands by rename).
+    """
+    stat = Path(path).stat()
+    if stat.st_size != pin.get("size"):
+        return False
+    if stat.st_mtime_ns == pin.get("mtime_ns"):
+        return True
+    return "sha256" not in pin or sha256_file(path) == pin["sha256"]
 
 
 class OutputFinished(Exception):  # noqa: N818 (not an error: the work was already done)

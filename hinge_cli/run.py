@@ -25,7 +25,7 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, write_text_atomic
+from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, same_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -255,4 +255,4 @@ class Run:
         if entry.get("status") != "ok" or not Path(output).is_file():
             return False
         pinned = entry.get("output_file")
-        return pinned is None or pinned == fingerprint(output)
+        return pinned is None or same_file(output, pinned)

@@ -147,3 +147,34 @@ def test_a_rerun_with_other_settings_says_which_differ(tmp_path: Path, synth, ca
     summary = tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
     assert summary.skipped == ["s0"]
     assert "spot_um" in caplog.text and "tissue.open_um" in caplog.text and "--overwrite" in caplog.text
+
+
+def test_a_full_disk_while_taking_a_lock_leaves_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import hinge_cli.files as files
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.json, "dump", full)
+    with pytest.raises(OSError), files.output_lock(tmp_path / "x.h5"):
+        pass
+    assert not (tmp_path / "x.h5.lock").exists()
+    assert "free disk space" in str(files.user_os_error(OSError(errno.ENOSPC, "No space left on device")))
+
+
+def test_a_copied_run_keeps_its_finished_samples(tmp_path: Path, synth) -> None:
+    import shutil
+
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    copy = Run(shutil.copytree(run.root, tmp_path / "copy", copy_function=shutil.copy))  # new modification times
+    assert copy.tiles("s0").stat().st_mtime_ns != run.tiles("s0").stat().st_mtime_ns
+    assert copy.is_done("s0", "tile", copy.tiles("s0"))
+    with open(copy.tiles("s0"), "r+b") as fh:  # same size, other content
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert not copy.is_done("s0", "tile", copy.tiles("s0"))
