@@ -17,6 +17,7 @@ import typer
 from hinge_cli import __version__
 from hinge_cli.config import EmbedConfig, GenerateConfig, HingeConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig, field_default
 from hinge_cli.errors import HingeError
+from hinge_cli.files import user_os_error
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.terminal import RichProgress, err, say, setup_output, verbosity
 
@@ -78,10 +79,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         setup_output(kwargs.pop("verbose", False), kwargs.pop("quiet", False))
         try:
             return fn(*args, **kwargs)
-        except HingeError as exc:
+        except (HingeError, OSError) as exc:
+            user = exc if isinstance(exc, HingeError) else user_os_error(exc)
+            if user is None:
+                raise
             if verbosity["verbose"]:
                 err.print(traceback.format_exc(), markup=False)
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {user}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished outputs are kept; run the same command again to resume")

@@ -7,12 +7,14 @@ error at load time, not a silent default hours into a training run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -21,128 +23,173 @@ from hinge_cli.errors import HingeError
 PRESETS = ("tiny", "small", "default")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A constraint on one numeric config value, checked wherever a config is made (flags, YAML, API)."""
+
+    text: str
+    holds: Callable[[Any], bool]
+
+
+POSITIVE = Rule("must be a finite number above 0", lambda v: math.isfinite(v) and v > 0)
+NON_NEGATIVE = Rule("must be a finite number, 0 or more", lambda v: math.isfinite(v) and v >= 0)
+AT_LEAST_1 = Rule("must be at least 1", lambda v: v >= 1)
+FRACTION = Rule("must lie between 0 and 1", lambda v: 0 <= v <= 1)
+OPEN_FRACTION = Rule("must lie strictly between 0 and 1", lambda v: 0 < v < 1)
+FINITE = Rule("must be a finite number", math.isfinite)
+
+
+def checked(default: Any, rule: Rule) -> Any:
+    """A config field whose values must satisfy `rule` (None, where allowed, always passes)."""
+    return field(default=default, metadata={"rule": rule})
+
+
+class Checked:
+    """Checks each field's rule when a section is made, so a bad value fails before any work starts."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for fld in dataclasses.fields(self):  # type: ignore[arg-type]
+            rule, value = fld.metadata.get("rule"), getattr(self, fld.name)
+            if rule is not None and value is not None and not rule.holds(value):
+                raise HingeError(f"{self.section}.{fld.name} = {value!r} {rule.text}",
+                                 f"give a valid --{fld.name.replace('_', '-')} (or {fld.name} under {self.section}: in the "
+                                 f"YAML config); the default is {fld.default}")
+
+
 @dataclass
-class TissueConfig:
+class TissueConfig(Checked):
     """Tissue detection on a low-resolution thumbnail (saturation + Otsu + morphology)."""
 
-    thumb_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
-    threshold: float | None = None  # saturation cut-off in [0, 1]; None = Otsu
-    min_saturation: float = 0.05  # Otsu is clipped to [min, max]: blank slides stay blank,
-    max_saturation: float = 0.15  # and pale stained tissue is never cut away as glass
-    close_um: float = 50.0  # morphological closing radius: joins nearby fragments
-    open_um: float = 16.0  # opening radius: removes dust and specks
-    min_area_um2: float = 40000.0  # drop tissue islands smaller than this
+    section: ClassVar[str] = "tile.tissue"
+    thumb_mpp: float = checked(8.0, POSITIVE)  # µm/px of the thumbnail the mask is computed on
+    threshold: float | None = checked(None, FRACTION)  # saturation cut-off in [0, 1]; None = Otsu
+    min_saturation: float = checked(0.05, FRACTION)  # Otsu is clipped to [min, max]: blank slides stay blank,
+    max_saturation: float = checked(0.15, FRACTION)  # and pale stained tissue is never cut away as glass
+    close_um: float = checked(50.0, NON_NEGATIVE)  # morphological closing radius: joins nearby fragments
+    open_um: float = checked(16.0, NON_NEGATIVE)  # opening radius: removes dust and specks
+    min_area_um2: float = checked(40000.0, NON_NEGATIVE)  # drop tissue islands smaller than this
     fill_holes: bool = True
 
 
 @dataclass
-class TileConfig:
-    target_mpp: float = 0.5
-    patch_px: int = 224
+class TileConfig(Checked):
+    section: ClassVar[str] = "tile"
+    target_mpp: float = checked(0.5, POSITIVE)
+    patch_px: int = checked(224, AT_LEAST_1)
     grid: str = "hex"  # hex | square lattice for slides without spots
-    spot_um: float = 55.0
-    pitch_um: float = 100.0
-    min_tissue: float = 0.5  # grid spots keep this fraction of their disc on tissue
+    spot_um: float = checked(55.0, POSITIVE)
+    pitch_um: float = checked(100.0, POSITIVE)
+    min_tissue: float = checked(0.5, FRACTION)  # grid spots keep this fraction of their disc on tissue
     images: bool = True
-    workers: int = 2
+    workers: int = checked(2, AT_LEAST_1)
     tissue: TissueConfig = field(default_factory=TissueConfig)
 
 
 @dataclass
-class ModelConfig:
-    d_model: int = 1536
-    n_layers: int = 40
-    n_heads: int = 48
-    ffn_dim: int = 1536  # CellFM's gated linear unit keeps the model width
-    n_bins: int = 256  # soft bins of the value encoder (CellFM: 256)
-    cond_dim: int = 256  # width of the condition vector feeding SoftAdaLN
-    dropout: float = 0.0
+class ModelConfig(Checked):
+    section: ClassVar[str] = "model"
+    d_model: int = checked(1536, AT_LEAST_1)
+    n_layers: int = checked(40, AT_LEAST_1)
+    n_heads: int = checked(48, AT_LEAST_1)
+    ffn_dim: int = checked(1536, AT_LEAST_1)  # CellFM's gated linear unit keeps the model width
+    n_bins: int = checked(256, AT_LEAST_1)  # soft bins of the value encoder (CellFM: 256)
+    cond_dim: int = checked(256, AT_LEAST_1)  # width of the condition vector feeding SoftAdaLN
+    dropout: float = checked(0.0, FRACTION)
     trainable: str = "frozen"  # frozen | lora | full: what of the backbone trains
-    lora_rank: int = 8
-    lora_alpha: float = 16.0  # LoRA update scale = lora_alpha / lora_rank
-    softnorm_logit_init: float = -12.0  # SoftNorm eta = sigmoid(this) ~ 0 at init
-    gate_logit_init: float = 12.0  # SoftAdaLN gate = sigmoid(this) ~ 1 at init
+    lora_rank: int = checked(8, AT_LEAST_1)
+    lora_alpha: float = checked(16.0, POSITIVE)  # LoRA update scale = lora_alpha / lora_rank
+    softnorm_logit_init: float = checked(-12.0, FINITE)  # SoftNorm eta = sigmoid(this) ~ 0 at init
+    gate_logit_init: float = checked(12.0, FINITE)  # SoftAdaLN gate = sigmoid(this) ~ 1 at init
 
 
 @dataclass
-class DiffusionConfig:
-    steps: int = 50
+class DiffusionConfig(Checked):
+    section: ClassVar[str] = "diffusion"
+    steps: int = checked(50, AT_LEAST_1)
     fill: str = "noise"  # noise | zero: what hidden values are replaced with
-    noise_std: float = 1.0
-    alpha: float | None = None  # schedule exponent; None = automatic (one gene visible at t = T-1)
-    pretrain_mask_min: float = 0.15  # backbone pre-training hides U(min, max) of each sequence
-    pretrain_mask_max: float = 0.6
-    pretrain_expressed_fraction: float = 0.75  # share of a pre-training sequence drawn from expressed genes
+    noise_std: float = checked(1.0, NON_NEGATIVE)
+    alpha: float | None = checked(None, POSITIVE)  # schedule exponent; None = automatic (one gene visible at t = T-1)
+    pretrain_mask_min: float = checked(0.15, FRACTION)  # backbone pre-training hides U(min, max) of each sequence
+    pretrain_mask_max: float = checked(0.6, FRACTION)
+    pretrain_expressed_fraction: float = checked(0.75, FRACTION)  # share of a pre-training sequence drawn from expressed genes
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    patience: int = 10
+class TrainConfig(Checked):
+    section: ClassVar[str] = "train"
+    epochs: int = checked(50, AT_LEAST_1)
+    batch_size: int = checked(32, AT_LEAST_1)
+    lr: float = checked(1e-4, POSITIVE)
+    weight_decay: float = checked(0.01, NON_NEGATIVE)
+    grad_clip: float = checked(1.0, NON_NEGATIVE)
+    patience: int = checked(10, AT_LEAST_1)
     seed: int = 0
     device: str = "auto"
     schedule: str = "cosine"  # cosine (after a linear warm-up) | constant learning rate
 
 
 @dataclass
-class WarmupConfig:
+class WarmupConfig(Checked):
     """`pretrain-warmup`: which samples and genes, which backbone, which split, and the warm-start curriculum."""
 
+    section: ClassVar[str] = "warmup"
     backbone: str = "random"  # random | cellfm:CKPT | FILE.safetensors (an earlier pre-training or model)
     vocab: str | None = None  # CellFM gene list (CSV, symbol first), for cellfm:CKPT
     corpus: list[str] = field(default_factory=list)  # expression-only .h5ad files to pre-train the backbone on
     corpus_layer: str | None = None  # the corpus files' layer with raw counts; None: X, else layers['counts']
     holdout: list[str] = field(default_factory=list)  # sample ids kept out of training
     genes: str | None = None  # gene panel file, one symbol per line; None = choose n_genes by `select`
-    n_genes: int = 200
+    n_genes: int = checked(200, AT_LEAST_1)
     select: str = "hvg"  # hvg | hmhvg
     normalize: str = "none"  # none: log2(counts+1); total: library-size normalise first
     fill_missing: str = "none"  # none: a panel gene missing from a sample is an error; zero: treat it as 0
-    val_fraction: float = 0.1  # fraction of spots that validate (when val_samples is empty)
+    val_fraction: float = checked(0.1, OPEN_FRACTION)  # fraction of spots that validate (when val_samples is empty)
     val_samples: list[str] = field(default_factory=list)  # whole samples that validate instead
-    epochs: int = 5  # warm-start curriculum epochs
-    mask_ratio: float = 0.2  # the curriculum's cap on the hidden fraction of the panel
+    epochs: int = checked(5, NON_NEGATIVE)  # warm-start curriculum epochs (0: none, the warm-up is the wrapped backbone)
+    mask_ratio: float = checked(0.2, FRACTION)  # the curriculum's cap on the hidden fraction of the panel
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fill_missing not in ("none", "zero"):
             raise HingeError(f"--fill-missing {self.fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Checked):
     """`generate`: how the reverse process samples."""
 
-    n_samples: int = 8  # samples per spot; X is their mean, layers['std'] their spread
-    steps: int | None = None  # reverse-process steps; None = every step of the trained schedule
+    section: ClassVar[str] = "generate"
+    n_samples: int = checked(8, AT_LEAST_1)  # samples per spot; X is their mean, layers['std'] their spread
+    steps: int | None = checked(None, AT_LEAST_1)  # reverse-process steps; None = every step of the trained schedule
     seed: int = 0  # the same seed gives the same predictions
-    batch_size: int = 64  # spots per batch of the reverse process
+    batch_size: int = checked(64, AT_LEAST_1)  # spots per batch of the reverse process
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
     keep_samples: bool = False  # also store every sample in obsm['samples'] (N, S, G)
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Checked):
     """Backbone pre-training on expression-only corpora (`pretrain-warmup --corpus`)."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    seq_len: int = 512  # genes per pre-training sequence (a random subset, expressed genes favoured)
-    max_vocab: int = 5000  # the corpus vocabulary keeps this many most variable genes (plus the panel)
+    epochs: int = checked(10, AT_LEAST_1)
+    batch_size: int = checked(64, AT_LEAST_1)
+    lr: float = checked(1e-3, POSITIVE)
+    seq_len: int = checked(512, AT_LEAST_1)  # genes per pre-training sequence (a random subset, expressed genes favoured)
+    max_vocab: int = checked(5000, AT_LEAST_1)  # the corpus vocabulary keeps this many most variable genes (plus the panel)
+    section: ClassVar[str] = "pretrain"
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(Checked):
+    section: ClassVar[str] = "embed"
     encoder: str = "default"  # registry name(s), comma-separated; features are concatenated in that order
-    batch_size: int = 64
-    views: int = 1  # 1, or 8 dihedral views (test-time augmentation)
+    batch_size: int = checked(64, AT_LEAST_1)
+    views: int = checked(1, AT_LEAST_1)  # 1, or 8 dihedral views (test-time augmentation)
     average_views: bool = False  # with views=8: store the mean (N, D) instead of every view (N, V, D)
     device: str = "auto"  # auto | cpu | cuda
-    workers: int = 2  # background patch readers
+    workers: int = checked(2, AT_LEAST_1)  # background patch readers
 
 
 @dataclass
@@ -241,6 +288,12 @@ def _preset_data(preset: str) -> dict[str, Any]:
     return yaml.safe_load(_preset_text(preset)) or {}
 
 
+def _preset_name(preset: str | Path) -> str:
+    """A preset's name, or a YAML file's absolute path: later stages may run from another directory."""
+    name = str(preset)
+    return str(Path(name).expanduser().resolve()) if name.endswith((".yaml", ".yml")) else name
+
+
 def load_config(
     preset: str | Path | None = None,
     run_yaml: Path | None = None,
@@ -252,9 +305,9 @@ def load_config(
     preset starts again from it (the run's hinge.yaml belonged to another preset).
     """
     recorded = _migrate(read_yaml(run_yaml)) if run_yaml is not None and Path(run_yaml).exists() else None
-    chosen = str(preset) if preset is not None else str((recorded or {}).get("preset", "default"))
+    chosen = _preset_name(preset if preset is not None else (recorded or {}).get("preset", "default"))
     data = merge(_preset_data(chosen), {"preset": chosen})
-    if recorded is not None and str(recorded.get("preset", "default")) == chosen:
+    if recorded is not None and _preset_name(recorded.get("preset", "default")) == chosen:
         data = merge(data, recorded)
     data = merge(data, overrides or {})
     return _build(HingeConfig, data, "")

@@ -1,16 +1,17 @@
 """`hinge embed`: `tiles/<sample>.h5` in, `embeddings/<encoder-key>/<sample>.h5` out.
 
-The stage picks this shard's samples, skips finished ones (warning when their views
-differ from the asked-for ones) and embeds the rest one by one with
-`hinge_cli.encoders.embedding.embed_sample`. Each output is written under a lock to a
-temporary name and renamed into place, so an interrupted run resumes with exactly
-the missing samples.
+The stage picks this shard's samples, skips those the manifest records as finished
+(warning when their views differ from the asked-for ones) and embeds the rest one by
+one with `hinge_cli.encoders.embedding.embed_sample`. Each output is written under a
+lock to a temporary name, renamed into place and then recorded, so an interrupted run
+resumes with exactly the unfinished samples.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from hinge_cli.config import EmbedConfig
@@ -27,24 +28,21 @@ from hinge_cli.encoders import (
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.imported import import_features
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.embeddings import read_embedding_attrs
+from hinge_cli.lineage import changed_settings, embeddings_current, require_current_tiles, stale_embeddings_error
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 
 log = logging.getLogger(__name__)
 
 
-def _stale(path: Path, cfg: EmbedConfig) -> list[str]:
-    attrs = read_embedding_attrs(path)
-    made = {"views": attrs.views, "views_kept": attrs.views_kept}
-    wanted = {"views": cfg.views, "views_kept": cfg.views > 1 and not cfg.average_views}
-    return [f"{k}={made[k]} (now {wanted[k]})" for k in made if made[k] != wanted[k]]
+def _stale(run: Run, sample: str, stage: str, cfg: EmbedConfig) -> list[str]:
+    """Settings that differ from those the existing embeddings were made with."""
+    return changed_settings(run.stage(sample, stage).get("params"), asdict(cfg), ignore=("device", "workers", "batch_size"))
 
 
 def tiled_samples(run: Run) -> list[str]:
-    """Samples with a finished tiles file (temporaries and locks are not samples)."""
-    folder = run.root / "tiles"
-    return sorted(p.stem for p in folder.glob("*.h5") if not p.name.startswith(".")) if folder.is_dir() else []
+    """Samples whose tiling the manifest records as finished for the tiles file now on disk."""
+    return [s for s in run.samples() if run.is_done(s, "tile", run.tiles(s))]
 
 
 def embed_samples(
@@ -77,8 +75,11 @@ def embed_samples(
     todo = []
     for sample in shard.select(samples):
         final = run.embeddings(key, sample)
-        if final.exists() and not overwrite:
-            stale = _stale(final, cfg)
+        require_current_tiles(run, sample)
+        if not overwrite and run.is_done(sample, f"embed:{key}", final):
+            if not embeddings_current(run, sample, key):
+                raise stale_embeddings_error(sample, key)
+            stale = _stale(run, sample, f"embed:{key}", cfg)
             if stale:
                 log.warning("%s: existing embeddings have %s; pass --overwrite to redo", sample, ", ".join(stale))
             summary.skipped.append(sample)
@@ -90,7 +91,7 @@ def embed_samples(
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
             with summary.attempt(run, sample, f"embed:{key}", keep_going):
-                embed_sample(run, sample, encoders, cfg, progress)
+                embed_sample(run, sample, encoders, cfg, progress, overwrite=overwrite)
             advance(1)
     return summary
 
@@ -116,7 +117,10 @@ def import_samples(
     summary = SampleReport(f"embed ({name}, imported)")
     with progress.task("samples", len(shard.select(samples))) as advance:
         for sample in shard.select(samples):
-            if run.embeddings(name, sample).exists() and not overwrite:
+            require_current_tiles(run, sample)
+            if not overwrite and run.is_done(sample, f"embed:{name}", run.embeddings(name, sample)):
+                if not embeddings_current(run, sample, name):
+                    raise stale_embeddings_error(sample, name)
                 summary.skipped.append(sample)
             else:
                 with summary.attempt(run, sample, f"embed:{name}", keep_going):

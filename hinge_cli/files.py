@@ -57,6 +57,37 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Size, modification time (ns) and, where cheap, sha256 of an output: what a manifest's `ok` record pins it by.
+
+    A file replaced, rewritten or left behind by an interrupted writer no longer matches,
+    so the stage is redone instead of trusted; `same_file` says whether one still does.
+    """
+    stat = Path(path).stat()
+    pin: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if stat.st_size <= CHEAP_HASH_BYTES:
+        pin["sha256"] = sha256_file(path)
+    return pin
+
+
+def same_file(path: Path, pin: dict[str, Any]) -> bool:
+    """Whether the file at `path` is the one `pin` (from `fingerprint`) describes.
+
+    A copied run (cp -r) changes modification times, so a differing time falls back on the
+    sha256; a large file without one is trusted on its size (it only ever lands by rename).
+    """
+    stat = Path(path).stat()
+    if stat.st_size != pin.get("size"):
+        return False
+    if stat.st_mtime_ns == pin.get("mtime_ns"):
+        return True
+    return "sha256" not in pin or sha256_file(path) == pin["sha256"]
+
+
+class OutputFinished(Exception):  # noqa: N818 (not an error: the work was already done)
+    """Raised by a writer that, holding the lock, finds its output already recorded as done."""
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -67,6 +98,28 @@ def remove_stale_temporaries(final: Path) -> None:
     for stale in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+
+
+OS_ERRORS = {  # errno -> (what happened, what to do): the system errors a user causes and can fix
+    errno.ENOSPC: ("no space left on the device", "free disk space (or use a --run / --out folder on a larger disk), then "
+                   "run the same command again: finished outputs are kept"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or use a --run / --out folder elsewhere), then "
+                   "run the same command again"),
+    errno.EROFS: ("the file system is read-only", "use a writable --run (and --out) folder, or copy the run to one"),
+    errno.EACCES: ("permission denied", "fix the permissions of that path, or use a --run / --out folder you can write to"),
+    errno.EPERM: ("operation not permitted", "fix the permissions of that path, or use a --run / --out folder you can write to"),
+}
+OS_ERROR_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}  # h5py keeps only the text
+
+
+def user_os_error(exc: OSError) -> HingeError | None:
+    """The one-line user error for a full disk, a read-only folder or missing permissions; None for anything else."""
+    code = exc.errno if exc.errno in OS_ERRORS else next((c for t, c in OS_ERROR_TEXTS.items() if t in str(exc)), None)
+    if code is None:
+        return None
+    problem, fix = OS_ERRORS[code]
+    return HingeError(f"{problem}" + (f" at {exc.filename}" if exc.filename else ""), fix)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -81,35 +134,65 @@ class OutputLocked(HingeError):
     """Another live process holds the output's lock: not a failure of this sample."""
 
 
+EMPTY_LOCK_GRACE_S = 60.0  # an owner writes its lock file at once; one still empty after this was never finished
+
+
+def _read_owner(lock: Path) -> dict[str, Any] | None:
+    """The lock's owner record; None when the file is empty or not JSON (its writer died, e.g. on a full disk)."""
+    try:
+        owner = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and "pid" in owner else None
+
+
+def _is_stale(lock: Path, owner: dict[str, Any] | None, host: str) -> bool:
+    if owner is None:
+        try:
+            return time.time() - lock.stat().st_mtime > EMPTY_LOCK_GRACE_S
+        except FileNotFoundError:
+            return True
+    return owner == {} or (owner.get("host") == host and not _pid_alive(int(owner["pid"])))
+
+
 @contextlib.contextmanager
-def output_lock(final: Path) -> Iterator[None]:
+def output_lock(final: Path, what: str | None = None) -> Iterator[None]:
     """Hold `<final>.lock` while writing `final`; a lock of a dead process on this host is taken over.
 
     A lock file (not flock) so that it also works across the nodes of a cluster
     sharing one file system, where the owner's host name tells whether it is ours.
+    An empty or unreadable lock file (its writer died before finishing it) is stale once
+    it is older than a minute. `what` names the work in the refusal (default: writing `final`).
     """
     lock = Path(final).with_name(Path(final).name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+            owner = _read_owner(lock)
+            if _is_stale(lock, owner, me["host"]):
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
                 continue
-            raise OutputLocked(
-                f"{final} is being written by another process (pid {owner.get('pid', '?')} on {owner.get('host', '?')})",
-                f"wait for it to finish, or delete {lock} if that job is dead",
-            ) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+            doing = what or f"{final} is being written"
+            if owner is None:
+                raise OutputLocked(f"{doing}: its lock file {lock} is empty or unreadable (a job that died on a full disk?)",
+                                   f"if no job is running, delete {lock}") from None
+            raise OutputLocked(f"{doing} by another process (pid {owner['pid']} on {owner.get('host', '?')})",
+                               f"wait for it to finish, or delete {lock} if that job is dead") from None
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        except OSError:
+            lock.unlink()  # never leave an empty lock behind (a full disk)
+            raise
         break
+    else:
+        raise OutputLocked(f"could not take the lock {lock}: other jobs keep taking it", "run one job per output")
     try:
         yield
     finally:

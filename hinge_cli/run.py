@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import time
@@ -24,11 +25,20 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputLocked, write_text_atomic
+from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, same_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "hinge-run"
+SAFE_SAMPLE_ID = re.compile(r"\w[\w.+=@,-]*")  # no '/', no leading '.', so no way out of the run's folders
+
+
+def safe_sample_id(sample: str) -> str:
+    """`sample`, if it can name files inside the run; a HingeError otherwise."""
+    if not SAFE_SAMPLE_ID.fullmatch(sample) or ".." in sample:
+        raise HingeError(f"sample id {sample!r} cannot name a file in the run (it may only hold letters, digits and . _ - + = @ ,"
+                         " and may not start with '.' or contain '..')", "rename the file or give a plain --sample-id")
+    return sample
 
 
 def default_run_dir() -> Path:
@@ -64,6 +74,8 @@ class SampleReport:
         """One sample's work: done on success; on failure recorded in the manifest, then raised unless keep_going."""
         try:
             yield
+        except OutputFinished:
+            self.skipped.append(sample)
         except Exception as exc:
             if not isinstance(exc, OutputLocked):  # another job is writing it: not this sample's failure
                 run.record_stage(sample, stage, "failed", error=str(exc))
@@ -90,7 +102,11 @@ class Shard:
             count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
             if task is None or count is None:
                 return cls()
-            text = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{count}"
+            try:
+                text = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{int(count)}"
+            except ValueError:
+                raise HingeError(f"SLURM_ARRAY_TASK_ID={task!r}, SLURM_ARRAY_TASK_COUNT={count!r} are not whole numbers",
+                                 "run inside a SLURM array job (sbatch --array), or give --shard I/N") from None
         try:
             i, n = (int(part) for part in text.split("/"))
         except ValueError:
@@ -120,17 +136,17 @@ class Run:
         return self.root / "hinge.yaml"
 
     def tiles(self, sample: str) -> Path:
-        return self.root / "tiles" / f"{sample}.h5"
+        return self.root / "tiles" / f"{safe_sample_id(sample)}.h5"
 
     def input_spots(self, sample: str) -> Path:
         """Spots hinge wrote itself from another layout (a Space Ranger folder), in the slide image's pixels."""
-        return self.root / "inputs" / f"{sample}.h5ad"
+        return self.root / "inputs" / f"{safe_sample_id(sample)}.h5ad"
 
     def thumbnail(self, sample: str) -> Path:
-        return self.root / "tiles" / f"{sample}.png"
+        return self.root / "tiles" / f"{safe_sample_id(sample)}.png"
 
     def embeddings(self, encoder_key: str, sample: str) -> Path:
-        return self.root / "embeddings" / encoder_key / f"{sample}.h5"
+        return self.root / "embeddings" / encoder_key / f"{safe_sample_id(sample)}.h5"
 
     def checkpoint(self, name: str) -> Path:
         """Weights in safetensors; the JSON sidecar beside it has the same stem."""
@@ -143,10 +159,16 @@ class Run:
         return self.root / "plots" / f"{stage}_loss.png"
 
     def prediction(self, sample: str) -> Path:
-        return self.root / "predictions" / f"{sample}.h5ad"
+        return self.root / "predictions" / f"{safe_sample_id(sample)}.h5ad"
 
     def eval_dir(self, sample: str) -> Path:
-        return self.root / "eval" / sample
+        return self.root / "eval" / safe_sample_id(sample)
+
+    def training_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by pretrain-warmup and train (rank 0 of a torchrun job): both write checkpoints/ and genes.txt."""
+        if os.environ.get("RANK", "0") != "0":
+            return contextlib.nullcontext()
+        return output_lock(self.root / "training", what=f"run {self.root} is being trained")
 
     # config -----------------------------------------------------------------
     def config(self, preset: str | Path | None = None, overrides: dict[str, Any] | None = None, record: bool = True) -> HingeConfig:
@@ -217,3 +239,20 @@ class Run:
 
     def stage(self, sample: str, stage: str) -> dict[str, Any]:
         return self.sample(sample).get("stages", {}).get(stage, {})
+
+    def record_output(self, sample: str, stage: str, output: Path, **fields: Any) -> None:
+        """Record `stage` ok for `output`, pinned by its fingerprint: the last write of a finished sample."""
+        self.record_stage(sample, stage, "ok", output=str(output), output_file=fingerprint(output), **fields)
+
+    def is_done(self, sample: str, stage: str, output: Path) -> bool:
+        """Whether the manifest records `stage` ok for the file now at `output`.
+
+        The file's existence alone proves nothing: a writer killed after the rename (or a
+        job that wrote it without finishing the sample) leaves a file but no record.
+        Records written before fingerprints existed are trusted while their output exists.
+        """
+        entry = self.stage(sample, stage)
+        if entry.get("status") != "ok" or not Path(output).is_file():
+            return False
+        pinned = entry.get("output_file")
+        return pinned is None or same_file(output, pinned)

@@ -1,16 +1,17 @@
 """`hinge tile`: slides in, `tiles/<sample>.h5` (+ a thumbnail) out, one sample at a time.
 
 Each sample is written under a lock to a temporary file and renamed into place,
-so an interrupted run leaves either a finished file or nothing, and a re-run
-picks up exactly the samples that are missing.
+and is done only once the manifest records it (the last write), so a re-run
+redoes exactly the samples that were not finished, whatever files they left.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from hinge_cli.config import TileConfig
-from hinge_cli.formats.tiles import read_tile_attrs
+from hinge_cli.lineage import changed_settings
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
@@ -19,10 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def _stale_params(run: Run, sample: str, cfg: TileConfig) -> list[str]:
-    """Names of settings that differ from those the existing tiles were made with."""
-    made = read_tile_attrs(run.tiles(sample))
-    differ = {"mpp_target": (made.mpp_target, cfg.target_mpp), "patch_px": (made.patch_px, cfg.patch_px)}
-    return [f"{k} {was} (now {now})" for k, (was, now) in differ.items() if float(was) != float(now)]
+    """Settings that differ from those the existing tiles were made with."""
+    return changed_settings(run.stage(sample, "tile").get("params"), asdict(cfg), ignore=("workers",))
 
 
 def tile_samples(
@@ -41,7 +40,7 @@ def tile_samples(
     with progress.task("slides", len(mine)) as advance:
         for sample in mine:
             spec = by_id[sample]
-            if run.tiles(sample).exists() and not overwrite:
+            if not overwrite and run.is_done(sample, "tile", run.tiles(sample)):
                 stale = _stale_params(run, sample, cfg)
                 if stale:
                     log.warning("%s: existing tiles were made with %s; pass --overwrite to redo", sample, ", ".join(stale))
@@ -49,6 +48,6 @@ def tile_samples(
                 advance(1)
                 continue
             with summary.attempt(run, sample, "tile", keep_going):
-                tile_sample(run, spec, cfg, progress)
+                tile_sample(run, spec, cfg, progress, overwrite=overwrite)
             advance(1)
     return summary

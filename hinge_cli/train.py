@@ -9,6 +9,7 @@ warm-up on all timesteps, with validation, early stopping and exact resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,9 +24,8 @@ from torch import Tensor, nn
 
 from hinge_cli.config import HingeConfig, WarmupConfig
 from hinge_cli.data.corpus import Corpus, load_corpus
-from hinge_cli.data.dataset import SpotTable, assemble, load_expression, training_samples
+from hinge_cli.data.dataset import assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
-from hinge_cli.data.features import FeatureNorm, views
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
@@ -38,11 +38,14 @@ from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord, ValidationSplit
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
+from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
+from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
+from hinge_cli.train_data import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +57,6 @@ HINGE_VALIDATION_SEED_OFFSET = 7919
 PRETRAIN_VALIDATION_SEED_OFFSET = 104729
 
 
-def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation rows: whole samples, or a seeded random fraction of spots (views stay together)."""
-    if split.val_samples:
-        is_val = np.isin(table.sample, split.val_samples)
-    else:
-        keys = np.array([f"{s}\t{b}" for s, b in zip(table.sample, table.barcodes, strict=True)])
-        order = np.argsort(keys, kind="stable")
-        shuffled = order[np.random.default_rng(split.seed).permutation(len(order))]
-        is_val = np.zeros(len(table), bool)
-        is_val[shuffled[: max(1, round(split.val_fraction * len(table)))]] = True
-    if is_val.all() or not is_val.any():
-        raise HingeError("the validation split leaves no training or no validation spots",
-                         "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
-    return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
-
-
-@dataclass
-class TrainingData:
-    """What the loop needs, as tensors: standardised features (N, V, D) and targets (N, G)."""
-
-    features: Tensor
-    targets: Tensor
-
-    @classmethod
-    def of(cls, table: SpotTable, norm: FeatureNorm) -> TrainingData:
-        return cls(torch.from_numpy(norm(views(table.features))), torch.from_numpy(table.targets))
-
-
 def _tile_settings(run: Run, sample: str) -> dict[str, Any]:
     a = read_tile_attrs(run.tiles(sample))
     return {"target_mpp": a.mpp_target, "patch_px": a.patch_px, "mpp_source": a.mpp_source,
@@ -90,28 +65,6 @@ def _tile_settings(run: Run, sample: str) -> dict[str, Any]:
 
 def _embed_settings(run: Run, key: str, sample: str) -> dict[str, Any]:
     return read_embedding_attrs(run.embeddings(key, sample)).to_record()
-
-
-@dataclass
-class SplitData:
-    """The training table split into training and validation spots, standardised by `norm`."""
-
-    train: TrainingData
-    val: TrainingData
-    norm: FeatureNorm
-    split: ValidationSplit
-
-    @classmethod
-    def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None) -> SplitData:
-        """Split `table`; without `norm`, fit it on the training spots."""
-        train_rows, val_rows = split_rows(split, table)
-        norm = norm or FeatureNorm.fit(views(table.features[train_rows]))
-        return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split)
-
-    def record(self, state: LoopState) -> TrainingRecord:
-        """What the model card says about a loop over this data."""
-        return TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(self.train.targets),
-                              len(self.val.targets))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -239,6 +192,10 @@ def _choose_panel(expression: dict, samples: list[str], wc: WarmupConfig, transf
     if vocab is not None:
         known = set(vocab)
         dropped = [g for g in shared_genes(candidates) if g not in known]
+        if dropped and len(dropped) == len(shared_genes(candidates)):
+            raise HingeError(f"no gene name of the samples is in the backbone's vocabulary (samples: {', '.join(dropped[:3])}; "
+                             f"vocabulary: {', '.join(vocab[:3])})", "name genes the same way in both (e.g. map Ensembl ids "
+                             "to symbols in the samples' var_names)")
         if dropped:
             log.info("%d genes absent from the backbone vocabulary are not candidates for the panel", len(dropped))
         candidates = [e.restrict(known) for e in candidates]
@@ -319,15 +276,28 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
 
 def pretrain_warmup(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
     """Panel, backbone and the warm-start curriculum; writes genes.txt and checkpoints/warmup.*."""
+    with run.training_lock():
+        return _pretrain_warmup(run, cfg, overwrite, progress)
+
+
+def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
+    """Full masked-diffusion training from the warm-up; resumes from `last` after an interruption."""
+    with run.training_lock():
+        return _train(run, cfg, overwrite, progress)
+
+
+def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> StageSummary:
     started = time.time()
     wc, seed = cfg.warmup, cfg.train.seed
     warmup_path = run.checkpoint("warmup")
+    finish_pending(warmup_path.parent)
     if warmup_path.exists() and not overwrite:
         raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
     device = resolve_device(cfg.train.device)
     dist = Dist.from_env(device)
     key, encoders = _encoder_key(cfg)
     samples = training_samples(run, wc.holdout)
+    require_ready_for_training(run, samples, key)
     expression = load_expression(run, samples)
     transform = Transform(wc.normalize)
     found = _backbone_source(cfg)
@@ -343,8 +313,8 @@ def pretrain_warmup(run: Run, cfg: HingeConfig, *, overwrite: bool = False, prog
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
         save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
-        run.record_run_stage("pretrain-warmup", "ok", seconds=round(time.time() - started, 1), samples=samples,
-                             n_genes=len(panel), backbone=source, epochs=wc.epochs)
+        run.record_run_stage(WARMUP, "ok", seconds=round(time.time() - started, 1), samples=samples, n_genes=len(panel),
+                             backbone=source, epochs=wc.epochs, inputs=training_inputs(run, samples, key))
     dist.close()
     files = {"genes": str(run.root / "genes.txt"), "warmup": str(warmup_path), "log": str(run.log("warmup"))}
     if source == "corpus":
@@ -352,10 +322,10 @@ def pretrain_warmup(run: Run, cfg: HingeConfig, *, overwrite: bool = False, prog
     return StageSummary("warmup", state.best_epoch, state.best_val, state.epoch, time.time() - started, files)
 
 
-def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
-    """Full masked-diffusion training from the warm-up; resumes from `last` after an interruption."""
+def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> StageSummary:
     started = time.time()
     warmup_path, last_path, best_path, state_path = (run.checkpoint(n) for n in ("warmup", "last", "best", "last.state"))
+    finish_pending(last_path.parent)  # an epoch's checkpoint committed just before a kill
     tc = cfg.train
     device = resolve_device(tc.device)
     dist = Dist.from_env(device)
@@ -370,6 +340,13 @@ def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Prog
         log.info("training already finished %d epochs (raise --epochs to go on, or pass --overwrite)", state.epoch)
     if resume:
         log.info("resuming from %s after epoch %d", last_path, state.epoch)
+        made_with = dataclasses.asdict(card.config.train) if card.config is not None else None
+        changed = changed_settings(made_with, dataclasses.asdict(tc), ignore=("epochs", "device"))
+        if changed:
+            log.warning("%s was trained with other settings: %s; the rest of the run uses the new ones "
+                        "(pass --overwrite to train from the warm-up with them)", last_path.name, ", ".join(changed))
+    require_ready_for_training(run, card.samples, card.encoder_key)
+    require_unchanged_since_warmup(run, card.samples, card.encoder_key)
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
     data = SplitData.of(table, card.split, card.feature_norm)
     net = checkpoint.net.to(device)
@@ -380,10 +357,11 @@ def train(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Prog
 
     def on_epoch_end(state: LoopState, fitted: nn.Module, opt: torch.optim.Optimizer, improved: bool) -> None:
         trained = replace(card, stage="train", config=cfg, training=data.record(state))
-        save_checkpoint(last_path, fitted, trained)
-        if improved:
-            save_checkpoint(best_path, fitted, trained)
-        write_train_state(state_path, opt, state)
+        with checkpoint_unit(last_path.parent, "last") as stage:  # weights, cards and resume state: all or none
+            write_checkpoint(stage(last_path.name), fitted, trained)
+            if improved:
+                write_checkpoint(stage(best_path.name), fitted, trained)
+            write_train_state(stage(state_path.name), opt, state)
         write_log(run, "train", state)
 
     state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,

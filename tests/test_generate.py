@@ -51,6 +51,7 @@ def write_features(run: Run, sample: str, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
         out.write(features)
+    run.record_output(sample, "embed:default", path)
 
 
 @pytest.fixture(scope="module")

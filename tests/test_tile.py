@@ -131,10 +131,13 @@ def test_missing_mpp_is_an_error_that_names_the_flag(tmp_path: Path, synth) -> N
 
 
 def test_corrupt_and_blank_slides(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.svs"
+    bad = tmp_path / "bad.dat"
     bad.write_bytes(b"not a slide at all")
     with pytest.raises(HingeError, match="neither a slide"):
         tile_sample(Run(tmp_path / "run"), SampleSpec("bad", bad), tiny_tile())
+    bad.rename(tmp_path / "bad.svs")  # a slide format OpenSlide cannot open: damaged, not unsupported (issue 14)
+    with pytest.raises(HingeError, match="corrupt or truncated"):
+        tile_sample(Run(tmp_path / "run"), SampleSpec("bad", tmp_path / "bad.svs"), tiny_tile())
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
     with pytest.raises(HingeError, match="corrupt or unreadable"):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.lineage import tiles_made_from
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
 from hinge_cli.run import Run
@@ -46,6 +47,7 @@ def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
     coords = np.rint(adata.obsm["spatial"]).astype(np.int64)
     with write_embeddings(path, attrs, list(adata.obs_names), coords, features.shape) as out:
         out.write(features.astype(np.float32))
+    run.record_output(sample, f"embed:{ENCODER}", path, tiles_file=tiles_made_from(run, sample))
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +255,67 @@ def test_train_without_warmup_and_refusing_to_redo_warmup(base_run: Path, tmp_pa
         warm(run, epochs=1)
 
 
+def test_training_refuses_a_stale_chain_until_the_named_stage_is_redone(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "run")
+    warm(run, epochs=1)
+    spots = Path(run.sample("s0")["expression"]["path"])
+    fewer = ad.read_h5ad(spots)[::2].copy()  # re-tiled with corrected spots
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    cfg = run.config()
+    cfg.tile.images = False
+    tile_sample(run, SampleSpec("s0", Path(run.sample("s0")["slide"]), tmp_path / "fewer.h5ad"), cfg.tile)
+    cfg.train.epochs = 1
+    with pytest.raises(HingeError, match="stale") as info:
+        train(run, cfg)
+    assert "hinge embed" in info.value.fix
+    write_features(run, "s0", tmp_path / "fewer.h5ad", 0)  # what `hinge embed --overwrite` does
+    with pytest.raises(HingeError, match="changed after `hinge pretrain-warmup`") as info:
+        train(run, cfg)
+    assert "pretrain-warmup --overwrite" in info.value.fix
+    pretrain_warmup(run, run.config(None, {"warmup": {"n_genes": 30, "holdout": ["s2"], "epochs": 1}}, record=False),
+                    overwrite=True)
+    train(run, cfg)
+    assert run.manifest()["stages"]["train"]["status"] == "ok"
+
+
 def test_an_unknown_learning_rate_schedule_is_a_user_error() -> None:
     with pytest.raises(HingeError, match="cosine, constant"):
         LoopSettings(stage="train", epochs=1, batch_size=8, lr=1e-3, schedule="linear")
+
+
+def test_train_killed_at_every_write_resumes_bit_identically(trained: Run, tmp_path: Path) -> None:
+    """Weights, cards and resume state land as one unit: a kill at any write of an epoch resumes to the same model."""
+    from kills import Killed, count_writes, kill_at
+
+    start = copy_run(trained.root.parent / "warm", tmp_path / "start")
+    cfg = start.config()
+    cfg.train.epochs, cfg.train.patience = 1, 100
+    train(start, cfg)  # the unit a kill in epoch 2 must fall back to
+    cfg.train.epochs = 2
+    straight = copy_run(start.root, tmp_path / "straight")
+    writes = count_writes(lambda: train(straight, cfg))
+    names = ("last", "best", "last.state")
+    expected = {n: load_file(str(straight.checkpoint(n))) for n in names}
+    for n in range(writes):
+        killed = copy_run(start.root, tmp_path / f"kill{n}")
+        with kill_at(n), pytest.raises(Killed):
+            train(killed, cfg)
+        train(killed, cfg)
+        for name in names:
+            got = load_file(str(killed.checkpoint(name)))
+            assert got.keys() == expected[name].keys() and all(torch.equal(got[k], expected[name][k]) for k in got), (n, name)
+        assert load_checkpoint(killed.checkpoint("last")).card.training.epochs == 2
+
+
+def test_a_second_training_process_is_refused(trained: Run, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    run = copy_run(trained.root.parent / "warm", tmp_path / "run")
+    (run.root / "training.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live job
+    for stage in (["train", "--epochs", "1"], ["pretrain-warmup", "--overwrite"]):
+        result = CliRunner().invoke(app, [*stage, "--run", str(run.root), "-q"])
+        assert result.exit_code == 2 and "being trained by another process" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not run.checkpoint("last").exists()

@@ -7,6 +7,7 @@ total) is a small record that travels with checkpoints and predictions, so that
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from scipy import sparse
 
 from hinge_cli.data.counts import raw_counts
 from hinge_cli.errors import HingeError
+
+log = logging.getLogger(__name__)
 
 NORMALIZE = ("none", "total")
 
@@ -113,6 +116,14 @@ def read_expression(path: Path, layer: str | None = None) -> Expression:
     """Raw counts from an .h5ad: `layers[layer]`, or as found by `raw_counts` (X, else layers['counts'])."""
     path = Path(path)
     adata = read_h5ad(path, "expression file", "point --spots at an .h5ad written by anndata, with raw counts")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise HingeError(f"expression file {path} is empty ({adata.n_obs} spots x {adata.n_vars} genes)",
+                         "point --spots at the sample's full .h5ad")
+    if not adata.var_names.is_unique:
+        repeated = sorted(set(adata.var_names[adata.var_names.duplicated()]))
+        log.warning("%s names %d genes more than once (%s): the repeats are kept as GENE-1, GENE-2, ... "
+                    "(sum them and save the file again to count them as one gene)", path, len(repeated), ", ".join(repeated[:5]))
+        adata.var_names_make_unique()
     counts, _ = raw_counts(adata, layer, str(path))
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None
     totals = np.asarray(counts.sum(axis=1)).ravel()

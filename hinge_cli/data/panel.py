@@ -46,6 +46,10 @@ def select_panel(samples: Sequence[Expression], n_genes: int, method: str, trans
     genes = shared_genes(samples)
     if method == "hmhvg":
         genes = [g for g in genes if not UNINFORMATIVE.match(g)]
+    if not genes and len(samples) > 1:
+        raise HingeError("the training samples share no gene names ("
+                         + "; ".join(f"a sample has {', '.join(s.genes[:3])}" for s in samples[:2]) + ")",
+                         "name genes the same way in every sample (e.g. all symbols, or all Ensembl ids)")
     if len(genes) < n_genes:
         raise HingeError(f"only {len(genes)} genes are shared by the training samples, fewer than --n-genes {n_genes}", "ask for fewer genes")
     mean, var = gene_moments(samples, genes, transform)

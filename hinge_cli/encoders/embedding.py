@@ -23,9 +23,10 @@ import numpy as np
 from hinge_cli.config import EmbedConfig
 from hinge_cli.encoders import Encoder, EncoderSpec, Field, TilePlan, encoder_key
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import Tiles, read_tile_images, read_tiles
+from hinge_cli.lineage import tiles_made_from
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 from hinge_cli.slide.patches import iter_patch_batches
@@ -100,13 +101,20 @@ def embed_sample(
     encoders: Sequence[Encoder],
     cfg: EmbedConfig,
     progress: Progress = SILENT,
+    overwrite: bool = True,
 ) -> dict:
-    """Embed one tiled sample with `encoders` (features concatenated); returns the manifest record."""
+    """Embed one tiled sample with `encoders` (features concatenated); returns the manifest record.
+
+    Without `overwrite`, an output another job finished while this one waited raises OutputFinished:
+    the to-do list is re-checked under the lock, so a finished output is never replaced.
+    """
     key = encoder_key([e.spec for e in encoders])
     final = run.embeddings(key, sample)
     stage = f"embed:{key}"
     started = time.time()
     with output_lock(final):
+        if not overwrite and run.is_done(sample, stage, final):
+            raise OutputFinished(sample)
         remove_stale_temporaries(final)
         tiles = read_tiles(run.tiles(sample))
         run.record_stage(sample, stage, "running", inputs={"tiles": describe_input(tiles.path)}, params=asdict(cfg))
@@ -138,10 +146,10 @@ def embed_sample(
                             out.write(feats, rows=slice(start, start + len(feats)), columns=columns)
                             advance(len(feats))
                 offset += enc.dim
-        record = {"encoder": key, "n_spots": n, "dim": sum(dims), "views": views, "views_kept": keep_views,
+        record = {"encoder": key, "tiles_file": tiles_made_from(run, sample), "n_spots": n, "dim": sum(dims), "views": views, "views_kept": keep_views,
                   "weights_sha256": attrs.weights_sha256, "device": str(encoders[0].device),
-                  "seconds": round(time.time() - started, 2), "output": str(final)}
-        run.record_stage(sample, stage, "ok", **record)
+                  "seconds": round(time.time() - started, 2)}
+        run.record_output(sample, stage, final, **record)
     log.info("%s: %d spots -> %s in %.1fs", sample, n, key, record["seconds"])
-    return record
+    return {**record, "output": str(final)}
 

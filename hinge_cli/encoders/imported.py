@@ -20,6 +20,7 @@ from hinge_cli.files import atomic_path, describe_input, output_lock, remove_sta
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.hest import PatchFile, read_patch_file
 from hinge_cli.formats.tiles import Tiles, read_tiles
+from hinge_cli.lineage import tiles_made_from
 from hinge_cli.run import Run
 
 MAX_UNMATCHED = 0.05  # more spots than this without a patch means the file belongs to another slide
@@ -72,6 +73,6 @@ def import_features(run: Run, sample: str, source: Path, encoder: str, patch_siz
         features = patches.features[rows]
         with atomic_path(final) as tmp, write_embeddings(tmp, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
             out.write(features)
-        record = {"n_spots": len(rows), "imported_from": str(path.resolve()), "seconds": round(time.time() - started, 2)}
-        run.record_stage(sample, stage, "ok", **record)
+        record = {"tiles_file": tiles_made_from(run, sample), "n_spots": len(rows), "imported_from": str(path.resolve()), "seconds": round(time.time() - started, 2)}
+        run.record_output(sample, stage, final, **record)
     return record

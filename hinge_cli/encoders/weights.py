@@ -9,6 +9,7 @@ objects: safetensors, or `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
             raise HingeError(f"{path} is not a readable safetensors file ({exc})", "re-download it") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format of torch >= 1.6; a legacy (non-zip) file is read whole, just as safely
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - refused pickles and corrupt zips alike
         raise HingeError(
             f"{path} could not be loaded safely ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})",

@@ -207,8 +207,13 @@ def read_card(path: Path) -> ModelCard:
     except json.JSONDecodeError:
         raise HingeError(f"checkpoint sidecar {path} is not valid JSON", "re-create the checkpoint") from None
     fmt = data.get("format") if isinstance(data, dict) else None
-    if fmt == LEGACY_FORMAT:
-        return card_from_legacy(data, path)
-    if fmt != FORMAT:
+    if fmt not in (FORMAT, LEGACY_FORMAT):
         raise HingeError(f"{path} is not a {FORMAT} model card (format {fmt!r})", "re-create the checkpoint")
-    return card_from_dict(data, path)
+    if not data.get("sha256"):
+        raise HingeError(f"checkpoint sidecar {path} records no sha256 of its weights, so they cannot be verified",
+                         "use the sidecar written with the weights (or re-create the checkpoint)")
+    try:
+        return card_from_legacy(data, path) if fmt == LEGACY_FORMAT else card_from_dict(data, path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise HingeError(f"checkpoint sidecar {path} is incomplete or malformed ({exc.__class__.__name__}: {exc})",
+                         "use the sidecar written with the weights (or re-create the checkpoint)") from None

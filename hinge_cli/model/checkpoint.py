@@ -2,11 +2,22 @@
 
 Loading never unpickles anything: the card is JSON, the weights are safetensors, and the
 card's sha256 must match the weights file. The card's layout is owned by formats/model_card.py.
+
+Files that belong together (weights and card; in training also `best` and the resume state)
+land as one unit: they are staged in a hidden folder beside their final place, a commit list
+is written last, and only then are they renamed into place. A kill before the commit leaves
+the old unit; a kill after it is completed by the next reader or writer (`finish_pending`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +28,7 @@ from torch import nn
 
 from hinge_cli import __version__
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, sha256_file
+from hinge_cli.files import atomic_path, sha256_file, write_text_atomic
 from hinge_cli.formats.model_card import FORMAT, Architecture, ModelCard, read_card, write_card
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.hinge import Hinge
@@ -43,9 +54,52 @@ def architecture(net: Hinge | Backbone) -> Architecture:
     return Architecture(net.cfg, net.cfg, net.vocab_size)
 
 
+COMMIT = "COMMIT"
+
+
+def finish_pending(folder: Path) -> None:
+    """Move the files of committed units into place (a writer was killed half-way through its renames)."""
+    for staging in sorted(Path(folder).glob(".*.pending-*")):
+        commit = staging / COMMIT
+        if not commit.is_file():
+            continue  # being written now, or abandoned: only the unit's own writer may discard it
+        for name in json.loads(commit.read_text()):
+            with contextlib.suppress(FileNotFoundError):  # moved already, by us before a kill or by another reader
+                os.replace(staging / name, Path(folder) / name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checkpoint_unit(folder: Path, unit: str) -> Iterator[Callable[[str], Path]]:
+    """Yield `stage(name)`, the path to write file `name` at; on success every staged file replaces its old version at once.
+
+    Call only while holding the lock of the stage that owns `unit` (earlier stagings of it are discarded).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_pending(folder)
+    for abandoned in folder.glob(f".{unit}.pending-*"):
+        shutil.rmtree(abandoned, ignore_errors=True)
+    staging = folder / f".{unit}.pending-{time.time_ns()}-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield lambda name: staging / name
+        write_text_atomic(staging / COMMIT, json.dumps(sorted(p.name for p in staging.iterdir())))
+    except Exception:  # a kill leaves the staging behind: the unit's next writer discards it
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finish_pending(folder)
+
+
 def save_checkpoint(path: Path | str, net: Hinge | Backbone, card: ModelCard) -> ModelCard:
-    """Write weights then card (each atomically); return the card as written, its architecture and hash filled in."""
+    """Write weights and card as one unit; return the card as written, its architecture and hash filled in."""
     path = Path(path)
+    with checkpoint_unit(path.parent, path.stem) as stage:
+        return write_checkpoint(stage(path.name), net, card)
+
+
+def write_checkpoint(path: Path, net: Hinge | Backbone, card: ModelCard) -> ModelCard:
+    """Write weights then card at `path` (inside a `checkpoint_unit`, which makes the pair atomic)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -63,6 +117,8 @@ def read_checkpoint_card(path: Path | str) -> ModelCard:
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
     """Rebuild the network (HINGE or bare backbone) the card describes and load its weights."""
     path = Path(path)
+    if path.parent.is_dir():
+        finish_pending(path.parent)
     if not path.is_file():
         raise HingeError(f"checkpoint {path} does not exist", "check the path (or run the stage that writes it)")
     card = read_checkpoint_card(path)

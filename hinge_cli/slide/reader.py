@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 HIRES_MAX_SIDE = 2000  # the side of Space Ranger's "hires" image, which scanpy users expect
 
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}  # OpenSlide's own formats
 _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54, "3": 1.0, "2": 2.54}
 
 
@@ -89,7 +90,13 @@ class OpenSlideSlide(Slide):
             self.mpp, self.mpp_source = None, "none"
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(width), int(height))))
+        import openslide
+
+        try:
+            rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(width), int(height))))
+        except openslide.OpenSlideError as exc:  # e.g. "Corrupt JPEG data": the file is damaged, not the request
+            raise HingeError(f"slide {self.path} is corrupt or truncated ({exc})",
+                             "re-download (or re-export) the file and check its size or checksum against the source") from None
         alpha = rgba[..., 3:4].astype(np.uint16)
         if alpha.min() == 255:
             return np.ascontiguousarray(rgba[..., :3])
@@ -191,6 +198,9 @@ def open_slide(path: Path | str, mpp: float | None = None) -> Slide:
         raise HingeError(f"slide {path} is corrupt or unreadable ({exc})", "re-export or re-download the file") from None
     if handle is not None:
         return OpenSlideSlide(path, handle, mpp)
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        raise HingeError(f"slide {path} cannot be opened although it is a {path.suffix} file: it is corrupt or truncated",
+                         "re-download (or re-export) the file and check its size or checksum against the source")
     if path.suffix.lower() not in PLAIN_SUFFIXES:
         raise HingeError(f"{path} is neither a slide OpenSlide can open nor a JPEG/PNG/TIFF image", "convert it to a tiled TIFF")
     try:

@@ -20,7 +20,7 @@ from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_expression, read_h5ad
 from hinge_cli.errors import HingeError
 from hinge_cli.figures import slide_thumbnail
-from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
@@ -51,10 +51,16 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
     try:
         if "spatial" not in adata.obsm:
             raise HingeError(f"{path} has no obsm['spatial']", "store spot centres in level-0 pixels there (scanpy/HEST convention)")
-        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         barcodes = [str(b) for b in adata.obs_names]
     finally:
         adata.file.close()
+    if not barcodes:
+        raise HingeError(f"{path} holds no spots", "point --spots at the sample's full .h5ad")
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise HingeError(f"{path} has obsm['spatial'] of shape {coords.shape}, not one (x, y) row per spot",
+                         "store spot centres as an (N, 2) array of level-0 pixels there")
+    coords = coords[:, :2]
     if len(set(barcodes)) != len(barcodes):
         raise HingeError(f"{path} has duplicate spot barcodes", "make obs_names unique (adata.obs_names_make_unique())")
     if not np.isfinite(coords).all():
@@ -139,15 +145,20 @@ def _thumbnail_png(path: Path, slide: Slide, mask: TissueMask, coords: np.ndarra
                     radius_px0 / downsample, require_mpp(slide) * downsample)
 
 
-def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT, register_expression: bool = True) -> dict:
+def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress = SILENT, register_expression: bool = True,
+                overwrite: bool = True) -> dict:
     """Tile one sample into the run; returns the manifest record.
 
     With spots, the .h5ad is also registered as the sample's measured expression (training
     data) unless `register_expression` is off: `generate` only borrows the positions.
+    The manifest's `ok` record is the last write: until it lands, the sample is not done.
+    Without `overwrite`, a sample another job finished meanwhile raises OutputFinished.
     """
     final = run.tiles(spec.sample_id)
     started = time.time()
     with output_lock(final):
+        if not overwrite and run.is_done(spec.sample_id, "tile", final):
+            raise OutputFinished(spec.sample_id)
         remove_stale_temporaries(final)
         with open_slide(spec.slide, spec.mpp) as slide:
             if spec.spots is not None and not Path(spec.spots).exists():
@@ -182,15 +193,15 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
                             writer.write_images(start, batch)
                             advance(len(batch))
             _thumbnail_png(run.thumbnail(spec.sample_id), slide, mask, coords, cfg.spot_um / 2 / mpp)
+        sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
+        if spec.spots is not None and register_expression:
+            sample["expression"] = {**describe_input(spec.spots), "layer": spec.layer}
+        run.register_sample(spec.sample_id, **sample)
         record = {
             "n_spots": len(barcodes), **counts, "mpp_source": mpp, "mpp_origin": slide.mpp_source, "level": geom.level,
-            "seconds": round(time.time() - started, 2), "output": str(final),
+            "seconds": round(time.time() - started, 2),
         }
-        run.record_stage(spec.sample_id, "tile", "ok", **record)
-    sample = {"slide": str(Path(spec.slide).resolve()), "mpp": mpp}
-    if spec.spots is not None and register_expression:
-        sample["expression"] = {**describe_input(spec.spots), "layer": spec.layer}
-    run.register_sample(spec.sample_id, **sample)
+        run.record_output(spec.sample_id, "tile", final, **record)
     log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])
-    return record
+    return {**record, "output": str(final)}
 

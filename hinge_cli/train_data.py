@@ -1,0 +1,66 @@
+"""Training spots: the validation split and the standardised tensors the training loop reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hinge_cli.data.dataset import SpotTable
+from hinge_cli.data.features import FeatureNorm, views
+from hinge_cli.errors import HingeError
+from hinge_cli.fit import LoopState
+from hinge_cli.formats.model_card import TrainingRecord, ValidationSplit
+
+
+def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows: whole samples, or a seeded random fraction of spots (views stay together)."""
+    if split.val_samples:
+        is_val = np.isin(table.sample, split.val_samples)
+    else:
+        keys = np.array([f"{s}\t{b}" for s, b in zip(table.sample, table.barcodes, strict=True)])
+        order = np.argsort(keys, kind="stable")
+        shuffled = order[np.random.default_rng(split.seed).permutation(len(order))]
+        is_val = np.zeros(len(table), bool)
+        is_val[shuffled[: max(1, round(split.val_fraction * len(table)))]] = True
+    if is_val.all() or not is_val.any():
+        raise HingeError("the validation split leaves no training or no validation spots",
+                         "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
+    return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+
+@dataclass
+class TrainingData:
+    """What the loop needs, as tensors: standardised features (N, V, D) and targets (N, G)."""
+
+    features: Tensor
+    targets: Tensor
+
+    @classmethod
+    def of(cls, table: SpotTable, norm: FeatureNorm) -> TrainingData:
+        return cls(torch.from_numpy(norm(views(table.features))), torch.from_numpy(table.targets))
+
+
+
+@dataclass
+class SplitData:
+    """The training table split into training and validation spots, standardised by `norm`."""
+
+    train: TrainingData
+    val: TrainingData
+    norm: FeatureNorm
+    split: ValidationSplit
+
+    @classmethod
+    def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None) -> SplitData:
+        """Split `table`; without `norm`, fit it on the training spots."""
+        train_rows, val_rows = split_rows(split, table)
+        norm = norm or FeatureNorm.fit(views(table.features[train_rows]))
+        return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split)
+
+    def record(self, state: LoopState) -> TrainingRecord:
+        """What the model card says about a loop over this data."""
+        return TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(self.train.targets),
+                              len(self.val.targets))

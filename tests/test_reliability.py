@@ -1,0 +1,180 @@
+"""The run directory as a record: a sample is done only when the manifest says so, whatever a kill left on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from kills import Killed, count_writes, h5_content, kill_at
+
+from hinge_cli import encoders as enc
+from hinge_cli.config import EmbedConfig, load_config
+from hinge_cli.embed import embed_samples
+from hinge_cli.encoders import REGISTRY
+from hinge_cli.run import Run
+from hinge_cli.slide.tiling import SampleSpec
+from hinge_cli.tile import tile_samples
+
+
+@pytest.fixture
+def small_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = (enc.Field(32, 4.0), enc.Field(32, 8.0))
+    spec = dataclasses.replace(REGISTRY["default"], fields=fields, build=lambda: enc.MultiFieldHandcrafted(fields, tile_px=32))
+    monkeypatch.setitem(REGISTRY, "default", spec)
+
+
+def _tile(run: Run, synth) -> None:
+    cfg = load_config("tiny").tile
+    cfg.patch_px = 16
+    tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
+
+
+def test_tile_killed_at_every_write_resumes_to_the_uninterrupted_result(tmp_path: Path, synth) -> None:
+    ref = Run(tmp_path / "ref")
+    writes = count_writes(lambda: _tile(ref, synth))
+    assert writes >= 4  # running record, tiles file, thumbnail, sample registration, ok record
+    expected = h5_content(ref.tiles("s0"))
+    for n in range(writes):
+        run = Run(tmp_path / f"kill{n}")
+        with kill_at(n), pytest.raises(Killed):
+            _tile(run, synth)
+        assert not run.is_done("s0", "tile", run.tiles("s0"))
+        _tile(run, synth)
+        assert run.is_done("s0", "tile", run.tiles("s0")), n
+        assert h5_content(run.tiles("s0")) == expected, n
+        assert run.sample("s0")["expression"] == ref.sample("s0")["expression"]
+
+
+def test_a_tiles_file_without_its_record_is_redone_not_skipped(tmp_path: Path, synth) -> None:
+    run = Run(tmp_path / "run")
+    with kill_at(3), pytest.raises(Killed):  # after the tiles file landed, before the sample was finished
+        _tile(run, synth)
+    assert run.tiles("s0").exists()
+    cfg = load_config("tiny").tile
+    cfg.patch_px = 16
+    summary = tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
+    assert summary.done == ["s0"] and summary.skipped == []
+
+
+def test_embed_killed_at_every_write_resumes_to_the_uninterrupted_result(tmp_path: Path, synth, small_default: None) -> None:
+    ref = Run(tmp_path / "ref")
+    _tile(ref, synth)
+    cfg = EmbedConfig(device="cpu", batch_size=64, workers=1)
+    writes = count_writes(lambda: embed_samples(ref, cfg))
+    expected = h5_content(ref.embeddings("default", "s0"), skip_attrs=("tiles",))
+    for n in range(writes):
+        run = Run(tmp_path / f"kill{n}")
+        _tile(run, synth)
+        with kill_at(n), pytest.raises(Killed):
+            embed_samples(run, cfg)
+        assert embed_samples(run, cfg).done == ["s0"], n
+        assert h5_content(run.embeddings("default", "s0"), skip_attrs=("tiles",)) == expected, n
+        assert embed_samples(run, cfg).skipped == ["s0"]
+
+
+def test_embed_rechecks_under_the_lock_and_keeps_a_finished_output(tmp_path: Path, synth, small_default: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard job that finished the sample while this one waited: its output is kept, not replaced."""
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    cfg = EmbedConfig(device="cpu", batch_size=64, workers=1)
+    embed_samples(run, cfg)
+    made = run.embeddings("default", "s0").stat().st_mtime_ns
+    real, asked = Run.is_done, []
+
+    def stale_listing(self: Run, sample: str, stage: str, output: Path) -> bool:
+        """The first look at the embeddings (building the to-do list) predates the other job's finish."""
+        if stage.startswith("embed") and not asked:
+            asked.append(stage)
+            return False
+        return real(self, sample, stage, output)
+
+    monkeypatch.setattr(Run, "is_done", stale_listing)
+    summary = embed_samples(run, cfg)  # the to-do list says "not done"; under the lock it is
+    assert summary.skipped == ["s0"] and summary.done == []
+    assert run.embeddings("default", "s0").stat().st_mtime_ns == made
+
+
+def test_an_empty_lock_file_is_explained_then_taken_over(tmp_path: Path) -> None:
+    import os
+
+    from hinge_cli.files import EMPTY_LOCK_GRACE_S, OutputLocked, output_lock
+
+    target = tmp_path / "x.h5"
+    lock = tmp_path / "x.h5.lock"
+    lock.write_text("")  # a job died on a full disk between creating and filling its lock
+    with pytest.raises(OutputLocked, match="empty or unreadable") as info:
+        with output_lock(target):
+            pass
+    assert str(lock) in str(info.value)
+    old = lock.stat().st_mtime - EMPTY_LOCK_GRACE_S - 1
+    os.utime(lock, (old, old))
+    with output_lock(target):
+        assert lock.read_text().startswith("{")
+    assert not lock.exists()
+
+
+def test_embed_refuses_embeddings_of_replaced_tiles_until_told_to_redo_them(tmp_path: Path, synth, small_default: None) -> None:
+    import anndata as ad
+
+    from hinge_cli.errors import HingeError
+
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    cfg = EmbedConfig(device="cpu", batch_size=64, workers=1)
+    embed_samples(run, cfg)
+    fewer = ad.read_h5ad(synth.spots)[::2].copy()  # corrected spots: a different set
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    tile_cfg = load_config("tiny").tile
+    tile_cfg.patch_px = 16
+    tile_samples(run, [SampleSpec("s0", synth.slide, tmp_path / "fewer.h5ad")], tile_cfg, overwrite=True)
+    with pytest.raises(HingeError, match="stale") as info:
+        embed_samples(run, cfg)
+    assert "hinge embed --encoder default --overwrite" in info.value.fix
+    assert embed_samples(run, cfg, overwrite=True).done == ["s0"]
+    assert embed_samples(run, cfg).skipped == ["s0"]
+    (tmp_path / "fewer.h5ad").write_bytes((tmp_path / "fewer.h5ad").read_bytes() + b"\0")  # the spot file changed under the tiles
+    with pytest.raises(HingeError, match="tiles are stale: its spots file"):
+        embed_samples(run, cfg)
+
+
+def test_a_rerun_with_other_settings_says_which_differ(tmp_path: Path, synth, caplog: pytest.LogCaptureFixture) -> None:
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    cfg = load_config("tiny").tile
+    cfg.patch_px, cfg.spot_um, cfg.tissue.open_um = 16, 40.0, 8.0
+    summary = tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
+    assert summary.skipped == ["s0"]
+    assert "spot_um" in caplog.text and "tissue.open_um" in caplog.text and "--overwrite" in caplog.text
+
+
+def test_a_full_disk_while_taking_a_lock_leaves_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import hinge_cli.files as files
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.json, "dump", full)
+    with pytest.raises(OSError), files.output_lock(tmp_path / "x.h5"):
+        pass
+    assert not (tmp_path / "x.h5.lock").exists()
+    assert "free disk space" in str(files.user_os_error(OSError(errno.ENOSPC, "No space left on device")))
+
+
+def test_a_copied_run_keeps_its_finished_samples(tmp_path: Path, synth) -> None:
+    import shutil
+
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    copy = Run(shutil.copytree(run.root, tmp_path / "copy", copy_function=shutil.copy))  # new modification times
+    assert copy.tiles("s0").stat().st_mtime_ns != run.tiles("s0").stat().st_mtime_ns
+    assert copy.is_done("s0", "tile", copy.tiles("s0"))
+    with open(copy.tiles("s0"), "r+b") as fh:  # same size, other content
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert not copy.is_done("s0", "tile", copy.tiles("s0"))
