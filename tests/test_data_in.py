@@ -131,12 +131,18 @@ def test_trident_features_import_and_train(tmp_path: Path, synth) -> None:
     assert run.checkpoint("best").exists()
 
 
-def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
+def _logged_counts(tmp_path: Path, synth) -> Path:
+    """The synthetic spots as scanpy users often save them: log values in X, the counts in a layer."""
     spots = ad.read_h5ad(synth.spots)
     spots.layers["raw"] = spots.X.copy()
     spots.X = np.log1p(np.asarray(spots.X, dtype=np.float32))
     path = tmp_path / "logged.h5ad"
     spots.write_h5ad(path)
+    return path
+
+
+def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
+    path = _logged_counts(tmp_path, synth)
     from typer.testing import CliRunner
 
     from hinge_cli.cli import app
@@ -146,16 +152,6 @@ def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
     assert refused.exit_code == 2 and "--layer" in refused.output
     hinge(*args, "--layer", "raw")
     assert Run(tmp_path / "run").sample("s0")["expression"]["layer"] == "raw"
-
-
-def _logged_counts(tmp_path: Path, synth) -> Path:
-    """The synthetic spots as scanpy users often save them: log values in X, the counts in a layer."""
-    spots = ad.read_h5ad(synth.spots)
-    spots.layers["raw"] = spots.X.copy()
-    spots.X = np.log1p(np.asarray(spots.X, dtype=np.float32))
-    path = tmp_path / "logged.h5ad"
-    spots.write_h5ad(path)
-    return path
 
 
 def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
