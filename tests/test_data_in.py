@@ -185,3 +185,19 @@ def test_a_hest_folder_given_as_a_sample_sheet_is_pointed_to_hest(tmp_path: Path
     hest = make_hest_folder(tmp_path / "hest", side_px=256)
     with pytest.raises(HingeError, match="--hest"):
         read_sample_sheet(hest.root)
+
+
+def test_spots_at_the_wrong_scale_are_warned_about(tmp_path: Path, synth, caplog: pytest.LogCaptureFixture) -> None:
+    spots = ad.read_h5ad(synth.spots)
+    spots.obsm["spatial"] = np.asarray(spots.obsm["spatial"]) * 0.5  # a scale factor applied twice, say
+    halved = tmp_path / "halved.h5ad"
+    spots.write_h5ad(halved)
+    cfg = load_config("tiny").tile
+    cfg.images = False
+    with caplog.at_level(logging.WARNING, logger="hinge_cli"):
+        tile_sample(Run(tmp_path / "run"), SampleSpec("s0", synth.slide, halved), cfg)  # most still land on tissue
+    assert any("50 µm apart but --pitch-um is 100" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hinge_cli"):
+        tile_sample(Run(tmp_path / "right"), SampleSpec("s0", synth.slide, synth.spots), cfg)
+    assert not any("apart" in r.getMessage() for r in caplog.records)

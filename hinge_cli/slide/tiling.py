@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from hinge_cli.config import TileConfig
 from hinge_cli.data.expression import read_expression, read_h5ad
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 BATCH = 32
 THUMB_MAX_SIDE = 1600
 MAX_OUTSIDE = 0.5  # more spots than this off the slide or off the tissue means wrong coordinates
+OFF_TISSUE_WARNING = 0.2  # more spots than this off the tissue (but not most): worth a look at the thumbnail
+PITCH_TOLERANCE = 0.2  # spot spacing this far from --pitch-um suggests a wrong µm/px or scale factor
 MAX_UPSAMPLING = 2.0  # patches magnified more than this from level 0 are blurred: worth a warning
 BLANK_RANGE = 8  # a thumbnail whose every channel spans fewer grey levels than this holds no image
 
@@ -98,6 +101,18 @@ def _failure_thumbnail(path: Path, spec: SampleSpec, slide: Slide, mask: TissueM
     _thumbnail_png(path, slide, mask, coords, radius_px0)
 
 
+def _warn_spacing(sample: str, coords: np.ndarray, mpp: float, cfg: TileConfig) -> None:
+    """Spots whose spacing disagrees with the expected pitch were usually scaled wrongly (a µm/px or a scale factor)."""
+    if len(coords) < 3:
+        return
+    distance, _ = cKDTree(coords).query(coords, k=2)
+    spacing_um = float(np.median(distance[:, 1])) * mpp
+    if abs(spacing_um / cfg.pitch_um - 1) > PITCH_TOLERANCE:
+        log.warning("%s: neighbouring spots are %.0f µm apart but --pitch-um is %g µm (%.2fx): if the µm/px or a scale "
+                    "factor is wrong, the patches cover the wrong area; for legacy ST (200 µm pitch) pass --pitch-um 200 "
+                    "--spot-um 100", sample, spacing_um, cfg.pitch_um, spacing_um / cfg.pitch_um)
+
+
 def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConfig) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     """Barcodes, centres, tissue fractions and counts for spot mode or grid mode."""
     mpp = require_mpp(slide)
@@ -116,6 +131,7 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
             log.warning("%s: dropped %d spots outside the slide", spec.sample_id, n_out)
         barcodes = [b for b, keep in zip(barcodes, inside, strict=True) if keep]
         coords = coords[inside]
+        _warn_spacing(spec.sample_id, coords, mpp, cfg)  # before any refusal: a wrong scale is the likely cause
         half_patch = cfg.patch_px * cfg.target_mpp / mpp / 2
         on_tissue = mask.fraction_in_discs(coords, half_patch) > 0
         if on_tissue.sum() < (1 - MAX_OUTSIDE) * len(coords):
@@ -123,6 +139,9 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
                 f"{int((~on_tissue).sum())} of {len(coords)} spots of {spec.sample_id} lie off the detected tissue",
                 "check that the spots belong to this slide and the µm/px (--mpp) is right; or lower --tissue-threshold",
             )
+        if (~on_tissue).mean() > OFF_TISSUE_WARNING:
+            log.warning("%s: %d of %d spots lie off the detected tissue; look at its thumbnail to see whether they "
+                        "belong to this slide at this scale", spec.sample_id, int((~on_tissue).sum()), len(coords))
         frac = mask.fraction_in_discs(coords, radius)
         return barcodes, coords, frac, {"mode": "spots", "dropped_outside": n_out, "off_tissue": int((~on_tissue).sum())}
     if cfg.grid not in LATTICES:
