@@ -106,6 +106,11 @@ def run_configured(run: Run, config: str | Path | None, overrides: Settings | No
     return result
 
 
+def _listed(values: PathLike | Sequence[Any] | None) -> list[Any]:
+    """One value or several: a lone path or string is not a sequence of characters here."""
+    return [values] if isinstance(values, (str, Path)) else list(values or [])
+
+
 def _absolute(path: PathLike | None) -> str | None:
     """A path as hinge.yaml records it: absolute, so later stages find it from any directory."""
     return str(Path(path).resolve()) if path is not None else None
@@ -148,7 +153,7 @@ def targets(run: Run, slides: Sequence[PathLike] = (), sample_ids: Sequence[str]
     """What to predict: new slides, a Space Ranger folder, or samples already tiled in the run."""
     from hinge_cli.generate import Target
 
-    slides, sample_ids = [Path(s) for s in slides], list(sample_ids)
+    slides, sample_ids = [Path(s) for s in _listed(slides)], _listed(sample_ids)
     if visium is not None:
         if slides or spots is not None or mpp is not None or len(sample_ids) > 1:
             raise HingeError("--visium names the slide, its spots and µm/px", "drop the slides, --spots and --mpp (one --sample-id at most)")
@@ -189,10 +194,10 @@ def tile(slides: Sequence[PathLike] = (), *, run: PathLike | None = None, spots:
     from hinge_cli.tile import tile_samples
 
     the_run = Run(run)
-    specs = sample_specs(the_run, slides=[Path(s) for s in slides], spots=None if spots is None else Path(spots),
+    specs = sample_specs(the_run, slides=[Path(s) for s in _listed(slides)], spots=None if spots is None else Path(spots),
                          sample_id=sample_id, mpp=mpp, sheet=None if sheet is None else Path(sheet),
                          visium=None if visium is None else Path(visium), image=image,
-                         hest=None if hest is None else Path(hest), ids=list(ids), layer=layer)
+                         hest=None if hest is None else Path(hest), ids=_listed(ids), layer=layer)
     return run_configured(the_run, config, settings, lambda cfg: tile_samples(
         the_run, specs, cfg.tile, shard=shard, overwrite=overwrite, keep_going=keep_going, progress=progress))
 
@@ -219,7 +224,7 @@ def embed(run: PathLike | None = None, *, weights: Sequence[str] = (), import_fe
         if import_features is not None:
             return import_samples(the_run, Path(import_features), cfg.embed.encoder, patch_size_level0, shard=shard,
                                   overwrite=overwrite, keep_going=keep_going, progress=progress)
-        return embed_samples(the_run, cfg.embed, list(weights), shard=shard, overwrite=overwrite, keep_going=keep_going,
+        return embed_samples(the_run, cfg.embed, _listed(weights), shard=shard, overwrite=overwrite, keep_going=keep_going,
                              progress=progress)
 
     return run_configured(the_run, config, settings, stage)
@@ -278,8 +283,8 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
     the_run = Run(run)
     wanted = targets(the_run, slides, sample_ids, spots, mpp, visium, image)
     return run_configured(the_run, None, settings, lambda cfg: stage(
-        the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=list(weights),
-        genes_to_plot=list(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
+        the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=_listed(weights),
+        genes_to_plot=_listed(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
         keep_going=keep_going, progress=progress))
 
 
@@ -323,8 +328,6 @@ def evaluate(pred: PathLike | Sequence[PathLike], truth: PathLike | Sequence[Pat
     """
     from hinge_cli.eval import evaluate as stage
 
-    preds = [Path(pred)] if isinstance(pred, (str, Path)) else [Path(p) for p in pred]
-    truths = [Path(truth)] if isinstance(truth, (str, Path)) else [Path(t) for t in truth]
-    return stage(preds, truths, out=None if out is None else Path(out), run=None if run is None else Run(run),
-                 genes=None if genes is None else Path(genes), genes_to_plot=list(genes_to_plot), overwrite=overwrite,
+    return stage([Path(p) for p in _listed(pred)], [Path(t) for t in _listed(truth)], out=None if out is None else Path(out), run=None if run is None else Run(run),
+                 genes=None if genes is None else Path(genes), genes_to_plot=_listed(genes_to_plot), overwrite=overwrite,
                  progress=progress)
