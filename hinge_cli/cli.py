@@ -40,7 +40,7 @@ from hinge_cli.commandline import (
 from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.run import Shard
-from hinge_cli.terminal import progress, setup_output
+from hinge_cli.terminal import setup_output
 
 app = typer.Typer(
     name="hinge",
@@ -104,10 +104,10 @@ def tile(
     tile_settings = {"target_mpp": target_mpp, "patch_px": patch_px, "grid": grid, "spot_um": spot_um, "pitch_um": pitch_um,
                      "min_tissue": min_tissue, "workers": workers, "images": False if no_images else None,
                      "tissue": {"threshold": tissue_threshold}}
-    run_command(lambda: api.tile(
+    run_command("tile", lambda reporter: api.tile(
         slides or (), run=run, spots=spots, sample_id=names[0] if names else None, mpp=mpp, sheet=samples, visium=visium,
         image=image or "hires", hest=hest, ids=ids(ids_), layer=layer, config=config, settings={"tile": tile_settings},
-        shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=progress("tile")))
+        shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=reporter))
 
 
 @command
@@ -142,10 +142,10 @@ def embed(
         return
     embed_settings = {"encoder": encoder, "views": views, "average_views": True if average_views else None,
                       "batch_size": batch_size, "device": device, "workers": workers}
-    run_command(lambda: api.embed(
+    run_command("embed", lambda reporter: api.embed(
         run, weights=weights or (), import_features=import_features, patch_size_level0=patch_size_level0, config=config,
         settings={"embed": embed_settings}, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going,
-        progress=progress("embed")))
+        progress=reporter))
 
 
 @command
@@ -180,8 +180,8 @@ def pretrain_warmup(
         "epochs": warmup_epochs, "mask_ratio": warmup_mask_ratio,
     }
     train_settings = {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}
-    run_command(lambda: api.pretrain_warmup(run, config=config, settings={"warmup": warmup, "train": train_settings},
-                                            overwrite=overwrite, progress=progress("pretrain-warmup")))
+    run_command("pretrain-warmup", lambda reporter: api.pretrain_warmup(
+        run, config=config, settings={"warmup": warmup, "train": train_settings}, overwrite=overwrite, progress=reporter))
 
 
 @command
@@ -197,8 +197,8 @@ def train(
 ) -> None:
     """Train on all timesteps from the warm-up; resumes from checkpoints/last, or starts again with --overwrite."""
     train_settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "device": device}
-    run_command(lambda: api.train(run, config=config, settings={"train": train_settings}, warmup=False, overwrite=overwrite,
-                                  progress=progress("train")))
+    run_command("train", lambda reporter: api.train(
+        run, config=config, settings={"train": train_settings}, warmup=False, overwrite=overwrite, progress=reporter))
 
 
 @command
@@ -217,8 +217,8 @@ def eval(  # noqa: A001 - the subcommand is called eval
 ) -> None:
     """Score predictions against measured expression: metrics.json, report.md and maps."""
     the_run = run if run is not None else os.environ.get("HINGE_RUN") or None
-    run_command(lambda: api.evaluate(pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot),
-                                     overwrite=overwrite, progress=progress("eval")))
+    run_command("eval", lambda reporter: api.evaluate(
+        pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot), overwrite=overwrite, progress=reporter))
 
 
 @command
@@ -257,11 +257,11 @@ def generate(
         genes_to_plot = plot if genes_to_plot is None else genes_to_plot
     generate_settings = {"n_samples": n_samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
                          "keep_samples": True if keep_samples else None}
-    run_command(lambda: api.generate_samples(
+    run_command("generate", lambda reporter: api.generate_samples(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
         image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),
         genes_to_plot=ids(genes_to_plot), settings={"generate": generate_settings}, shard=Shard.parse(shard),
-        overwrite=overwrite, keep_going=keep_going, progress=progress("generate")))
+        overwrite=overwrite, keep_going=keep_going, progress=reporter))
 
 
 def main() -> None:

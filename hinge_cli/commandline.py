@@ -26,7 +26,8 @@ from typer.core import TyperCommand, TyperGroup
 from hinge_cli.api import flag_messages
 from hinge_cli.config import field_default
 from hinge_cli.errors import HingeError
-from hinge_cli.terminal import LOG_FORMATS, error, say, setup_output, shout, verbosity
+from hinge_cli.progress import Progress
+from hinge_cli.terminal import LOG_FORMATS, error, progress, say, setup_output, shout, verbosity
 
 
 def _visible_options(command: Any, ctx: Any) -> list[str]:
@@ -182,10 +183,11 @@ def finish(summary: Any, seconds: float) -> None:
         raise typer.Exit(3)
 
 
-def run_command(work: Callable[[], Any]) -> None:
-    """Run a stage through the API, time it and print its summary."""
+def run_command(stage: str, work: Callable[[Progress], Any]) -> None:
+    """Run a stage through the API with progress for the terminal or the log, time it and print its summary."""
     started = time.monotonic()
-    summary = work()
+    with progress(stage) as reporter:
+        summary = work(reporter)
     finish(summary, time.monotonic() - started)
 
 

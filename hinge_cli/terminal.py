@@ -91,6 +91,7 @@ def _stage_start(stage: str, label: str, total: int | None) -> None:
 class _Loop:
     label: str
     meter: Meter
+    nested: bool
     status: str = ""
     last_line: float = field(default_factory=time.monotonic)
     last_percent: int = 0
@@ -100,41 +101,60 @@ class _Loop:
         if quiet_for >= PLAIN_EVERY_SECONDS:
             return True
         percent = self.meter.percent()
-        return percent is not None and percent >= self.last_percent + PLAIN_EVERY_PERCENT and quiet_for >= PLAIN_MIN_SECONDS
+        return (percent is not None and percent >= self.last_percent + PLAIN_EVERY_PERCENT
+                and (not self.nested or quiet_for >= PLAIN_MIN_SECONDS))
 
-    def report(self, now: float) -> None:
+    def line(self, now: float) -> str:
         self.last_line = now
         percent = self.meter.percent()
         if percent is not None:
             self.last_percent = percent - percent % PLAIN_EVERY_PERCENT
-        write_plain(f"{self.label}: {self.meter.describe()}" + (f"  {self.status}" if self.status else ""))
+        return f"{self.label}: {self.meter.describe()}" + (f"  {self.status}" if self.status else "")
 
 
 class PlainProgress:
-    """Progress as log lines: each open loop reports every 10% or every 30 s (a background tick sees to the 30 s)."""
+    """Progress as log lines: each loop reports every 10% (a nested one at most every 5 s) or every 30 s.
+
+    Used as a context manager around the stage (the CLI does), a background tick sees to the
+    30 s: an open loop that does not advance still reports, and so does a stage between loops.
+    """
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self._loops: list[_Loop] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._started = self._last_line = time.monotonic()
+
+    def _write(self, line: str) -> None:
+        self._last_line = time.monotonic()
+        write_plain(line)
 
     def _tick(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, PLAIN_EVERY_SECONDS / 4)):
             with self._lock:
                 now = time.monotonic()
                 for loop in self._loops:
                     if now - loop.last_line >= PLAIN_EVERY_SECONDS:
-                        loop.report(now)
+                        self._write(loop.line(now))
+                if not self._loops and now - self._last_line >= PLAIN_EVERY_SECONDS:
+                    self._write(f"{self.stage}: working, {clock(now - self._started)} so far")
+
+    def __enter__(self) -> PlainProgress:
+        self._stop.clear()
+        threading.Thread(target=self._tick, daemon=True, name="hinge-progress").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None) -> Iterator[Callable[..., None]]:
-        loop = _Loop(label, Meter(total))
         with self._lock:
+            loop = _Loop(label, Meter(total), nested=bool(self._loops))
             if not self._loops:
+                self._last_line = time.monotonic()
                 _stage_start(self.stage, label, total)
-                self._stop.clear()
-                threading.Thread(target=self._tick, daemon=True, name="hinge-progress").start()
             self._loops.append(loop)
 
         def advance(n: int = 1, status: str | None = None) -> None:
@@ -143,15 +163,13 @@ class PlainProgress:
                 loop.status = status if status is not None else loop.status
                 now = time.monotonic()
                 if loop.due(now):
-                    loop.report(now)
+                    self._write(loop.line(now))
 
         try:
             yield advance
         finally:
             with self._lock:
                 self._loops.remove(loop)
-                if not self._loops:
-                    self._stop.set()
 
 
 class CountdownColumn(ProgressColumn):
@@ -172,6 +190,12 @@ class RichProgress:
                    CountdownColumn(), TextColumn("{task.fields[status]}")]
         self._bars = Progress(*columns, console=err)
         self._open = 0
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None) -> Iterator[Callable[..., None]]:
@@ -200,11 +224,14 @@ class RichProgress:
                 self._bars.remove_task(task_id)
 
 
-def progress(stage: str) -> ProgressProtocol:
-    """The progress reporter for `stage` in the current output mode: silent under -q."""
+@contextlib.contextmanager
+def progress(stage: str) -> Iterator[ProgressProtocol]:
+    """The progress reporter for `stage` in the current output mode, for as long as the stage runs: silent under -q."""
     if verbosity["quiet"]:
-        return SILENT
-    return PlainProgress(stage) if verbosity["plain"] else RichProgress(stage)
+        yield SILENT
+        return
+    with PlainProgress(stage) if verbosity["plain"] else RichProgress(stage) as reporter:
+        yield reporter
 
 
 def say(line: str) -> None:

@@ -33,8 +33,7 @@ def test_meter_rate_and_eta() -> None:
 
 def test_a_loop_reports_every_tenth_with_a_start_line(plain: None, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(terminal, "PLAIN_MIN_SECONDS", 0.0)
-    with terminal.progress("embed").task("samples", 50) as advance:
+    with terminal.progress("embed") as reporter, reporter.task("samples", 50) as advance:
         for _ in range(50):
             advance(1, status="s0")
     lines = capsys.readouterr().err.strip().splitlines()
@@ -45,25 +44,33 @@ def test_a_loop_reports_every_tenth_with_a_start_line(plain: None, capsys: pytes
     assert all("/s" in line or "/it" in line for line in steps) and "ETA" in steps[0] and "s0" in steps[0]
 
 
-def test_short_loops_stay_quiet_but_a_stalled_one_reports_on_time(plain: None, capsys: pytest.CaptureFixture[str],
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    reporter = PlainProgress("train")
-    with reporter.task("train epochs", 3) as epoch_done:
+def test_fast_nested_loops_stay_quiet_but_a_stalled_one_reports_on_time(plain: None, capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with PlainProgress("train") as reporter, reporter.task("train epochs", 3) as epoch_done:
         with reporter.task("train 1/3", 100) as advance:
             for _ in range(100):
-                advance(1)  # fast: under PLAIN_MIN_SECONDS, no line for each tenth
-        epoch_done(1)
-        assert capsys.readouterr().err.strip().splitlines()[-1].endswith("train: train epochs, 3 to do")
+                advance(1)  # nested and fast: no line for each tenth (at most one per PLAIN_MIN_SECONDS)
+        epoch_done(1)  # the outermost loop reports every tenth
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[0].endswith("train: train epochs, 3 to do") and "train epochs: 1/3 (33%)" in lines[1]
+        assert not any("train 1/3:" in line for line in lines)
         monkeypatch.setattr(terminal, "PLAIN_EVERY_SECONDS", 0.2)
-        time.sleep(1.5)  # nothing advances: the background tick still reports
-    err = capsys.readouterr().err
-    assert "train epochs: 1/3 (33%)" in err
+        time.sleep(1.0)  # nothing advances: the background tick still reports
+    assert "train epochs: 1/3 (33%)" in capsys.readouterr().err
+
+
+def test_a_stage_between_loops_still_says_it_is_alive(plain: None, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(terminal, "PLAIN_EVERY_SECONDS", 0.2)
+    with PlainProgress("generate"):
+        time.sleep(0.8)  # loading a model, say: no loop is open
+    assert "generate: working, " in capsys.readouterr().err
 
 
 def test_quiet_means_no_progress(capsys: pytest.CaptureFixture[str]) -> None:
     setup_output(False, True, "plain", fresh=True)
     try:
-        with terminal.progress("tile").task("slides", 2) as advance:
+        with terminal.progress("tile") as reporter, reporter.task("slides", 2) as advance:
             advance(2)
     finally:
         setup_output(False, False, "auto", fresh=True)
