@@ -39,7 +39,7 @@ from hinge_cli.commandline import (
 )
 from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Shard
+from hinge_cli.run import Run, Shard
 from hinge_cli.terminal import setup_output
 
 app = typer.Typer(
@@ -107,7 +107,7 @@ def tile(
     run_command("tile", lambda reporter: api.tile(
         slides or (), run=run, spots=spots, sample_id=names[0] if names else None, mpp=mpp, sheet=samples, visium=visium,
         image=image or "hires", hest=hest, ids=ids(ids_), layer=layer, config=config, settings={"tile": tile_settings},
-        shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=reporter))
+        shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=reporter), Run(run).root / "tiles")
 
 
 @command
@@ -145,7 +145,7 @@ def embed(
     run_command("embed", lambda reporter: api.embed(
         run, weights=weights or (), import_features=import_features, patch_size_level0=patch_size_level0, config=config,
         settings={"embed": embed_settings}, shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going,
-        progress=reporter))
+        progress=reporter), Run(run).root / "embeddings")
 
 
 @command

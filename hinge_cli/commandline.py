@@ -171,24 +171,24 @@ def deprecated(old: str, new: str) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def finish(summary: Any, seconds: float) -> None:
+def finish(summary: Any, seconds: float, wrote: Path | None = None) -> None:
     """The stage's end line (what it wrote, how long); a per-sample stage with failures (under --keep-going) exits 3."""
     failed = bool(getattr(summary, "failed", None))
     lines = list(summary.lines())
     if not hasattr(summary, "seconds"):
-        lines[0] += f" in {seconds:.1f}s"
+        lines[0] += f" in {seconds:.1f}s" + (f" -> {wrote}" if wrote is not None else "")
     for line in lines:
         shout(line) if failed else say(line)
     if failed:
         raise typer.Exit(3)
 
 
-def run_command(stage: str, work: Callable[[Progress], Any]) -> None:
+def run_command(stage: str, work: Callable[[Progress], Any], wrote: Path | None = None) -> None:
     """Run a stage through the API with progress for the terminal or the log, time it and print its summary."""
     started = time.monotonic()
     with progress(stage) as reporter:
         summary = work(reporter)
-    finish(summary, time.monotonic() - started)
+    finish(summary, time.monotonic() - started, wrote)
 
 
 def command_decorator(app: typer.Typer) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
