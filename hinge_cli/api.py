@@ -131,6 +131,10 @@ def corpus_files(values: Sequence[PathLike]) -> list[Path]:
             files += [Path(m) for m in matches]
         else:
             files.append(Path(value))
+    for path in files:  # up front: not after the panel is chosen and the backbone built
+        if not path.is_file():
+            raise HingeError(f"--corpus {path} is {'a folder' if path.is_dir() else 'not a file that exists'}",
+                             "give .h5ad files, a quoted glob such as 'corpus/*.h5ad', or a .txt list of files")
     return files
 
 

@@ -89,6 +89,7 @@ def test_bad_and_missing_values_name_the_flag() -> None:
     assert "generate --n-samples" in one_line_error(["generate", "--n-samples", "many"])
     line = one_line_error(["eval", "--pred"])
     assert "--pred needs a value" in line and "--truth" in line
+    assert "hinge eval: --pred is required" in one_line_error(["eval"])
     assert "--log-format" in one_line_error(["--log-format", "fancy", "train"])
 
 
@@ -101,6 +102,8 @@ def test_paths_are_checked_for_file_or_folder_before_the_command_runs(tmp_path: 
     assert "eval --pred" in one_line_error(["eval", "--pred", str(folder), "--truth", str(folder)])
     (tmp_path / "file.txt").write_text("x")
     assert "--run" in one_line_error(["train", "--run", str(tmp_path / "file.txt")])
+    line = one_line_error(["pretrain-warmup", "--run", str(tmp_path / "run"), "--corpus", str(folder)])
+    assert "--corpus" in line and "is a folder" in line
 
 
 def test_old_spellings_still_work_with_a_warning(tmp_path: Path) -> None:
