@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     hinge("train", "--run", str(run))
     prediction = run / "predictions" / f"{HELD_OUT}.h5ad"
     panel = (run / "genes.txt").read_text().split()
-    hinge("generate", "--run", str(run), "--sample-id", HELD_OUT, "--out", str(prediction), "--plot", ",".join(panel[:2]))
+    hinge("generate", "--run", str(run), "--sample-id", HELD_OUT, "--out", str(prediction), "--genes-to-plot", ",".join(panel[:2]))
     hinge("eval", "--pred", str(prediction), "--truth", str(data / f"{HELD_OUT}.h5ad"), "--run", str(run))
 
     # hinge.yaml stays behind: it recorded the trained run's --corpus, and the baseline's backbone is random

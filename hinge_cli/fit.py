@@ -8,6 +8,7 @@ resumed run ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -23,6 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from hinge_cli.distributed import Dist
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
 
@@ -115,49 +118,54 @@ def fit(
     steps_per_epoch = max(1, math.ceil(n_rows / settings.batch_size))
     total = steps_per_epoch * settings.epochs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for epoch in range(state.epoch, settings.epochs):
-        if state.stopped_early:
-            break
-        started = time.time()
-        generator = epoch_generator(settings.seed, settings.stage, epoch)
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
-        order = torch.randperm(n_rows, generator=generator)
-        net.train()
-        total_loss, lr = 0.0, settings.lr
-        with progress.task(f"{settings.stage} {epoch + 1}/{settings.epochs}", steps_per_epoch) as advance:
-            for batch in range(steps_per_epoch):
-                rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
-                lr = lr_at(state.step, total, settings)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                share = dist.rows(len(rows))
-                with autocast:
-                    # weighted so that DDP's gradient average is the gradient of the global batch mean
-                    loss = batch_loss(wrapped, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                opt.step()
-                state.step += 1
-                value = float(dist.mean(loss.detach().float()))
-                total_loss += value
-                advance(1, f"loss {value:.4f}  lr {lr:.2e}")
-        net.eval()
-        with torch.no_grad(), autocast:
-            val = float(validate(net))
-        improved = state.best_val is None or val < state.best_val
-        if improved:
-            state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
-        else:
-            state.bad_epochs += 1
-        state.epoch = epoch + 1
-        state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
-        state.history.append({
-            "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
-            "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
-        })
-        if dist.main and on_epoch_end is not None:
-            on_epoch_end(state, net, opt, improved)
-        dist.barrier()
+    # the overall bar: epochs left (a resumed run starts part-way), with the validation loss beside it
+    with progress.task(f"{settings.stage} epochs", max(0, settings.epochs - state.epoch)) as epoch_done:
+        for epoch in range(state.epoch, settings.epochs):
+            if state.stopped_early:
+                break
+            started = time.time()
+            generator = epoch_generator(settings.seed, settings.stage, epoch)
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # dropout and friends
+            order = torch.randperm(n_rows, generator=generator)
+            net.train()
+            total_loss, lr = 0.0, settings.lr
+            with progress.task(f"{settings.stage} {epoch + 1}/{settings.epochs}", steps_per_epoch) as advance:
+                for batch in range(steps_per_epoch):
+                    rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
+                    lr = lr_at(state.step, total, settings)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    share = dist.rows(len(rows))
+                    with autocast:
+                        # weighted so that DDP's gradient average is the gradient of the global batch mean
+                        loss = batch_loss(wrapped, rows, generator) * ((share.stop - share.start) * dist.world / len(rows))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if settings.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                    opt.step()
+                    state.step += 1
+                    value = float(dist.mean(loss.detach().float()))
+                    total_loss += value
+                    advance(1, f"loss {value:.4f}  lr {lr:.2e}")
+            net.eval()
+            with torch.no_grad(), autocast:
+                val = float(validate(net))
+            improved = state.best_val is None or val < state.best_val
+            if improved:
+                state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
+            else:
+                state.bad_epochs += 1
+            state.epoch = epoch + 1
+            state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
+            state.history.append({
+                "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
+                "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
+            })
+            log.info("%s epoch %d/%d: train loss %.4f, validation loss %.4f%s", settings.stage, epoch + 1, settings.epochs,
+                     total_loss / steps_per_epoch, val, " (best so far)" if improved else "")
+            epoch_done(1, f"val {val:.4f}  best {state.best_val:.4f} @ {state.best_epoch}")
+            if dist.main and on_epoch_end is not None:
+                on_epoch_end(state, net, opt, improved)
+            dist.barrier()
     return state

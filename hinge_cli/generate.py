@@ -241,14 +241,15 @@ def _check_mpp(run: Run, sample: str, model: TrainedModel) -> None:
 
 def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
              weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
-             overwrite: bool = False, progress: Progress = SILENT) -> SampleReport:
+             overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
     """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample.
 
     checkpoint: the model (default: the run's best); weights: the encoder's, when not in the Hugging Face cache;
-    genes_to_plot: a PNG each beside the output; out: a .h5ad for one sample, or a folder (default: the run's).
+    genes_to_plot: a PNG each beside the output; out: a .h5ad for one sample, or a folder (default: the run's);
+    keep_going: a failed sample is recorded and the others go on.
     """
     if cfg.n_samples < 1:
-        raise HingeError(f"--samples {cfg.n_samples} must be at least 1", "give e.g. --samples 8")
+        raise HingeError(f"--n-samples {cfg.n_samples} must be at least 1", "give e.g. --n-samples 8")
     if cfg.batch_size < 1:
         raise HingeError(f"--batch-size {cfg.batch_size} must be at least 1", "give e.g. --batch-size 64")
     ids = [t.sample_id for t in targets]
@@ -275,7 +276,7 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     model = load_trained_model(checkpoint, cfg.device)
     unknown = [gene for gene in genes_to_plot if gene not in model.genes]
     if unknown:
-        raise HingeError(f"--plot genes not in the model's panel: {', '.join(unknown)}",
+        raise HingeError(f"--genes-to-plot genes not in the model's panel: {', '.join(unknown)}",
                          f"choose among the {len(model.genes)} panel genes, e.g. {', '.join(model.genes[:5])}")
     model.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
     encoders = Encoders(model, weights, cfg.device)
@@ -284,11 +285,11 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     tile_cfg = model.tile_config()
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
-            with summary.attempt(run, sample, "generate", keep_going=False):
+            with summary.attempt(run, sample, "generate", keep_going):
                 retiled = ensure_tiles(run, by_id[sample], tile_cfg, overwrite, progress)
                 _check_mpp(run, sample, model)
                 ensure_embeddings(run, sample, model, encoders, retiled, overwrite, progress)
                 predict_sample(run, sample, model, paths[sample], cfg, genes_to_plot, progress)
-            summary.outputs[sample] = str(paths[sample])
+                summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

@@ -1,7 +1,9 @@
 """Progress reporting for long loops, without tying the core to a terminal.
 
 The core calls `progress.task(label, total)` and advances it; library users get
-the silent default, the CLI passes a Rich implementation.
+the silent default, the CLI passes Rich bars or, for log files, plain lines
+(`hinge_cli.terminal`). The outermost task of a stage is its start line, so its
+label says what is counted ("slides", "samples", "train epochs").
 """
 
 from __future__ import annotations

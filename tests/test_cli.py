@@ -40,6 +40,13 @@ def test_stage_flags_are_recorded_with_resolved_paths(tmp_path: Path, monkeypatc
     assert recorded["warmup"]["epochs"] == 3 and recorded["train"]["seed"] == 5
     assert recorded["warmup"]["genes"] == str((tmp_path / "panel.txt").resolve())
     ok(["generate", "--run", str(run), "--sample-id", "t0", "--checkpoint", str(run / "checkpoints" / "warmup.safetensors"),
-        "--samples", "3", "--steps", "2", "--device", "cpu", "-q"])
+        "--n-samples", "3", "--steps", "2", "--device", "cpu", "-q"])
     recorded = yaml.safe_load((run / "hinge.yaml").read_text())
     assert (recorded["generate"]["n_samples"], recorded["generate"]["steps"]) == (3, 2)
+
+    # generate --keep-going: a sample that fails is recorded and summarised, the others are done, exit 3
+    result = runner.invoke(app, ["generate", "--run", str(run), "--sample-id", "t0,t1,nope", "--keep-going", "--steps", "1",
+                                 "--checkpoint", str(run / "checkpoints" / "warmup.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert "1 done, 1 skipped (already done), 1 failed" in result.output and "failed nope: sample nope is not tiled" in result.output
+    assert (run / "predictions" / "t1.h5ad").exists()

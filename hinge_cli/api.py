@@ -1,0 +1,338 @@
+"""The pipeline from Python: the same stages, run directory and guarantees as the `hinge` command.
+
+    import hinge_cli
+    hinge_cli.tile(sheet="data/samples.csv", run="runs/demo", config="tiny")
+    hinge_cli.embed(run="runs/demo")
+    hinge_cli.train(run="runs/demo", settings={"warmup": {"holdout": ["synth3"]}})
+    adata = hinge_cli.generate(sample_id="synth3", run="runs/demo")
+    result = hinge_cli.evaluate("runs/demo/predictions/synth3.h5ad", "data/synth3.h5ad", run="runs/demo")
+
+Each function resolves the config as the command does (preset < the run's hinge.yaml <
+`settings`), runs the stage, and records the config in hinge.yaml only after it succeeded.
+Outputs are written atomically and skipped when they exist unless `overwrite=True`.
+`settings` holds config overrides by section, with the keys of hinge.yaml:
+`{"train": {"epochs": 20, "device": "cpu"}}`. Problems you can fix raise `HingeError`,
+worded with these functions' argument names. Progress is silent unless you pass a
+`progress` (see `hinge_cli.progress`); log records go to the `hinge_cli` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hinge_cli.errors import HingeError
+from hinge_cli.progress import SILENT, Progress
+from hinge_cli.run import Run, SampleReport, Shard
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from hinge_cli.config import HingeConfig
+    from hinge_cli.eval import EvalSummary
+    from hinge_cli.generate import Target
+    from hinge_cli.train import StageSummary
+
+PathLike = str | Path
+Settings = Mapping[str, Mapping[str, Any]]
+Result = TypeVar("Result")
+
+__all__ = ["embed", "evaluate", "generate", "generate_samples", "pretrain_warmup", "tile", "train"]
+
+# ----------------------------------------------------------------------------- messages
+
+_FLAG_MESSAGES = contextvars.ContextVar("hinge_flag_messages", default=False)
+SWITCHES = ("overwrite", "keep-going", "keep-samples", "average-views")
+RENAMED = {"samples": "sheet"}  # tile's --samples CSV is `sheet` here
+FUNCTIONS = {"tile": "tile", "embed": "embed", "pretrain-warmup": "pretrain_warmup", "train": "train",
+             "generate": "generate", "eval": "evaluate"}
+
+
+@contextlib.contextmanager
+def flag_messages() -> Iterator[None]:
+    """Within it (the command line), errors keep the core's wording in flags: --overwrite, `hinge train`."""
+    token = _FLAG_MESSAGES.set(True)
+    try:
+        yield
+    finally:
+        _FLAG_MESSAGES.reset(token)
+
+
+def python_words(text: str) -> str:
+    """The core's flag wording in this module's terms: --overwrite -> overwrite=True, `hinge train` -> hinge_cli.train()."""
+    text = re.sub(r"`?hinge (pretrain-warmup|tile|embed|train|generate|eval)`?",
+                  lambda m: f"hinge_cli.{FUNCTIONS[m[1]]}()", text)
+
+    def argument(match: re.Match[str]) -> str:
+        name, value = RENAMED.get(match[1], match[1]), match[2]
+        if name in SWITCHES:
+            return f"{name.replace('-', '_')}=True" + (f" {value}" if value else "")
+        if value and re.fullmatch(r"[0-9][0-9./]*|[A-Z][A-Z_]*", value):
+            return f"{name.replace('-', '_')}={value}"
+        return name.replace("-", "_") + (f" {value}" if value else "")
+
+    return re.sub(r"--([a-z][a-z0-9-]*)(?: (\S+))?", argument, text)
+
+
+def _python_api(fn: Callable[..., Result]) -> Callable[..., Result]:
+    """Errors raised inside speak this module's argument names, unless the command line is the caller."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Result:
+        try:
+            return fn(*args, **kwargs)
+        except HingeError as exc:
+            if _FLAG_MESSAGES.get():
+                raise
+            raise HingeError(python_words(exc.problem), python_words(exc.fix) if exc.fix else None) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def run_configured(run: Run, config: str | Path | None, overrides: Settings | None,
+                   stage: Callable[[HingeConfig], Result]) -> Result:
+    """Resolve the config (preset < hinge.yaml < overrides), run the stage, and record the config only once it succeeded."""
+    cfg = run.config(config, {section: dict(values) for section, values in (overrides or {}).items()}, record=False)
+    result = stage(cfg)
+    run.record_config(cfg)
+    return result
+
+
+def _listed(values: PathLike | Sequence[Any] | None) -> list[Any]:
+    """One value or several: a lone path or string is not a sequence of characters here."""
+    return [values] if isinstance(values, (str, Path)) else list(values or [])
+
+
+def _absolute(path: PathLike | None) -> str | None:
+    """A path as hinge.yaml records it: absolute, so later stages find it from any directory."""
+    return str(Path(path).resolve()) if path is not None else None
+
+
+def corpus_files(values: Sequence[PathLike]) -> list[Path]:
+    """Corpus files from paths, quoted globs, or .txt lists of files (one per line)."""
+    import glob
+
+    files: list[Path] = []
+    for value in map(str, values):
+        if value.endswith(".txt") and Path(value).is_file():
+            files += [Path(line.strip()) for line in Path(value).read_text().splitlines() if line.strip()]
+        elif any(ch in value for ch in "*?["):
+            matches = sorted(glob.glob(value))
+            if not matches:
+                raise HingeError(f"--corpus pattern {value} matches no file", "check the pattern (quote it so the shell leaves it alone)")
+            files += [Path(m) for m in matches]
+        else:
+            files.append(Path(value))
+    for path in files:  # up front: not after the panel is chosen and the backbone built
+        if not path.is_file():
+            raise HingeError(f"--corpus {path} is {'a folder' if path.is_dir() else 'not a file that exists'}",
+                             "give .h5ad files, a quoted glob such as 'corpus/*.h5ad', or a .txt list of files")
+    return files
+
+
+def warmup_paths(warmup: Mapping[str, Any]) -> dict[str, Any]:
+    """The warm-up section with its file settings made absolute (backbone cellfm:CKPT or FILE, vocab, genes, corpus)."""
+    out = dict(warmup)
+    backbone = out.get("backbone")
+    if backbone is not None and backbone != "random":
+        out["backbone"] = ("cellfm:" + str(_absolute(backbone[len("cellfm:"):])) if backbone.startswith("cellfm:")
+                           else _absolute(backbone))
+    for key in ("vocab", "genes"):
+        out[key] = _absolute(out.get(key))
+    if out.get("corpus"):
+        out["corpus"] = [_absolute(f) for f in corpus_files(out["corpus"])]
+    return out
+
+
+def targets(run: Run, slides: Sequence[PathLike] = (), sample_ids: Sequence[str] = (), spots: PathLike | None = None,
+            mpp: float | None = None, visium: PathLike | None = None, image: str = "hires") -> list[Target]:
+    """What to predict: new slides, a Space Ranger folder, or samples already tiled in the run."""
+    from hinge_cli.generate import Target
+
+    slides, sample_ids = [Path(s) for s in _listed(slides)], _listed(sample_ids)
+    if visium is not None:
+        if slides or spots is not None or mpp is not None or len(sample_ids) > 1:
+            raise HingeError("--visium names the slide, its spots and µm/px", "drop the slides, --spots and --mpp (one --sample-id at most)")
+        from hinge_cli.data.sources import visium_sample
+
+        spec = visium_sample(run, Path(visium), image, sample_ids[0] if sample_ids else None)
+        return [Target(spec.sample_id, spec.slide, spec.spots, spec.mpp)]
+    if slides:
+        if len(slides) > 1 and (spots is not None or sample_ids):
+            raise HingeError("--spots and --sample-id apply to one slide", "predict one slide per call, or drop them")
+        if len(sample_ids) > 1:
+            raise HingeError("one slide takes one --sample-id", "give a single id, or run once per slide")
+        return [Target(sample_ids[0] if sample_ids else s.stem, s, None if spots is None else Path(spots), mpp) for s in slides]
+    if sample_ids:
+        if spots is not None or mpp is not None:
+            raise HingeError("--spots and --mpp need a slide", "give the slide, or drop them to predict the tiled samples")
+        return [Target(i) for i in sample_ids]
+    raise HingeError("nothing to predict", "give a slide, --visium OUTS, or --sample-id ID of a sample already in the run")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@_python_api
+def tile(slides: Sequence[PathLike] = (), *, run: PathLike | None = None, spots: PathLike | None = None,
+         sample_id: str | None = None, mpp: float | None = None, sheet: PathLike | None = None, visium: PathLike | None = None,
+         image: str = "hires", hest: PathLike | None = None, ids: Sequence[str] = (), layer: str | None = None,
+         config: str | Path | None = None, settings: Settings | None = None, shard: Shard = Shard(),
+         overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
+    """Detect tissue and cut patches at a fixed µm/px into `<run>/tiles/<sample>.h5`: one per spot, or a grid.
+
+    Samples come from `slides` (with `spots`, `sample_id`, `mpp` for one slide), a `sheet` CSV
+    (sample_id, slide[, spots, mpp, layer]), a Space Ranger `visium` outs/ folder, or a HEST-1k
+    folder `hest` (all samples, or `ids`). `settings["tile"]` overrides tiling (target_mpp,
+    patch_px, grid, ...). Returns what was done, skipped and (with keep_going) failed.
+    """
+    from hinge_cli.data.sources import sample_specs
+    from hinge_cli.tile import tile_samples
+
+    the_run = Run(run)
+    specs = sample_specs(the_run, slides=[Path(s) for s in _listed(slides)], spots=None if spots is None else Path(spots),
+                         sample_id=sample_id, mpp=mpp, sheet=None if sheet is None else Path(sheet),
+                         visium=None if visium is None else Path(visium), image=image,
+                         hest=None if hest is None else Path(hest), ids=_listed(ids), layer=layer)
+    return run_configured(the_run, config, settings, lambda cfg: tile_samples(
+        the_run, specs, cfg.tile, shard=shard, overwrite=overwrite, keep_going=keep_going, progress=progress))
+
+
+@_python_api
+def embed(run: PathLike | None = None, *, weights: Sequence[str] = (), import_features: PathLike | None = None,
+          patch_size_level0: float | None = None, config: str | Path | None = None, settings: Settings | None = None,
+          shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
+    """Turn every tiled sample into one feature vector per spot: `<run>/embeddings/<encoder>/<sample>.h5`.
+
+    `settings["embed"]` chooses the encoder(s) ("uni,conch"), views, batch_size, device. `weights`
+    are FILE or NAME=FILE for learned encoders (default: the Hugging Face cache). With
+    `import_features` (TRIDENT/HEST .h5 files, or their folder), the features are taken from
+    there instead; settings["embed"]["encoder"] names the model that made them.
+    """
+    from hinge_cli.embed import embed_samples, import_samples
+
+    the_run = Run(run)
+    encoder = (settings or {}).get("embed", {}).get("encoder")
+    if import_features is not None and (encoder is None or "," in encoder):
+        raise HingeError("--import-features needs the one encoder that made the features", "add e.g. --encoder uni")
+
+    def stage(cfg: HingeConfig) -> SampleReport:
+        if import_features is not None:
+            return import_samples(the_run, Path(import_features), cfg.embed.encoder, patch_size_level0, shard=shard,
+                                  overwrite=overwrite, keep_going=keep_going, progress=progress)
+        return embed_samples(the_run, cfg.embed, _listed(weights), shard=shard, overwrite=overwrite, keep_going=keep_going,
+                             progress=progress)
+
+    return run_configured(the_run, config, settings, stage)
+
+
+@_python_api
+def pretrain_warmup(run: PathLike | None = None, *, config: str | Path | None = None, settings: Settings | None = None,
+                    overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
+    """Choose the gene panel, get a backbone and run the warm-start curriculum: `<run>/checkpoints/warmup.*`.
+
+    `settings["warmup"]` holds the choices of `hinge pretrain-warmup`: holdout, genes (a file) or
+    n_genes and select, backbone (random | cellfm:CKPT | FILE), vocab, corpus (files or globs),
+    val_fraction or val_samples, epochs, mask_ratio; `settings["train"]` seed, batch_size, lr, device.
+    File paths are recorded absolute.
+    """
+    from hinge_cli.train import pretrain_warmup as stage
+
+    the_run = Run(run)
+    overrides = dict(settings or {})
+    overrides["warmup"] = warmup_paths(overrides.get("warmup", {}))
+    return run_configured(the_run, config, overrides, lambda cfg: stage(the_run, cfg, overwrite=overwrite, progress=progress))
+
+
+@_python_api
+def train(run: PathLike | None = None, *, config: str | Path | None = None, settings: Settings | None = None,
+          warmup: bool = True, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:
+    """Train the generator: `<run>/checkpoints/best.*` and `last.*`, resuming from `last` after an interruption.
+
+    With `warmup` (the default) the warm-up runs first unless its checkpoint exists (or
+    `overwrite`), so one call goes from embeddings to a trained model; `warmup=False` needs an
+    earlier `pretrain_warmup`. `settings["train"]` sets epochs, batch_size, lr, patience, device.
+    """
+    from hinge_cli.train import train as stage
+
+    the_run = Run(run)
+    if warmup and (overwrite or not the_run.checkpoint("warmup").exists()):
+        pretrain_warmup(the_run.root, config=config, settings=settings, overwrite=overwrite, progress=progress)
+        config = None  # the warm-up recorded it in hinge.yaml
+    return run_configured(the_run, config, settings, lambda cfg: stage(the_run, cfg, overwrite=overwrite, progress=progress))
+
+
+@_python_api
+def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[str] = (), spots: PathLike | None = None,
+                     mpp: float | None = None, visium: PathLike | None = None, image: str = "hires",
+                     run: PathLike | None = None, checkpoint: PathLike | None = None, out: PathLike | None = None,
+                     weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), settings: Settings | None = None,
+                     shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False,
+                     progress: Progress = SILENT) -> SampleReport:
+    """Predict several slides or samples, one .h5ad each (`out`: a folder, default the run's predictions/).
+
+    The form `hinge generate` uses: sharding over array jobs, and with keep_going a failed
+    slide is recorded and the others go on. Returns what was done, skipped and failed.
+    """
+    from hinge_cli.generate import generate as stage
+
+    the_run = Run(run)
+    wanted = targets(the_run, slides, sample_ids, spots, mpp, visium, image)
+    return run_configured(the_run, None, settings, lambda cfg: stage(
+        the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=_listed(weights),
+        genes_to_plot=_listed(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
+        keep_going=keep_going, progress=progress))
+
+
+@_python_api
+def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spots: PathLike | None = None,
+             mpp: float | None = None, visium: PathLike | None = None, image: str = "hires", run: PathLike | None = None,
+             checkpoint: PathLike | None = None, out: PathLike | None = None, weights: Sequence[str] = (),
+             genes_to_plot: Sequence[str] = (), settings: Settings | None = None, overwrite: bool = False,
+             progress: Progress = SILENT) -> AnnData:
+    """Predict one slide (or a sample already in the run) and return the AnnData of predicted expression.
+
+    X is the mean over samples in the model's space, layers["std"] their spread; obsm["spatial"]
+    and uns["spatial"] make it plottable with scanpy. The slide is tiled and embedded as the
+    checkpoint (default: the run's best) was trained. The prediction is also written, as the
+    command writes it: to `out` if given, else `<run>/predictions/<sample>.h5ad` (the run keeps
+    every prediction with its provenance). `settings["generate"]` sets n_samples, steps, seed,
+    batch_size, device, keep_samples.
+    """
+    import anndata
+
+    from hinge_cli.generate import output_paths
+
+    the_run = Run(run)
+    (target,) = targets(the_run, [] if slide is None else [slide], [] if sample_id is None else [sample_id], spots, mpp,
+                        visium, image)
+    generate_samples([] if target.slide is None else [target.slide], sample_ids=[target.sample_id], spots=target.spots,
+                     mpp=target.mpp, run=the_run.root, checkpoint=checkpoint, out=out, weights=weights,
+                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, progress=progress)
+    return anndata.read_h5ad(output_paths(the_run, [target.sample_id], None if out is None else Path(out))[target.sample_id])
+
+
+@_python_api
+def evaluate(pred: PathLike | Sequence[PathLike], truth: PathLike | Sequence[PathLike], *, out: PathLike | None = None,
+             run: PathLike | None = None, genes: PathLike | None = None, genes_to_plot: Sequence[str] = (),
+             layer: str | None = None, overwrite: bool = False, progress: Progress = SILENT) -> EvalSummary:
+    """Score predictions against measured counts (pairs in order): metrics.json, report.md and maps/ per slide.
+
+    Returns the typed result: `.slides[i].metrics` is a `SlideMetrics` (e.g.
+    `.correlation.depth_partial.pearson.mean`, the headline). Outputs go to `out`, else
+    `<run>/eval/<sample>/` with a `run`, else ./hinge-eval. `layer` names the truth files' layer of
+    raw counts (default: X, else scanpy's layers['counts']).
+    """
+    from hinge_cli.eval import evaluate as stage
+
+    return stage([Path(p) for p in _listed(pred)], [Path(t) for t in _listed(truth)], out=None if out is None else Path(out), run=None if run is None else Run(run),
+                 genes=None if genes is None else Path(genes), genes_to_plot=_listed(genes_to_plot), overwrite=overwrite,
+                 progress=progress, layer=layer)
