@@ -1,11 +1,13 @@
 """The pipeline from Python: the same stages, run directory and guarantees as the `hinge` command.
 
     import hinge_cli
-    hinge_cli.tile(sheet="data/samples.csv", run="runs/demo", config="tiny")
-    hinge_cli.embed(run="runs/demo")
-    hinge_cli.train(run="runs/demo", settings={"warmup": {"holdout": ["synth3"]}})
-    adata = hinge_cli.generate(sample_id="synth3", run="runs/demo")
-    result = hinge_cli.evaluate("runs/demo/predictions/synth3.h5ad", "data/synth3.h5ad", run="runs/demo")
+    from hinge_cli import api as hinge
+
+    hinge.tile(sheet="data/samples.csv", run="runs/demo", config="tiny")
+    hinge.embed(run="runs/demo")
+    hinge.train(run="runs/demo", settings={"warmup": {"holdout": ["synth3"]}})
+    adata = hinge.generate(sample_id="synth3", run="runs/demo")
+    result = hinge.evaluate("runs/demo/predictions/synth3.h5ad", "data/synth3.h5ad", run="runs/demo")
 
 Each function resolves the config as the command does (preset < the run's hinge.yaml <
 `settings`), runs the stage, and records the config in hinge.yaml only after it succeeded.
@@ -64,9 +66,9 @@ def flag_messages() -> Iterator[None]:
 
 
 def python_words(text: str) -> str:
-    """The core's flag wording in this module's terms: --overwrite -> overwrite=True, `hinge train` -> hinge_cli.train()."""
+    """The core's flag wording in this module's terms: --overwrite -> overwrite=True, `hinge train` -> hinge_cli.api.train()."""
     text = re.sub(r"`?hinge (pretrain-warmup|tile|embed|train|generate|eval)`?",
-                  lambda m: f"hinge_cli.{FUNCTIONS[m[1]]}()", text)
+                  lambda m: f"hinge_cli.api.{FUNCTIONS[m[1]]}()", text)
 
     def argument(match: re.Match[str]) -> str:
         name, value = RENAMED.get(match[1], match[1]), match[2]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import hinge_cli
+from hinge_cli import api
 from hinge_cli.api import python_words
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,8 +38,8 @@ def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_errors_name_arguments_not_flags(tmp_path: Path) -> None:
     with pytest.raises(hinge_cli.HingeError) as caught:
-        hinge_cli.train(tmp_path / "empty", warmup=False)
-    assert "hinge_cli.pretrain_warmup()" in str(caught.value) and "hinge pretrain-warmup" not in str(caught.value)
+        api.train(tmp_path / "empty", warmup=False)
+    assert "hinge_cli.api.pretrain_warmup()" in str(caught.value) and "hinge pretrain-warmup" not in str(caught.value)
     assert python_words("pass --overwrite to replace it, or choose another --out") == \
         "pass overwrite=True to replace it, or choose another out"
     assert python_words("give e.g. --n-samples 8") == "give e.g. n_samples=8"
@@ -46,12 +47,12 @@ def test_errors_name_arguments_not_flags(tmp_path: Path) -> None:
 
 
 def test_help_renders_the_docstrings() -> None:
-    text = pydoc.render_doc(hinge_cli.generate, renderer=pydoc.plaintext)
+    text = pydoc.render_doc(api.generate, renderer=pydoc.plaintext)
     assert "Predict one slide" in text and "sample_id" in text
     for name in ("tile", "embed", "pretrain_warmup", "train", "generate", "evaluate"):
-        assert getattr(hinge_cli, name).__doc__
+        assert getattr(api, name).__doc__
 
 
 def test_importing_the_package_does_not_load_torch() -> None:
-    code = "import sys, hinge_cli; assert 'torch' not in sys.modules and 'anndata' not in sys.modules"
+    code = "import sys, hinge_cli.api; assert 'torch' not in sys.modules and 'anndata' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
