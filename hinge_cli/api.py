@@ -101,10 +101,12 @@ def _python_api(fn: Callable[..., Result]) -> Callable[..., Result]:
 
 def run_configured(run: Run, config: str | Path | None, overrides: Settings | None,
                    stage: Callable[[HingeConfig], Result]) -> Result:
-    """Resolve the config (preset < hinge.yaml < overrides), run the stage, and record the config only once it succeeded."""
+    """Resolve the config (preset < hinge.yaml < overrides), run the stage, and record the config only once it
+    succeeded and made something: a re-run that skipped every sample did not use its settings."""
     cfg = run.config(config, {section: dict(values) for section, values in (overrides or {}).items()}, record=False)
     result = stage(cfg)
-    run.record_config(cfg)
+    if not isinstance(result, SampleReport) or result.done:
+        run.record_config(cfg)
     return result
 
 

@@ -50,3 +50,11 @@ def test_stage_flags_are_recorded_with_resolved_paths(tmp_path: Path, monkeypatc
     assert result.exit_code == 3, result.output
     assert "1 done, 1 skipped (already done), 1 failed" in result.output and "failed nope: sample nope is not tiled" in result.output
     assert (run / "predictions" / "t1.h5ad").exists()
+
+
+def test_a_re_run_that_did_nothing_records_nothing(tmp_path: Path, synth) -> None:
+    run = tmp_path / "run"
+    ok(["tile", str(synth.slide), "--run", str(run), "--config", "tiny", "--no-images", "-q"])
+    before = (run / "hinge.yaml").read_text()
+    ok(["tile", str(synth.slide), "--run", str(run), "--patch-px", "96", "--no-images", "-q"])  # already tiled: skipped
+    assert (run / "hinge.yaml").read_text() == before  # later stages must not think the tiles are 96 px
