@@ -194,11 +194,11 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
                 advance(stop - start)
         plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, image, coords * scalef, spot_diameter * scalef,
                                         expression_unit(**provenance["transform"]))]
-        record = {"output": str(out.resolve()), "n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
+        record = {"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.card.sha256, "plots": plots}
-        run.record_stage(sample, "generate", "ok", **record)
+        run.record_output(sample, "generate", out.resolve(), **record)  # last: a file without it is unfinished work
     log.info("%s: %d spots x %d genes -> %s in %.1fs", sample, n, g, out, record["seconds"])
-    return record
+    return {"output": str(out.resolve()), **record}
 
 
 def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, image: np.ndarray, xy: np.ndarray,
@@ -239,6 +239,12 @@ def _check_mpp(run: Run, sample: str, model: TrainedModel) -> None:
                     sample, mpp, trained, model.tiling.target_mpp)
 
 
+def _interrupted(run: Run, sample: str, path: Path) -> bool:
+    """Whether `path` is this run's own output of `sample` that landed but was never recorded as finished."""
+    entry = run.stage(sample, "generate")
+    return entry.get("status") in ("running", "failed") and entry.get("params", {}).get("output") == str(Path(path).resolve())
+
+
 def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
              weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
              overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
@@ -261,7 +267,10 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     summary = SampleReport("generate")
     todo = []
     for sample in mine:
-        if paths[sample].exists() and not overwrite:
+        if paths[sample].exists() and not overwrite and _interrupted(run, sample, paths[sample]):
+            log.info("%s: %s was left by an interrupted generate; predicting it again", sample, paths[sample])
+            todo.append(sample)
+        elif paths[sample].exists() and not overwrite:
             if len(ids) == 1:
                 raise HingeError(f"{paths[sample]} exists", "pass --overwrite to replace it, or choose another --out")
             summary.skipped.append(sample)

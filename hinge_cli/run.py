@@ -125,6 +125,7 @@ class Run:
 
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else default_run_dir()
+        self._warned_read_only = False
 
     # layout -----------------------------------------------------------------
     @property
@@ -181,6 +182,8 @@ class Run:
     def record_config(self, cfg: HingeConfig) -> None:
         """Write hinge.yaml when `cfg` differs from it. The CLI calls this after a command succeeds,
         so a failed command's flags do not leak into later stages."""
+        if self.read_only:
+            return
         text = dump_config(cfg)
         if not self.config_path.exists() or self.config_path.read_text() != text:
             if self.config_path.exists() and load_config(None, self.config_path).preset != cfg.preset:
@@ -189,9 +192,21 @@ class Run:
             write_text_atomic(self.config_path, text)
 
     # manifest ---------------------------------------------------------------
+    @property
+    def read_only(self) -> bool:
+        """A run on read-only storage (a shared, published model): it can be predicted from, not recorded in."""
+        return self.root.is_dir() and not os.access(self.root, os.W_OK)
+
     @contextlib.contextmanager
     def _manifest(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write the manifest under an exclusive flock."""
+        """Read-modify-write the manifest under an exclusive flock; a read-only run's is read, never written."""
+        if self.read_only:
+            if not self._warned_read_only:
+                log.warning("run %s is read-only: its manifest is not updated (outputs elsewhere carry their provenance)",
+                            self.root)
+                self._warned_read_only = True
+            yield self.manifest()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".manifest.lock", "a") as lockfile:
             fcntl.flock(lockfile, fcntl.LOCK_EX)

@@ -17,6 +17,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pytest
+from kills import Killed, count_writes, kill_at
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -267,3 +268,37 @@ def test_visium_outs_are_predicted_at_their_spots(trained: tuple[Run, Path], tmp
     hires = 0.5  # the fixture's tissue_hires_scalef: coordinates are in the hires image's pixels
     centre, radius = np.array(visium.tissue.centre), visium.tissue.radius + 1 / hires
     assert (np.hypot(*(adata.obsm["spatial"] / hires - centre).T) < radius).all()
+
+
+def test_generate_killed_at_every_write_resumes_to_the_uninterrupted_result(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    cfg = GenerateConfig(**{**FAST, "n_samples": 1, "steps": 2})
+
+    def predict(folder: Path) -> None:
+        generate(run, [Target("t0"), Target("t1")], cfg, out=folder)
+
+    writes = count_writes(lambda: predict(tmp_path / "ref"))
+    assert writes >= 6  # per sample: the running record, the .h5ad, the done record
+    expected = ad.read_h5ad(tmp_path / "ref" / "t1.h5ad")
+    for n in range(writes):
+        folder = tmp_path / f"kill{n}"
+        with kill_at(n), pytest.raises(Killed):
+            predict(folder)
+        predict(folder)  # no --overwrite: a file left without its done record is this run's own unfinished work
+        for sample in ("t0", "t1"):
+            assert run.is_done(sample, "generate", (folder / f"{sample}.h5ad").resolve()), (n, sample)
+        again = ad.read_h5ad(folder / "t1.h5ad")
+        np.testing.assert_array_equal(again.X, expected.X)
+        np.testing.assert_array_equal(again.layers["std"], expected.layers["std"])
+
+
+def test_a_read_only_run_predicts_to_another_folder(trained: tuple[Run, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = trained
+    manifest, config = run.manifest_path.read_bytes(), run.config_path.read_bytes()
+    monkeypatch.setattr(Run, "read_only", property(lambda self: True))  # root cannot chmod a folder read-only
+    result = runner.invoke(app, ["generate", "--sample-id", "t1", "--run", str(run.root), "--out", str(tmp_path / "t1.h5ad"),
+                                 "--n-samples", "1", "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "read-only" in result.output and (tmp_path / "t1.h5ad").exists()
+    assert run.manifest_path.read_bytes() == manifest and run.config_path.read_bytes() == config
