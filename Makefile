@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 lint: install
 	PYTHON=$(PY) tools/quality.sh
 
+# One worker per core (pytest-xdist): the suite's models use one thread each, so two cores halve the wait.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The whole pipeline on synthetic data with the tiny config, through the real CLI.
 demo: install

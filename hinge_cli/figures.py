@@ -127,7 +127,7 @@ def spot_maps(path: Path, xy: np.ndarray, diameter: float, panels: Sequence[MapP
     fig = _figure(n * (width + bar_room) + 0.2, height + 0.9, constrained=False)
     axes = _grid(fig, n, 0.1, bar_room, 0.75, 0.15, bar_room)
     fig.suptitle(title, fontsize=FONT + 2)
-    panel_px = int(2 * max(width, height) * DPI)  # twice the panel's pixels: sharp, and cheap to draw
+    panel_px = int(max(width, height) * DPI)  # the panel's own pixels: as sharp as it can show, and cheap to draw
     if image_panel and image is not None:
         _backdrop(axes[0], image, lo, hi, panel_px, 1.0)
         axes[0].set_title("H&E", fontsize=FONT + 1)
@@ -165,10 +165,10 @@ def heatmaps(path: Path, matrices: Sequence[tuple[str, np.ndarray]], labels: Seq
     fig = _figure(len(matrices) * (side + margin + 0.2) + 1.1, side + margin + 0.8, constrained=False)
     axes = _grid(fig, len(matrices), margin + 0.1, 1.1, 0.6, margin + 0.1, margin + 0.2)
     fig.suptitle(title, fontsize=FONT + 1)
-    for ax, (name, matrix) in zip(axes, matrices, strict=True):
+    for k, (ax, (name, matrix)) in enumerate(zip(axes, matrices, strict=True)):
         shown = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=font)
-        ax.set_yticks(range(len(labels)), labels, fontsize=font)
+        ax.set_yticks(range(len(labels)), labels if k == 0 else [], fontsize=font)  # rows are the same genes in every panel
         ax.tick_params(length=2, pad=1)
         ax.set_title(name, fontsize=FONT + 1)
     box = axes[-1].get_position()
