@@ -327,16 +327,16 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
 @_python_api
 def evaluate(pred: PathLike | Sequence[PathLike], truth: PathLike | Sequence[PathLike], *, out: PathLike | None = None,
              run: PathLike | None = None, genes: PathLike | None = None, genes_to_plot: Sequence[str] = (),
-             layer: str | None = None, overwrite: bool = False, progress: Progress = SILENT) -> EvalSummary:
+             layer: str | None = None, maps: bool = True, overwrite: bool = False, progress: Progress = SILENT) -> EvalSummary:
     """Score predictions against measured counts (pairs in order): metrics.json, report.md and maps/ per slide.
 
     Returns the typed result: `.slides[i].metrics` is a `SlideMetrics` (e.g.
     `.correlation.depth_partial.pearson.mean`, the headline). Outputs go to `out`, else
     `<run>/eval/<sample>/` with a `run`, else ./hinge-eval. `layer` names the truth files' layer of
-    raw counts (default: X, else scanpy's layers['counts']).
+    raw counts (default: X, else scanpy's layers['counts']); `maps=False` skips the pictures.
     """
     from hinge_cli.eval import evaluate as stage
 
     return stage([Path(p) for p in _listed(pred)], [Path(t) for t in _listed(truth)], out=None if out is None else Path(out), run=None if run is None else Run(run),
                  genes=None if genes is None else Path(genes), genes_to_plot=_listed(genes_to_plot), overwrite=overwrite,
-                 progress=progress, layer=layer)
+                 progress=progress, layer=layer, maps=maps)

@@ -216,12 +216,13 @@ def eval(  # noqa: A001 - the subcommand is called eval
     genes: GenesFile = None,
     genes_to_plot: GenesToPlot = None,
     layer: CountsLayer = None,
+    no_maps: switch("--no-maps", "Write metrics and reports only, no pictures (seconds faster a slide).") = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Score predictions against measured expression: metrics.json, report.md and maps."""
     the_run = run if run is not None else os.environ.get("HINGE_RUN") or None
     run_command("eval", lambda reporter: api.evaluate(
-        pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot), layer=layer, overwrite=overwrite, progress=reporter))
+        pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot), layer=layer, maps=not no_maps, overwrite=overwrite, progress=reporter))
 
 
 @command

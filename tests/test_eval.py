@@ -124,7 +124,7 @@ def test_depth_only_predictions_score_nothing_beyond_depth(pair, tmp_path: Path)
     corr = {}
     for name, values in candidates.items():
         write_prediction(tmp_path / f"{name}.h5ad", values, list(truth.obs_names), genes, truth.obsm["spatial"])
-        evaluate([tmp_path / f"{name}.h5ad"], [truth_path], out=tmp_path / name)
+        evaluate([tmp_path / f"{name}.h5ad"], [truth_path], out=tmp_path / name, maps=False)
         corr[name] = json.loads((tmp_path / name / "metrics.json").read_text())["correlation"]
     assert corr["linear"]["model"]["pearson"]["mean"] > 0.2
     assert corr["linear"]["depth_partial"]["pearson"]["n_excluded"] == 12
@@ -253,12 +253,13 @@ def test_run_directory_holds_the_outputs_and_records_the_stage(pair, tmp_path: P
 def test_existing_results_are_kept_unless_overwrite(pair, tmp_path: Path) -> None:
     pred, truth_path, _ = pair
     out = tmp_path / "out"
-    evaluate([pred], [truth_path], out=out)
+    evaluate([pred], [truth_path], out=out, maps=False)
+    assert not (out / "maps").exists()  # --no-maps: metrics and report only
     before = (out / "metrics.json").read_bytes()
     with pytest.raises(HingeError, match="already exist.*--overwrite"):
-        evaluate([pred], [truth_path], out=out)
+        evaluate([pred], [truth_path], out=out, maps=False)
     assert (out / "metrics.json").read_bytes() == before
-    evaluate([pred], [truth_path], out=out, overwrite=True)
+    evaluate([pred], [truth_path], out=out, overwrite=True, maps=False)
     assert json.loads((out / "metrics.json").read_text())["sample"] == "s1"
 
 

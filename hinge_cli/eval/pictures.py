@@ -36,9 +36,12 @@ def _cluster_order(truth_corr: np.ndarray) -> np.ndarray:
 
 
 def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_dir: Path,
-                  genes_to_plot: Sequence[str] = ()) -> Pictures:
-    """Maps (true | predicted | error) of the chosen genes, co-expression heatmaps and the Pearson-variance scatter."""
+                  genes_to_plot: Sequence[str] = (), draw: bool = True) -> Pictures:
+    """Maps (true | predicted | error) of the chosen genes, co-expression heatmaps and the Pearson-variance scatter;
+    without `draw`, only which genes they would show (a cohort's reports stay fast: figures cost seconds a slide)."""
     chosen = pick_genes(aligned.genes, result.pearson, genes_to_plot)
+    if not draw:
+        return Pictures(maps={}, figures={}, chosen=chosen)
     unit = figures.expression_unit(**pred.transform.to_dict())
     column = {g: j for j, g in enumerate(aligned.genes)}
     xy, diameter = aligned.coords * pred.image_scale, aligned.spot_diameter * pred.image_scale

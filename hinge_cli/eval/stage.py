@@ -52,7 +52,7 @@ def _folders(samples: list[str], out: Path | None, run: Run | None) -> tuple[lis
 
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
-             progress: Progress = SILENT, layer: str | None = None) -> EvalSummary:
+             progress: Progress = SILENT, layer: str | None = None, maps: bool = True) -> EvalSummary:
     """Score each prediction against its truth (pairs in order) and write metrics.json, report.md and maps/.
 
     Output folders: with `out` and one pair, `out` itself; with several pairs,
@@ -82,7 +82,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
                 raise HingeError(f"--genes-to-plot: {', '.join(unknown)} not evaluated on {pred.sample}",
                                  "choose genes in both the prediction's panel and the truth")
             result = score_slide(aligned, pred.transform)
-            pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot)
+            pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot, draw=maps)
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures)
             write_slide_metrics(folder / "metrics.json", slide)
