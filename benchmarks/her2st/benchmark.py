@@ -66,6 +66,7 @@ log = logging.getLogger("bench-her2st")
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
+LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
 HINGE_METHODS = ("hinge-random", "hinge-pretrained", "hinge-no-curriculum")
 METHODS = (*BASELINES, *HINGE_METHODS)
 TRANSFORM = Transform("none")  # log2(counts + 1): the raw-count space the raw Pearson refers to
@@ -371,6 +372,7 @@ def settings(argv: list[str] | None) -> Settings:
     unknown = sorted(set(folds) - set(SECTIONS))
     if unknown:
         parser.error(f"--folds: {', '.join(unknown)} are not sections of patient C ({', '.join(SECTIONS)})")
+    overrides["tile"] = LEGACY_ST
     cfg = load_config(args.config, None, overrides)
     return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite)
 
