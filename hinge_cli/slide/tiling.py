@@ -35,7 +35,7 @@ BATCH = 32
 THUMB_MAX_SIDE = 1600
 MAX_OUTSIDE = 0.5  # more spots than this off the slide or off the tissue means wrong coordinates
 OFF_TISSUE_WARNING = 0.2  # more spots than this off the tissue (but not most): worth a look at the thumbnail
-PITCH_TOLERANCE = 0.2  # spot spacing this far from --pitch-um suggests a wrong µm/px or scale factor
+PITCH_TOLERANCE = 0.2  # spots this much closer than --pitch-um suggest a wrong µm/px or scale factor
 MAX_UPSAMPLING = 2.0  # patches magnified more than this from level 0 are blurred: worth a warning
 BLANK_RANGE = 8  # a thumbnail whose every channel spans fewer grey levels than this holds no image
 
@@ -102,15 +102,16 @@ def _failure_thumbnail(path: Path, spec: SampleSpec, slide: Slide, mask: TissueM
 
 
 def _warn_spacing(sample: str, coords: np.ndarray, mpp: float, cfg: TileConfig) -> None:
-    """Spots whose spacing disagrees with the expected pitch were usually scaled wrongly (a µm/px or a scale factor)."""
+    """Spots closer together than the array's pitch were scaled wrongly (a µm/px or a scale factor applied twice).
+    Wider spacing proves nothing: a subset of an array's spots, or legacy ST's 200 µm pitch, looks the same."""
     if len(coords) < 3:
         return
     distance, _ = cKDTree(coords).query(coords, k=2)
     spacing_um = float(np.median(distance[:, 1])) * mpp
-    if abs(spacing_um / cfg.pitch_um - 1) > PITCH_TOLERANCE:
-        log.warning("%s: neighbouring spots are %.0f µm apart but --pitch-um is %g µm (%.2fx): if the µm/px or a scale "
-                    "factor is wrong, the patches cover the wrong area; for legacy ST (200 µm pitch) pass --pitch-um 200 "
-                    "--spot-um 100", sample, spacing_um, cfg.pitch_um, spacing_um / cfg.pitch_um)
+    if spacing_um < (1 - PITCH_TOLERANCE) * cfg.pitch_um:
+        log.warning("%s: neighbouring spots are %.0f µm apart but --pitch-um is %g µm (%.2fx): spots cannot be closer "
+                    "than the array's pitch, so the µm/px or a scale factor is probably wrong and the patches cover "
+                    "the wrong area", sample, spacing_um, cfg.pitch_um, spacing_um / cfg.pitch_um)
 
 
 def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConfig) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
