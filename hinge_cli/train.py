@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -55,16 +54,6 @@ EVAL_BATCH = 256
 # but fixed: changing them changes every recorded validation loss) keep it apart from the training draws' seed.
 HINGE_VALIDATION_SEED_OFFSET = 7919
 PRETRAIN_VALIDATION_SEED_OFFSET = 104729
-
-
-def _tile_settings(run: Run, sample: str) -> dict[str, Any]:
-    a = read_tile_attrs(run.tiles(sample))
-    return {"target_mpp": a.mpp_target, "patch_px": a.patch_px, "mpp_source": a.mpp_source,
-            "spot_um": a.spot_um, "pitch_um": a.pitch_um, "grid": a.grid}
-
-
-def _embed_settings(run: Run, key: str, sample: str) -> dict[str, Any]:
-    return read_embedding_attrs(run.embeddings(key, sample)).to_record()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -267,8 +256,8 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
     key, encoders = _encoder_key(cfg)
     return ModelCard(
         "warmup", genes=panel, vocab=vocab, transform=Transform(wc.normalize), encoders=encoders, encoder_key=key,
-        feature_norm=data.norm, tiling=TileSettings(**_tile_settings(run, samples[0])),
-        embedding=EmbedSettings.from_attrs(_embed_settings(run, key, samples[0])), samples=samples, holdout=list(wc.holdout),
+        feature_norm=data.norm, tiling=TileSettings.of(read_tile_attrs(run.tiles(samples[0]))),
+        embedding=EmbedSettings.of(read_embedding_attrs(run.embeddings(key, samples[0]))), samples=samples, holdout=list(wc.holdout),
         split=data.split, fill_missing=wc.fill_missing == "zero", warmup_mask_ratio=wc.mask_ratio,
         backbone=BackboneSource(source, wc.backbone, corpus=list(wc.corpus) if source == "corpus" else []), config=cfg,
         training=data.record(state))

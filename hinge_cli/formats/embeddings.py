@@ -52,9 +52,6 @@ class EmbeddingAttrs:
     def to_h5(self) -> dict[str, Any]:
         return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in asdict(self).items()}
 
-    def to_record(self) -> dict[str, Any]:
-        """Plain JSON-ready values, for the checkpoint's record of how its training features were made."""
-        return asdict(self)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.files import write_text_atomic
+from hinge_cli.formats.embeddings import EmbeddingAttrs
+from hinge_cli.formats.tiles import TileAttrs
 
 FORMAT = "hinge-model/2"
 LEGACY_FORMAT = "hinge-model/1"
@@ -48,6 +50,10 @@ class TileSettings:
     pitch_um: float
     grid: str
 
+    @classmethod
+    def of(cls, tiles: TileAttrs) -> TileSettings:
+        return cls(tiles.mpp_target, tiles.patch_px, tiles.mpp_source, tiles.spot_um, tiles.pitch_um, tiles.grid)
+
 
 @dataclass
 class EmbedSettings:
@@ -58,8 +64,12 @@ class EmbedSettings:
     weights_sha256: list[str | None] = field(default_factory=list)  # per encoder; None: no learned weights
 
     @classmethod
+    def of(cls, embeddings: EmbeddingAttrs) -> EmbedSettings:
+        return cls(embeddings.views, embeddings.views_kept, list(embeddings.weights_sha256))
+
+    @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> EmbedSettings:
-        """From an embeddings file's attributes, which hold the hashes as a JSON string."""
+        """From a version-1 card's copy of the embeddings attributes, which hold the hashes as a JSON string."""
         hashes = attrs.get("weights_sha256", "[]")
         return cls(int(attrs.get("views", 1)), bool(attrs.get("views_kept", False)),
                    json.loads(hashes) if isinstance(hashes, str) else list(hashes))
