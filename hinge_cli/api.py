@@ -279,12 +279,13 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
                      mpp: float | None = None, visium: PathLike | None = None, image: str = "hires",
                      run: PathLike | None = None, checkpoint: PathLike | None = None, out: PathLike | None = None,
                      weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), settings: Settings | None = None,
-                     shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False,
+                     shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False, model: str = "hinge",
                      progress: Progress = SILENT) -> SampleReport:
     """Predict several slides or samples, one .h5ad each (`out`: a folder, default the run's predictions/).
 
     The form `hinge generate` uses: sharding over array jobs, and with keep_going a failed
-    slide is recorded and the others go on. Returns what was done, skipped and failed.
+    slide is recorded and the others go on. `model="ridge"`: the baseline `train` fitted,
+    to `<sample>.ridge.h5ad`. Returns what was done, skipped and failed.
     """
     from hinge_cli.generate import generate as stage
 
@@ -293,7 +294,7 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
     return run_configured(the_run, None, settings, lambda cfg: stage(
         the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=_listed(weights),
         genes_to_plot=_listed(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
-        keep_going=keep_going, progress=progress))
+        keep_going=keep_going, model=model, progress=progress))
 
 
 @_python_api
@@ -301,7 +302,7 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
              mpp: float | None = None, visium: PathLike | None = None, image: str = "hires", run: PathLike | None = None,
              checkpoint: PathLike | None = None, out: PathLike | None = None, weights: Sequence[str] = (),
              genes_to_plot: Sequence[str] = (), settings: Settings | None = None, overwrite: bool = False,
-             progress: Progress = SILENT) -> AnnData:
+             model: str = "hinge", progress: Progress = SILENT) -> AnnData:
     """Predict one slide (or a sample already in the run) and return the AnnData of predicted expression.
 
     X is the mean over samples in the model's space, layers["std"] their spread; obsm["spatial"]
@@ -309,7 +310,8 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     checkpoint (default: the run's best) was trained. The prediction is also written, as the
     command writes it: to `out` if given, else `<run>/predictions/<sample>.h5ad` (the run keeps
     every prediction with its provenance). `settings["generate"]` sets n_samples, steps, seed,
-    batch_size, device, keep_samples.
+    batch_size, device, keep_samples. `model="ridge"` predicts with the closed-form baseline `train`
+    fitted on the same spots instead (X only, no layers["std"]; default file `<sample>.ridge.h5ad`).
     """
     import anndata
 
@@ -320,23 +322,27 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
                         visium, image)
     generate_samples([] if target.slide is None else [target.slide], sample_ids=[target.sample_id], spots=target.spots,
                      mpp=target.mpp, run=the_run.root, checkpoint=checkpoint, out=out, weights=weights,
-                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, progress=progress)
-    return anndata.read_h5ad(output_paths(the_run, [target.sample_id], None if out is None else Path(out))[target.sample_id])
+                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, model=model, progress=progress)
+    return anndata.read_h5ad(output_paths(the_run, [target.sample_id], None if out is None else Path(out), model)[target.sample_id])
 
 
 @_python_api
 def evaluate(pred: PathLike | Sequence[PathLike], truth: PathLike | Sequence[PathLike], *, out: PathLike | None = None,
              run: PathLike | None = None, genes: PathLike | None = None, genes_to_plot: Sequence[str] = (),
-             layer: str | None = None, maps: bool = True, overwrite: bool = False, progress: Progress = SILENT) -> EvalSummary:
+             layer: str | None = None, maps: bool = True, baseline: PathLike | Sequence[PathLike] | None = None,
+             overwrite: bool = False, progress: Progress = SILENT) -> EvalSummary:
     """Score predictions against measured counts (pairs in order): metrics.json, report.md and maps/ per slide.
 
     Returns the typed result: `.slides[i].metrics` is a `SlideMetrics` (e.g.
     `.correlation.depth_partial.pearson.mean`, the headline). Outputs go to `out`, else
     `<run>/eval/<sample>/` with a `run`, else ./hinge-eval. `layer` names the truth files' layer of
-    raw counts (default: X, else scanpy's layers['counts']); `maps=False` skips the pictures.
+    raw counts (default: X, else scanpy's layers['counts']); `maps=False` skips the pictures. `baseline`: one
+    prediction per `pred` scored on the same spots and genes and reported side by side (default: the ridge
+    prediction `<name>.ridge.h5ad` beside `<name>.h5ad` where `generate(model="ridge")` wrote one).
     """
     from hinge_cli.eval import evaluate as stage
 
     return stage([Path(p) for p in _listed(pred)], [Path(t) for t in _listed(truth)], out=None if out is None else Path(out), run=None if run is None else Run(run),
                  genes=None if genes is None else Path(genes), genes_to_plot=_listed(genes_to_plot), overwrite=overwrite,
-                 progress=progress, layer=layer, maps=maps)
+                 progress=progress, layer=layer, maps=maps,
+                 baselines=None if not baseline else [Path(b) for b in _listed(baseline)])

@@ -211,6 +211,9 @@ def eval(  # noqa: A001 - the subcommand is called eval
                                               exists=True, dir_okay=False)],
     out: path_option("Output folder (default: <run>/eval/<sample> with a run, else ./hinge-eval).", "folder", "--out",
                      exists=False) = None,
+    baseline: Annotated[Optional[list[Path]], typer.Option(
+        "--baseline", help="A baseline prediction of the same slide, one per --pred, reported side by side (default: the "
+        "<name>.ridge.h5ad of `hinge generate --model ridge` beside each <name>.h5ad).", exists=True, dir_okay=False)] = None,
     run: Annotated[Optional[Path], typer.Option(
         "--run", help="Run directory: outputs go to <run>/eval/<sample> (default: $HINGE_RUN, else none).", file_okay=False)] = None,
     genes: GenesFile = None,
@@ -222,7 +225,8 @@ def eval(  # noqa: A001 - the subcommand is called eval
     """Score predictions against measured expression: metrics.json, report.md and maps."""
     the_run = run if run is not None else os.environ.get("HINGE_RUN") or None
     run_command("eval", lambda reporter: api.evaluate(
-        pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot), layer=layer, maps=not no_maps, overwrite=overwrite, progress=reporter))
+        pred, truth, out=out, run=the_run, genes=genes, genes_to_plot=ids(genes_to_plot), layer=layer, maps=not no_maps,
+        baseline=baseline, overwrite=overwrite, progress=reporter))
 
 
 @command
@@ -238,6 +242,8 @@ def generate(
     visium: Visium = None,
     image: Image = None,
     checkpoint: path_option("Model to use (default: the run's checkpoints/best.safetensors).", "file", "--checkpoint") = None,
+    model: Annotated[str, typer.Option("--model", help="hinge, or ridge: the closed-form baseline `hinge train` fitted "
+                                       "beside the checkpoint (written to <sample>.ridge.h5ad).")] = "hinge",
     n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; X is their mean, layers['std'] their spread") = None,
     samples: Annotated[Optional[int], typer.Option("--samples", hidden=True)] = None,
     steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="the trained T") = None,
@@ -265,7 +271,7 @@ def generate(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
         image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),
         genes_to_plot=ids(genes_to_plot), settings={"generate": generate_settings}, shard=Shard.parse(shard),
-        overwrite=overwrite, keep_going=keep_going, progress=reporter))
+        overwrite=overwrite, keep_going=keep_going, model=model, progress=reporter))
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ The slide is tiled and embedded with exactly the settings the checkpoint records
 caching both in the run like `hinge tile`/`hinge embed` do. The reverse process then
 runs in batches of spots, each batch written straight into the output's datasets, so
 memory stays at one batch plus per-spot metadata however many spots a slide has. The
-file is written under a lock to a temporary name and renamed into place.
+file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
+the closed-form baseline `hinge train` stored beside the checkpoint predicts instead, into the
+same format (no layers['std']: it has no spread) at `<sample>.ridge.h5ad`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,10 +29,11 @@ from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_w
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
 from hinge_cli.figures import MapPanel, expression_unit, spot_maps
-from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries, sha256_file
 from hinge_cli.formats.embeddings import open_embeddings
-from hinge_cli.formats.prediction import PredictionSpots, write_prediction
+from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
+from hinge_cli.model.ridge import load_ridge, ridge_path
 from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
@@ -39,6 +43,7 @@ from hinge_cli.slide.tiling import SampleSpec, tile_sample
 log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.25  # relative µm/px difference from the training slides that earns a warning
+MODELS = ("hinge", "ridge")
 
 
 class Target(NamedTuple):
@@ -138,13 +143,69 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
 # ----------------------------------------------------------------------------- output
 
 
-def _provenance(model: TrainedModel, cfg: GenerateConfig, steps: int, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
+class Batch(NamedTuple):
+    """One batch of spots' predictions: the mean, and the spread and draws where the model has them."""
+
+    mean: np.ndarray
+    std: np.ndarray | None = None
+    draws: np.ndarray | None = None
+
+
+@dataclass
+class Predictor:
+    """What writes a prediction file: a name (uns['hinge']['model']), its own provenance, and a batch step
+    from raw embedding rows (spots start:stop) to predictions."""
+
+    name: str
+    provenance: dict[str, Any]
+    predict: Callable[[np.ndarray, int, int], Batch]
+    with_std: bool = True
+    keep_draws: int | None = None
+    map_titles: tuple[str, ...] = ("predicted mean", "std over samples")
+
+    @property
+    def stage(self) -> str:
+        return generate_stage(self.name)
+
+
+def generate_stage(model: str) -> str:
+    """A model's manifest stage: `generate` for HINGE, `generate:ridge` for the baseline, so neither hides the other."""
+    return "generate" if model == "hinge" else f"generate:{model}"
+
+
+def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
+    """The reverse process on the original view, `cfg.n_samples` draws a spot."""
+    steps = cfg.steps or model.net.diffusion.steps
+
+    def predict(rows: np.ndarray, start: int, stop: int) -> Batch:
+        x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
+        with _autocast(model.device):
+            out = model.net.generate(x, n_samples=cfg.n_samples, steps=steps, seed=cfg.seed,
+                                     spot_index=torch.arange(start, stop), keep_samples=cfg.keep_samples)
+        draws = out.samples.float().cpu().numpy() if cfg.keep_samples else None
+        return Batch(out.mean.float().cpu().numpy(), out.std.float().cpu().numpy(), draws)
+
+    provenance = {"model": "hinge", "steps": steps, "samples": cfg.n_samples, "seed": cfg.seed,
+                  "fill": model.net.diffusion.fill}
+    return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None)
+
+
+def ridge_predictor(model: TrainedModel) -> Predictor:
+    """The ridge baseline stored beside the checkpoint; a point estimate, so no std and no draws."""
+    path = ridge_path(model.path)
+    ridge = load_ridge(model.path, model.genes, model.key)
+    provenance = {"model": "ridge", "ridge": str(path.resolve()), "ridge_sha256": sha256_file(path),
+                  "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples}
+    return Predictor("ridge", provenance, lambda rows, start, stop: Batch(ridge.predict(rows).astype(np.float32)),
+                     with_std=False, map_titles=("ridge prediction",))
+
+
+def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
     a, card = spots.attrs, model.card
     return {
         "version": __version__, "checkpoint": str(model.path.resolve()), "checkpoint_sha256": card.sha256,
         "encoders": list(card.encoders), "encoder_key": model.key, "encoder_weights_sha256": encoders_sha,
-        "n_genes": model.net.n_genes, "transform": card.transform.to_dict(), "steps": steps, "samples": cfg.n_samples,
-        "seed": cfg.seed, "fill": model.net.diffusion.fill, "slide": str(a.slide), "mpp": a.mpp_source,
+        "n_genes": model.net.n_genes, "transform": card.transform.to_dict(), "slide": str(a.slide), "mpp": a.mpp_source,
         "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
     }
 
@@ -154,59 +215,54 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
-                   genes_to_plot: Sequence[str] = (), progress: Progress = SILENT) -> dict:
-    """Run the reverse process over one embedded sample and write `out`; returns the manifest record."""
+                   genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None) -> dict:
+    """Predict one embedded sample (default: HINGE's reverse process) in batches and write `out`; returns the manifest record."""
     started = time.time()
+    predictor = predictor or hinge_predictor(model, cfg)
     spots = read_tiles(run.tiles(sample))
     emb_path = run.embeddings(model.key, sample)
     genes = model.genes
     plot_cols = [genes.index(g) for g in genes_to_plot]
-    n, g, s = len(spots.barcodes), len(genes), cfg.n_samples
-    steps = cfg.steps or model.net.diffusion.steps
+    n, g = len(spots.barcodes), len(genes)
     mpp = spots.attrs.mpp_source
     image, scalef = hires_image(spots.attrs.slide, mpp)
     with open_embeddings(emb_path) as src:
         weights_sha = [w or "none" for w in src.attrs.weights_sha256]
-    provenance = _provenance(model, cfg, steps, spots, weights_sha)
+    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
     sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac)
-    maps = np.zeros((2, n, len(plot_cols)), np.float32)
-    norm = model.norm
+    maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
     with output_lock(out):
         remove_stale_temporaries(out)
-        run.record_stage(sample, "generate", "running", params={**provenance, "output": str(out.resolve())})
+        run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
-                               keep_draws=s if cfg.keep_samples else None) as writer,
+                               keep_draws=predictor.keep_draws, with_std=predictor.with_std) as writer,
               open_embeddings(emb_path) as features,
-              progress.task(f"{sample}: sampling", n) as advance):
+              progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
                 stop = min(n, start + cfg.batch_size)
-                x = torch.from_numpy(norm(prediction_view(features.rows(start, stop)))).to(model.device)
-                with _autocast(model.device):
-                    out_b = model.net.generate(x, n_samples=s, steps=steps, seed=cfg.seed,
-                                               spot_index=torch.arange(start, stop), keep_samples=cfg.keep_samples)
-                mean, std = out_b.mean.float().cpu().numpy(), out_b.std.float().cpu().numpy()
-                draws = out_b.samples.float().cpu().numpy() if cfg.keep_samples else None
-                writer.write(start, stop, mean, std, draws)
-                maps[:, start:stop] = mean[:, plot_cols], std[:, plot_cols]
+                batch = predictor.predict(features.rows(start, stop), start, stop)
+                writer.write(start, stop, batch.mean, batch.std, batch.draws)
+                for i, part in enumerate((batch.mean, batch.std)[: len(maps)]):
+                    maps[i, start:stop] = part[:, plot_cols]
                 advance(stop - start)
-        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, image, coords * scalef, spot_diameter * scalef,
-                                        expression_unit(**provenance["transform"]))]
+        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, predictor.map_titles, image, coords * scalef,
+                                        spot_diameter * scalef, expression_unit(**provenance["transform"]))]
         record = {"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.card.sha256, "plots": plots}
-        run.record_output(sample, "generate", out.resolve(), **record)  # last: a file without it is unfinished work
+        run.record_output(sample, predictor.stage, out.resolve(), **record)  # last: a file without it is unfinished work
     log.info("%s: %d spots x %d genes -> %s in %.1fs", sample, n, g, out, record["seconds"])
     return {"output": str(out.resolve()), **record}
 
 
-def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, image: np.ndarray, xy: np.ndarray,
-           diameter: float, unit: str) -> list[Path]:
-    """One PNG per gene beside the output: H&E, predicted mean and spread over samples, each with its colour bar."""
+def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, titles: Sequence[str], image: np.ndarray,
+           xy: np.ndarray, diameter: float, unit: str) -> list[Path]:
+    """One PNG per gene beside the output: H&E and each of `maps` (mean, and spread over samples where there is one)."""
     paths = []
     for k, gene in enumerate(genes):
-        panels = [MapPanel("predicted mean", maps[0, :, k], unit), MapPanel("std over samples", maps[1, :, k], unit)]
+        panels = [MapPanel(title, maps[i, :, k], unit) for i, title in enumerate(titles)]
         paths.append(spot_maps(out.with_name(f"{out.stem}_{gene}.png"), xy, diameter, panels, f"{sample}: {gene}", image,
                                image_panel=True))
     return paths
@@ -215,16 +271,24 @@ def _plots(out: Path, sample: str, genes: Sequence[str], maps: np.ndarray, image
 # ----------------------------------------------------------------------------- stage
 
 
-def output_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str, Path]:
-    """One .h5ad per sample: `out` itself for a single sample named *.h5ad, else `<out>/<sample>.h5ad`."""
+def output_paths(run: Run, samples: Sequence[str], out: Path | None, model: str = "hinge") -> dict[str, Path]:
+    """One .h5ad per sample: `out` itself for a single sample named *.h5ad, else `<out>/<sample>.h5ad`.
+
+    The ridge baseline's default names are `<sample>.ridge.h5ad` beside them, so it never replaces HINGE's.
+    """
+    if out is None or Path(out).suffix != ".h5ad":
+        paths = _hinge_paths(run, samples, out)
+        return paths if model == "hinge" else {s: ridge_prediction_path(p) for s, p in paths.items()}
+    if len(samples) > 1:
+        raise HingeError(f"--out {out} is one file but {len(samples)} samples are asked for",
+                         "give a folder as --out; each sample is written to <folder>/<sample>.h5ad")
+    return {samples[0]: Path(out)}
+
+
+def _hinge_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str, Path]:
     if out is None:
         return {s: run.prediction(s) for s in samples}
     out = Path(out)
-    if out.suffix == ".h5ad":
-        if len(samples) > 1:
-            raise HingeError(f"--out {out} is one file but {len(samples)} samples are asked for",
-                             "give a folder as --out; each sample is written to <folder>/<sample>.h5ad")
-        return {samples[0]: out}
     if out.exists() and not out.is_dir():
         raise HingeError(f"--out {out} is an existing file that is not .h5ad", "give a .h5ad path, or a folder")
     return {s: out / f"{s}.h5ad" for s in samples}
@@ -239,18 +303,19 @@ def _check_mpp(run: Run, sample: str, model: TrainedModel) -> None:
                     sample, mpp, trained, model.tiling.target_mpp)
 
 
-def _interrupted(run: Run, sample: str, path: Path) -> bool:
+def _interrupted(run: Run, sample: str, path: Path, stage: str) -> bool:
     """Whether `path` is this run's own output of `sample` that landed but was never recorded as finished."""
-    entry = run.stage(sample, "generate")
+    entry = run.stage(sample, stage)
     return entry.get("status") in ("running", "failed") and entry.get("params", {}).get("output") == str(Path(path).resolve())
 
 
 def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
              weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
-             overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
+             overwrite: bool = False, keep_going: bool = False, model: str = "hinge", progress: Progress = SILENT) -> SampleReport:
     """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample.
 
-    checkpoint: the model (default: the run's best); weights: the encoder's, when not in the Hugging Face cache;
+    checkpoint: the model (default: the run's best); model: "ridge" predicts with the baseline `hinge train`
+    stored beside the checkpoint instead (to `<sample>.ridge.h5ad` by default); weights: the encoder's, when not in the Hugging Face cache;
     genes_to_plot: a PNG each beside the output; out: a .h5ad for one sample, or a folder (default: the run's);
     keep_going: a failed sample is recorded and the others go on.
     """
@@ -258,16 +323,19 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
         raise HingeError(f"--n-samples {cfg.n_samples} must be at least 1", "give e.g. --n-samples 8")
     if cfg.batch_size < 1:
         raise HingeError(f"--batch-size {cfg.batch_size} must be at least 1", "give e.g. --batch-size 64")
+    if model not in MODELS:
+        raise HingeError(f"--model {model} is not one of {', '.join(MODELS)}", "give --model hinge or --model ridge")
     ids = [t.sample_id for t in targets]
     if not ids or len(set(ids)) != len(ids):
         raise HingeError("no samples, or a sample id given twice", "give each slide or --sample-id once")
     by_id = {t.sample_id: t for t in targets}
-    paths = output_paths(run, sorted(ids), out)
+    paths = output_paths(run, sorted(ids), out, model)
+    stage = generate_stage(model)
     mine = shard.select(ids)
     summary = SampleReport("generate")
     todo = []
     for sample in mine:
-        if paths[sample].exists() and not overwrite and _interrupted(run, sample, paths[sample]):
+        if paths[sample].exists() and not overwrite and _interrupted(run, sample, paths[sample], stage):
             log.info("%s: %s was left by an interrupted generate; predicting it again", sample, paths[sample])
             todo.append(sample)
         elif paths[sample].exists() and not overwrite:
@@ -282,23 +350,24 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     checkpoint = Path(checkpoint) if checkpoint is not None else run.checkpoint("best")
     if not checkpoint.exists():
         raise HingeError(f"no trained model at {checkpoint}", "run `hinge train` first, or pass --checkpoint PATH")
-    model = load_trained_model(checkpoint, cfg.device)
-    unknown = [gene for gene in genes_to_plot if gene not in model.genes]
+    trained = load_trained_model(checkpoint, cfg.device)
+    unknown = [gene for gene in genes_to_plot if gene not in trained.genes]
     if unknown:
         raise HingeError(f"--genes-to-plot genes not in the model's panel: {', '.join(unknown)}",
-                         f"choose among the {len(model.genes)} panel genes, e.g. {', '.join(model.genes[:5])}")
-    model.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
-    encoders = Encoders(model, weights, cfg.device)
-    if any(not run.embeddings(model.key, s).exists() for s in todo):
+                         f"choose among the {len(trained.genes)} panel genes, e.g. {', '.join(trained.genes[:5])}")
+    trained.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
+    predictor = hinge_predictor(trained, cfg) if model == "hinge" else ridge_predictor(trained)
+    encoders = Encoders(trained, weights, cfg.device)
+    if any(not run.embeddings(trained.key, s).exists() for s in todo):
         encoders.check_available()  # before any tiling: a missing download is the likeliest failure
-    tile_cfg = model.tile_config()
+    tile_cfg = trained.tile_config()
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
-            with summary.attempt(run, sample, "generate", keep_going):
+            with summary.attempt(run, sample, predictor.stage, keep_going):
                 retiled = ensure_tiles(run, by_id[sample], tile_cfg, overwrite, progress)
-                _check_mpp(run, sample, model)
-                ensure_embeddings(run, sample, model, encoders, retiled, overwrite, progress)
-                predict_sample(run, sample, model, paths[sample], cfg, genes_to_plot, progress)
+                _check_mpp(run, sample, trained)
+                ensure_embeddings(run, sample, trained, encoders, retiled, overwrite, progress)
+                predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

@@ -42,6 +42,7 @@ from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, rea
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
+from hinge_cli.model.ridge import fit_run_ridge
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 from hinge_cli.train_data import SplitData
@@ -356,6 +357,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
     if dist.main:
+        fit_run_ridge(run, card, table)  # the closed-form baseline on the same training spots, beside the checkpoint
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()

@@ -37,6 +37,7 @@ class Prediction:
     std: np.ndarray | None
     coords: np.ndarray | None
     transform: Transform
+    model: str = "hinge"  # uns['hinge']['model']: what made it (`hinge generate --model ridge` writes "ridge")
     image: np.ndarray | None = None
     image_scale: float = 1.0
     spot_diameter: float | None = None
@@ -78,7 +79,7 @@ def read_prediction(path: Path) -> Prediction:
         genes=[str(g) for g in adata.var_names], values=_dense(adata.X),
         std=_dense(adata.layers["std"]) if "std" in adata.layers else None,
         coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None,
-        transform=transform,
+        transform=transform, model=str(provenance.get("model", "hinge")),
     )
     entry = spatial.get(sample, next(iter(spatial.values()))) if spatial else {}
     scalefactors = dict(entry.get("scalefactors", {}))

@@ -72,6 +72,15 @@ class Pictures:
 
 
 @dataclass
+class Baseline:
+    """A second prediction of the same slide (the ridge baseline), scored on the same spots and genes."""
+
+    pred: str
+    model: str
+    metrics: SlideMetrics
+
+
+@dataclass
 class SlideResult:
     """Everything `hinge eval` found about one slide; `to_dict` is its metrics.json (without the notes)."""
 
@@ -83,11 +92,26 @@ class SlideResult:
     transform: dict[str, Any]
     metrics: SlideMetrics
     pictures: Pictures
+    model: str = "hinge"
+    baseline: Baseline | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"sample": self.sample, "pred": self.pred, "truth": self.truth, "alignment": self.alignment,
                "genes": self.genes, "transform": self.transform, "headline": HEADLINE.key, **self.metrics.to_dict()}
+        if self.baseline is not None:
+            b = self.baseline
+            out["baseline"] = {"pred": b.pred, "model": b.model, "metrics": metric_table(b.metrics)}
         return {**out, "pictures": self.pictures.to_dict()}
+
+
+# (name, metric, whether higher is better) of the numbers a prediction and its baseline are compared on
+COMPARED: tuple[tuple[str, Metric, bool], ...] = (
+    ("depth-partial Pearson", HEADLINE, True),
+    ("Pearson", METRICS["correlation.model.pearson.mean"], True),
+    ("co-expression consistency", METRICS["correlation.model.coexpression.consistency"], True),
+    ("RVD", METRICS["variance.rvd"], False),
+    ("MSE", METRICS["errors.mse"], False),
+)
 
 
 @dataclass
@@ -160,6 +184,29 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def comparison(slide: SlideResult, baseline: Baseline) -> list[list[str]]:
+    """Rows of (metric, the slide's prediction, its baseline, the better one)."""
+    rows = []
+    for name, metric, higher in COMPARED:
+        mine, theirs = metric.get(slide.metrics), metric.get(baseline.metrics)
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mine, theirs))
+        better = "n/a" if not finite else "tie" if mine == theirs else slide.model if (mine > theirs) == higher else baseline.model
+        rows.append([name, fmt(mine), fmt(theirs), better])
+    return rows
+
+
+def comparison_lines(slide: SlideResult, baseline: Baseline) -> list[str]:
+    """The side-by-side for the terminal."""
+    header = f"{slide.model} vs {baseline.model} baseline"
+    lines = [f"  {header:<28}{slide.model:>8}{baseline.model:>8}  better"]
+    return lines + [f"  {name:<28}{mine:>8}{theirs:>8}  {better}" for name, mine, theirs, better in comparison(slide, baseline)]
+
+
+def comparison_table(slide: SlideResult, baseline: Baseline) -> str:
+    """The side-by-side for report.md."""
+    return _markdown(["metric", slide.model, f"{baseline.model} baseline", "better"], comparison(slide, baseline))
+
+
 def metrics_table(slides: Sequence[SlideResult], summary: dict[str, Spread] | None = None,
                   rows: Sequence[Metric] = tuple(METRICS.values())) -> str:
     """Markdown table: one row per metric, one column per slide, plus mean ± std when given."""
@@ -197,8 +244,12 @@ def slide_report(slide: SlideResult) -> str:
             lines.append(f"- {len(g[key])} genes {what}: {', '.join(g[key])}")
     headline = (f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
                 "(gene-specific signal beyond sequencing depth).")
-    lines += ["", headline, "", correlation_table(slide.metrics), "",
-              metrics_table([slide], rows=OTHER_METRICS), ""]
+    lines += ["", headline, ""]
+    if slide.baseline is not None:
+        b = slide.baseline
+        lines += [f"## {slide.model} vs {b.model} baseline", "", f"Baseline prediction `{b.pred}`, scored on the same spots "
+                  "and genes.", "", comparison_table(slide, b), ""]
+    lines += [correlation_table(slide.metrics), "", metrics_table([slide], rows=OTHER_METRICS), ""]
     lines += ["## Best and worst genes (by model-space Pearson)", "", "| gene | Pearson | depth-partial | Spearman | MSE |",
               "|---|---|---|---|---|"]
     per_gene = slide.metrics.per_gene

@@ -1,4 +1,9 @@
-"""`hinge eval`: score predictions against measured spot expression, with maps and a report."""
+"""`hinge eval`: score predictions against measured spot expression, with maps and a report.
+
+When a prediction has a baseline (the ridge prediction `hinge generate --model ridge` wrote
+beside it, or one given), the baseline is scored on the same spots and genes and the two are
+printed and reported side by side.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hinge_cli.data.expression import read_expression
+from hinge_cli.data.expression import Expression, read_expression
 from hinge_cli.errors import HingeError
-from hinge_cli.eval.align import align, read_gene_list, read_prediction
+from hinge_cli.eval.align import Aligned, Prediction, align, read_gene_list, read_prediction
 from hinge_cli.eval.pictures import draw_pictures
 from hinge_cli.eval.report import (
+    Baseline,
     SlideResult,
     across_slides,
+    comparison_lines,
     fmt,
     slide_report,
     summary_report,
@@ -21,6 +28,7 @@ from hinge_cli.eval.report import (
 )
 from hinge_cli.eval.score import HEADLINE, score_slide
 from hinge_cli.files import write_text_atomic
+from hinge_cli.formats.prediction import ridge_prediction_path
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
 
@@ -34,10 +42,13 @@ class EvalSummary:
     summary_dir: Path | None = None
 
     def lines(self) -> list[str]:
-        out = [f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
-               f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
-               f"({s.alignment['n_matched']} spots, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}"
-               for s, folder in zip(self.slides, self.folders, strict=True)]
+        out = []
+        for s, folder in zip(self.slides, self.folders, strict=True):
+            out.append(f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
+                       f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
+                       f"({s.alignment['n_matched']} spots, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}")
+            if s.baseline is not None:
+                out += comparison_lines(s, s.baseline)
         if self.summary_dir is not None:
             out.append(f"across {len(self.slides)} slides -> {self.summary_dir / 'report.md'}")
         return out
@@ -50,10 +61,34 @@ def _folders(samples: list[str], out: Path | None, run: Run | None) -> tuple[lis
     return ([root / s for s in samples] if len(samples) > 1 else [root]), root
 
 
+def baselines_beside(preds: Sequence[Prediction]) -> list[Path | None]:
+    """Each HINGE prediction's ridge baseline where `hinge generate --model ridge` wrote it beside it."""
+    found = [ridge_prediction_path(p.path) if p.model != "ridge" else None for p in preds]
+    return [path if path is not None and path.is_file() else None for path in found]
+
+
+def _score_baseline(path: Path, pred: Prediction, truth: Expression, aligned: Aligned, truth_path: Path) -> Baseline:
+    """A baseline of `pred`'s slide scored on the genes `pred` was scored on."""
+    baseline = read_prediction(path)
+    if baseline.sample != pred.sample:
+        raise HingeError(f"baseline {path} is of sample {baseline.sample}, the prediction {pred.path} of {pred.sample}",
+                         "give each --baseline in the order of its --pred")
+    scored = align(baseline, truth, aligned.genes, truth_path)
+    if scored.alignment["n_matched"] != aligned.alignment["n_matched"]:
+        raise HingeError(f"baseline {path} covers {scored.alignment['n_matched']} of the truth's spots, the prediction "
+                         f"{aligned.alignment['n_matched']}", "predict both from the same tiles (`hinge generate` and "
+                         "`hinge generate --model ridge` on the same sample)")
+    return Baseline(str(path), baseline.model, score_slide(scored, baseline.transform).metrics)
+
+
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
-             progress: Progress = SILENT, layer: str | None = None, maps: bool = True) -> EvalSummary:
+             progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
+             baselines: Sequence[Path] | None = None) -> EvalSummary:
     """Score each prediction against its truth (pairs in order) and write metrics.json, report.md and maps/.
+
+    baselines: one per prediction, scored alongside it (default: the `<name>.ridge.h5ad` beside a `<name>.h5ad`
+    where `hinge generate --model ridge` wrote one).
 
     Output folders: with `out` and one pair, `out` itself; with several pairs,
     `out/<sample>/` plus the cross-slide metrics.json and report.md in `out`.
@@ -64,6 +99,9 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
         raise HingeError(f"{len(preds)} --pred and {len(truths)} --truth files", "give one --truth per --pred, in the same order")
     wanted = read_gene_list(genes) if genes is not None else None
     loaded = [read_prediction(p) for p in preds]
+    if baselines is not None and len(baselines) != len(preds):
+        raise HingeError(f"{len(baselines)} --baseline and {len(preds)} --pred files", "give one --baseline per --pred, in the same order")
+    paired = list(baselines) if baselines is not None else baselines_beside(loaded)
     samples = [p.sample for p in loaded]
     if len(set(samples)) != len(samples):
         raise HingeError(f"two predictions are for the same sample ({', '.join(samples)})", "evaluate each slide once")
@@ -75,8 +113,9 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
         raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
-        for pred, truth_path, folder in zip(loaded, truths, folders, strict=True):
-            aligned = align(pred, read_expression(truth_path, layer), wanted, Path(truth_path))
+        for pred, truth_path, folder, baseline in zip(loaded, truths, folders, paired, strict=True):
+            truth = read_expression(truth_path, layer)
+            aligned = align(pred, truth, wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:
                 raise HingeError(f"--genes-to-plot: {', '.join(unknown)} not evaluated on {pred.sample}",
@@ -84,7 +123,8 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             result = score_slide(aligned, pred.transform)
             pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot, draw=maps)
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
-                                pred.transform.to_dict(), result.metrics, pictures)
+                                pred.transform.to_dict(), result.metrics, pictures, pred.model,
+                                None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)))
             write_slide_metrics(folder / "metrics.json", slide)
             write_text_atomic(folder / "report.md", slide_report(slide))
             if run is not None:

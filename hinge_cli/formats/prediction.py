@@ -1,5 +1,8 @@
 """The prediction file, an AnnData `.h5ad` scanpy reads: predicted mean in X, spread in layers['std'].
 
+A ridge baseline's file (`<name>.ridge.h5ad` beside HINGE's `<name>.h5ad`) has no layers['std']:
+a point estimate has no spread to report.
+
 anndata writes everything but the predictions (obs `in_tissue` 0/1 as in Visium, obs `tissue_fraction`,
 obsm `spatial`, the hires image and scale
 factors in uns['spatial'], provenance in uns['hinge']); the predictions are then streamed into float32
@@ -62,14 +65,16 @@ def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Seque
 class PredictionWriter:
     """The prediction datasets of an open output, filled a batch of spots at a time."""
 
-    def __init__(self, h5: h5py.File, n_spots: int, n_genes: int, n_draws: int | None):
+    def __init__(self, h5: h5py.File, n_spots: int, n_genes: int, n_draws: int | None, with_std: bool = True):
         self._mean = _dense(h5, "X", (n_spots, n_genes))
-        self._std = _dense(h5["layers"], "std", (n_spots, n_genes))
+        self._std = _dense(h5["layers"], "std", (n_spots, n_genes)) if with_std else None
         self._draws = _dense(h5["obsm"], "samples", (n_spots, n_draws, n_genes)) if n_draws else None
 
-    def write(self, start: int, stop: int, mean: np.ndarray, std: np.ndarray, samples: np.ndarray | None = None) -> None:
-        """Spots start:stop; `samples` (spots, draws, genes) only when the file keeps the draws."""
-        self._mean[start:stop], self._std[start:stop] = mean, std
+    def write(self, start: int, stop: int, mean: np.ndarray, std: np.ndarray | None, samples: np.ndarray | None = None) -> None:
+        """Spots start:stop; `std` unless the file has none, `samples` (spots, draws, genes) only when it keeps the draws."""
+        self._mean[start:stop] = mean
+        if self._std is not None:
+            self._std[start:stop] = std
         if self._draws is not None:
             self._draws[start:stop] = samples
 
@@ -77,8 +82,14 @@ class PredictionWriter:
 @contextmanager
 def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
                      scalef: float, spot_diameter: float, provenance: dict[str, Any],
-                     keep_draws: int | None = None) -> Iterator[PredictionWriter]:
+                     keep_draws: int | None = None, with_std: bool = True) -> Iterator[PredictionWriter]:
     """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
     write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance)
     with h5py.File(path, "r+") as h5:
-        yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws)
+        yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_std)
+
+
+def ridge_prediction_path(prediction: Path) -> Path:
+    """Where the ridge baseline's prediction of the same sample goes: `<name>.ridge.h5ad` beside `<name>.h5ad`."""
+    prediction = Path(prediction)
+    return prediction.with_name(f"{prediction.stem}.ridge.h5ad")
