@@ -134,6 +134,12 @@ def test_eval_prints_hinge_against_the_ridge_beside_it(trained: tuple[Run, dict[
     alone = runner.invoke(app, ["eval", "--pred", str(folder / "t1.ridge.h5ad"), "--truth", str(truths["t1"]),
                                 "--out", str(tmp_path / "alone"), "--no-maps"])
     assert alone.exit_code == 0 and "baseline" not in alone.output
+    generate(run, [Target("t0")], FAST, out=folder)
+    generate(run, [Target("t0")], FAST, out=folder, model="ridge")
+    both = runner.invoke(app, ["eval", "--pred", str(folder / "t0.h5ad"), "--truth", str(truths["t0"]), "--pred",
+                               str(folder / "t1.h5ad"), "--truth", str(truths["t1"]), "--out", str(tmp_path / "both"), "--no-maps"])
+    assert both.exit_code == 0 and both.output.count("hinge vs ridge baseline") == 2
+    assert "Means over the 2 slides with a baseline" in (tmp_path / "both" / "report.md").read_text()
     renamed = shutil.copy(folder / "t1.ridge.h5ad", tmp_path / "other.h5ad")
     given = runner.invoke(app, ["eval", "--pred", str(folder / "t1.h5ad"), "--truth", str(truths["t1"]), "--baseline",
                                 str(renamed), "--out", str(tmp_path / "given"), "--no-maps"])

@@ -19,6 +19,7 @@ from hinge_cli.eval.report import (
     Pictures,
     SlideResult,
     Spread,
+    read_baseline_metrics,
     read_slide_metrics,
     write_json,
 )
@@ -46,5 +47,5 @@ __all__ = [
     "HEADLINE", "METRICS", "Aligned", "Calibration", "Coexpression", "CorrelationSummary", "Correlations", "Errors",
     "EvalSummary", "GeneScores", "Metric", "Pictures", "Prediction", "SlideMetrics", "SlideResult", "SlideScore",
     "SpatialScores", "Spread", "VarianceScores", "ViewScores", "align", "evaluate", "match_coordinates", "metric_table",
-    "read_gene_list", "read_prediction", "read_slide_metrics", "score_slide", "write_json",
+    "read_baseline_metrics", "read_gene_list", "read_prediction", "read_slide_metrics", "score_slide", "write_json",
 ]

@@ -24,6 +24,7 @@ from hinge_cli.eval.score import (
 )
 from hinge_cli.figures import expression_unit
 from hinge_cli.files import write_text_atomic
+from hinge_cli.metrics import finite_mean
 
 NOTES = {
     "model space": "prediction and truth after the model's own transform (uns['hinge']['transform']).",
@@ -170,6 +171,12 @@ def read_slide_metrics(path: Path) -> SlideMetrics:
     return SlideMetrics.from_dict(json.loads(Path(path).read_text()))
 
 
+def read_baseline_metrics(path: Path) -> dict[str, float | int] | None:
+    """The baseline's table metrics in a slide's metrics.json (by key, as `metric_table`; null back to NaN), or None."""
+    baseline = json.loads(Path(path).read_text()).get("baseline")
+    return None if baseline is None else {key: math.nan if v is None else v for key, v in baseline["metrics"].items()}
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -184,27 +191,41 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def comparison(slide: SlideResult, baseline: Baseline) -> list[list[str]]:
-    """Rows of (metric, the slide's prediction, its baseline, the better one)."""
+def comparison(pairs: Sequence[tuple[SlideMetrics, SlideMetrics]], names: tuple[str, str]) -> list[list[str]]:
+    """Rows of (metric, prediction, baseline, the better one), each a mean over the (prediction, baseline) pairs."""
     rows = []
     for name, metric, higher in COMPARED:
-        mine, theirs = metric.get(slide.metrics), metric.get(baseline.metrics)
-        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mine, theirs))
-        better = "n/a" if not finite else "tie" if mine == theirs else slide.model if (mine > theirs) == higher else baseline.model
+        mine, theirs = (finite_mean(np.array([_value(metric.get(pair[k])) for pair in pairs])) for k in (0, 1))
+        better = ("n/a" if not (math.isfinite(mine) and math.isfinite(theirs)) else "tie" if mine == theirs
+                  else names[0] if (mine > theirs) == higher else names[1])
         rows.append([name, fmt(mine), fmt(theirs), better])
     return rows
+
+
+def _value(value: float | int | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def comparison_lines(slide: SlideResult, baseline: Baseline) -> list[str]:
     """The side-by-side for the terminal."""
     header = f"{slide.model} vs {baseline.model} baseline"
-    lines = [f"  {header:<28}{slide.model:>8}{baseline.model:>8}  better"]
-    return lines + [f"  {name:<28}{mine:>8}{theirs:>8}  {better}" for name, mine, theirs, better in comparison(slide, baseline)]
+    rows = comparison([(slide.metrics, baseline.metrics)], (slide.model, baseline.model))
+    return [f"  {header:<28}{slide.model:>8}{baseline.model:>8}  better"] + [
+        f"  {name:<28}{mine:>8}{theirs:>8}  {better}" for name, mine, theirs, better in rows]
 
 
-def comparison_table(slide: SlideResult, baseline: Baseline) -> str:
-    """The side-by-side for report.md."""
-    return _markdown(["metric", slide.model, f"{baseline.model} baseline", "better"], comparison(slide, baseline))
+def comparison_section(slides: Sequence[SlideResult]) -> list[str]:
+    """report.md's side-by-side of the slides evaluated with a baseline (means when there are several); none without."""
+    paired = [s for s in slides if s.baseline is not None]
+    if not paired:
+        return []
+    first = paired[0]
+    names = (first.model, first.baseline.model)
+    where = (f"Baseline prediction `{first.baseline.pred}`" if len(slides) == 1 else
+             f"Means over the {len(paired)} slides with a baseline prediction")
+    table = _markdown(["metric", names[0], f"{names[1]} baseline", "better"],
+                      comparison([(s.metrics, s.baseline.metrics) for s in paired], names))
+    return [f"## {names[0]} vs {names[1]} baseline", "", f"{where}, scored on the same spots and genes.", "", table, ""]
 
 
 def metrics_table(slides: Sequence[SlideResult], summary: dict[str, Spread] | None = None,
@@ -244,11 +265,7 @@ def slide_report(slide: SlideResult) -> str:
             lines.append(f"- {len(g[key])} genes {what}: {', '.join(g[key])}")
     headline = (f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
                 "(gene-specific signal beyond sequencing depth).")
-    lines += ["", headline, ""]
-    if slide.baseline is not None:
-        b = slide.baseline
-        lines += [f"## {slide.model} vs {b.model} baseline", "", f"Baseline prediction `{b.pred}`, scored on the same spots "
-                  "and genes.", "", comparison_table(slide, b), ""]
+    lines += ["", headline, "", *comparison_section([slide])]
     lines += [correlation_table(slide.metrics), "", metrics_table([slide], rows=OTHER_METRICS), ""]
     lines += ["## Best and worst genes (by model-space Pearson)", "", "| gene | Pearson | depth-partial | Spearman | MSE |",
               "|---|---|---|---|---|"]
@@ -272,5 +289,5 @@ def summary_report(slides: Sequence[SlideResult], summary: dict[str, Spread]) ->
     spread = summary[HEADLINE.key]
     headline = (f"**Headline: depth-partial mean Pearson = {fmt(spread.mean)} ± {fmt(spread.std)}** "
                 "(mean ± sample std over slides)")
-    return "\n".join([f"# hinge eval: {len(slides)} slides", "", *links, "", headline, "",
+    return "\n".join([f"# hinge eval: {len(slides)} slides", "", *links, "", headline, "", *comparison_section(slides),
                       metrics_table(slides, summary), "", "## What the numbers mean", "", _notes(), ""])
