@@ -243,7 +243,7 @@ def generate(
     image: Image = None,
     checkpoint: path_option("Model to use (default: the run's checkpoints/best.safetensors).", "file", "--checkpoint") = None,
     model: Annotated[str, typer.Option("--model", help="hinge, or ridge: the closed-form baseline `hinge train` fitted "
-                                       "beside the checkpoint (written to <sample>.ridge.h5ad).")] = "hinge",
+                                       "beside the checkpoint, written to <sample>.ridge.h5ad (default: hinge).")] = "hinge",
     n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; X is their mean, layers['std'] their spread") = None,
     samples: Annotated[Optional[int], typer.Option("--samples", hidden=True)] = None,
     steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="the trained T") = None,

@@ -52,12 +52,17 @@ class RidgeModel:
         return self.search.scores[self.search.penalties.index(self.penalty)]
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """(N, D) or (N, V, D) raw features -> (N, G) predictions; several views are averaged, as in fitting."""
-        standardised = self.norm(views(features)).mean(1).astype(np.float64)
-        return standardised @ self.weights + self.intercept
+        """(N, D) or (N, V, D) raw features -> (N, G) predictions."""
+        return design(features, self.norm) @ self.weights + self.intercept
+
+
+def design(features: np.ndarray, norm: FeatureNorm) -> np.ndarray:
+    """The ridge's inputs: features standardised as the HINGE model sees them, averaged over stored views."""
+    return norm(views(features)).mean(1).astype(np.float64)
 
 
 def write_ridge_model(path: Path, model: RidgeModel) -> None:
+    """Arrays and metadata in one safetensors file, renamed into place only once complete."""
     meta = {"format": FORMAT, "penalty": model.penalty, "search": asdict(model.search), "genes": model.genes,
             "encoder_key": model.encoder_key, "samples": model.samples, "n_spots": model.n_spots}
     arrays = {"weights": model.weights, "intercept": model.intercept, "feature_mean": model.norm.mean,

@@ -18,10 +18,10 @@ import numpy as np
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
-from hinge_cli.data.features import FeatureNorm, views
+from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
-from hinge_cli.formats.ridge_model import PenaltySearch, RidgeModel, read_ridge_model, write_ridge_model
+from hinge_cli.formats.ridge_model import PenaltySearch, RidgeModel, design, read_ridge_model, write_ridge_model
 from hinge_cli.run import Run
 from hinge_cli.train_data import split_rows
 
@@ -49,11 +49,6 @@ class Fold:
 
     def intercept(self, weights: np.ndarray) -> np.ndarray:
         return self.y_mean - self.z_mean @ weights
-
-
-def standardised(features: np.ndarray, norm: FeatureNorm) -> np.ndarray:
-    """The ridge's design matrix: features standardised as the model sees them, averaged over views."""
-    return norm(views(features)).mean(1).astype(np.float64)
 
 
 def depth_partial_score(pred: np.ndarray, truth: np.ndarray, log_depth: np.ndarray) -> float:
@@ -101,7 +96,7 @@ def best_penalty(search: PenaltySearch) -> float:
 def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder_key: str, seed: int = 0,
               penalties: Sequence[float] = PENALTIES) -> RidgeModel:
     """Choose the penalty on `table`'s spots by inner CV, then solve on all of them."""
-    z, y = standardised(table.features, norm), table.targets.astype(np.float64)
+    z, y = design(table.features, norm), table.targets.astype(np.float64)
     log_depth = np.log(np.maximum(table.depth, 1.0))  # as `hinge eval` scores depth-partial Pearson
     search = search_penalty(z, y, log_depth, np.asarray(table.sample, dtype=str), seed, penalties)
     penalty = best_penalty(search)
