@@ -102,6 +102,13 @@ class ModelConfig(Checked):
     lora_alpha: float = checked(16.0, POSITIVE)  # LoRA update scale = lora_alpha / lora_rank
     softnorm_logit_init: float = checked(-12.0, FINITE)  # SoftNorm eta = sigmoid(this) ~ 0 at init
     gate_logit_init: float = checked(12.0, FINITE)  # SoftAdaLN gate = sigmoid(this) ~ 1 at init
+    direct_path: bool = True  # an image->expression head beside SoftAdaLN; false: the paper's model
+    direct_init: str = "ridge"  # ridge: the head's linear term starts at the closed-form ridge fit | zero
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.direct_init not in ("ridge", "zero"):
+            raise HingeError(f"model.direct_init {self.direct_init} is not ridge or zero", "set model.direct_init: ridge (or zero)")
 
 
 @dataclass
@@ -111,8 +118,10 @@ class DiffusionConfig(Checked):
     fill: str = "noise"  # noise | zero: what hidden values are replaced with
     noise_std: float = checked(1.0, NON_NEGATIVE)
     alpha: float | None = checked(None, POSITIVE)  # schedule exponent; None = automatic (one gene visible at t = T-1)
-    pretrain_mask_min: float = checked(0.15, FRACTION)  # backbone pre-training hides U(min, max) of each sequence
-    pretrain_mask_max: float = checked(0.6, FRACTION)
+    loss: str = "hidden"  # hidden: score every hidden gene | revealed: only those revealed at t (the official code)
+    all_hidden_share: float = checked(0.25, FRACTION)  # share of training rows drawn at t = T (every gene hidden)
+    pretrain_mask_min: float = checked(0.0, FRACTION)  # backbone pre-training hides U(min, max) of each sequence
+    pretrain_mask_max: float = checked(1.0, FRACTION)  # (at least one gene): up to all of it, where generation starts
     pretrain_expressed_fraction: float = checked(0.75, FRACTION)  # share of a pre-training sequence drawn from expressed genes
 
 

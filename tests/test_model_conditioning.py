@@ -67,3 +67,20 @@ def test_softadaln_head_is_zero_with_gate_bias():
     assert torch.equal(m1.shift, torch.zeros(3, 1, 8)) and torch.equal(m2.scale, torch.zeros(3, 1, 8))
     assert torch.allclose(m1.gate, torch.full((3, 1, 8), torch.sigmoid(torch.tensor(12.0)).item()))
     assert float(m1.eta.detach()) == pytest.approx(torch.sigmoid(torch.tensor(-12.0)).item())
+
+
+def test_direct_path_is_zero_at_init_and_reaches_the_output_once_trained():
+    model = build(softnorm_logit_init=-40.0, gate_logit_init=40.0)
+    assert model.direct is not None  # the default model has the direct image path
+    values, visible, t, image = inputs(5, 5)
+    model.eval()
+    torch.testing.assert_close(model.direct(image), torch.zeros(5, G, dtype=torch.float64), rtol=0, atol=0)
+    with torch.no_grad():
+        model.direct.mlp[-1].weight.normal_(0, 0.1)
+        model.direct.linear.weight.normal_(0, 0.1)
+    changed = model(values, visible, t, image) - bare(model, values, visible)
+    torch.testing.assert_close(changed, model.direct(image))  # added to the backbone's output, per gene
+
+
+def test_paper_faithful_model_has_no_direct_path():
+    assert build(direct_path=False).direct is None

@@ -55,27 +55,59 @@ def test_forward_process_hides_and_targets_the_scheduled_genes():
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(40, 64, generator=g) + 1
     t = s.sample_t(40, g)
-    c = corrupt(x0, t, s, random_ranks(x0, g), None)
+    ranks = random_ranks(x0, g)
+    c = corrupt(x0, t, s, ranks, None, "revealed")
     hidden = ~c.visible
     assert torch.equal(hidden.sum(1), s.hidden_counts[t])
     assert torch.equal(c.target.sum(1), s.revealed_counts()[t - 1])
     assert torch.all(c.target <= hidden)
     assert torch.all(c.values[hidden] == 0) and torch.equal(c.values[c.visible], x0[c.visible])
+    assert torch.equal(corrupt(x0, t, s, ranks, None).target, hidden)  # the default scores every hidden gene
 
 
-def test_loss_scores_only_the_revealed_genes():
+@pytest.mark.parametrize("loss", ["hidden", "revealed"])
+def test_oracle_loss_is_zero_and_a_uniform_error_costs_its_square(loss):
     s = MaskSchedule(10, 30)
     x0 = torch.rand(16, 30)
-
-    def oracle(values, visible, t, image):
-        return x0.clone()
-
-    def off_by_one(values, visible, t, image):
-        return x0 + 1
-
+    cfg = DiffusionConfig(steps=10, fill="zero", loss=loss)
     g = torch.Generator().manual_seed(0)
-    assert diffusion_loss(oracle, x0, torch.zeros(16, 1), s, generator=g) == 0
-    assert diffusion_loss(off_by_one, x0, torch.zeros(16, 1), s, generator=g) == pytest.approx(1.0)
+    assert diffusion_loss(lambda values, visible, t, image: x0.clone(), x0, torch.zeros(16, 1), s, cfg, g) == 0
+    assert diffusion_loss(lambda values, visible, t, image: x0 + 1, x0, torch.zeros(16, 1), s, cfg, g) == pytest.approx(1.0)
+
+
+def test_hidden_loss_sees_a_wrong_gene_anywhere_in_the_hidden_set():
+    """A network wrong only on genes hidden but not revealed at t: the revealed loss misses it, the hidden loss does not."""
+    s = MaskSchedule(10, 30)
+    x0 = torch.rand(16, 30)
+    g = torch.Generator().manual_seed(3)
+    t = torch.full((16,), 8)
+    ranks = random_ranks(x0, g)
+    revealed_at_t = corrupt(x0, t, s, ranks, None, "revealed").target
+
+    def wrong_elsewhere(values, visible, t_, image):
+        return torch.where(~visible & ~revealed_at_t, x0 + 2, x0)
+
+    def loss(target):
+        c = corrupt(x0, t, s, ranks, None, target)
+        return float(((wrong_elsewhere(c.values, c.visible, t, None) - x0) ** 2 * c.target).sum())
+
+    assert loss("revealed") == 0 and loss("hidden") > 0
+
+
+def test_all_hidden_share_draws_t_equal_T_but_never_in_the_curriculum():
+    s = MaskSchedule(20, 50)
+    g = torch.Generator().manual_seed(0)
+    plain = s.sample_t(4000, g)
+    mixed = s.sample_t(4000, g, all_hidden_share=0.5)
+    assert (plain == 20).float().mean() < 0.1
+    assert 0.5 < (mixed == 20).float().mean() < 0.6  # half drawn at T, plus the uniform draws that land there
+    assert not (s.sample_t(4000, g, 0.2, all_hidden_share=0.5) == 20).any()
+
+
+def test_unknown_loss_target_is_a_user_error():
+    cfg = load_config("tiny")
+    with pytest.raises(HingeError, match="diffusion loss"):
+        Hinge(Backbone(cfg.model, 30), torch.arange(1, 21), 5, cfg.model, DiffusionConfig(steps=10, loss="all"))
 
 
 def tiny_hinge(fill):

@@ -22,6 +22,30 @@ def test_select_genes_favours_expressed_genes():
         select_genes(expr, 301, g)
 
 
+def test_select_genes_always_includes_the_panel():
+    g = torch.Generator().manual_seed(1)
+    expr = torch.zeros(30, 200)
+    expr[:, 100:140] = torch.rand(30, 40) + 0.1  # expressed genes away from the panel
+    panel = torch.tensor([3, 57, 181, 199])  # never expressed here, yet always in the sequence
+    idx = select_genes(expr, 12, g, expressed_fraction=0.5, always=panel)
+    assert all(set(panel.tolist()) <= set(row) for row in idx.tolist())
+    assert torch.all(((idx >= 100) & (idx < 140)).sum(1) >= 4)  # ceil(0.5 * 8) of the free places expressed
+    assert all(len(set(row)) == 12 for row in idx.tolist())
+
+
+def test_pretraining_default_mask_range_reaches_every_gene_hidden():
+    seen = []
+
+    def recorder(ids, values, visible):
+        seen.append(visible)
+        return values
+
+    pretrain_loss(recorder, torch.arange(1, 21).expand(2000, -1), torch.rand(2000, 20) + 1, DiffusionConfig(fill="zero"),
+                  torch.Generator().manual_seed(0))
+    hidden = (~seen[0]).sum(1)
+    assert hidden.min() == 1 and hidden.max() == 20
+
+
 def test_pretrain_hides_the_configured_fraction():
     seen = []
 

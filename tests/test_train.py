@@ -93,8 +93,8 @@ def test_warmup_never_exceeds_the_mask_cap(base_run: Path, tmp_path: Path, monke
     seen: list[tuple[torch.Tensor, MaskSchedule, float | None]] = []
     original = MaskSchedule.sample_t
 
-    def spy(self: MaskSchedule, batch: int, generator=None, max_hidden_fraction=None):
-        t = original(self, batch, generator, max_hidden_fraction)
+    def spy(self: MaskSchedule, batch: int, generator=None, max_hidden_fraction=None, all_hidden_share=0.0):
+        t = original(self, batch, generator, max_hidden_fraction, all_hidden_share)
         seen.append((t, self, max_hidden_fraction))
         return t
 

@@ -155,11 +155,18 @@ def _optional(cls: type, data: dict[str, Any] | None, where: Path) -> Any:
     return None if data is None else _make(cls, data, where)
 
 
+# Architecture keys older cards lack, with the values that rebuild the model they describe (before the direct
+# image path and the all-hidden loss existed).
+OLDER_MODEL = {"direct_path": False}
+OLDER_DIFFUSION = {"loss": "revealed", "all_hidden_share": 0.0}
+
+
 def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
     arch = data["architecture"]
-    architecture = _make(Architecture, arch, where, model=_make(ModelConfig, arch["model"], where),
-                         backbone=_make(ModelConfig, arch["backbone"], where),
-                         diffusion=_optional(DiffusionConfig, arch.get("diffusion"), where))
+    diffusion = arch.get("diffusion")
+    architecture = _make(Architecture, arch, where, model=_make(ModelConfig, {**OLDER_MODEL, **arch["model"]}, where),
+                         backbone=_make(ModelConfig, {**OLDER_MODEL, **arch["backbone"]}, where),
+                         diffusion=_optional(DiffusionConfig, None if diffusion is None else {**OLDER_DIFFUSION, **diffusion}, where))
     norm = data.get("feature_norm")
     return _make(
         ModelCard, data, where, architecture=architecture,

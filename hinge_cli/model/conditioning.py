@@ -93,3 +93,32 @@ class ConditionNet(nn.Module):
         dtype = self.image[0].weight.dtype
         t_emb = timestep_embedding(t, self.cond_dim).to(dtype)
         return self.image(image.to(dtype)) + self.time(t_emb) + self.mask(visible.to(dtype))
+
+
+class DirectPath(nn.Module):
+    """A per-gene head on the image feature, added to the backbone's output; zero at initialisation.
+
+    SoftAdaLN reaches the output only by modulating the backbone's channels, which a plain MLP
+    on the same features beats; this path lets the image predict expression directly (a linear
+    term and a small MLP) while the backbone refines it from the visible genes. Both start at
+    zero, so the model still begins as the backbone's own function.
+    """
+
+    def __init__(self, image_dim: int, n_genes: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(image_dim, n_genes)
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_genes))
+        for layer in (self.linear, self.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def start_at(self, weights: Tensor, intercept: Tensor) -> None:
+        """Set the linear term to a fitted linear model (D, G) and intercept (G,): a linear probe to fine-tune from."""
+        self.linear.weight.copy_(weights.T.to(self.linear.weight))
+        self.linear.bias.copy_(intercept.to(self.linear.bias))
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = image.to(self.linear.weight.dtype)
+        return self.linear(x) + self.mlp(x)

@@ -3,6 +3,11 @@
 A random order of the G genes per sample; at step t the first n(t) = floor(gamma(t) G) genes in
 that order are hidden, gamma(t) = 1 - (1 - t/T)^alpha. The same masking mechanics (ranks,
 fill, mask embedding, key dropping) serve backbone pre-training, so both objectives agree.
+
+The loss scores every hidden gene by default. The official HINGE code scores only the genes
+revealed between t and t-1 (`loss: revealed`): about one gene per spot per step on a 50-gene
+panel, and the all-hidden state where generation starts is one training row in T. A share of
+each batch (`all_hidden_share`) is drawn at t = T so that state gets its own weight.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hinge_cli.config import DiffusionConfig
 from hinge_cli.errors import HingeError
 
 ALPHA_RANGE = (1.05, 4.0)
 FILLS = ("noise", "zero")
+LOSS_TARGETS = ("hidden", "revealed")
 
 
 class Denoiser(Protocol):
@@ -66,11 +73,18 @@ class MaskSchedule:
         return t[keep]
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None,
-                 max_hidden_fraction: float | None = None) -> Tensor:
-        """Uniform training timesteps among `training_steps`."""
+                 max_hidden_fraction: float | None = None, all_hidden_share: float = 0.0) -> Tensor:
+        """Uniform training timesteps among `training_steps`; with `all_hidden_share` > 0 that share of rows gets t = T.
+
+        The curriculum (`max_hidden_fraction` set) never draws the all-hidden state.
+        """
         steps = self.training_steps(max_hidden_fraction)
-        pick = torch.randint(len(steps), (batch,), generator=generator, device=_draw_device(generator, steps.device))
-        return steps[pick.cpu()]
+        device = _draw_device(generator, steps.device)
+        t = steps[torch.randint(len(steps), (batch,), generator=generator, device=device).cpu()]
+        if all_hidden_share > 0 and max_hidden_fraction is None:
+            full = torch.rand(batch, generator=generator, device=device).cpu() < all_hidden_share
+            t = torch.where(full, torch.full_like(t, self.n_steps), t)
+        return t
 
     def grid(self, steps: int | None = None) -> list[int]:
         """Timesteps T = t_S > ... > t_0 = 0 for a reverse process of `steps` steps (coarser than T allowed)."""
@@ -95,6 +109,11 @@ def random_ranks(like: Tensor, generator: torch.Generator | None = None) -> Tens
 def check_fill(fill: str) -> None:
     if fill not in FILLS:
         raise HingeError(f"unknown fill '{fill}'", f"set diffusion.fill to one of {', '.join(FILLS)}")
+
+
+def check_loss_target(target: str) -> None:
+    if target not in LOSS_TARGETS:
+        raise HingeError(f"unknown diffusion loss '{target}'", f"set diffusion.loss to one of {', '.join(LOSS_TARGETS)}")
 
 
 def fill_hidden(x: Tensor, hidden: Tensor, noise: Tensor | None) -> Tensor:
@@ -125,7 +144,7 @@ class Corruption:
 
     values: Tensor  # (B, G) visible values kept, hidden ones filled
     visible: Tensor  # (B, G) bool
-    target: Tensor  # (B, G) bool: genes revealed between t and t-1
+    target: Tensor  # (B, G) bool: the genes the loss scores (all hidden ones, or those revealed between t and t-1)
     t: Tensor  # (B,)
 
 
@@ -135,12 +154,15 @@ def corrupt(
     schedule: MaskSchedule,
     ranks: Tensor,
     noise: Tensor | None,
+    loss_target: str = "hidden",
 ) -> Corruption:
-    """Hide the first n(t) genes in each row's order; the loss targets ranks in [n(t-1), n(t))."""
+    """Hide the first n(t) genes in each row's order; the loss targets all of them, or only ranks in [n(t-1), n(t))."""
+    check_loss_target(loss_target)
     counts = schedule.hidden_counts.to(x0.device)
     n_t, n_prev = counts[t][:, None], counts[t - 1][:, None]
     hidden = ranks < n_t
-    return Corruption(fill_hidden(x0, hidden, noise), ~hidden, hidden & (ranks >= n_prev), t)
+    target = hidden if loss_target == "hidden" else hidden & (ranks >= n_prev)
+    return Corruption(fill_hidden(x0, hidden, noise), ~hidden, target, t)
 
 
 def diffusion_loss(
@@ -148,19 +170,19 @@ def diffusion_loss(
     x0: Tensor,
     image: Tensor,
     schedule: MaskSchedule,
-    fill: str = "noise",
-    noise_std: float = 1.0,
+    diffusion: DiffusionConfig,
     generator: torch.Generator | None = None,
     max_hidden_fraction: float | None = None,
     rows: slice | None = None,
 ) -> Tensor:
-    """One training loss: random t and order, predict clean x0, score the genes revealed at t.
+    """One training loss: random t and order, predict clean x0, score the hidden (or just revealed) genes.
 
     The draws are made for the whole batch; `rows` then scores only that share of it, so
     data-parallel ranks together see exactly the draws of one process.
     """
-    t = schedule.sample_t(x0.shape[0], generator, max_hidden_fraction).to(x0.device)
+    d = diffusion
+    t = schedule.sample_t(x0.shape[0], generator, max_hidden_fraction, d.all_hidden_share).to(x0.device)
     ranks = random_ranks(x0, generator)
-    c = corrupt(x0, t, schedule, ranks, draw_noise(x0, fill, noise_std, generator))
+    c = corrupt(x0, t, schedule, ranks, draw_noise(x0, d.fill, d.noise_std, generator), d.loss)
     r = rows if rows is not None else slice(None)
     return masked_mse(net(c.values[r], c.visible[r], c.t[r], image[r]), x0[r], c.target[r])

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from hinge_cli.config import DiffusionConfig, ModelConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.model.backbone import Backbone
-from hinge_cli.model.conditioning import ConditionNet, SoftAdaLN
-from hinge_cli.model.diffusion import MaskSchedule, check_fill, diffusion_loss
+from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN
+from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_loss_target, diffusion_loss
 from hinge_cli.model.lora import apply_policy
 from hinge_cli.model.sampler import Samples, sample
 from hinge_cli.progress import SILENT, Progress
@@ -55,6 +55,7 @@ class Hinge(nn.Module):
         self.cfg = cfg
         self.diffusion = diffusion or DiffusionConfig()
         check_fill(self.diffusion.fill)
+        check_loss_target(self.diffusion.loss)
         self.image_dim = image_dim
         self.backbone = backbone
         apply_policy(backbone, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
@@ -65,6 +66,7 @@ class Hinge(nn.Module):
             SoftAdaLN(d, c, 2, True, cfg.softnorm_logit_init, cfg.gate_logit_init) for _ in range(cfg.n_layers)
         )
         self.decoder_mod = SoftAdaLN(d, c, 1, False, cfg.softnorm_logit_init, cfg.gate_logit_init)
+        self.direct = DirectPath(image_dim, len(ids), c, cfg.dropout) if cfg.direct_path else None
         self.schedule = MaskSchedule(self.diffusion.steps, len(ids), self.diffusion.alpha)
 
     @classmethod
@@ -96,7 +98,8 @@ class Hinge(nn.Module):
         layer_mods = [mod(c) for mod in self.layer_mods]
         (decoder_mod,) = self.decoder_mod(c)
         ids = self.gene_ids.expand(b, -1)
-        return self.backbone(ids, values, visible, layer_mods, decoder_mod)
+        out = self.backbone(ids, values, visible, layer_mods, decoder_mod)
+        return out if self.direct is None else out + self.direct(image).to(out.dtype)
 
     def loss(
         self,
@@ -106,8 +109,7 @@ class Hinge(nn.Module):
         max_hidden_fraction: float | None = None,
     ) -> Tensor:
         """Masked-diffusion loss on a batch of clean panels; pass rho for the warm-start curriculum."""
-        d = self.diffusion
-        return diffusion_loss(self, x0, image, self.schedule, d.fill, d.noise_std, generator, max_hidden_fraction)
+        return diffusion_loss(self, x0, image, self.schedule, self.diffusion, generator, max_hidden_fraction)
 
     @torch.no_grad()
     def generate(
