@@ -198,12 +198,10 @@ def scatter(path: Path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], tit
     return _save(fig, path)
 
 
-def loss_curves(path: Path, series: Mapping[str, Sequence[float | None]], title: str, ylabel: str = "masked loss") -> Path:
+def _epoch_lines(ax: Any, series: Mapping[str, Sequence[float | None]], ylabel: str, title: str) -> None:
     """One line per series against epochs 1..n (integer ticks); series with no finite value are left out."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(6.4, 4.0)
-    ax = fig.subplots()
     for name, values in series.items():
         ys = np.array([math.nan if v is None else v for v in values], np.float64)
         if np.isfinite(ys).any():
@@ -216,6 +214,17 @@ def loss_curves(path: Path, series: Mapping[str, Sequence[float | None]], title:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=FONT - 1)
     ax.grid(alpha=0.3)
+
+
+def loss_curves(path: Path, series: Mapping[str, Sequence[float | None]], title: str, ylabel: str = "masked loss",
+                second: tuple[str, Sequence[float | None]] | None = None) -> Path:
+    """The loss curves; with `second` (label, values per epoch), a panel beside them for the selection figure."""
+    fig = _figure(12.4 if second else 6.4, 4.0)
+    axes = fig.subplots(1, 2 if second else 1, squeeze=False)[0]
+    _epoch_lines(axes[0], series, ylabel, title)
+    if second is not None:
+        label, values = second
+        _epoch_lines(axes[1], {label: values}, "depth-partial Pearson", "model selection (higher is better)")
     return _save(fig, path)
 
 

@@ -31,8 +31,8 @@ SCHEDULES = ("cosine", "constant")
 
 # (network or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
 BatchLoss = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
-# the network (unwrapped, in eval mode) -> its validation loss
-Validate = Callable[[nn.Module], float]
+# the network (unwrapped, in eval mode) -> its validation figures by name (LoopSettings.select picks the one that counts)
+Validate = Callable[[nn.Module], dict[str, float]]
 
 
 @dataclass(kw_only=True)
@@ -43,7 +43,9 @@ class LoopSettings:
     lr: float
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    patience: int | None = None  # stop after this many epochs without a better validation loss
+    patience: int | None = None  # stop after this many epochs without a better validation figure
+    select: str = "val_loss"  # the validation figure that picks the best epoch and stops early
+    maximize: bool = False  # True when a higher `select` is better (a correlation rather than a loss)
     seed: int = 0
     schedule: str = "cosine"  # cosine decay after a linear warm-up, or constant
     lr_warmup: float = 0.05  # fraction of all steps spent ramping the learning rate up
@@ -150,8 +152,9 @@ def fit(
                     advance(1, f"loss {value:.4f}  lr {lr:.2e}")
             net.eval()
             with torch.no_grad(), autocast:
-                val = float(validate(net))
-            improved = state.best_val is None or val < state.best_val
+                figures = {name: float(value) for name, value in validate(net).items()}
+            val = figures[settings.select]
+            improved = state.best_val is None or (val > state.best_val if settings.maximize else val < state.best_val)
             if improved:
                 state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
             else:
@@ -159,11 +162,12 @@ def fit(
             state.epoch = epoch + 1
             state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
             state.history.append({
-                "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, "val_loss": val, "lr": lr,
+                "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, **figures, "lr": lr,
                 "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
             })
-            log.info("%s epoch %d/%d: train loss %.4f, validation loss %.4f%s", settings.stage, epoch + 1, settings.epochs,
-                     total_loss / steps_per_epoch, val, " (best so far)" if improved else "")
+            shown = ", ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}" for name, value in figures.items())
+            log.info("%s epoch %d/%d: train loss %.4f, validation %s%s", settings.stage, epoch + 1, settings.epochs,
+                     total_loss / steps_per_epoch, shown, " (best so far)" if improved else "")
             epoch_done(1, f"val {val:.4f}  best {state.best_val:.4f} @ {state.best_epoch}")
             if dist.main and on_epoch_end is not None:
                 on_epoch_end(state, net, opt, improved)

@@ -20,6 +20,9 @@ from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 FLAT = 1e-6  # centred norm below this fraction of the magnitude is constant (float32 rounding is ~6e-8)
+# Spots with fewer total counts carry no expression to predict, and one of them can dominate the depth
+# regression: depth-partial scores leave them out (and say how many).
+MIN_DEPTH = 100.0
 
 
 def cp10k_log(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
@@ -91,6 +94,15 @@ def depth_partial_pearson(pred: np.ndarray, truth: np.ndarray, log_depth: np.nda
     """Per-gene Pearson of prediction and truth after both are regressed on log depth (within one slide)."""
     p_res, t_res, valid = depth_residuals(pred, truth, log_depth)
     return _correlate(p_res, t_res, valid)
+
+
+def depth_partial_score(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> tuple[float, int]:
+    """Mean per-gene depth-partial Pearson over spots with at least MIN_DEPTH counts, and how many were left out."""
+    keep = np.asarray(depth, dtype=np.float64) >= MIN_DEPTH
+    if keep.sum() < 3:
+        return float("nan"), int((~keep).sum())
+    r = depth_partial_pearson(np.asarray(pred)[keep], np.asarray(truth)[keep], np.log(np.asarray(depth, np.float64)[keep]))
+    return (float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")), int((~keep).sum())
 
 
 def depth_partial_spearman(pred: np.ndarray, truth: np.ndarray, log_depth: np.ndarray) -> np.ndarray:

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from hinge_cli.config import HingeConfig, WarmupConfig
 from hinge_cli.data.corpus import Corpus, load_corpus
-from hinge_cli.data.dataset import assemble, load_expression, training_samples
+from hinge_cli.data.dataset import SpotTable, assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
+from hinge_cli.data.features import FeatureNorm
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
@@ -34,7 +35,7 @@ from hinge_cli.figures import loss_curves
 from hinge_cli.files import write_text_atomic
 from hinge_cli.fit import BatchLoss, LoopSettings, LoopState, Validate, fit
 from hinge_cli.formats.embeddings import read_embedding_attrs
-from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord, ValidationSplit
+from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
@@ -42,10 +43,11 @@ from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, rea
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
-from hinge_cli.model.ridge import fit_run_ridge
+from hinge_cli.model.ridge import fit_ridge, fit_run_ridge
+from hinge_cli.model_selection import choose_split, generated_depth_partial
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
-from hinge_cli.train_data import SplitData
+from hinge_cli.train_data import SplitData, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,51 +63,60 @@ PRETRAIN_VALIDATION_SEED_OFFSET = 104729
 
 
 def hinge_losses(net: Hinge, data: SplitData, dist: Dist, seed: int, max_hidden_fraction: float | None,
-                 device: torch.device) -> tuple[BatchLoss, Validate]:
-    """Batch loss (a random stored view per spot; this rank's share of the global draws) and validation loss."""
+                 device: torch.device, generated: bool = False) -> tuple[BatchLoss, Validate]:
+    """Batch loss (a random stored view per spot; this rank's share of the global draws) and validation.
+
+    Validation always reports the teacher-forced loss; with `generated` also the generated prediction's
+    depth-partial Pearson (`val_depth_partial`), the figure training selects on.
+    """
     diffusion, train, val = net.diffusion, data.train, data.val
 
     def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         view = torch.randint(train.features.shape[1], (len(rows),), generator=generator)
         x0, image = train.targets[rows].to(device), train.features[rows, view].to(device)
-        return diffusion_loss(wrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator, max_hidden_fraction,
+        return diffusion_loss(wrapped, x0, image, net.schedule, diffusion, generator, max_hidden_fraction,
                               rows=dist.rows(len(rows)))
 
-    def validate(unwrapped: nn.Module) -> float:
+    def validate(unwrapped: nn.Module) -> dict[str, float]:
         generator = torch.Generator().manual_seed(seed + HINGE_VALIDATION_SEED_OFFSET)
         total, n = 0.0, len(val.targets)
         for start in range(0, n, EVAL_BATCH):
             x0 = val.targets[start : start + EVAL_BATCH].to(device)
             image = val.features[start : start + EVAL_BATCH, 0].to(device)
-            loss = diffusion_loss(unwrapped, x0, image, net.schedule, diffusion.fill, diffusion.noise_std, generator)
+            loss = diffusion_loss(unwrapped, x0, image, net.schedule, diffusion, generator)
             total += float(loss) * len(x0)
-        return total / n
+        figures = {"val_loss": total / n}
+        if generated:
+            figures["val_depth_partial"] = generated_depth_partial(unwrapped, val, seed + HINGE_VALIDATION_SEED_OFFSET)
+        return figures
 
     return batch_loss, validate
 
 
 def pretrain_losses(corpus: Corpus, train_rows: np.ndarray, val_rows: np.ndarray, cfg: HingeConfig, dist: Dist,
-                    device: torch.device) -> tuple[BatchLoss, Validate]:
-    """Masked-value loss on random gene subsets of corpus profiles (expressed genes favoured)."""
+                    device: torch.device, panel: Sequence[str] = ()) -> tuple[BatchLoss, Validate]:
+    """Masked-value loss on gene subsets of corpus profiles: the panel's genes plus others (expressed ones favoured)."""
     length = min(cfg.pretrain.seq_len, len(corpus.vocab))
     diffusion = cfg.diffusion
+    column = {g: j for j, g in enumerate(corpus.vocab)}
+    always = torch.tensor([column[g] for g in panel if g in column], dtype=torch.long)
 
     def draw(rows: np.ndarray, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         dense = torch.from_numpy(corpus.dense(rows))
-        cols = select_genes(dense, length, generator, diffusion.pretrain_expressed_fraction)
+        cols = select_genes(dense, length, generator, diffusion.pretrain_expressed_fraction, always)
         return (cols + 1).to(device), dense.gather(1, cols).to(device)
 
     def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
         ids, values = draw(train_rows[rows.numpy()], generator)
         return pretrain_loss(wrapped, ids, values, diffusion, generator, rows=dist.rows(len(rows)))
 
-    def validate(unwrapped: nn.Module) -> float:
+    def validate(unwrapped: nn.Module) -> dict[str, float]:
         generator = torch.Generator().manual_seed(cfg.train.seed + PRETRAIN_VALIDATION_SEED_OFFSET)
         total = 0.0
         for start in range(0, len(val_rows), EVAL_BATCH):
             ids, values = draw(val_rows[start : start + EVAL_BATCH], generator)
             total += float(pretrain_loss(unwrapped, ids, values, diffusion, generator)) * len(ids)
-        return total / len(val_rows)
+        return {"val_loss": total / len(val_rows)}
 
     return batch_loss, validate
 
@@ -114,7 +125,9 @@ def write_log(run: Run, stage: str, state: LoopState) -> None:
     """Rewrite logs/<stage>.jsonl and plots/<stage>_loss.png from the loop history."""
     write_text_atomic(run.log(stage), "".join(json.dumps(r) + "\n" for r in state.history))
     series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
-    loss_curves(run.plot(stage), series, f"{stage}: masked loss")
+    selection = [r.get("val_depth_partial") for r in state.history]
+    loss_curves(run.plot(stage), series, f"{stage}: masked loss",
+                second=("validation: generated depth-partial Pearson", selection) if any(v is not None for v in selection) else None)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -128,9 +141,10 @@ class StageSummary:
     epochs: int
     seconds: float
     files: dict[str, str]
+    selected_by: str = "validation loss"
 
     def lines(self) -> list[str]:
-        out = [f"{self.stage}: {self.epochs} epochs in {self.seconds:.0f}s; best validation loss "
+        out = [f"{self.stage}: {self.epochs} epochs in {self.seconds:.0f}s; best {self.selected_by} "
                f"{self.best_val:.4f} at epoch {self.best_epoch}" if self.best_val is not None else f"{self.stage}: done"]
         out += [f"  {name:<10} {path}" for name, path in self.files.items()]
         return out
@@ -208,7 +222,7 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     backbone = Backbone(cfg.model, len(corpus.vocab) + 1).to(device)
     order = np.random.default_rng(cfg.train.seed).permutation(len(corpus))
     n_val = max(1, round(0.05 * len(corpus)))
-    batch_loss, validate = pretrain_losses(corpus, order[n_val:], order[:n_val], cfg, dist, device)
+    batch_loss, validate = pretrain_losses(corpus, order[n_val:], order[:n_val], cfg, dist, device, panel)
     pc, tc = cfg.pretrain, cfg.train
     settings = LoopSettings(stage="pretrain", epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule=tc.schedule)
@@ -238,6 +252,18 @@ def _ready_backbone(run: Run, cfg: HingeConfig, found: tuple[Backbone | None, li
         vocab = list(panel)
         backbone = Backbone(cfg.model, len(vocab) + 1)
     return backbone, vocab, source
+
+
+def start_direct_path_at_ridge(net: Hinge, train: SpotTable, norm: FeatureNorm, panel: list[str], key: str, seed: int) -> None:
+    """Start the direct image path's linear term at the closed-form ridge fit on the training spots.
+
+    Fitting the linear head first and fine-tuning from it (LP-FT) lets training spend its
+    epochs on what a linear model cannot do, instead of slowly rediscovering the linear fit.
+    """
+    ridge = fit_ridge(train, norm, panel, key, seed)
+    net.direct.start_at(torch.from_numpy(ridge.weights).float(), torch.from_numpy(ridge.intercept).float())
+    log.info("direct image path starts at the ridge fit (λ = %.3g, inner-CV depth-partial Pearson %.3f)", ridge.penalty,
+             ridge.score)
 
 
 def _warmup_curriculum(run: Run, cfg: HingeConfig, net: Hinge, data: SplitData, dist: Dist, device: torch.device,
@@ -295,11 +321,14 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     if dist.main:
         write_text_atomic(run.root / "genes.txt", "".join(g + "\n" for g in panel))
     backbone, vocab, source = _ready_backbone(run, cfg, found, panel, transform, dist, device, overwrite, progress)
-    split = ValidationSplit(list(wc.val_samples), wc.val_fraction, seed)
-    data = SplitData.of(assemble(run, key, samples, panel, transform, wc.fill_missing == "zero", expression), split)
+    split = choose_split(samples, wc.val_samples, wc.val_fraction, seed)
+    table = assemble(run, key, samples, panel, transform, wc.fill_missing == "zero", expression)
+    data = SplitData.of(table, split)
     torch.manual_seed(seed)
     index = {g: i + 1 for i, g in enumerate(vocab)}
     net = Hinge(backbone, [index[g] for g in panel], data.train.features.shape[-1], cfg.model, cfg.diffusion).to(device)
+    if net.direct is not None and cfg.model.direct_init == "ridge":
+        start_direct_path_at_ridge(net, table.subset(split_rows(split, table)[0]), data.norm, panel, key, seed)
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
         save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
@@ -340,10 +369,10 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
     data = SplitData.of(table, card.split, card.feature_norm)
     net = checkpoint.net.to(device)
-    batch_loss, validate = hinge_losses(net, data, dist, card.split.seed, None, device)
+    batch_loss, validate = hinge_losses(net, data, dist, card.split.seed, None, device, generated=True)
     settings = LoopSettings(stage="train", epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, patience=tc.patience, seed=card.split.seed,
-                            schedule=tc.schedule)
+                            schedule=tc.schedule, select="val_depth_partial", maximize=True)
 
     def on_epoch_end(state: LoopState, fitted: nn.Module, opt: torch.optim.Optimizer, improved: bool) -> None:
         trained = replace(card, stage="train", config=cfg, training=data.record(state))
@@ -362,4 +391,5 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()
     files = {"best": str(best_path), "last": str(last_path), "log": str(run.log("train")), "plot": str(run.plot("train"))}
-    return StageSummary("train", state.best_epoch, state.best_val, state.epoch, time.time() - started, files)
+    return StageSummary("train", state.best_epoch, state.best_val, state.epoch, time.time() - started, files,
+                        selected_by="validation depth-partial Pearson (generated)")

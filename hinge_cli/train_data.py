@@ -33,15 +33,16 @@ def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np
 
 @dataclass
 class TrainingData:
-    """What the loop needs, as tensors: standardised features (N, V, D) and targets (N, G)."""
+    """What the loop needs: standardised features (N, V, D) and targets (N, G) as tensors; each spot's sample and depth."""
 
     features: Tensor
     targets: Tensor
+    sample: np.ndarray
+    depth: np.ndarray
 
     @classmethod
     def of(cls, table: SpotTable, norm: FeatureNorm) -> TrainingData:
-        return cls(torch.from_numpy(norm(views(table.features))), torch.from_numpy(table.targets))
-
+        return cls(torch.from_numpy(norm(views(table.features))), torch.from_numpy(table.targets), table.sample, table.depth)
 
 
 @dataclass
