@@ -276,8 +276,8 @@ def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(m) == ["sample", "pred", "truth", "alignment", "genes", "transform", "headline", "correlation", "errors",
                        "variance", "spatial", "calibration", "per_gene", "pictures", "notes"]
-    assert list(m["correlation"]) == ["model", "normalised", "depth_partial"]
-    for view in m["correlation"].values():
+    assert list(m["correlation"]) == ["model", "normalised", "depth_partial", "low_count_spots"]
+    for view in (m["correlation"][name] for name in ("model", "normalised", "depth_partial")):
         assert list(view) == ["pearson", "spearman", "coexpression"]
         assert list(view["pearson"]) == SUMMARY_KEYS and list(view["spearman"]) == SUMMARY_KEYS
         assert list(view["coexpression"]) == ["consistency", "mean_abs_diff", "n_genes"]
@@ -301,3 +301,27 @@ def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path
         for part in key.split("."):
             place = place[part]
         assert place == (None if value is None or np.isnan(value) else value), key
+
+
+def test_spots_with_almost_no_counts_are_left_out_of_depth_partial_and_counted() -> None:
+    from hinge_cli.eval.align import Aligned
+    from hinge_cli.eval.score import score_slide
+
+    rng = np.random.default_rng(0)
+    n, g = 60, 5
+    counts = rng.poisson(20, size=(n, g)).astype(float)
+    totals = counts.sum(1) * 40 + rng.uniform(0, 500, n)
+    pred = np.log2(counts + 1) + rng.normal(0, 0.5, (n, g))
+
+    def scored(rows: np.ndarray):
+        aligned = Aligned("s", [f"G{j}" for j in range(g)], pred[rows], None, counts[rows], totals[rows],
+                          rng.uniform(0, 100, (len(rows), 2)), 10.0, {}, {})
+        return score_slide(aligned, Transform()).metrics.correlation
+
+    clean = scored(np.arange(n))
+    counts = np.vstack([counts, np.zeros((1, g))])
+    totals, pred = np.append(totals, 3.0), np.vstack([pred, np.full((1, g), 9.0)])  # a 3-count spot predicted far off
+    with_empty = scored(np.arange(n + 1))
+    assert with_empty.low_count_spots == 1 and clean.low_count_spots == 0
+    assert with_empty.depth_partial.pearson.mean == pytest.approx(clean.depth_partial.pearson.mean)
+    assert with_empty.model.pearson.mean != pytest.approx(clean.model.pearson.mean)  # raw views keep every spot

@@ -82,6 +82,7 @@ class Correlations:
     model: ViewScores
     normalised: ViewScores
     depth_partial: ViewScores
+    low_count_spots: int = 0  # spots under metrics.MIN_DEPTH counts, left out of the depth-partial view
 
     def view(self, name: str) -> ViewScores:
         return {"model": self.model, "normalised": self.normalised, "depth_partial": self.depth_partial}[name]
@@ -170,7 +171,8 @@ class SlideMetrics:
         """The inverse of `to_dict` (a slide's metrics.json); NaN comes back from null."""
         views = {view: ViewScores.from_dict(data["correlation"][view]) for view in VIEWS}
         calibration = data.get("calibration")
-        return cls(Correlations(**views), _from_dict(Errors, data["errors"]), _from_dict(VarianceScores, data["variance"]),
+        correlations = Correlations(**views, low_count_spots=data["correlation"].get("low_count_spots", 0))
+        return cls(correlations, _from_dict(Errors, data["errors"]), _from_dict(VarianceScores, data["variance"]),
                    _from_dict(SpatialScores, data["spatial"]), _from_dict(Calibration, calibration) if calibration else None,
                    GeneScores.from_dict(data.get("per_gene", {})))
 
@@ -207,6 +209,8 @@ def _correlation_metric(view: str, key: str, label: str, get: Callable[[ViewScor
 
 CORRELATION_METRICS = tuple(_correlation_metric(view, *row) for view in VIEWS for row in CORRELATION_ROWS)
 OTHER_METRICS = (
+    Metric("correlation.low_count_spots", f"spots under {metrics.MIN_DEPTH:.0f} counts, left out of depth-partial",
+           lambda m: m.correlation.low_count_spots),
     Metric("errors.mse", "MSE", lambda m: m.errors.mse),
     Metric("errors.mae", "MAE", lambda m: m.errors.mae),
     Metric("variance.rvd", "RVD (relative variance distance)", lambda m: m.variance.rvd),
@@ -266,7 +270,11 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
     pred, log_depth = aligned.pred, np.log(np.maximum(aligned.totals, 1.0))
     truth = transform.apply(aligned.counts, aligned.totals).astype(np.float64)
     top = metrics.top_variable(truth, N_TOP_VARIABLE)
-    p_res, t_res, valid = metrics.depth_residuals(pred, truth, log_depth)
+    counted = aligned.totals >= metrics.MIN_DEPTH  # the depth-partial view leaves out spots with almost no counts
+    if counted.sum() < 3:
+        counted = np.ones(len(pred), dtype=bool)
+    partial = (pred[counted], truth[counted], log_depth[counted])
+    p_res, t_res, valid = metrics.depth_residuals(*partial)
     pairs = {
         "model": (pred, truth, None),
         "normalised": (to_cp10k_log(pred, transform, aligned.totals), metrics.cp10k_log(aligned.counts, aligned.totals), None),
@@ -279,7 +287,7 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
         if mask is None:
             r, rho = metrics.pearson_per_gene(p, t), metrics.spearman_per_gene(p, t)
         else:
-            r, rho = metrics.depth_partial_pearson(pred, truth, log_depth), metrics.depth_partial_spearman(pred, truth, log_depth)
+            r, rho = metrics.depth_partial_pearson(*partial), metrics.depth_partial_spearman(*partial)
         coex, cp, ct, used = metrics.coexpression(p, t, mask)
         views[view] = ViewScores(CorrelationSummary.of(r, top), CorrelationSummary.of(rho, top), Coexpression(**coex))
         per_gene[f"pearson_{view}"], per_gene[f"spearman_{view}"] = r, rho
@@ -295,7 +303,7 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
                        var_true=truth.var(0), var_pred=pred.var(0), rvd=rvd_terms, morans_i_true=moran_true,
                        morans_i_pred=moran_pred)
     result = SlideMetrics(
-        correlation=Correlations(**views),
+        correlation=Correlations(**views, low_count_spots=int((~counted).sum())),
         errors=Errors(metrics.mse(pred, truth), metrics.mae(pred, truth)),
         variance=VarianceScores(rvd, int(np.isfinite(rvd_terms).sum()), float(truth.var(0).mean()), float(pred.var(0).mean())),
         spatial=spatial, calibration=calibration, per_gene=genes,
