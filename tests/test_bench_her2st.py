@@ -22,7 +22,7 @@ def sections(n_sections: int = 3, n: int = 120, d: int = 6, g: int = 4, nonlinea
     for _ in range(n_sections + 1):
         x = rng.normal(size=(n, d))
         signal = np.tanh(x @ w) * 2 if nonlinear else x @ w
-        depth = rng.normal(8, 0.3, size=n)
+        depth = np.exp(rng.normal(8, 0.3, size=n))  # total counts, ~3,000 per spot
         out.append((x, signal + 0.1 * rng.normal(size=(n, g)), depth))
     return out[:-1], out[-1]
 
@@ -60,19 +60,47 @@ def fold_numbers(partial: float | None, mse: float, seconds: float) -> dict:
 
 
 def test_summary_is_mean_and_std_over_folds_and_skips_undefined_values():
-    results = {"hvg50": {"ridge": {"C2": fold_numbers(0.4, 1.0, 2), "C3": fold_numbers(0.6, 3.0, 4)},
-                         "train-mean": {"C2": fold_numbers(None, 2.0, 0), "C3": fold_numbers(None, 4.0, 0)}}}
+    results = {"hvg50": {"ridge": {"C2": [fold_numbers(0.4, 1.0, 2)], "C3": [fold_numbers(0.6, 3.0, 4)]},
+                         "train-mean": {"C2": [fold_numbers(None, 2.0, 0)], "C3": [fold_numbers(None, 4.0, 0)]}}}
     summary = benchmark.summarise(results)
     partial = summary["hvg50"]["ridge"]["correlation.depth_partial.pearson.mean"]
     assert partial["mean"] == pytest.approx(0.5) and partial["std"] == pytest.approx(0.1)
-    assert partial["folds"] == {"C2": 0.4, "C3": 0.6}
+    assert partial["folds"] == {"C2": 0.4, "C3": 0.6} and partial["seed_std"] is None
     assert summary["hvg50"]["train-mean"]["correlation.depth_partial.pearson.mean"]["mean"] is None
     assert summary["hvg50"]["train-mean"]["errors.mse"]["mean"] == pytest.approx(3.0)
 
 
+def test_seeds_are_averaged_within_a_fold_and_their_spread_is_over_fold_means():
+    # seed 0: folds 0.2, 0.4 (mean 0.3); seed 1: folds 0.4, 0.6 (mean 0.5)
+    results = {"hvg50": {"hinge": {"C2": [fold_numbers(0.2, 1.0, 2), fold_numbers(0.4, 1.0, 2)],
+                                   "C3": [fold_numbers(0.4, 1.0, 2), fold_numbers(0.6, 1.0, 2)]}}}
+    partial = benchmark.summarise(results)["hvg50"]["hinge"]["correlation.depth_partial.pearson.mean"]
+    assert partial["folds"] == {"C2": pytest.approx(0.3), "C3": pytest.approx(0.5)}
+    assert partial["mean"] == pytest.approx(0.4) and partial["std"] == pytest.approx(0.1)
+    assert partial["seed_std"] == pytest.approx(0.1)
+
+
+def test_paired_lines_give_each_hinge_method_minus_ridge_per_fold():
+    results = {"hvg50": {"ridge": {"C2": [fold_numbers(0.4, 1.0, 2)], "C3": [fold_numbers(0.6, 1.0, 2)]},
+                         "hinge": {"C2": [fold_numbers(0.5, 1.0, 2)], "C3": [fold_numbers(0.5, 1.0, 2)]}}}
+    lines = benchmark.paired_lines(benchmark.summarise(results)["hvg50"])
+    assert lines[-1] == "- `hinge`: +0.000 (C2 +0.100, C3 -0.100)"
+
+
+def test_every_ablation_changes_the_default_config():
+    s = benchmark.Settings(Path("."), Path("."), benchmark.load_config("small", None, {}), ("C2",), benchmark.PANELS[:1], 1, 5,
+                           [], False)
+    default = s.variant_config("hinge")
+    for method in ("hinge-paper", "hinge-curriculum-flip", "hinge-revealed", "hinge-no-direct"):
+        assert s.variant_config(method) != default, method
+    assert s.variant_config("hinge-no-direct").model.direct_path is False
+    assert s.variant_config("hinge-curriculum-flip").warmup.epochs != default.warmup.epochs
+    assert not benchmark.HINGE_VARIANTS["hinge-random"].pretrained
+
+
 def test_markdown_bolds_the_best_mean_and_shows_only_errors_of_the_training_mean(tmp_path: Path):
-    results = {"hvg50": {"ridge": {"C2": fold_numbers(0.4, 1.0, 2), "C3": fold_numbers(0.6, 3.0, 4)},
-                         "train-mean": {"C2": fold_numbers(0.9, 2.0, 0), "C3": fold_numbers(0.9, 4.0, 0)}}}
+    results = {"hvg50": {"ridge": {"C2": [fold_numbers(0.4, 1.0, 2)], "C3": [fold_numbers(0.6, 3.0, 4)]},
+                         "train-mean": {"C2": [fold_numbers(0.9, 2.0, 0)], "C3": [fold_numbers(0.9, 4.0, 0)]}}}
     panel = benchmark.Panel("hvg50", 50, "hvg", ("train-mean", "ridge"))
     s = benchmark.Settings(tmp_path, tmp_path, benchmark.load_config("tiny", None, {}), ("C2", "C3"), (panel,), 4, 10, [], False,
                            {"pre-training": 12.0})

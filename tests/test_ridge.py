@@ -88,13 +88,13 @@ def test_the_penalty_is_the_best_inner_cv_value() -> None:
     base = rng.normal(size=(n, 1))
     z = np.hstack([base + 0.2 * rng.normal(size=(n, 2)), rng.normal(size=(n, 3))])
     y = (z[:, :1] - 0.8 * z[:, 1:2]) + 0.01 * rng.normal(size=(n, 4))
-    exact = search_penalty(z, y, rng.normal(size=n), np.array(["a", "b"] * (n // 2)), seed=0)
+    exact = search_penalty(z, y, rng.uniform(1000, 20000, n), np.array(["a", "b"] * (n // 2)), seed=0)
     assert exact.folds == "samples" and best_penalty(exact) <= 0.01
     rng = np.random.default_rng(0)
     n = 40  # few spots, nearly as many dimensions, a weak signal: a small penalty overfits
     z = rng.normal(size=(n, 30))
     y = z[:, :3].sum(1, keepdims=True) + 2 * rng.normal(size=(n, 6))
-    noisy = search_penalty(z, y, rng.normal(size=n), np.array(["a"] * n), seed=0)
+    noisy = search_penalty(z, y, rng.uniform(1000, 20000, n), np.array(["a"] * n), seed=0)
     assert noisy.folds == "spots" and noisy.n_folds == 5 and best_penalty(noisy) >= 1
     assert max(noisy.scores) > noisy.scores[0] + 0.1
     for search in (exact, noisy):

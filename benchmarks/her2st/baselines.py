@@ -18,7 +18,7 @@ from torch import nn
 
 from hinge_cli import metrics
 
-Section = tuple[np.ndarray, np.ndarray, np.ndarray]  # features (N, D), targets (N, G), log depth (N,)
+Section = tuple[np.ndarray, np.ndarray, np.ndarray]  # features (N, D), targets (N, G), total counts (N,)
 
 
 def train_mean(train: Sequence[Section], test_x: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -27,14 +27,10 @@ def train_mean(train: Sequence[Section], test_x: np.ndarray) -> tuple[np.ndarray
     return np.broadcast_to(mean, (len(test_x), len(mean))).copy(), {}
 
 
-def depth_partial_score(pred: np.ndarray, truth: np.ndarray, log_depth: np.ndarray) -> float:
-    return float(np.nanmean(metrics.depth_partial_pearson(pred, truth, log_depth)))
-
-
 def ridge(train: Sequence[Section], test_x: np.ndarray) -> tuple[np.ndarray, dict]:
     """Closed-form ridge; the penalty maximises the inner leave-one-section-out depth-partial Pearson (the headline)."""
     xs, ys, depths = ([s[i] for s in train] for i in range(3))
-    lam, inner = choose_lambda(xs, ys, lambda p, t, i: depth_partial_score(p, t, depths[i]))
+    lam, inner = choose_lambda(xs, ys, lambda p, t, i: metrics.depth_partial_score(p, t, depths[i])[0])
     model = fit_ridge(np.concatenate(xs), np.concatenate(ys), lam)
     return predict_ridge(model, test_x), {"lambda": lam, "inner_depth_partial": inner}
 

@@ -4,20 +4,21 @@
     make bench-her2st ARGS=--quick         # a smoke version (2 folds, short training)
     python benchmarks/her2st/benchmark.py --data data/her2st-hest --out bench-out/her2st
 
-Protocol (issue #7). Every section of C2-C6 is held out in turn. The gene panels
-(the 50 most variable genes, and ~200 `hmhvg`) are chosen on the four training
-sections. Features come from the default encoder, the same for every method. The
-backbone is pre-trained once on the 30 sections of the other patients
-(`corpus.txt`; different patients, so no leakage), with a vocabulary that covers
-every fold's panel. Methods: the training mean, ridge, a small MLP, and HINGE with
-a random backbone, the pre-trained backbone, and the pre-trained backbone without
-the warm-start curriculum. Every prediction, baseline or HINGE, is scored by
-`hinge eval`'s own alignment and metrics against the held-out section's counts, in
-the model's space (log2(counts + 1)).
+Protocol (issues #7, #12). Every section of C2-C6 is held out in turn. The gene
+panels (the 50 most variable genes; with --panel200 also ~200 `hmhvg`) are chosen on
+the four training sections. Features come from the default encoder, the same for
+every method. The backbone is pre-trained once on the 30 sections of the other
+patients (`corpus.txt`; different patients, so no leakage), its sequences built
+around every fold's panel genes. Methods: the training mean, ridge, a small MLP,
+HINGE as the paper describes it, HINGE's default, and ablations of the default that
+flip one switch each. Every HINGE method runs with several seeds. HINGE selects its
+epoch on one of the four training sections (held out of its training); the tested
+section is never seen. Every prediction is scored by `hinge eval`'s own alignment and
+metrics against the held-out section's counts, in the model's space (log2(counts + 1)).
 
-Writes `results.md` and `results.json` (mean ± std over folds of every metric, and
-each method's wall time) under --out; per-fold scores are kept in `scores/`, so an
-interrupted benchmark resumes where it stopped.
+Writes `results.md` and `results.json` (mean ± std over folds of every metric, the
+spread over seeds, and each method's wall time) under --out; per-fold scores are kept
+in `scores/`, so an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from baselines import BASELINES
 
-from hinge_cli.config import GenerateConfig, HingeConfig, load_config
+from hinge_cli.config import GenerateConfig, HingeConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
@@ -67,9 +68,32 @@ log = logging.getLogger("bench-her2st")
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
-HINGE_METHODS = ("hinge-random", "hinge-pretrained", "hinge-no-curriculum")
-METHODS = (*BASELINES, *HINGE_METHODS)
 TRANSFORM = Transform("none")  # log2(counts + 1): the raw-count space the issue's raw Pearson refers to
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A HINGE configuration of the benchmark: config overrides on the preset, and which backbone it starts from."""
+
+    what: str
+    overrides: dict = field(default_factory=dict)
+    pretrained: bool = True
+
+
+# The default is whatever `hinge` ships; each ablation flips one of its switches, the paper's model flips them all.
+HINGE_VARIANTS = {
+    "hinge": Variant("HINGE's default (pre-trained backbone, every hidden gene scored, direct image path)"),
+    "hinge-paper": Variant("as the paper describes it: SoftAdaLN only, the revealed-gene loss, the curriculum",
+                           {"model": {"direct_path": False}, "diffusion": {"loss": "revealed", "all_hidden_share": 0.0},
+                            "warmup": {"epochs": 3}}),
+    "hinge-random": Variant("the default on a random backbone", pretrained=False),
+    "hinge-curriculum-flip": Variant("the default with the warm-start curriculum switched (on if off, off if on)"),
+    "hinge-revealed": Variant("the default scoring only the genes revealed at t", {"diffusion": {"loss": "revealed"}}),
+    "hinge-no-direct": Variant("the default without the direct image path", {"model": {"direct_path": False}}),
+}
+HINGE_METHODS = tuple(HINGE_VARIANTS)
+MAIN_HINGE = ("hinge", "hinge-paper")
+METHODS = (*BASELINES, *HINGE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -81,13 +105,13 @@ class Panel:
     max_epochs: int | None = None  # caps HINGE's training epochs on this panel
 
 
-# The ~200-gene panel runs the baselines and the main HINGE model, with training capped
-# at 40 epochs (an epoch costs 4x the 50-gene one); the two HINGE ablations run on the
-# headline 50-gene panel only. Both choices keep the benchmark within 90 minutes.
+# The ~200-gene panel (--panel200) runs the baselines and HINGE's default, with training capped
+# at 40 epochs (an epoch costs 4x the 50-gene one); the ablations run on the headline panel only.
 PANELS = (
     Panel("hvg50", 50, "hvg", METHODS),
-    Panel("hmhvg200", 200, "hmhvg", (*BASELINES, "hinge-pretrained"), max_epochs=40),
+    Panel("hmhvg200", 200, "hmhvg", (*BASELINES, "hinge"), max_epochs=40),
 )
+QUICK_METHODS = (*BASELINES, "hinge", "hinge-paper")
 
 # The training mean is constant over spots: only its errors mean anything (its RVD is 1 by construction).
 MEAN_ONLY_ROWS = ("errors.mse", "errors.mae", "variance.rvd", "seconds")
@@ -109,7 +133,7 @@ ROWS = (
     ("MAE", "errors.mae", False),
     ("calibration: inside ±1 std (0.683 ideal)", "calibration.within_1std", None),
     ("calibration: inside ±2 std (0.954 ideal)", "calibration.within_2std", None),
-    ("wall time per fold (s)", "seconds", None),
+    ("wall time per fold and seed (s)", "seconds", None),
 )
 assert {key for _, key, _ in ROWS} <= {*METRICS, "seconds"}, "every row is a metric of `hinge eval`'s table"
 
@@ -126,6 +150,22 @@ class Settings:
     corpus: list[Path]
     overwrite: bool
     timings: dict[str, float] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    ablation_seeds: tuple[int, ...] = (0,)  # seeds of the ablations (every HINGE method but MAIN_HINGE)
+    overrides: dict = field(default_factory=dict)  # the preset's overrides every HINGE variant starts from
+
+    def seeds_of(self, method: str) -> tuple[int, ...] | tuple[None]:
+        """A baseline runs once (None); HINGE's default and paper model with `seeds`, the ablations with `ablation_seeds`."""
+        if method not in HINGE_VARIANTS:
+            return (None,)
+        return self.seeds if method in MAIN_HINGE else self.ablation_seeds
+
+    def variant_config(self, method: str) -> HingeConfig:
+        """The preset with the benchmark's overrides, then the variant's (the curriculum flip reads the default)."""
+        overrides = HINGE_VARIANTS[method].overrides
+        if method == "hinge-curriculum-flip":
+            overrides = {"warmup": {"epochs": 0 if self.config.warmup.epochs else 3}}
+        return load_config(self.config.preset, None, merge(self.overrides, overrides))
 
     def timed(self, name: str, seconds: float, did_work: bool) -> None:
         """Record a one-off cost; a resumed benchmark that skipped the work keeps the first measurement."""
@@ -179,7 +219,7 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
     started, existed = time.time(), path.exists()
     device = resolve_device(s.config.train.device)
     pretrain_backbone(run, s.config, s.corpus, sorted(genes), TRANSFORM, Dist.from_env(device), device, False, SILENT)
-    s.timed("pre-training (once, shared by hinge-pretrained and hinge-no-curriculum)", time.time() - started, not existed)
+    s.timed("pre-training (once, shared by every HINGE method on the pre-trained backbone)", time.time() - started, not existed)
     return path
 
 
@@ -187,9 +227,9 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
 
 
 def _section(run: Run, key: str, sample: str, genes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A training section for the baselines: features (stored views averaged), targets, log depth."""
+    """A training section for the baselines: features (stored views averaged), targets, total counts."""
     table = assemble(run, key, [sample], genes, TRANSFORM)
-    return views(table.features).mean(1), table.targets, np.log(np.maximum(table.depth, 1.0))
+    return views(table.features).mean(1), table.targets, table.depth
 
 
 @dataclass
@@ -236,20 +276,21 @@ def panel_config(cfg: HingeConfig, panel: Panel) -> HingeConfig:
 
 
 def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], backbone: Path | None,
-              cfg: HingeConfig, s: Settings) -> tuple[Prediction, dict]:
+              cfg: HingeConfig, s: Settings, seed: int) -> tuple[Prediction, dict]:
     run = fold_run(base, root)
     genes_file = root / "panel.txt"
     write_text_atomic(genes_file, "".join(g + "\n" for g in genes))
-    warmup = replace(cfg.warmup, backbone="random" if method == "hinge-random" else str(backbone), holdout=[test],
-                     genes=str(genes_file), normalize=TRANSFORM.normalize,
-                     epochs=0 if method == "hinge-no-curriculum" else cfg.warmup.epochs)
-    warm = pretrain_warmup(run, replace(cfg, warmup=warmup), progress=SILENT)
+    pretrained = HINGE_VARIANTS[method].pretrained
+    warmup = replace(cfg.warmup, backbone=str(backbone) if pretrained else "random", holdout=[test],
+                     genes=str(genes_file), normalize=TRANSFORM.normalize)
+    cfg = replace(cfg, warmup=warmup, train=replace(cfg.train, seed=seed))
+    warm = pretrain_warmup(run, cfg, progress=SILENT)
     fitted = train(run, cfg, progress=SILENT)
     out = root / f"{test}.h5ad"
     model = load_trained_model(run.checkpoint("best"), cfg.train.device)
-    predict_sample(run, test, model, out, GenerateConfig(n_samples=s.n_samples, steps=s.steps), progress=SILENT)
+    predict_sample(run, test, model, out, GenerateConfig(n_samples=s.n_samples, steps=s.steps, seed=seed), progress=SILENT)
     info = {"warmup_epochs": warm.epochs, "train_epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
-            "best_val_loss": fitted.best_val, "prediction": str(out)}
+            "best_val_depth_partial": fitted.best_val, "validated_on": model.card.split.val_samples, "prediction": str(out)}
     return read_prediction(out), info
 
 
@@ -261,35 +302,38 @@ def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     return metric_table(score_slide(align(pred, truth, truth_path=truth_path), pred.transform).metrics)
 
 
-def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> dict[str, dict[str, dict[str, dict]]]:
-    """scores[panel][method][fold], computing only what `scores/` does not hold yet."""
+def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> dict[str, dict[str, dict[str, list[dict]]]]:
+    """scores[panel][method][fold]: one entry per seed (baselines: one), computing only what `scores/` lacks."""
     key = encoder_key(parse_encoders(s.config.embed.encoder))
-    results: dict[str, dict[str, dict[str, dict]]] = {}
+    results: dict[str, dict[str, dict[str, list[dict]]]] = {}
     for panel in s.panels:
         for test in s.folds:
             genes = panels[panel.name, test]
             truth_path = Path(base.sample(test)["expression"]["path"])
             truth, inputs = None, None  # read once per fold and panel, and only if something is computed
             for method in panel.methods:
-                path = s.out / "scores" / panel.name / test / f"{method}.json"
-                numbers = json.loads(path.read_text()) if path.exists() and not s.overwrite else {}
-                if ROWS[0][1] not in numbers:  # not scored yet, or scored before scores were flat metric tables
-                    log.info("%s  fold %s  %s", panel.name, test, method)
-                    started = time.time()
-                    truth = truth or read_expression(truth_path)
-                    if method in BASELINES:
-                        inputs = inputs or BaselineInputs.read(base, key, test, genes)
-                        pred, info = run_baseline(method, inputs, test, genes)
-                    else:
-                        pred, info = run_hinge(method, base, s.out / "folds" / panel.name / test / method, test, genes,
-                                               backbone, panel_config(s.config, panel), s)
-                    seconds = time.time() - started
-                    numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_json(path, numbers)
-                    numbers = json.loads(path.read_text())
-                    log.info("  depth-partial %.3f  raw %.3f  (%.0f s)", _get(numbers, ROWS[0][1]), _get(numbers, ROWS[1][1]), seconds)
-                results.setdefault(panel.name, {}).setdefault(method, {})[test] = numbers
+                for seed in s.seeds_of(method):
+                    name = method if seed is None else f"{method}/seed{seed}"
+                    path = s.out / "scores" / panel.name / test / f"{name}.json"
+                    numbers = json.loads(path.read_text()) if path.exists() and not s.overwrite else {}
+                    if ROWS[0][1] not in numbers:  # not scored yet, or scored before scores were flat metric tables
+                        log.info("%s  fold %s  %s", panel.name, test, name)
+                        started = time.time()
+                        truth = truth or read_expression(truth_path)
+                        if seed is None:
+                            inputs = inputs or BaselineInputs.read(base, key, test, genes)
+                            pred, info = run_baseline(method, inputs, test, genes)
+                        else:
+                            pred, info = run_hinge(method, base, s.out / "folds" / panel.name / test / name, test, genes,
+                                                   backbone, panel_config(s.variant_config(method), panel), s, seed)
+                        seconds = time.time() - started
+                        numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        write_json(path, numbers)
+                        numbers = json.loads(path.read_text())
+                        log.info("  depth-partial %.3f  raw %.3f  (%.0f s)", _get(numbers, ROWS[0][1]), _get(numbers, ROWS[1][1]),
+                                 seconds)
+                    results.setdefault(panel.name, {}).setdefault(method, {}).setdefault(test, []).append(numbers)
     return results
 
 
@@ -299,18 +343,29 @@ def _get(numbers: dict, key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
+
+
 def summarise(results: dict) -> dict:
-    """mean, std (over folds, ddof 0) and per-fold values of every row, per panel and method."""
+    """Per panel, method and row: mean and std over folds (ddof 0) of the seed-averaged fold values, the values per
+    fold, and the seed spread (the std over seeds of the mean over folds; None with one seed)."""
     out: dict = {}
     for panel, methods in results.items():
         for method, folds in methods.items():
+            names = sorted(folds)
             for _, key, _ in ROWS:
-                values = np.array([_get(folds[f], key) for f in sorted(folds)])
-                finite = values[np.isfinite(values)]
+                table = np.array([[_get(run, key) for run in folds[f]] for f in names])  # (folds, seeds)
+                per_fold = np.array([_mean(row) if _mean(row) is not None else np.nan for row in table])
+                finite = per_fold[np.isfinite(per_fold)]
+                per_seed = [_mean(table[:, k]) for k in range(table.shape[1])]
+                spread = [v for v in per_seed if v is not None]
                 out.setdefault(panel, {}).setdefault(method, {})[key] = {
                     "mean": float(finite.mean()) if len(finite) else None,
                     "std": float(finite.std()) if len(finite) else None,
-                    "folds": dict(zip(sorted(folds), [None if not np.isfinite(v) else float(v) for v in values], strict=True)),
+                    "seed_std": float(np.std(spread)) if len(spread) > 1 else None,
+                    "folds": dict(zip(names, [None if not np.isfinite(v) else float(v) for v in per_fold], strict=True)),
                 }
     return out
 
@@ -319,8 +374,10 @@ def markdown(summary: dict, s: Settings) -> str:
     lines = ["# HER2ST patient C, leave-one-section-out", "",
              (f"Folds: {', '.join(s.folds)}. Model space log2(counts + 1); every method scored by `hinge eval`'s metrics. "
              f"HINGE: `{s.config.preset}` config, early stopping with patience {s.config.train.patience}, "
-             f"{s.steps} sampling steps x {s.n_samples} samples. Mean ± std over folds; the best mean of each row is bold; — = undefined "
-             "(the training mean has no spread, so only its errors count)."), ""]
+             f"{s.steps} sampling steps x {s.n_samples} samples; seeds {', '.join(map(str, s.seeds))} for "
+             f"{' and '.join(MAIN_HINGE)}, {', '.join(map(str, s.ablation_seeds))} for the ablations. Mean ± std over folds "
+             "(HINGE: of each fold's mean over seeds; in brackets the std over seeds of the mean over folds); the best mean "
+             "of each row is bold; — = undefined (the training mean has no spread, so only its errors count)."), ""]
     for panel in s.panels:
         methods = [m for m in panel.methods if m in summary.get(panel.name, {})]
         epochs = panel_config(s.config, panel).train.epochs
@@ -339,11 +396,30 @@ def markdown(summary: dict, s: Settings) -> str:
                     continue
                 digits = 0 if key == "seconds" else 3
                 text = f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}"
+                if c.get("seed_std") is not None and key != "seconds":
+                    text += f" (seeds ±{c['seed_std']:.{digits}f})"
                 row.append(f"**{text}**" if best is not None and c["mean"] == best else text)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
-        lines.append("")
+        lines += ["", *paired_lines(summary[panel.name]), ""]
+        lines += [f"- `{m}`: {HINGE_VARIANTS[m].what}" for m in methods if m in HINGE_VARIANTS] + [""]
     lines += ["One-off costs:", ""] + [f"- {name}: {seconds:.0f} s" for name, seconds in s.timings.items()] + [""]
     return "\n".join(lines)
+
+
+def paired_lines(methods: dict) -> list[str]:
+    """Each HINGE method minus ridge on the headline, fold by fold: the difference the targets are about."""
+    key = ROWS[0][1]
+    if "ridge" not in methods:
+        return []
+    ridge_folds = methods["ridge"][key]["folds"]
+    lines = ["Depth-partial Pearson minus ridge's, per fold (mean over folds):", ""]
+    for method in (m for m in methods if m in HINGE_VARIANTS):
+        folds = methods[method][key]["folds"]
+        diffs = {f: folds[f] - ridge_folds[f] for f in folds if folds[f] is not None and ridge_folds.get(f) is not None}
+        if diffs:
+            cells = ", ".join(f"{f} {d:+.3f}" for f, d in diffs.items())
+            lines.append(f"- `{method}`: {np.mean(list(diffs.values())):+.3f} ({cells})")
+    return lines
 
 
 # ----------------------------------------------------------------------------- command line
@@ -354,27 +430,41 @@ def settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--data", type=Path, default=Path("data/her2st-hest"), help="prepared HER2ST (made if absent)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/her2st"))
     parser.add_argument("--config", default="small", help="HINGE config preset or YAML")
-    parser.add_argument("--epochs", type=int, default=100, help="HINGE training epochs (early-stopped)")
-    parser.add_argument("--patience", type=int, default=20, help="HINGE early stopping patience (epochs)")
-    parser.add_argument("--samples", type=int, default=4, help="samples per spot when predicting")
+    parser.add_argument("--epochs", type=int, default=20, help="HINGE training epochs (early-stopped)")
+    parser.add_argument("--patience", type=int, default=8, help="HINGE early stopping patience (epochs)")
+    parser.add_argument("--samples", type=int, default=2, help="samples per spot when predicting")
     parser.add_argument("--steps", type=int, default=10, help="reverse-process steps when predicting")
     parser.add_argument("--folds", default=",".join(SECTIONS))
-    parser.add_argument("--quick", action="store_true", help="smoke version: folds C2,C3, the 50-gene panel, short training")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds (0..N-1) of HINGE's default and paper model")
+    parser.add_argument("--ablation-seeds", type=int, help="seeds of each ablation (default: --seeds)")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--panel200", action="store_true", help="also the ~200-gene hmhvg panel (baselines and HINGE's default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke version: folds C2,C3, one seed, ridge/MLP/HINGE default/paper, short training")
     parser.add_argument("--overwrite", action="store_true", help="recompute scores already in --out/scores")
     args = parser.parse_args(argv)
     ensure_data(args.data)
     corpus = [Path(line) for line in (args.data / "corpus.txt").read_text().split() if line]
     overrides: dict = {"train": {"epochs": args.epochs, "patience": args.patience}}
-    folds, panels = tuple(args.folds.split(",")), PANELS
+    folds, panels, seeds = tuple(args.folds.split(",")), PANELS if args.panel200 else PANELS[:1], tuple(range(args.seeds))
+    ablation_seeds = tuple(range(args.seeds if args.ablation_seeds is None else args.ablation_seeds))
     if args.quick:
         overrides = {"train": {"epochs": 8}, "warmup": {"epochs": 2}, "pretrain": {"epochs": 1}}
-        folds, panels, corpus = folds[:2], PANELS[:1], corpus[:6]
+        folds, corpus, seeds, ablation_seeds = folds[:2], corpus[:6], (0,), (0,)
+        panels = (replace(PANELS[0], methods=QUICK_METHODS),)
+    if args.methods:
+        chosen = tuple(args.methods.split(","))
+        unknown = sorted(set(chosen) - set(METHODS))
+        if unknown:
+            parser.error(f"--methods: {', '.join(unknown)} are not methods ({', '.join(METHODS)})")
+        panels = tuple(replace(p, methods=tuple(m for m in p.methods if m in chosen)) for p in panels)
     unknown = sorted(set(folds) - set(SECTIONS))
     if unknown:
         parser.error(f"--folds: {', '.join(unknown)} are not sections of patient C ({', '.join(SECTIONS)})")
     overrides["tile"] = LEGACY_ST
     cfg = load_config(args.config, None, overrides)
-    return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite)
+    return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite,
+                    seeds=seeds, ablation_seeds=ablation_seeds, overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,15 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     s.out.mkdir(parents=True, exist_ok=True)
     base = base_run(s)
     panels = choose_panels(base, s)
-    needs_backbone = any(m != "hinge-random" and m in HINGE_METHODS for p in s.panels for m in p.methods)
+    needs_backbone = any(HINGE_VARIANTS[m].pretrained for p in s.panels for m in p.methods if m in HINGE_VARIANTS)
     backbone = pretrained_backbone(s, {g for genes in panels.values() for g in genes}) if needs_backbone else None
     results = fold_scores(s, base, panels, backbone)
     summary = summarise(results)
-    folds_total = sum(f["seconds"] for methods in results.values() for folds in methods.values() for f in folds.values())
+    folds_total = sum(r["seconds"] for methods in results.values() for folds in methods.values() for runs in folds.values()
+                      for r in runs)
     s.timings["total compute (one-off costs + every method on every fold)"] = sum(s.timings.values()) + folds_total
     report = markdown(summary, s)
     write_text_atomic(s.out / "results.md", report)
-    write_json(s.out / "results.json", {"summary": summary, "timings": s.timings, "folds": list(s.folds),
+    write_json(s.out / "results.json", {"summary": summary, "timings": s.timings, "folds": list(s.folds), "seeds": list(s.seeds),
                                         "config": s.config.to_dict(), "samples": s.n_samples, "steps": s.steps})
     print(report)
     print(f"wrote {s.out / 'results.md'} and {s.out / 'results.json'}")

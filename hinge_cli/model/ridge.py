@@ -51,14 +51,6 @@ class Fold:
         return self.y_mean - self.z_mean @ weights
 
 
-def depth_partial_score(pred: np.ndarray, truth: np.ndarray, log_depth: np.ndarray) -> float:
-    """Mean per-gene depth-partial Pearson; NaN when no gene can be scored."""
-    r = metrics.depth_partial_pearson(pred, truth, log_depth)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: no gene varies in this fold
-        return float(np.nanmean(r))
-
-
 def inner_folds(groups: np.ndarray, seed: int) -> tuple[list[np.ndarray], str]:
     """Held-out row sets: one per sample when there are several, else `SPOT_FOLDS` seeded random folds of spots."""
     names = np.unique(groups)
@@ -68,7 +60,7 @@ def inner_folds(groups: np.ndarray, seed: int) -> tuple[list[np.ndarray], str]:
     return [np.sort(part) for part in np.array_split(order, min(SPOT_FOLDS, len(groups)))], "spots"
 
 
-def search_penalty(z: np.ndarray, y: np.ndarray, log_depth: np.ndarray, groups: np.ndarray, seed: int,
+def search_penalty(z: np.ndarray, y: np.ndarray, depth: np.ndarray, groups: np.ndarray, seed: int,
                    penalties: Sequence[float] = PENALTIES) -> PenaltySearch:
     """Score every penalty by inner cross-validation (mean over folds of the mean depth-partial Pearson)."""
     held_out, kind = inner_folds(groups, seed)
@@ -78,7 +70,7 @@ def search_penalty(z: np.ndarray, y: np.ndarray, log_depth: np.ndarray, groups: 
         fold = Fold(z[train], y[train])
         for j, penalty in enumerate(penalties):
             weights = fold.weights(penalty)
-            scores[i, j] = depth_partial_score(z[test] @ weights + fold.intercept(weights), y[test], log_depth[test])
+            scores[i, j] = metrics.depth_partial_score(z[test] @ weights + fold.intercept(weights), y[test], depth[test])[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(scores, axis=0)
@@ -97,8 +89,7 @@ def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder
               penalties: Sequence[float] = PENALTIES) -> RidgeModel:
     """Choose the penalty on `table`'s spots by inner CV, then solve on all of them."""
     z, y = design(table.features, norm), table.targets.astype(np.float64)
-    log_depth = np.log(np.maximum(table.depth, 1.0))  # as `hinge eval` scores depth-partial Pearson
-    search = search_penalty(z, y, log_depth, np.asarray(table.sample, dtype=str), seed, penalties)
+    search = search_penalty(z, y, table.depth, np.asarray(table.sample, dtype=str), seed, penalties)
     penalty = best_penalty(search)
     fold = Fold(z, y)
     weights = fold.weights(penalty)
