@@ -19,15 +19,13 @@ import numpy as np
 import pytest
 from kills import Killed, count_writes, kill_at
 from PIL import Image
+from stand_in import write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.features import FeatureNorm
-from hinge_cli.encoders import get_spec
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
-from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
@@ -40,19 +38,6 @@ from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()
 FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
-
-
-def write_features(run: Run, sample: str, seed: int) -> None:
-    """Stand-in default-encoder features for a tiled sample (the real encoder is slow; the new slide uses it)."""
-    tiles = read_tiles(run.tiles(sample))
-    dim = get_spec("default").dim
-    attrs = EmbeddingAttrs(encoder="default", encoders=["default"], dims=[dim], weights_sha256=[None], weights=[None])
-    features = np.random.default_rng(seed).normal(0, 1, (len(tiles.barcodes), dim)).astype(np.float32)
-    path = run.embeddings("default", sample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
-        out.write(features)
-    run.record_output(sample, "embed:default", path)
 
 
 @pytest.fixture(scope="module")

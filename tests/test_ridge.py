@@ -9,15 +9,15 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from stand_in import write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.dataset import assemble
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
+from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.formats.ridge_model import read_ridge_model
-from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.ridge import PENALTIES, best_penalty, search_penalty
@@ -31,20 +31,6 @@ runner = CliRunner()
 FAST = GenerateConfig(n_samples=1, steps=2, device="cpu")
 
 
-def write_features(run: Run, sample: str, seed: int) -> None:
-    """Stand-in default-encoder features: two stored views, so fitting and predicting average them."""
-    tiles = read_tiles(run.tiles(sample))
-    dim = 282
-    attrs = EmbeddingAttrs(encoder="default", encoders=["default"], dims=[dim], weights_sha256=[None], weights=[None],
-                           views=2, views_kept=True)
-    features = np.random.default_rng(seed).normal(0, 1, (len(tiles.barcodes), 2, dim)).astype(np.float32)
-    path = run.embeddings("default", sample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
-        out.write(features)
-    run.record_output(sample, "embed:default", path)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str, Path]]:
     """Two training samples, a one-epoch tiny model and its ridge; and each sample's measured spots."""
@@ -56,7 +42,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str, Pa
     for i in range(2):
         s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=40 + i, n_genes=40)
         tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
-        write_features(run, s.sample_id, i)
+        write_features(run, s.sample_id, i, views=2)
         truths[s.sample_id] = s.spots
     cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
     cfg.train.epochs = 1

@@ -1,0 +1,25 @@
+"""Stand-in default-encoder features for tiled samples: the real encoder is slow, and tests of later stages need none."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hinge_cli.encoders import get_spec
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
+from hinge_cli.formats.tiles import read_tiles
+from hinge_cli.run import Run
+
+
+def write_features(run: Run, sample: str, seed: int, views: int = 1) -> None:
+    """Random N(0, 1) features of the default encoder's width; with views > 1 every view is stored (N, V, D)."""
+    tiles = read_tiles(run.tiles(sample))
+    dim = get_spec("default").dim
+    kept = {"views": views, "views_kept": True} if views > 1 else {}
+    attrs = EmbeddingAttrs(encoder="default", encoders=["default"], dims=[dim], weights_sha256=[None], weights=[None], **kept)
+    shape = (len(tiles.barcodes), views, dim) if views > 1 else (len(tiles.barcodes), dim)
+    features = np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
+    path = run.embeddings("default", sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
+        out.write(features)
+    run.record_output(sample, "embed:default", path)
