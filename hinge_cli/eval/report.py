@@ -33,7 +33,9 @@ NOTES = {
                  "target_sum when the model was trained on normalised targets, else with the same library size "
                  "as the truth, so a prediction that only knows depth gets no credit.",
     "depth-partial": "both sides regressed on the spot's log total counts within the slide, residuals "
-                     "correlated: gene-specific signal beyond sequencing depth. The headline.",
+                     "correlated: gene-specific signal beyond sequencing depth. The headline. Spots under 100 "
+                     "counts carry no expression to predict and can dominate the depth regression: they are left "
+                     "out of this view (the metrics table counts them).",
     "constant genes": "a gene constant (or non-finite) on either side has no correlation; it is excluded "
                       "from means and counted as 'genes excluded'.",
     "top-50": "mean over the 50 truth genes with the largest variance in model space (HEST convention).",

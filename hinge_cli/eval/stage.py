@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hinge_cli import metrics
 from hinge_cli.data.expression import Expression, read_expression
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Aligned, Prediction, align, read_gene_list, read_prediction
@@ -44,9 +45,11 @@ class EvalSummary:
     def lines(self) -> list[str]:
         out = []
         for s, folder in zip(self.slides, self.folders, strict=True):
+            low = s.metrics.correlation.low_count_spots
+            dropped = f"; {low} under {metrics.MIN_DEPTH:.0f} counts left out of depth-partial" if low else ""
             out.append(f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
                        f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
-                       f"({s.alignment['n_matched']} spots, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}")
+                       f"({s.alignment['n_matched']} spots{dropped}, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}")
             if s.baseline is not None:
                 out += comparison_lines(s, s.baseline)
         if self.summary_dir is not None:
