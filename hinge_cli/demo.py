@@ -3,7 +3,8 @@
 Four synthetic sections with spots (one held out) and six expression-only sections
 for backbone pre-training. After tile -> embed -> pretrain-warmup -> train ->
 generate -> eval, the same held-out section is predicted by an untrained model
-(random backbone, no training), so the printed numbers show what was learned, and
+(random backbone, no training, the direct image path left at zero rather than started
+at the ridge fit), so the printed numbers show what was learned, and
 by the closed-form ridge baseline `train` fitted on the same spots, so they show
 whether the generator beats it.
 """
@@ -17,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from hinge_cli.config import load_config
 from hinge_cli.eval import HEADLINE, metric_table, read_baseline_metrics, read_slide_metrics
 
 HELD_OUT = "synth3"
@@ -63,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # hinge.yaml stays behind: it recorded the trained run's --corpus, and the baseline's backbone is random
     shutil.copytree(run, baseline, ignore=shutil.ignore_patterns("hinge.yaml", "checkpoints", "logs", "plots", "predictions", "eval"))
-    hinge("pretrain-warmup", "--run", str(baseline), "--config", "tiny", "--holdout", HELD_OUT, "--n-genes", "60",
+    untrained_config = args.out / "untrained.yaml"
+    settings = load_config("tiny").to_dict()
+    settings["model"]["direct_init"] = "zero"
+    untrained_config.write_text(yaml.safe_dump(settings))
+    hinge("pretrain-warmup", "--run", str(baseline), "--config", str(untrained_config), "--holdout", HELD_OUT, "--n-genes", "60",
           "--warmup-epochs", "0", "-q")
     untrained = baseline / "predictions" / f"{HELD_OUT}.h5ad"
     hinge("generate", "--run", str(baseline), "--sample-id", HELD_OUT, "--out", str(untrained),
