@@ -96,9 +96,14 @@ def depth_partial_pearson(pred: np.ndarray, truth: np.ndarray, log_depth: np.nda
     return _correlate(p_res, t_res, valid)
 
 
+def counted_spots(depth: np.ndarray) -> np.ndarray:
+    """The spots depth-partial scores use: those with at least MIN_DEPTH total counts."""
+    return np.asarray(depth, dtype=np.float64) >= MIN_DEPTH
+
+
 def depth_partial_score(pred: np.ndarray, truth: np.ndarray, depth: np.ndarray) -> tuple[float, int]:
-    """Mean per-gene depth-partial Pearson over spots with at least MIN_DEPTH counts, and how many were left out."""
-    keep = np.asarray(depth, dtype=np.float64) >= MIN_DEPTH
+    """Mean per-gene depth-partial Pearson over the counted spots, and how many were left out."""
+    keep = counted_spots(depth)
     if keep.sum() < 3:
         return float("nan"), int((~keep).sum())
     r = depth_partial_pearson(np.asarray(pred)[keep], np.asarray(truth)[keep], np.log(np.asarray(depth, np.float64)[keep]))

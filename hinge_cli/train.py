@@ -47,7 +47,7 @@ from hinge_cli.model.ridge import fit_ridge, fit_run_ridge
 from hinge_cli.model_selection import choose_split, generated_depth_partial
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
-from hinge_cli.train_data import SplitData, split_rows
+from hinge_cli.train_data import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     index = {g: i + 1 for i, g in enumerate(vocab)}
     net = Hinge(backbone, [index[g] for g in panel], data.train.features.shape[-1], cfg.model, cfg.diffusion).to(device)
     if net.direct is not None and cfg.model.direct_init == "ridge":
-        start_direct_path_at_ridge(net, table.subset(split_rows(split, table)[0]), data.norm, panel, key, seed)
+        start_direct_path_at_ridge(net, table.subset(data.train_rows), data.norm, panel, key, seed)
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
         save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
@@ -386,7 +386,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
     if dist.main:
-        fit_run_ridge(run, card, table)  # the closed-form baseline on the same training spots, beside the checkpoint
+        fit_run_ridge(run, card, table.subset(data.train_rows))  # the closed-form baseline on the same training spots, beside the checkpoint
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()

@@ -53,13 +53,15 @@ class SplitData:
     val: TrainingData
     norm: FeatureNorm
     split: ValidationSplit
+    train_rows: np.ndarray  # the training spots' rows of the table it was split from
 
     @classmethod
     def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None) -> SplitData:
         """Split `table`; without `norm`, fit it on the training spots."""
         train_rows, val_rows = split_rows(split, table)
         norm = norm or FeatureNorm.fit(views(table.features[train_rows]))
-        return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split)
+        return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split,
+                   train_rows)
 
     def record(self, state: LoopState) -> TrainingRecord:
         """What the model card says about a loop over this data."""

@@ -270,7 +270,7 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
     pred, log_depth = aligned.pred, np.log(np.maximum(aligned.totals, 1.0))
     truth = transform.apply(aligned.counts, aligned.totals).astype(np.float64)
     top = metrics.top_variable(truth, N_TOP_VARIABLE)
-    counted = aligned.totals >= metrics.MIN_DEPTH  # the depth-partial view leaves out spots with almost no counts
+    counted = metrics.counted_spots(aligned.totals)  # the depth-partial view leaves out spots with almost no counts
     if counted.sum() < 3:
         counted = np.ones(len(pred), dtype=bool)
     partial = (pred[counted], truth[counted], log_depth[counted])

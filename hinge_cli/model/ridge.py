@@ -23,7 +23,6 @@ from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
 from hinge_cli.formats.ridge_model import PenaltySearch, RidgeModel, design, read_ridge_model, write_ridge_model
 from hinge_cli.run import Run
-from hinge_cli.train_data import split_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +101,9 @@ def ridge_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_name(f"{RIDGE}.safetensors")
 
 
-def fit_run_ridge(run: Run, card: ModelCard, table: SpotTable) -> RidgeModel:
-    """Fit the ridge on the training spots of `card`'s split of `table` (as `SplitData` splits it) and store it."""
-    train_rows, _ = split_rows(card.split, table)
-    ridge = fit_ridge(table.subset(train_rows), card.feature_norm, card.genes, str(card.encoder_key), card.split.seed)
+def fit_run_ridge(run: Run, card: ModelCard, train: SpotTable) -> RidgeModel:
+    """Fit the ridge on `train`, the training spots of `card`'s split (`SplitData.train_rows`), and store it."""
+    ridge = fit_ridge(train, card.feature_norm, card.genes, str(card.encoder_key), card.split.seed)
     path = run.checkpoint(RIDGE)
     write_ridge_model(path, ridge)
     log.info("ridge baseline: λ = %.3g, inner-CV depth-partial Pearson %.3f (%d folds of %s, %d spots) -> %s",
