@@ -6,7 +6,7 @@ runs in batches of spots, each batch written straight into the output's datasets
 memory stays at one batch plus per-spot metadata however many spots a slide has. The
 file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
 the closed-form baseline `hinge train` stored beside the checkpoint predicts instead, into the
-same format (no layers['std']: it has no spread) at `<sample>.ridge.h5ad`.
+same format at `<sample>.ridge.h5ad`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries, sha256_file
 from hinge_cli.formats.embeddings import open_embeddings
-from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
+from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model.ridge import load_ridge, ridge_path
 from hinge_cli.model.trained import TrainedModel, load_trained_model
@@ -143,14 +143,6 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
 # ----------------------------------------------------------------------------- output
 
 
-class Batch(NamedTuple):
-    """One batch of spots' predictions: the mean, and the spread and draws where the model has them."""
-
-    mean: np.ndarray
-    std: np.ndarray | None = None
-    draws: np.ndarray | None = None
-
-
 @dataclass
 class Predictor:
     """What writes a prediction file: a name (uns['hinge']['model']), its own provenance, and a batch step
@@ -158,8 +150,8 @@ class Predictor:
 
     name: str
     provenance: dict[str, Any]
-    predict: Callable[[np.ndarray, int, int], Batch]
-    with_std: bool = True
+    predict: Callable[[np.ndarray, int, int], PredictedBatch]
+    with_spread: bool = True
     keep_draws: int | None = None
     map_titles: tuple[str, ...] = ("predicted mean", "std over samples")
 
@@ -177,13 +169,15 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
     """The reverse process on the original view, `cfg.n_samples` draws a spot."""
     steps = cfg.steps or model.net.diffusion.steps
 
-    def predict(rows: np.ndarray, start: int, stop: int) -> Batch:
+    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
         with _autocast(model.device):
             out = model.net.generate(x, n_samples=cfg.n_samples, steps=steps, seed=cfg.seed,
-                                     spot_index=torch.arange(start, stop), keep_samples=cfg.keep_samples)
-        draws = out.samples.float().cpu().numpy() if cfg.keep_samples else None
-        return Batch(out.mean.float().cpu().numpy(), out.std.float().cpu().numpy(), draws)
+                                     spot_index=torch.arange(start, stop), keep_samples=True)
+        draws = out.samples.float().cpu().numpy()
+        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
+        return PredictedBatch(out.mean.float().cpu().numpy(), out.std.float().cpu().numpy(), q05, q95,
+                              draws if cfg.keep_samples else None)
 
     provenance = {"model": "hinge", "steps": steps, "samples": cfg.n_samples, "seed": cfg.seed,
                   "fill": model.net.diffusion.fill}
@@ -196,8 +190,8 @@ def ridge_predictor(model: TrainedModel) -> Predictor:
     ridge = load_ridge(model.path, model.genes, model.key)
     provenance = {"model": "ridge", "ridge": str(path.resolve()), "ridge_sha256": sha256_file(path),
                   "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples}
-    return Predictor("ridge", provenance, lambda rows, start, stop: Batch(ridge.predict(rows).astype(np.float32)),
-                     with_std=False, map_titles=("ridge prediction",))
+    return Predictor("ridge", provenance, lambda rows, start, stop: PredictedBatch(ridge.predict(rows).astype(np.float32)),
+                     with_spread=False, map_titles=("ridge prediction",))
 
 
 def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
@@ -238,13 +232,13 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
-                               keep_draws=predictor.keep_draws, with_std=predictor.with_std) as writer,
+                               keep_draws=predictor.keep_draws, with_spread=predictor.with_spread) as writer,
               open_embeddings(emb_path) as features,
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
                 stop = min(n, start + cfg.batch_size)
                 batch = predictor.predict(features.rows(start, stop), start, stop)
-                writer.write(start, stop, batch.mean, batch.std, batch.draws)
+                writer.write(start, stop, batch)
                 for i, part in enumerate((batch.mean, batch.std)[: len(maps)]):
                     maps[i, start:stop] = part[:, plot_cols]
                 advance(stop - start)

@@ -1,7 +1,9 @@
-"""The prediction file, an AnnData `.h5ad` scanpy reads: predicted mean in X, spread in layers['std'].
+"""The prediction file, an AnnData `.h5ad` scanpy reads: the point prediction in X, the predictive
+spread in layers['std'] and its 5% and 95% quantiles in layers['q05'] and layers['q95'], and the
+draws themselves (spots, draws, genes) in obsm['samples'] when kept.
 
-A ridge baseline's file (`<name>.ridge.h5ad` beside HINGE's `<name>.h5ad`) has no layers['std']:
-a point estimate has no spread to report.
+A ridge baseline's file is `<name>.ridge.h5ad` beside HINGE's `<name>.h5ad`; files written before
+ridge had a predictive distribution have no spread layers.
 
 anndata writes everything but the predictions (obs `in_tissue` 0/1 as in Visium, obs `tissue_fraction`,
 obsm `spatial`, the hires image and scale
@@ -62,31 +64,45 @@ def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Seque
     adata.write_h5ad(path)
 
 
+SPREAD_LAYERS = ("std", "q05", "q95")
+
+
+@dataclass(frozen=True)
+class PredictedBatch:
+    """One batch of spots' predictions: the point prediction, and the spread layers and draws where the model has them."""
+
+    mean: np.ndarray  # (B, G)
+    std: np.ndarray | None = None  # (B, G) spread of the predictive distribution
+    q05: np.ndarray | None = None
+    q95: np.ndarray | None = None
+    draws: np.ndarray | None = None  # (B, S, G)
+
+
 class PredictionWriter:
     """The prediction datasets of an open output, filled a batch of spots at a time."""
 
-    def __init__(self, h5: h5py.File, n_spots: int, n_genes: int, n_draws: int | None, with_std: bool = True):
+    def __init__(self, h5: h5py.File, n_spots: int, n_genes: int, n_draws: int | None, with_spread: bool = True):
         self._mean = _dense(h5, "X", (n_spots, n_genes))
-        self._std = _dense(h5["layers"], "std", (n_spots, n_genes)) if with_std else None
+        self._spread = {name: _dense(h5["layers"], name, (n_spots, n_genes)) for name in SPREAD_LAYERS} if with_spread else {}
         self._draws = _dense(h5["obsm"], "samples", (n_spots, n_draws, n_genes)) if n_draws else None
 
-    def write(self, start: int, stop: int, mean: np.ndarray, std: np.ndarray | None, samples: np.ndarray | None = None) -> None:
-        """Spots start:stop; `std` unless the file has none, `samples` (spots, draws, genes) only when it keeps the draws."""
-        self._mean[start:stop] = mean
-        if self._std is not None:
-            self._std[start:stop] = std
+    def write(self, start: int, stop: int, batch: PredictedBatch) -> None:
+        """Spots start:stop; the spread layers unless the file has none, the draws only when it keeps them."""
+        self._mean[start:stop] = batch.mean
+        for name, dataset in self._spread.items():
+            dataset[start:stop] = getattr(batch, name)
         if self._draws is not None:
-            self._draws[start:stop] = samples
+            self._draws[start:stop] = batch.draws
 
 
 @contextmanager
 def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
                      scalef: float, spot_diameter: float, provenance: dict[str, Any],
-                     keep_draws: int | None = None, with_std: bool = True) -> Iterator[PredictionWriter]:
+                     keep_draws: int | None = None, with_spread: bool = True) -> Iterator[PredictionWriter]:
     """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
     write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance)
     with h5py.File(path, "r+") as h5:
-        yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_std)
+        yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_spread)
 
 
 def ridge_prediction_path(prediction: Path) -> Path:
