@@ -244,13 +244,16 @@ def generate(
     checkpoint: path_option("Model to use (default: the run's checkpoints/best.safetensors).", "file", "--checkpoint") = None,
     model: Annotated[str, typer.Option("--model", help="hinge, or ridge: the closed-form baseline `hinge train` fitted "
                                        "beside the checkpoint, written to <sample>.ridge.h5ad (default: hinge).")] = "hinge",
-    n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; X is their mean, layers['std'] their spread") = None,
+    n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; layers['std'], q05 and q95 describe them") = None,
     samples: Annotated[Optional[int], typer.Option("--samples", hidden=True)] = None,
     steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="the trained T") = None,
+    temperature: setting(GenerateConfig, "temperature", "Scales the spread drawn at each reveal; 0 reveals the mean") = None,
+    point: setting(GenerateConfig, "point", "X: one-shot (the mean with every gene hidden) or samples (their mean)") = None,
+    calibrated: setting(GenerateConfig, "calibrated", "Widen the spread by the per-gene scale fitted on the validation section") = None,
     seed: setting(GenerateConfig, "seed", "Random seed: the same seed gives the same result") = None,
     genes_to_plot: GenesToPlot = None,
     plot: text_option("", "--plot", hidden=True) = None,
-    keep_samples: switch("--keep-samples", "Also store every sample in obsm['samples'] (N, S, G).") = False,
+    keep_samples: setting(GenerateConfig, "keep_samples", "Store every sample in obsm['samples'] (N, S, G), for eval's CRPS and energy score") = None,
     batch_size: setting(GenerateConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
     device: setting(GenerateConfig, "device", "auto|cpu|cuda") = None,
     weights: Weights = None,
@@ -266,7 +269,7 @@ def generate(
         deprecated("generate --plot", "--genes-to-plot")
         genes_to_plot = plot if genes_to_plot is None else genes_to_plot
     generate_settings = {"n_samples": n_samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
-                         "keep_samples": True if keep_samples else None}
+                         "keep_samples": keep_samples, "temperature": temperature, "point": point, "calibrated": calibrated}
     run_command("generate", lambda reporter: api.generate_samples(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
         image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),

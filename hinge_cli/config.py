@@ -120,6 +120,7 @@ class DiffusionConfig(Checked):
     alpha: float | None = checked(None, POSITIVE)  # schedule exponent; None = automatic (one gene visible at t = T-1)
     loss: str = "hidden"  # hidden: score every hidden gene | revealed: only those revealed at t (the official code)
     all_hidden_share: float = checked(0.25, FRACTION)  # share of training rows drawn at t = T (every gene hidden)
+    likelihood: str = "gaussian"  # gaussian: a mean and a log-variance per gene (the spread sampled at reveal) | mse: mean only
     pretrain_mask_min: float = checked(0.0, FRACTION)  # backbone pre-training hides U(min, max) of each sequence
     pretrain_mask_max: float = checked(1.0, FRACTION)  # (at least one gene): up to all of it, where generation starts
     pretrain_expressed_fraction: float = checked(0.75, FRACTION)  # share of a pre-training sequence drawn from expressed genes
@@ -165,17 +166,29 @@ class WarmupConfig(Checked):
             raise HingeError(f"--fill-missing {self.fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
 
 
+POINTS = ("one-shot", "samples")
+
+
 @dataclass
 class GenerateConfig(Checked):
     """`generate`: how the reverse process samples."""
 
     section: ClassVar[str] = "generate"
-    n_samples: int = checked(8, AT_LEAST_1)  # samples per spot; X is their mean, layers['std'] their spread
+    n_samples: int = checked(8, AT_LEAST_1)  # samples per spot: layers['std'], q05 and q95 describe them
     steps: int | None = checked(None, AT_LEAST_1)  # reverse-process steps; None = every step of the trained schedule
+    temperature: float = checked(1.0, NON_NEGATIVE)  # scales the spread drawn at each reveal; 0 reveals the mean
+    point: str = "one-shot"  # X: one-shot (the mean from every gene hidden) | samples (the mean over samples)
+    calibrated: bool = True  # widen the spread by the per-gene scale `hinge train` fitted on the validation spots
     seed: int = 0  # the same seed gives the same predictions
     batch_size: int = checked(64, AT_LEAST_1)  # spots per batch of the reverse process
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
-    keep_samples: bool = False  # also store every sample in obsm['samples'] (N, S, G)
+    keep_samples: bool = True  # also store every sample in obsm['samples'] (N, S, G): eval's CRPS and energy score
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.point not in POINTS:
+            raise HingeError(f"generate.point {self.point} is not one of {', '.join(POINTS)}",
+                             "pass --point one-shot (the default) or --point samples")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries, 
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
+from hinge_cli.model.calibration import predictive
 from hinge_cli.model.ridge import load_ridge, ridge_path
 from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.progress import SILENT, Progress
@@ -153,7 +154,7 @@ class Predictor:
     predict: Callable[[np.ndarray, int, int], PredictedBatch]
     with_spread: bool = True
     keep_draws: int | None = None
-    map_titles: tuple[str, ...] = ("predicted mean", "std over samples")
+    map_titles: tuple[str, ...] = ("prediction", "uncertainty (std over samples)")
 
     @property
     def stage(self) -> str:
@@ -166,21 +167,27 @@ def generate_stage(model: str) -> str:
 
 
 def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
-    """The reverse process on the original view, `cfg.n_samples` draws a spot."""
+    """The reverse process on the original view, `cfg.n_samples` draws a spot, widened by the card's spread scale."""
     steps = cfg.steps or model.net.diffusion.steps
+    calibration = model.card.calibration if cfg.calibrated else None
+    scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
+    if cfg.temperature > 0 and not model.net.has_spread:
+        log.warning("this model predicts no spread (diffusion.likelihood: mse): each gene is revealed at its mean, "
+                    "so layers['std'] shows only how gene order changes the prediction")
 
     def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
         with _autocast(model.device):
-            out = model.net.generate(x, n_samples=cfg.n_samples, steps=steps, seed=cfg.seed,
-                                     spot_index=torch.arange(start, stop), keep_samples=True)
-        draws = out.samples.float().cpu().numpy()
+            pred = predictive(model.net, x, cfg, torch.arange(start, stop))
+        if scale is not None:
+            pred = pred.widened(scale)
+        draws = pred.draws.float().cpu().numpy()
         q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
-        return PredictedBatch(out.mean.float().cpu().numpy(), out.std.float().cpu().numpy(), q05, q95,
-                              draws if cfg.keep_samples else None)
+        return PredictedBatch(pred.point.float().cpu().numpy(), draws.std(1), q05, q95, draws if cfg.keep_samples else None)
 
     provenance = {"model": "hinge", "steps": steps, "samples": cfg.n_samples, "seed": cfg.seed,
-                  "fill": model.net.diffusion.fill}
+                  "fill": model.net.diffusion.fill, "temperature": cfg.temperature, "point": cfg.point,
+                  "spread_scale": "validation" if scale is not None else "none"}
     return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None)
 
 

@@ -40,6 +40,7 @@ from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
+from hinge_cli.model.calibration import calibrate_checkpoint
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
 from hinge_cli.model.diffusion import diffusion_loss
 from hinge_cli.model.pretrain import pretrain_loss, select_genes
@@ -387,6 +388,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
     if dist.main:
         fit_run_ridge(run, card, table.subset(data.train_rows))  # the closed-form baseline on the same training spots, beside the checkpoint
+        calibrate_checkpoint(best_path, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()

@@ -144,11 +144,20 @@ def test_same_seed_same_file_cached_inputs_and_batch_independence(predicted: tup
 def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp_path: Path) -> None:
     run, _ = trained
     kept = tmp_path / "kept.h5ad"
-    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "keep_samples": True}), out=kept)
+    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 3, "keep_samples": True, "point": "samples"}), out=kept)
     adata = ad.read_h5ad(kept)
-    assert adata.obsm["samples"].shape == (adata.n_obs, 2, adata.n_vars)
-    np.testing.assert_allclose(adata.obsm["samples"].mean(1), adata.X, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(adata.obsm["samples"].std(1), adata.layers["std"], rtol=1e-4, atol=1e-6)
+    draws = adata.obsm["samples"]
+    assert draws.shape == (adata.n_obs, 3, adata.n_vars)
+    np.testing.assert_allclose(draws.mean(1), adata.X, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(draws.std(1), adata.layers["std"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.quantile(draws, 0.05, axis=1), adata.layers["q05"], rtol=1e-5, atol=1e-5)
+    assert np.all(adata.layers["q05"] <= adata.layers["q95"]) and np.all(adata.layers["q95"] <= draws.max(1) + 1e-6)
+    one_shot = tmp_path / "one_shot.h5ad"
+    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 3, "keep_samples": False}), out=one_shot)
+    lean = ad.read_h5ad(one_shot)
+    assert "samples" not in lean.obsm and lean.uns["hinge"]["point"] == "one-shot"
+    np.testing.assert_allclose(lean.layers["std"], adata.layers["std"], rtol=1e-5, atol=1e-5)  # the draws are the same
+    assert not np.allclose(lean.X, adata.X)
     checkpoint = load_checkpoint(run.checkpoint("best"))
     checkpoint.net.diffusion = dataclasses.replace(checkpoint.net.diffusion, fill="zero")
     zero = tmp_path / "zero.safetensors"

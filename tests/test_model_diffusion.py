@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from hinge_cli.config import DiffusionConfig, load_config
 from hinge_cli.errors import HingeError
@@ -69,10 +70,35 @@ def test_forward_process_hides_and_targets_the_scheduled_genes():
 def test_oracle_loss_is_zero_and_a_uniform_error_costs_its_square(loss):
     s = MaskSchedule(10, 30)
     x0 = torch.rand(16, 30)
-    cfg = DiffusionConfig(steps=10, fill="zero", loss=loss)
+    cfg = DiffusionConfig(steps=10, fill="zero", loss=loss, likelihood="mse")
     g = torch.Generator().manual_seed(0)
     assert diffusion_loss(lambda values, visible, t, image: x0.clone(), x0, torch.zeros(16, 1), s, cfg, g) == 0
     assert diffusion_loss(lambda values, visible, t, image: x0 + 1, x0, torch.zeros(16, 1), s, cfg, g) == pytest.approx(1.0)
+
+
+def test_gaussian_loss_adds_the_spread_likelihood_of_the_detached_residual():
+    """Error e and log-variance v cost e^2 + (v + e^2 exp(-v)) / 2, least at v = log e^2; the spread never moves the mean."""
+    s = MaskSchedule(10, 30)
+    x0 = torch.rand(16, 30)
+    cfg = DiffusionConfig(steps=10, fill="zero", likelihood="gaussian")
+
+    def loss(error: float, log_var: float, mean: Tensor | None = None) -> Tensor:
+        mean = x0 + error if mean is None else mean
+        net = lambda values, visible, t, image, spread: (mean, torch.full_like(x0, log_var))  # noqa: E731
+        return diffusion_loss(net, x0, torch.zeros(16, 1), s, cfg, torch.Generator().manual_seed(0))
+
+    assert loss(0.0, 0.0) == 0
+    assert loss(1.0, 0.0) == pytest.approx(1.5)
+    assert loss(2.0, math.log(4.0)) == pytest.approx(4 + 0.5 * (math.log(4.0) + 1))
+    assert loss(2.0, math.log(4.0)) < min(loss(2.0, math.log(3.0)), loss(2.0, math.log(5.0)))
+    grads = []
+    for likelihood in ("gaussian", "mse"):
+        mean = (x0 + 1).requires_grad_()
+        net = lambda values, visible, t, image, spread=False: (mean, torch.full_like(x0, -2.0)) if spread else mean  # noqa: E731
+        cfg_l = DiffusionConfig(steps=10, fill="zero", likelihood=likelihood)
+        diffusion_loss(net, x0, torch.zeros(16, 1), s, cfg_l, torch.Generator().manual_seed(0)).backward()
+        grads.append(mean.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
 
 def test_hidden_loss_sees_a_wrong_gene_anywhere_in_the_hidden_set():

@@ -85,6 +85,21 @@ class ValidationSplit:
 
 
 @dataclass
+class SpreadCalibration:
+    """The per-gene factor on the predictive spread fitted after training, and what it was fitted on."""
+
+    scale: list[float]  # one per panel gene: draws are widened around their spot's mean by it
+    samples: list[str]  # the validation samples ([]: random spots of the training samples)
+    n_spots: int
+    n_samples: int  # the generate settings it was fitted with
+    steps: int
+    temperature: float
+    point: str
+    within_1std_raw: float  # coverage of point ± std on those spots, before and after
+    within_1std: float
+
+
+@dataclass
 class BackboneSource:
     """Where the backbone came from."""
 
@@ -130,6 +145,7 @@ class ModelCard:
     backbone: BackboneSource | None = None
     config: HingeConfig | None = None  # the run config the stage ran with
     training: TrainingRecord = field(default_factory=TrainingRecord)
+    calibration: SpreadCalibration | None = None  # `hinge train` fits it on the validation spots
     weights: str = ""  # the weights file's name, beside this card
     sha256: str = ""  # of the weights file
     hinge_version: str = __version__
@@ -158,7 +174,7 @@ def _optional(cls: type, data: dict[str, Any] | None, where: Path) -> Any:
 # Architecture keys older cards lack, with the values that rebuild the model they describe (before the direct
 # image path and the all-hidden loss existed).
 OLDER_MODEL = {"direct_path": False}
-OLDER_DIFFUSION = {"loss": "revealed", "all_hidden_share": 0.0}
+OLDER_DIFFUSION = {"loss": "revealed", "all_hidden_share": 0.0, "likelihood": "mse"}
 
 
 def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
@@ -178,6 +194,7 @@ def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
         backbone=_optional(BackboneSource, data.get("backbone"), where),
         config=config_from_dict(data["config"]) if data.get("config") is not None else None,
         training=_make(TrainingRecord, data.get("training", {}), where),
+        calibration=_optional(SpreadCalibration, data.get("calibration"), where),
     )
 
 

@@ -64,6 +64,9 @@ class SoftAdaLN(nn.Module):
         ]
 
 
+LOG_VAR_MIN, LOG_VAR_MAX = -12.0, 8.0  # keeps exp(-log_var) finite in bf16 and the spread within model-space sense
+
+
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
 
@@ -122,3 +125,25 @@ class DirectPath(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         x = image.to(self.linear.weight.dtype)
         return self.linear(x) + self.mlp(x)
+
+
+class SpreadHead(nn.Module):
+    """The log-variance of each gene's predictive Gaussian, from its token state and the condition.
+
+    It reads detached inputs, so the likelihood term trains the spread alone and leaves the
+    mean's features to the squared error. Zero at initialisation: unit variance in model space.
+    """
+
+    def __init__(self, d_model: int, cond_dim: int, n_genes: int):
+        super().__init__()
+        self.token = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        self.condition = nn.Linear(cond_dim, n_genes)
+        self.gene = nn.Parameter(torch.zeros(n_genes))
+        for layer in (self.token[-1], self.condition):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, states: Tensor, condition: Tensor) -> Tensor:
+        dtype = self.gene.dtype
+        log_var = self.token(states.detach().to(dtype)).squeeze(-1) + self.condition(condition.detach().to(dtype))
+        return (log_var + self.gene).clamp(LOG_VAR_MIN, LOG_VAR_MAX)

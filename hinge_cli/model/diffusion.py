@@ -8,6 +8,10 @@ The loss scores every hidden gene by default. The official HINGE code scores onl
 revealed between t and t-1 (`loss: revealed`): about one gene per spot per step on a 50-gene
 panel, and the all-hidden state where generation starts is one training row in T. A share of
 each batch (`all_hidden_share`) is drawn at t = T so that state gets its own weight.
+
+With `likelihood: gaussian` the network also predicts each gene's log-variance, trained by the
+Gaussian negative log-likelihood of the (detached) mean's residual; the mean keeps the squared
+error, so adding the spread does not trade point accuracy for it.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from hinge_cli.errors import HingeError
 ALPHA_RANGE = (1.05, 4.0)
 FILLS = ("noise", "zero")
 LOSS_TARGETS = ("hidden", "revealed")
+LIKELIHOODS = ("gaussian", "mse")
 
 
 class Denoiser(Protocol):
     """Anything that predicts clean expression (B, G) from a partly hidden panel."""
 
-    def __call__(self, values: Tensor, visible: Tensor, t: Tensor, image: Tensor) -> Tensor: ...
+    def __call__(self, values: Tensor, visible: Tensor, t: Tensor, image: Tensor, spread: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The clean-expression mean (B, G); with `spread` (models that have one) also its log-variance."""
 
 
 def automatic_alpha(n_steps: int, n_genes: int) -> float:
@@ -116,6 +122,11 @@ def check_loss_target(target: str) -> None:
         raise HingeError(f"unknown diffusion loss '{target}'", f"set diffusion.loss to one of {', '.join(LOSS_TARGETS)}")
 
 
+def check_likelihood(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise HingeError(f"unknown diffusion likelihood '{likelihood}'", f"set diffusion.likelihood to one of {', '.join(LIKELIHOODS)}")
+
+
 def fill_hidden(x: Tensor, hidden: Tensor, noise: Tensor | None) -> Tensor:
     """Replace hidden values by noise (or zeros when `noise` is None); visible values stay."""
     return torch.where(hidden, torch.zeros_like(x) if noise is None else noise.to(x.dtype), x)
@@ -136,6 +147,15 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     per_row = ((pred - target) ** 2 * m).sum(1) / m.sum(1).clamp_min(1)
     has_any = mask.any(1)
     return per_row[has_any].mean() if has_any.any() else pred.sum() * 0
+
+
+def masked_gaussian_nll(log_var: Tensor, residual: Tensor, mask: Tensor) -> Tensor:
+    """Gaussian negative log-likelihood (without the constant) of the residuals, averaged like `masked_mse`."""
+    nll = 0.5 * (log_var + residual.detach() ** 2 * torch.exp(-log_var))
+    m = mask.to(nll.dtype)
+    per_row = (nll * m).sum(1) / m.sum(1).clamp_min(1)
+    has_any = mask.any(1)
+    return per_row[has_any].mean() if has_any.any() else log_var.sum() * 0
 
 
 @dataclass
@@ -185,4 +205,7 @@ def diffusion_loss(
     ranks = random_ranks(x0, generator)
     c = corrupt(x0, t, schedule, ranks, draw_noise(x0, d.fill, d.noise_std, generator), d.loss)
     r = rows if rows is not None else slice(None)
-    return masked_mse(net(c.values[r], c.visible[r], c.t[r], image[r]), x0[r], c.target[r])
+    if d.likelihood == "mse":
+        return masked_mse(net(c.values[r], c.visible[r], c.t[r], image[r]), x0[r], c.target[r])
+    mean, log_var = net(c.values[r], c.visible[r], c.t[r], image[r], spread=True)
+    return masked_mse(mean, x0[r], c.target[r]) + masked_gaussian_nll(log_var, x0[r] - mean, c.target[r])

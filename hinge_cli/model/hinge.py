@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from hinge_cli.config import DiffusionConfig, ModelConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.model.backbone import Backbone
-from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN
-from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_loss_target, diffusion_loss
+from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN, SpreadHead
+from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_likelihood, check_loss_target, diffusion_loss
 from hinge_cli.model.lora import apply_policy
 from hinge_cli.model.sampler import Samples, sample
 from hinge_cli.progress import SILENT, Progress
@@ -56,6 +56,7 @@ class Hinge(nn.Module):
         self.diffusion = diffusion or DiffusionConfig()
         check_fill(self.diffusion.fill)
         check_loss_target(self.diffusion.loss)
+        check_likelihood(self.diffusion.likelihood)
         self.image_dim = image_dim
         self.backbone = backbone
         apply_policy(backbone, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
@@ -67,6 +68,7 @@ class Hinge(nn.Module):
         )
         self.decoder_mod = SoftAdaLN(d, c, 1, False, cfg.softnorm_logit_init, cfg.gate_logit_init)
         self.direct = DirectPath(image_dim, len(ids), c, cfg.dropout) if cfg.direct_path else None
+        self.spread = SpreadHead(d, c, len(ids)) if self.diffusion.likelihood == "gaussian" else None
         self.schedule = MaskSchedule(self.diffusion.steps, len(ids), self.diffusion.alpha)
 
     @classmethod
@@ -85,8 +87,17 @@ class Hinge(nn.Module):
     def n_genes(self) -> int:
         return int(self.gene_ids.numel())
 
-    def forward(self, values: Tensor, visible: Tensor, t: Tensor, image: Tensor) -> Tensor:
-        """values (B, G) with hidden entries filled, visible (B, G) bool, t (B,) int, image (B, D)."""
+    @property
+    def has_spread(self) -> bool:
+        """Whether the model predicts a variance beside each mean (`diffusion.likelihood: gaussian`)."""
+        return self.spread is not None
+
+    def forward(self, values: Tensor, visible: Tensor, t: Tensor, image: Tensor,
+                spread: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """values (B, G) with hidden entries filled, visible (B, G) bool, t (B,) int, image (B, D).
+
+        The predicted clean expression (B, G); with `spread`, also its log-variance (B, G).
+        """
         b = values.shape[0]
         if values.shape != (b, self.n_genes) or visible.shape != values.shape:
             raise HingeError(f"expression has shape {tuple(values.shape)}, the model's panel has {self.n_genes} genes",
@@ -94,12 +105,17 @@ class Hinge(nn.Module):
         if image.ndim != 2 or image.shape != (b, self.image_dim):
             raise HingeError(f"image features have shape {tuple(image.shape)}, expected ({b}, {self.image_dim})",
                              "pass one (spots, dim) view from the encoder the model was trained with")
+        if spread and self.spread is None:
+            raise HingeError("this model predicts no spread (diffusion.likelihood: mse)",
+                             "train with diffusion.likelihood: gaussian for a predictive variance")
         c = self.condition(image, t, visible)
         layer_mods = [mod(c) for mod in self.layer_mods]
         (decoder_mod,) = self.decoder_mod(c)
         ids = self.gene_ids.expand(b, -1)
-        out = self.backbone(ids, values, visible, layer_mods, decoder_mod)
-        return out if self.direct is None else out + self.direct(image).to(out.dtype)
+        states = self.backbone.gene_states(ids, values, visible, layer_mods, decoder_mod)
+        out = self.backbone.value_dec(states)
+        out = out if self.direct is None else out + self.direct(image).to(out.dtype)
+        return (out, self.spread(states, c).to(out.dtype)) if spread else out
 
     def loss(
         self,
@@ -120,6 +136,7 @@ class Hinge(nn.Module):
         seed: int = 0,
         spot_index: Tensor | None = None,
         keep_samples: bool = False,
+        temperature: float = 0.0,
         progress: Progress = SILENT,
     ) -> Samples:
         """Reverse process for a batch of spots; see `hinge_cli.model.sampler.sample`."""
@@ -128,6 +145,6 @@ class Hinge(nn.Module):
         try:
             return sample(self, image, self.schedule, n_samples=n_samples, steps=steps, seed=seed,
                           spot_index=spot_index, fill=self.diffusion.fill, noise_std=self.diffusion.noise_std,
-                          keep_samples=keep_samples, progress=progress)
+                          temperature=temperature, keep_samples=keep_samples, progress=progress)
         finally:
             self.train(was_training)

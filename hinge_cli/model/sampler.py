@@ -1,7 +1,10 @@
 """The reverse process: from every gene hidden to every gene revealed, in scheduled groups.
 
-Each (spot, sample) draws its gene order and fill noise from its own generator, seeded by
-(seed, spot index), so results do not depend on how spots are batched.
+Each gene's value is drawn at the step it is revealed, from the model's predictive Gaussian
+(mean + temperature x std x noise), so genes revealed early condition the later ones and a
+sample carries gene-gene dependence; temperature 0 (or a model without a spread) reveals the
+mean. Each (spot, sample) draws its gene order, fill noise and reveal noise as a function of
+(seed, spot index) alone, so results do not depend on how spots are batched.
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ class Samples:
     samples: Tensor | None = None
 
 
-def spot_randomness(spot_index: Tensor, seed: int, n_samples: int, n_genes: int) -> tuple[Tensor, Tensor]:
-    """Gene ranks (B*n, G) and standard-normal fill noise (B*n, G), a function of (seed, spot) only."""
-    keys, noise = [], []
+def spot_randomness(spot_index: Tensor, seed: int, n_samples: int, n_genes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gene ranks (B*n, G), standard-normal fill noise and reveal noise (B*n, G), a function of (seed, spot) only."""
+    keys, noise, reveal = [], [], []
     for spot in spot_index.tolist():
         rng = np.random.default_rng([seed, spot])
         keys.append(rng.random((n_samples, n_genes)))
         noise.append(rng.standard_normal((n_samples, n_genes)))
+        reveal.append(rng.standard_normal((n_samples, n_genes)))
     keys_t = torch.from_numpy(np.concatenate(keys))
-    return keys_t.argsort(dim=1).argsort(dim=1), torch.from_numpy(np.concatenate(noise))
+    return keys_t.argsort(dim=1).argsort(dim=1), torch.from_numpy(np.concatenate(noise)), torch.from_numpy(np.concatenate(reveal))
 
 
 def sample(
@@ -48,6 +52,7 @@ def sample(
     spot_index: Tensor | None = None,
     fill: str = "noise",
     noise_std: float = 1.0,
+    temperature: float = 0.0,
     keep_samples: bool = False,
     progress: Progress = SILENT,
 ) -> Samples:
@@ -55,7 +60,8 @@ def sample(
 
     `spot_index` (B,) gives each spot's global index (default 0..B-1): pass it when splitting a
     slide into batches so that every spot gets the same randomness whatever the batch size.
-    `steps` < T walks a coarser grid of the training schedule.
+    `steps` < T walks a coarser grid of the training schedule. `temperature` scales the drawn
+    spread; 0, or a network without a spread, reveals the mean.
     """
     check_fill(fill)
     if n_samples < 1:
@@ -64,9 +70,13 @@ def sample(
     spot_index = torch.arange(b) if spot_index is None else torch.as_tensor(spot_index).cpu()
     if spot_index.shape != (b,) or (spot_index < 0).any():
         raise HingeError("spot_index must hold one non-negative index per spot", "pass the spots' positions on the slide")
-    ranks, noise = spot_randomness(spot_index, seed, n_samples, g)
+    if not temperature >= 0:
+        raise HingeError(f"temperature must be 0 or more, not {temperature}", "pass --temperature 0 (the mean) or e.g. 1")
+    ranks, noise, reveal = spot_randomness(spot_index, seed, n_samples, g)
     ranks = ranks.to(device)
     noise = noise.to(device) * noise_std if fill == "noise" else None
+    draw = temperature > 0 and bool(getattr(net, "has_spread", False))
+    reveal = reveal.to(device, image.dtype) * temperature
     images = image.repeat_interleave(n_samples, dim=0)
     x = torch.zeros(b * n_samples, g, dtype=image.dtype, device=device)
     counts = schedule.hidden_counts.tolist()
@@ -77,7 +87,12 @@ def sample(
             if n_now > n_next:
                 hidden = ranks < n_now
                 t = torch.full((b * n_samples,), t_now, dtype=torch.long, device=device)
-                pred = net(fill_hidden(x, hidden, noise), ~hidden, t, images)
+                values = fill_hidden(x, hidden, noise)
+                if draw:
+                    mean, log_var = net(values, ~hidden, t, images, spread=True)
+                    pred = mean + torch.exp(0.5 * log_var) * reveal.to(mean.dtype)
+                else:
+                    pred = net(values, ~hidden, t, images)
                 x = torch.where(hidden & (ranks >= n_next), pred.to(x.dtype), x)
             advance(1)
     draws = x.view(b, n_samples, g)
