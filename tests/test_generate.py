@@ -296,3 +296,21 @@ def test_a_read_only_run_predicts_to_another_folder(trained: tuple[Run, Path], t
     assert result.exit_code == 0, result.output
     assert "read-only" in result.output and (tmp_path / "t1.h5ad").exists()
     assert run.manifest_path.read_bytes() == manifest and run.config_path.read_bytes() == config
+
+
+def test_train_fits_a_spread_scale_that_widens_the_draws(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    """`hinge train` records a per-gene scale fitted on the validation spots; generate applies it unless told not to."""
+    run, _ = trained
+    card = load_checkpoint(run.checkpoint("best")).card
+    scale = np.array(card.calibration.scale)
+    assert scale.shape == (len(card.genes),) and np.all(scale > 0) and card.calibration.n_spots > 0
+    assert card.calibration.within_1std >= 0.683 and card.calibration.within_1std_raw != card.calibration.within_1std
+    settings = {**FAST, "n_samples": 4}
+    paths = {flag: tmp_path / f"{flag}.h5ad" for flag in (True, False)}
+    for flag, path in paths.items():
+        generate(run, [Target("t0")], GenerateConfig(**settings, calibrated=flag), out=path)
+    on, off = (ad.read_h5ad(paths[flag]) for flag in (True, False))
+    assert np.array_equal(on.X, off.X) and on.uns["hinge"]["spread_scale"] == "validation"
+    spread = off.layers["std"] > 1e-4
+    np.testing.assert_allclose((on.layers["std"] / np.where(spread, off.layers["std"], 1))[spread],
+                               np.broadcast_to(scale, on.shape)[spread], rtol=1e-3)

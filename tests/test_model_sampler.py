@@ -80,3 +80,65 @@ def test_generate_restores_training_mode_and_checks_input():
         model.generate(torch.randn(2, 6), n_samples=0)
     with pytest.raises(HingeError):
         model.generate(torch.randn(2, 5))
+
+
+class GaussianToy:
+    """A known predictive Gaussian per spot and gene: mean and log-variance from the image feature alone."""
+
+    has_spread = True
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights  # (2, G): the mean's and the log-variance's slope on the one image feature
+
+    def __call__(self, values, visible, t, image, spread=False):
+        mean, log_var = image[:, :1] * self.weights[0], image[:, :1] * self.weights[1]
+        return (mean, log_var) if spread else mean
+
+
+def test_draws_from_a_known_gaussian_cover_its_truth_at_the_nominal_rate():
+    g = torch.Generator().manual_seed(0)
+    n, genes = 300, G
+    image = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 - 1
+    toy = GaussianToy(torch.stack([torch.linspace(-2, 2, genes), torch.linspace(-1, 1, genes)]).double())
+    mean, log_var = toy(None, None, None, image, spread=True)
+    truth = mean + torch.exp(0.5 * log_var) * torch.randn(n, genes, generator=g, dtype=torch.float64)
+    out = sample(toy, image, MaskSchedule(10, genes), n_samples=64, temperature=1.0)
+    error = (truth - out.mean).abs()
+    assert abs(float((error <= out.std).double().mean()) - 0.683) < 0.05
+    assert abs(float((error <= 2 * out.std).double().mean()) - 0.954) < 0.05
+    hot = sample(toy, image, MaskSchedule(10, genes), n_samples=64, temperature=2.0)
+    torch.testing.assert_close(hot.std.mean() / out.std.mean(), torch.tensor(2.0, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+def spread_model():
+    """The tiny model with a spread that varies by spot and gene."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.spread.token[-1].weight.normal_(0, 0.3)
+        model.spread.condition.weight.normal_(0, 0.3)
+    return model
+
+
+def test_temperature_zero_is_the_mean_reveal_bit_for_bit():
+    model = spread_model()
+    image = torch.randn(5, 6)
+    zero = model.generate(image, n_samples=3, seed=2, temperature=0.0, keep_samples=True)
+    hot = model.generate(image, n_samples=3, seed=2, temperature=1.0, keep_samples=True)
+    model.spread = None  # the same network without its spread: a mean-revealing sampler
+    plain = model.generate(image, n_samples=3, seed=2, temperature=1.0, keep_samples=True)
+    assert torch.equal(zero.samples, plain.samples)
+    assert not torch.allclose(hot.samples, zero.samples) and hot.std.mean() > zero.std.mean()
+
+
+def test_drawn_samples_do_not_depend_on_batch_size():
+    model = spread_model()
+    image = torch.randn(6, 6)
+    whole = model.generate(image, n_samples=2, seed=1, temperature=1.0, keep_samples=True)
+    parts = [model.generate(image[i:i + 3], n_samples=2, seed=1, temperature=1.0, spot_index=torch.arange(i, i + 3),
+                            keep_samples=True) for i in (0, 3)]
+    torch.testing.assert_close(torch.cat([p.samples for p in parts]), whole.samples, rtol=1e-5, atol=1e-5)
+
+
+def test_negative_temperature_is_refused():
+    with pytest.raises(HingeError, match="temperature"):
+        tiny_model().generate(torch.randn(2, 6), temperature=-1.0)
