@@ -79,7 +79,10 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,
                                     cfg.steps or net.diffusion.steps, cfg.temperature, cfg.point, raw, calibrated)
     write_card(sidecar_path(path), replace(checkpoint.card, calibration=calibration))
-    where = f"section(s) {', '.join(samples)}" if samples else "random spots of the training slides (too narrow on new slides)"
     log.info("spread calibrated on %s: point ± std covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
-             where, 100 * raw, len(truth), 100 * calibrated, float(np.median(scale)))
+             ", ".join(samples) or "random spots of the training slides", 100 * raw, len(truth), 100 * calibrated,
+             float(np.median(scale)))
+    if not samples:
+        log.warning("the spread was calibrated on spots of the training slides, so it will be too narrow on new slides; "
+                    "train on 3 or more samples (or pass --val-samples) to calibrate on a held-out section")
     return calibration
