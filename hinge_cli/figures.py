@@ -198,6 +198,28 @@ def scatter(path: Path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], tit
     return _save(fig, path)
 
 
+def histogram(path: Path, fractions: Sequence[float], title: str, xlabel: str, reference: float | None = None,
+              note: str = "") -> Path:
+    """Bars of `fractions` over equal bins of [0, 1], a dashed line at `reference` (e.g. the height of a flat histogram)
+    and a `note` under the title."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    heights = np.asarray(fractions, np.float64)
+    edges = np.linspace(0.0, 1.0, len(heights) + 1)
+    ax.bar(edges[:-1], heights, width=np.diff(edges), align="edge", color=PATCH_COLOUR, alpha=0.8, edgecolor="white")
+    if reference is not None:
+        ax.axhline(reference, color="0.3", linestyle="--", linewidth=1.0, label=f"flat ({reference:.2g})")
+        ax.legend(fontsize=FONT - 1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(float(heights.max(initial=0.0)), reference or 0.0) * 1.15 or 1.0)
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel("fraction", fontsize=FONT)
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize=FONT + 1)
+    ax.tick_params(labelsize=FONT - 1)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 def _epoch_lines(ax: Any, series: Mapping[str, Sequence[float | None]], ylabel: str, title: str) -> None:
     """One line per series against epochs 1..n (integer ticks); series with no finite value are left out."""
     from matplotlib.ticker import MaxNLocator

@@ -224,10 +224,3 @@ def morans_i(values: np.ndarray, weights: sparse.csr_matrix) -> np.ndarray:
         i = len(x) / weights.sum() * (z * (weights @ z)).sum(0) / (z * z).sum(0)
     return np.where(varying(x), i, np.nan)
 
-
-def calibration(pred: np.ndarray, std: np.ndarray, truth: np.ndarray, widths: tuple[float, ...] = (1.0, 2.0)) -> dict[str, float]:
-    """Fraction of finite truth values inside pred ± w·std (a Gaussian would give 0.683 and 0.954)."""
-    p, s, t = (np.asarray(a, dtype=np.float64) for a in (pred, std, truth))
-    ok = np.isfinite(p) & np.isfinite(s) & np.isfinite(t)
-    dist = np.abs(t - p)[ok]
-    return {f"within_{w:g}std": float(np.mean(dist <= w * s[ok])) if dist.size else float("nan") for w in widths}

@@ -14,7 +14,7 @@ from PIL import Image
 from hinge_cli.config import load_config
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
-from hinge_cli.formats.prediction import PredictionSpots, write_skeleton
+from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, write_skeleton
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 
@@ -171,7 +171,7 @@ def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
     provenance = {"transform": Transform().to_dict(), "sample_id": "s0"}
     with write_prediction(pred, "s0", spots, genes, np.zeros((8, 8, 3), np.uint8), 1.0, 20.0, provenance) as out:
         values = Transform().apply(np.asarray(truth[:, genes].X))
-        out.write(0, truth.n_obs, values, np.ones_like(values))
+        out.write(0, truth.n_obs, PredictedBatch(values, np.ones_like(values), values - 1, values + 1))
     with pytest.raises(HingeError, match="--layer"):
         evaluate([pred], [logged], out=tmp_path / "e1")
     summary = evaluate([pred], [logged], out=tmp_path / "e2", layer="raw")

@@ -108,8 +108,8 @@ def test_perfect_prediction_scores_perfectly(pair, tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "**Headline: depth-partial mean Pearson = 1.000**" in report and "PCC@50" in report
     pngs = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
-    assert {"coexpression_model.png", "coexpression_depth_partial.png", "pearson_vs_variance.png"} <= set(pngs)
-    assert len(pngs) == 3 + 11  # every gene but the constant one is among the 6 best or 6 worst
+    assert {"coexpression_model.png", "coexpression_depth_partial.png", "pearson_vs_variance.png", "pit_histogram.png"} <= set(pngs)
+    assert len(pngs) == 4 + 11  # every gene but the constant one is among the 6 best or 6 worst
     with Image.open(tmp_path / "maps" / "G0.png") as im:
         assert im.width > 3 * 100
 
@@ -266,7 +266,7 @@ def test_existing_results_are_kept_unless_overwrite(pair, tmp_path: Path) -> Non
 SUMMARY_KEYS = ["mean", "mean_top_variable", "n_genes", "n_excluded", "n_top_variable", "pcc_at_50", "pcc_at_200"]
 PER_GENE_KEYS = ["pearson_model", "spearman_model", "pearson_normalised", "spearman_normalised", "pearson_depth_partial",
                  "spearman_depth_partial", "mse", "mae", "var_true", "var_pred", "rvd", "morans_i_true", "morans_i_pred",
-                 "within_1std"]
+                 "within_1std", "crps"]
 
 
 def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path) -> None:
@@ -285,10 +285,13 @@ def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path
     assert list(m["variance"]) == ["rvd", "n_genes", "mean_var_true", "mean_var_pred"]
     assert list(m["spatial"]) == ["morans_i_agreement", "morans_i_mean_abs_diff", "morans_i_mean_true",
                                   "morans_i_mean_pred", "n_genes", "weights"]
-    assert m["calibration"] == {"within_1std": 1.0, "within_2std": 1.0,
-                                "expected_gaussian": {"within_1std": 0.683, "within_2std": 0.954}}
+    assert {k: m["calibration"][k] for k in ("within_1std", "within_2std", "expected_gaussian")} == {
+        "within_1std": 1.0, "within_2std": 1.0, "expected_gaussian": {"within_1std": 0.683, "within_2std": 0.954}}
+    assert list(m["calibration"]) == ["within_1std", "within_2std", "expected_gaussian", "within_90_interval", "crps",
+                                      "energy_score", "pit_histogram", "n_draws", "crps_from"]
     assert list(m["per_gene"]) == [f"G{j}" for j in range(12)] and list(m["per_gene"]["G0"]) == PER_GENE_KEYS
-    assert list(m["pictures"]) == ["maps", "coexpression_model", "coexpression_depth_partial", "pearson_vs_variance", "chosen"]
+    assert list(m["pictures"]) == ["maps", "coexpression_model", "coexpression_depth_partial", "pearson_vs_variance",
+                                   "pit_histogram", "chosen"]
     assert m["headline"] == HEADLINE.key == "correlation.depth_partial.pearson.mean"
 
     scores = read_slide_metrics(tmp_path / "out" / "metrics.json")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hinge_cli import metrics
+from hinge_cli import metrics, proper_scores
 
 
 def test_pearson_hand_values_constant_and_nan_genes() -> None:
@@ -111,7 +111,7 @@ def test_calibration_fractions() -> None:
     pred = np.zeros((4, 1))
     std = np.ones((4, 1))
     truth = np.array([[0.5], [1.5], [-3.0], [np.nan]])
-    cal = metrics.calibration(pred, std, truth)
+    cal = {f"within_{k}std": proper_scores.coverage_std(pred, std, truth, k) for k in (1, 2)}
     assert cal["within_1std"] == pytest.approx(1 / 3) and cal["within_2std"] == pytest.approx(2 / 3)
 
 

@@ -2,6 +2,7 @@
 
     align.py     read the prediction and gene lists, match spots and genes (`Aligned`)
     score.py     every metric as typed results (`SlideMetrics`), and the table of reported metrics
+    probabilistic.py  the predictive spread against the truth: coverage, PIT, CRPS, energy score (`Calibration`)
     pictures.py  the slide's maps, heatmaps and scatter (drawn by hinge_cli.figures)
     report.py    metrics.json (writer and reader) and report.md
     stage.py     the stage: `evaluate`

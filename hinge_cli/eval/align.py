@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from hinge_cli.data.expression import Expression, Transform, read_h5ad
 from hinge_cli.errors import HingeError
+from hinge_cli.formats.prediction import SPREAD_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ class Prediction:
     image: np.ndarray | None = None
     image_scale: float = 1.0
     spot_diameter: float | None = None
+    q05: np.ndarray | None = None  # the predictive distribution's 5% and 95% quantiles (files from before them lack them)
+    q95: np.ndarray | None = None
+    draws: np.ndarray | None = None  # (spots, draws, genes), float32, when the file kept its draws
+
+
+def _layer(adata: Any, name: str) -> np.ndarray | None:
+    return _dense(adata.layers[name]) if name in adata.layers else None
 
 
 def _plain(value: Any) -> Any:
@@ -77,9 +85,10 @@ def read_prediction(path: Path) -> Prediction:
     pred = Prediction(
         path=path, sample=sample, barcodes=_unique([str(b) for b in adata.obs_names], path),
         genes=[str(g) for g in adata.var_names], values=_dense(adata.X),
-        std=_dense(adata.layers["std"]) if "std" in adata.layers else None,
+        std=_layer(adata, "std"),
         coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None,
-        transform=transform, model=str(provenance.get("model", "hinge")),
+        transform=transform, model=str(provenance.get("model", "hinge")), q05=_layer(adata, "q05"), q95=_layer(adata, "q95"),
+        draws=np.asarray(adata.obsm["samples"], dtype=np.float32) if "samples" in adata.obsm else None,
     )
     entry = spatial.get(sample, next(iter(spatial.values()))) if spatial else {}
     scalefactors = dict(entry.get("scalefactors", {}))
@@ -134,6 +143,9 @@ class Aligned:
     spot_diameter: float
     alignment: dict[str, Any]
     gene_report: dict[str, Any]
+    q05: np.ndarray | None = None
+    q95: np.ndarray | None = None
+    draws: np.ndarray | None = None  # (spots, draws, genes)
 
 
 def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = None, truth_path: Path | None = None) -> Aligned:
@@ -178,8 +190,13 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     column = {g: j for j, g in enumerate(pred.genes)}
     cols = np.array([column[g] for g in evaluated])
     values = pred.values[np.ix_(rows_p, cols)]
-    std = pred.std[np.ix_(rows_p, cols)] if pred.std is not None else None
-    finite = np.isfinite(values).all(0) & (np.isfinite(std).all(0) if std is not None else True)
+    spread = {name: layer[np.ix_(rows_p, cols)] for name in SPREAD_LAYERS if (layer := getattr(pred, name)) is not None}
+    draws = pred.draws[rows_p][:, :, cols] if pred.draws is not None else None
+    finite = np.isfinite(values).all(0)
+    for layer in spread.values():
+        finite &= np.isfinite(layer).all(0)
+    if draws is not None:
+        finite &= np.isfinite(draws).all((0, 1))
     dropped = [g for g, ok in zip(evaluated, finite, strict=True) if not ok]
     if not finite.any():
         raise HingeError(f"every prediction of {pred.path} holds NaN or infinite values", "re-run `hinge generate`")
@@ -188,14 +205,17 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
         if names:
             log.warning("%s: %d genes %s: %s", pred.sample, len(names), what, ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
     kept = [g for g, ok in zip(evaluated, finite, strict=True) if ok]
+    spread = {name: layer[:, finite] for name, layer in spread.items()}
     counts = truth.columns(kept)[rows_t].astype(np.float64)
     coords = pred.coords[rows_p] if pred.coords is not None else truth.coords[rows_t] if truth.coords is not None else None
     if coords is None:
         raise HingeError(f"neither {pred.path} nor the truth has obsm['spatial']", "add spot centres in level-0 pixels")
     return Aligned(
-        sample=pred.sample, genes=kept, pred=values[:, finite], std=std[:, finite] if std is not None else None,
+        sample=pred.sample, genes=kept, pred=values[:, finite], std=spread.get("std"),
         counts=counts, totals=truth.totals[rows_t].astype(np.float64), coords=coords,
         spot_diameter=float(diameter if diameter is not None else median_spacing(coords)), alignment=alignment,
         gene_report={"n_panel": len(pred.genes), "n_evaluated": len(kept), "missing_from_truth": missing,
                      "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction},
+        q05=spread.get("q05"), q95=spread.get("q95"),
+        draws=draws[:, :, finite] if draws is not None else None,
     )

@@ -37,8 +37,9 @@ def _cluster_order(truth_corr: np.ndarray) -> np.ndarray:
 
 def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_dir: Path,
                   genes_to_plot: Sequence[str] = (), draw: bool = True) -> Pictures:
-    """Maps (true | predicted | error) of the chosen genes, co-expression heatmaps and the Pearson-variance scatter;
-    without `draw`, only which genes they would show (a cohort's reports stay fast: figures cost seconds a slide)."""
+    """Maps (true | predicted | its spread, where the file has one | error) of the chosen genes, co-expression
+    heatmaps, the Pearson-variance scatter and the PIT histogram; without `draw`, only which genes they would show
+    (a cohort's reports stay fast: figures cost seconds a slide)."""
     chosen = pick_genes(aligned.genes, result.pearson, genes_to_plot)
     if not draw:
         return Pictures(maps={}, figures={}, chosen=chosen)
@@ -49,7 +50,8 @@ def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_d
     for gene in dict.fromkeys(chosen.best + chosen.worst + chosen.asked):
         j = column[gene]
         truth, guess = result.truth[:, j], aligned.pred[:, j]
-        panels = [figures.MapPanel("true", truth, unit), figures.MapPanel("predicted", guess, unit),
+        spread = [] if aligned.std is None else [figures.MapPanel("predictive std (uncertainty)", aligned.std[:, j], unit)]
+        panels = [figures.MapPanel("true", truth, unit), figures.MapPanel("predicted", guess, unit), *spread,
                   figures.MapPanel("error (predicted − true)", guess - truth, unit, diverging=True)]
         title = f"{aligned.sample}: {gene}   Pearson r = {result.pearson[j]:.3f}   depth-partial r = {result.partial[j]:.3f}"
         maps[gene] = figures.spot_maps(maps_dir / f"{_file_name(gene)}.png", xy, diameter, panels, title, pred.image).name
@@ -70,4 +72,13 @@ def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_d
                            f"{aligned.sample}: per-gene correlation against truth variance",
                            f"variance of the truth in {unit}", "correlation r (prediction vs truth)")
     named["pearson_vs_variance"] = path.name
+    calibration = result.metrics.calibration
+    if calibration is not None:
+        source = f"ranks among {calibration.n_draws} draws" if calibration.crps_from == "samples" else "Gaussian mean ± std"
+        path = figures.histogram(maps_dir / "pit_histogram.png", calibration.pit_histogram,
+                                 f"{aligned.sample}: PIT of the truth under the predictive distribution ({source})",
+                                 "PIT (where the true value falls in its predictive distribution)",
+                                 reference=1 / len(calibration.pit_histogram),
+                                 note="flat: calibrated; U: too narrow; hump: too wide; slope: biased")
+        named["pit_histogram"] = path.name
     return Pictures(maps=maps, figures=named, chosen=chosen)

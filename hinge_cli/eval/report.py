@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hinge_cli.eval.probabilistic import GAUSSIAN_COVERAGE, INTERVAL_COVERAGE
 from hinge_cli.eval.score import (
     CORRELATION_ROWS,
     HEADLINE,
@@ -49,7 +50,17 @@ NOTES = {
     "Moran's I": f"per gene on row-standardised {MORAN_K}-nearest-neighbour weights over spot centres; "
                  "agreement is the Pearson across genes of predicted against true I.",
     "calibration": "fraction of true values inside mean ± 1 and ± 2 predicted std (layers['std']); "
-                   "a calibrated Gaussian gives 0.683 and 0.954.",
+                   "a calibrated Gaussian gives 0.683 and 0.954. The 90% interval is [q05, q95] (layers['q05'], "
+                   "layers['q95']); calibrated, 0.90 of true values fall inside it. Over every matched spot.",
+    "CRPS": "continuous ranked probability score, E|X - y| - ½ E|X - X'| of each spot and gene, mean over spots "
+            "then genes, in model-space units: lower is better, and a spread only scores well where it is both "
+            "sharp and right. From the kept draws (obsm['samples']), else from the Gaussian mean ± std.",
+    "energy score": "the CRPS of the whole gene vector of a spot, E‖X - y‖ - ½ E‖X - X'‖ over the draws, mean over "
+                    "spots: lower is better, and it rewards draws whose genes move together as the truth's do. "
+                    "n/a without draws.",
+    "PIT histogram": "where each true value falls within its predictive distribution (its randomised rank among the "
+                     "draws, or the Gaussian CDF), in 10 bins: flat is calibrated, a U too narrow, a hump too wide, "
+                     "a slope biased.",
 }
 
 
@@ -107,13 +118,20 @@ class SlideResult:
         return {**out, "pictures": self.pictures.to_dict()}
 
 
-# (name, metric, whether higher is better) of the numbers a prediction and its baseline are compared on
-COMPARED: tuple[tuple[str, Metric, bool], ...] = (
-    ("depth-partial Pearson", HEADLINE, True),
-    ("Pearson", METRICS["correlation.model.pearson.mean"], True),
-    ("co-expression consistency", METRICS["correlation.model.coexpression.consistency"], True),
-    ("RVD", METRICS["variance.rvd"], False),
-    ("MSE", METRICS["errors.mse"], False),
+HIGHER, LOWER = "higher", "lower"
+# (name, metric, which is better: HIGHER, LOWER, or the nominal value, where closer is better) of the numbers a
+# prediction and its baseline are compared on
+COMPARED: tuple[tuple[str, Metric, str | float], ...] = (
+    ("depth-partial Pearson", HEADLINE, HIGHER),
+    ("Pearson", METRICS["correlation.model.pearson.mean"], HIGHER),
+    ("co-expression consistency", METRICS["correlation.model.coexpression.consistency"], HIGHER),
+    ("RVD", METRICS["variance.rvd"], LOWER),
+    ("MSE", METRICS["errors.mse"], LOWER),
+    ("CRPS (lower better)", METRICS["calibration.crps"], LOWER),
+    ("energy score (lower better)", METRICS["calibration.energy_score"], LOWER),
+    ("within ± 1 std (0.683)", METRICS["calibration.within_1std"], GAUSSIAN_COVERAGE["within_1std"]),
+    ("within ± 2 std (0.954)", METRICS["calibration.within_2std"], GAUSSIAN_COVERAGE["within_2std"]),
+    ("within 90% interval (0.90)", METRICS["calibration.within_90_interval"], INTERVAL_COVERAGE),
 )
 
 
@@ -193,13 +211,22 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _merit(mine: float, theirs: float, goal: str | float) -> float:
+    """How much better `mine` is than `theirs` (positive: mine), NaN when either is missing."""
+    if goal == HIGHER:
+        return mine - theirs
+    if goal == LOWER:
+        return theirs - mine
+    return abs(theirs - goal) - abs(mine - goal)
+
+
 def comparison(pairs: Sequence[tuple[SlideMetrics, SlideMetrics]], names: tuple[str, str]) -> list[list[str]]:
     """Rows of (metric, prediction, baseline, the better one), each a mean over the (prediction, baseline) pairs."""
     rows = []
-    for name, metric, higher in COMPARED:
+    for name, metric, goal in COMPARED:
         mine, theirs = (finite_mean(np.array([_value(metric.get(pair[k])) for pair in pairs])) for k in (0, 1))
-        better = ("n/a" if not (math.isfinite(mine) and math.isfinite(theirs)) else "tie" if mine == theirs
-                  else names[0] if (mine > theirs) == higher else names[1])
+        merit = _merit(mine, theirs, goal)
+        better = ("n/a" if not math.isfinite(merit) else "tie" if merit == 0 else names[0] if merit > 0 else names[1])
         rows.append([name, fmt(mine), fmt(theirs), better])
     return rows
 
@@ -252,6 +279,15 @@ def _notes() -> str:
     return "\n".join(f"- **{name}**: {text}" for name, text in NOTES.items())
 
 
+def _spread_source(slide: SlideMetrics) -> str:
+    calibration = slide.calibration
+    if calibration is None:
+        return "none in the file (no calibration or proper scores)"
+    if calibration.crps_from == "samples":
+        return f"{calibration.n_draws} draws per spot (CRPS, energy score and PIT from the draws)"
+    return "mean ± std only (CRPS and PIT of that Gaussian; no energy score without draws)"
+
+
 def slide_report(slide: SlideResult) -> str:
     """report.md of one slide: provenance, the metric table, best and worst genes, pictures, definitions."""
     a, g = slide.alignment, slide.genes
@@ -261,6 +297,7 @@ def slide_report(slide: SlideResult) -> str:
         f"- spots: {a['n_matched']} matched by {a['matched_by']} (prediction {a['n_pred_spots']}, truth {a['n_truth_spots']})",
         f"- genes: {g['n_evaluated']} evaluated of a {g['n_panel']}-gene panel; model space {expression_unit(**slide.transform)}",
     ]
+    lines.append(f"- predictive spread: {_spread_source(slide.metrics)}")
     for key, what in (("missing_from_truth", "missing from the truth"), ("dropped_nonfinite", "left out, non-finite predictions"),
                       ("not_in_prediction", "asked for but not in the panel")):
         if g[key]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,11 @@ import numpy as np
 from hinge_cli import metrics
 from hinge_cli.data.expression import Transform
 from hinge_cli.eval.align import Aligned
+from hinge_cli.eval.probabilistic import Calibration, score_calibration
 
 N_TOP_VARIABLE = 50  # HEST convention
 PCC_KS = (50, 200)  # Stem/HINGE tables; CorrelationSummary has one field per k
 MORAN_K = 6  # neighbours in the Moran's I weights (one ring of a Visium hex grid)
-GAUSSIAN_COVERAGE = {"within_1std": 0.683, "within_2std": 0.954}
 VIEWS = {  # view -> its name in reports; depth-partial first, the headline
     "depth_partial": "depth-partial",
     "normalised": "CP10k-log",
@@ -113,13 +113,6 @@ class SpatialScores:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    within_1std: float
-    within_2std: float
-    expected_gaussian: dict[str, float] = field(default_factory=lambda: dict(GAUSSIAN_COVERAGE))
-
-
-@dataclass(frozen=True)
 class GeneScores:
     """Per-gene numbers, one array entry per evaluated gene (in `genes` order)."""
 
@@ -137,7 +130,8 @@ class GeneScores:
     rvd: np.ndarray
     morans_i_true: np.ndarray
     morans_i_pred: np.ndarray
-    within_1std: np.ndarray | None = None  # only with a predicted std
+    within_1std: np.ndarray | None = None  # only with a predicted spread
+    crps: np.ndarray | None = None  # mean over spots; only with a predicted spread
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         columns = {f.name: getattr(self, f.name) for f in fields(self)[1:] if getattr(self, f.name) is not None}
@@ -220,6 +214,13 @@ OTHER_METRICS = (
     Metric("spatial.morans_i_mean_pred", "Moran's I mean, prediction", lambda m: m.spatial.morans_i_mean_pred),
     Metric("calibration.within_1std", "within mean ± 1 std (Gaussian 0.683)", lambda m: m.calibration and m.calibration.within_1std),
     Metric("calibration.within_2std", "within mean ± 2 std (Gaussian 0.954)", lambda m: m.calibration and m.calibration.within_2std),
+    Metric("calibration.within_90_interval", "within the 90% interval [q05, q95] (0.90)",
+           lambda m: m.calibration and m.calibration.within_90_interval),
+    Metric("calibration.crps", "CRPS, mean over genes (lower is better)", lambda m: m.calibration and m.calibration.crps),
+    Metric("calibration.energy_score", "energy score of the spot's gene vector (lower is better)",
+           lambda m: m.calibration and m.calibration.energy_score),
+    Metric("calibration.n_draws", "draws per spot (0: CRPS of the Gaussian mean ± std)",
+           lambda m: m.calibration and m.calibration.n_draws),
 )
 METRICS: dict[str, Metric] = {m.key: m for m in (*CORRELATION_METRICS, *OTHER_METRICS)}
 HEADLINE = METRICS["correlation.depth_partial.pearson.mean"]
@@ -295,10 +296,9 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
 
     rvd, rvd_terms = metrics.relative_variance_distance(pred, truth)
     spatial, moran_pred, moran_true = _spatial(pred, truth, aligned.coords)
-    calibration = None
-    if aligned.std is not None:
-        calibration = Calibration(**metrics.calibration(pred, aligned.std, truth))
-        per_gene["within_1std"] = (np.abs(truth - pred) <= aligned.std).mean(0)
+    calibrated = score_calibration(aligned, truth)
+    if calibrated is not None:
+        per_gene.update(calibrated.per_gene)
     genes = GeneScores(aligned.genes, **per_gene, mse=((pred - truth) ** 2).mean(0), mae=np.abs(pred - truth).mean(0),
                        var_true=truth.var(0), var_pred=pred.var(0), rvd=rvd_terms, morans_i_true=moran_true,
                        morans_i_pred=moran_pred)
@@ -306,6 +306,6 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
         correlation=Correlations(**views, low_count_spots=int((~counted).sum())),
         errors=Errors(metrics.mse(pred, truth), metrics.mae(pred, truth)),
         variance=VarianceScores(rvd, int(np.isfinite(rvd_terms).sum()), float(truth.var(0).mean()), float(pred.var(0).mean())),
-        spatial=spatial, calibration=calibration, per_gene=genes,
+        spatial=spatial, calibration=None if calibrated is None else calibrated.calibration, per_gene=genes,
     )
     return SlideScore(result, truth, matrices)
