@@ -46,6 +46,22 @@ def test_ridge_recovers_a_linear_signal_and_reports_its_penalty():
     assert info["inner_depth_partial"] > 0.95
 
 
+def test_ridge_spread_is_the_out_of_fold_residual_std_and_makes_a_gaussian_prediction():
+    train, (x, y, _) = sections()
+    _, info = baselines.ridge(train, x)
+    xs, ys = [s[0] for s in train], [s[1] for s in train]
+    held = []
+    for i in range(len(xs)):  # every training section predicted by a fit on the others, by hand
+        model = ridge.fit_ridge(np.concatenate(xs[:i] + xs[i + 1:]), np.concatenate(ys[:i] + ys[i + 1:]), info["lambda"])
+        held.append(ys[i] - ridge.predict_ridge(model, xs[i]))
+    np.testing.assert_allclose(info["residual_std"], np.concatenate(held).std(0), rtol=0.05)  # residual means are ~0
+    inputs = benchmark.BaselineInputs(train, [f"s{i}" for i in range(len(x))], x, np.zeros((len(x), 2)))
+    pred, _ = benchmark.run_baseline("ridge", inputs, "test", ["a", "b", "c", "d"], n_draws=400)
+    np.testing.assert_allclose(pred.q95 - pred.values, benchmark.Z95 * pred.std, rtol=1e-5)
+    np.testing.assert_allclose(pred.draws.std(1).mean(0), info["residual_std"], rtol=0.1)
+    assert pred.draws.shape == (len(x), 400, 4)
+
+
 def test_mlp_learns_a_nonlinear_signal_from_training_sections_only():
     train, (x, y, _) = sections(nonlinear=True)
     pred, info = baselines.mlp(train, x, max_epochs=150, patience=20)
@@ -91,11 +107,12 @@ def test_every_ablation_changes_the_default_config():
     s = benchmark.Settings(Path("."), Path("."), benchmark.load_config("small", None, {}), ("C2",), benchmark.PANELS[:1], 1, 5,
                            [], False)
     default = s.variant_config("hinge")
-    for method in ("hinge-paper", "hinge-curriculum-flip", "hinge-revealed", "hinge-no-direct"):
+    for method in ("hinge-paper", "hinge-curriculum-flip", "hinge-revealed", "hinge-no-direct", "hinge-mse"):
         assert s.variant_config(method) != default, method
     assert s.variant_config("hinge-no-direct").model.direct_path is False
     assert s.variant_config("hinge-curriculum-flip").warmup.epochs != default.warmup.epochs
     assert not benchmark.HINGE_VARIANTS["hinge-random"].pretrained
+    assert s.variant_config("hinge-mse").diffusion.likelihood == "mse" != default.diffusion.likelihood
 
 
 def test_markdown_bolds_the_best_mean_and_shows_only_errors_of_the_training_mean(tmp_path: Path):

@@ -57,6 +57,7 @@ from hinge_cli.eval import (
 from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.generate import predict_sample
+from hinge_cli.model.checkpoint import read_checkpoint_card
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
 from hinge_cli.run import Run
@@ -69,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
 TRANSFORM = Transform("none")  # log2(counts + 1): the raw-count space the issue's raw Pearson refers to
+Z95 = 1.6448536  # the standard normal's 95% quantile
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,21 @@ ROWS = (
     ("MAE", "errors.mae", False),
     ("calibration: inside ±1 std (0.683 ideal)", "calibration.within_1std", None),
     ("calibration: inside ±2 std (0.954 ideal)", "calibration.within_2std", None),
+    ("calibration: inside the 90% interval q05–q95 (0.90 ideal)", "calibration.within_90_interval", None),
+    ("CRPS per gene (lower is better)", "calibration.crps", False),
+    ("energy score per spot (lower is better)", "calibration.energy_score", False),
+    ("raw spread, before the per-gene scale: inside ±1 std", "raw.within_1std", None),
+    ("raw spread: inside ±2 std", "raw.within_2std", None),
+    ("raw spread: CRPS", "raw.crps", False),
+    ("raw spread: energy score", "raw.energy_score", False),
+    ("co-expression consistency of one sample", "sampling.one_sample_coexpression", True),
+    ("depth-partial Pearson of one sample", "sampling.one_sample_depth_partial", True),
+    ("depth-partial Pearson of the samples' mean", "sampling.samples_mean_depth_partial", True),
     ("wall time per fold and seed (s)", "seconds", None),
 )
-assert {key for _, key, _ in ROWS} <= {*METRICS, "seconds"}, "every row is a metric of `hinge eval`'s table"
+RAW_KEYS = ("within_1std", "within_2std", "crps", "energy_score")
+SAMPLING_ROWS = {key for _, key, _ in ROWS if key.startswith(("raw.", "sampling."))}  # computed here from the draws
+assert {key for _, key, _ in ROWS} <= {*METRICS, *SAMPLING_ROWS, "seconds"}, "every other row is a metric of `hinge eval`'s table"
 
 
 @dataclass
@@ -151,11 +165,11 @@ class Settings:
     steps: int
     corpus: list[Path]
     overwrite: bool
-    rescore: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     ablation_seeds: tuple[int, ...] = (0,)  # seeds of the ablations (every HINGE method but MAIN_HINGE)
     overrides: dict = field(default_factory=dict)  # the preset's overrides every HINGE variant starts from
+    rescore: bool = False  # score stored HINGE predictions again instead of skipping them
 
     def seeds_of(self, method: str) -> tuple[int, ...] | tuple[None]:
         """A baseline runs once (None); HINGE's default and paper model with `seeds`, the ablations with `ablation_seeds`."""
@@ -249,11 +263,17 @@ class BaselineInputs:
         return cls([_section(run, key, x, genes) for x in SECTIONS if x != test], *held_out_features(run, key, test))
 
 
-def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str]) -> tuple[Prediction, dict]:
+def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str], n_draws: int) -> tuple[Prediction, dict]:
+    """A baseline's prediction; one with a `residual_std` (ridge) gets its per-gene Gaussian: std, q05/q95 and draws."""
     values, info = BASELINES[method](inputs.train, inputs.features)
     pred = Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
                       values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
-    return pred, info
+    if "residual_std" not in info:
+        return pred, info
+    spread = np.broadcast_to(np.asarray(info["residual_std"], np.float32), values.shape)
+    noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
+    return replace(pred, std=spread.copy(), q05=pred.values - Z95 * spread, q95=pred.values + Z95 * spread,
+                   draws=(pred.values[:, None] + spread[:, None] * noise).astype(np.float32)), info
 
 
 def held_out_features(run: Run, key: str, sample: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -300,9 +320,37 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
 # ----------------------------------------------------------------------------- scoring and the table
 
 
-def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
-    """Every metric of `hinge eval`'s table, by key."""
+def _table(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     return metric_table(score_slide(align(pred, truth, truth_path=truth_path), pred.transform).metrics)
+
+
+def spread_scale(pred: Prediction) -> np.ndarray | None:
+    """The per-gene spread scale generate applied to a HINGE prediction (its run's best card), else None."""
+    if pred.model != "hinge" or not pred.path.is_file():
+        return None
+    card = read_checkpoint_card(Run(pred.path.parent).checkpoint("best"))
+    return np.asarray(card.calibration.scale, np.float32) if card.calibration is not None else None
+
+
+def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
+    """Every metric of `hinge eval`'s table, by key; with draws also what single samples, the samples' mean
+    and (for a calibrated HINGE prediction) the raw spread before its per-gene scale would score."""
+    numbers = _table(pred, truth, truth_path)
+    if pred.draws is None:
+        return numbers
+    point_only = {"std": None, "q05": None, "q95": None, "draws": None}
+    one = _table(replace(pred, values=pred.draws[:, 0], **point_only), truth, truth_path)
+    numbers["sampling.one_sample_coexpression"] = one["correlation.model.coexpression.consistency"]
+    numbers["sampling.one_sample_depth_partial"] = one[ROWS[0][1]]
+    mean = pred.draws.mean(1)
+    numbers["sampling.samples_mean_depth_partial"] = _table(replace(pred, values=mean, **point_only), truth, truth_path)[ROWS[0][1]]
+    scale = spread_scale(pred)
+    if scale is not None:
+        draws = mean[:, None] + (pred.draws - mean[:, None]) / scale
+        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1)
+        raw = _table(replace(pred, std=draws.std(1), q05=q05, q95=q95, draws=draws), truth, truth_path)
+        numbers |= {f"raw.{key}": raw[f"calibration.{key}"] for key in RAW_KEYS}
+    return numbers
 
 
 def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> dict[str, dict[str, dict[str, list[dict]]]]:
@@ -333,7 +381,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         truth = truth or read_expression(truth_path)
                         if seed is None:
                             inputs = inputs or BaselineInputs.read(base, key, test, genes)
-                            pred, info = run_baseline(method, inputs, test, genes)
+                            pred, info = run_baseline(method, inputs, test, genes, s.n_samples)
                         else:
                             pred, info = run_hinge(method, base, s.out / "folds" / panel.name / test / name, test, genes,
                                                    backbone, panel_config(s.variant_config(method), panel), s, seed)

@@ -76,6 +76,19 @@ def choose_lambda(xs: list[np.ndarray], ys: list[np.ndarray], score) -> tuple[fl
     return best, best_score
 
 
+def out_of_fold_residual_std(xs: list[np.ndarray], ys: list[np.ndarray], lam: float) -> np.ndarray:
+    """Each gene's residual std when every training section is predicted by a fit on the others (at `lam`).
+
+    In-sample residuals understate the error on a new section; these include the shift between sections.
+    """
+    residuals = []
+    for i in range(len(xs)):
+        train_x = np.concatenate([x for j, x in enumerate(xs) if j != i])
+        train_y = np.concatenate([y for j, y in enumerate(ys) if j != i])
+        residuals.append(ys[i] - predict_ridge(fit_ridge(train_x, train_y, lam), xs[i]))
+    return np.sqrt(np.mean(np.concatenate(residuals) ** 2, axis=0))
+
+
 def evaluate_fold(sections: dict[str, Section], test: str, n_genes: int = 50) -> dict[str, float]:
     train = [s for s in sections if s != test]
     log_train = [log1p_counts(sections[s].counts) for s in train]
