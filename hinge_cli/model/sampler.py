@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hinge_cli.errors import HingeError
 from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_hidden
+from hinge_cli.model.randomness import spot_randomness
 from hinge_cli.progress import SILENT, Progress
 
 
@@ -24,17 +24,6 @@ class Samples:
     mean: Tensor  # (B, G)
     std: Tensor  # (B, G), population std over samples (0 for a single sample)
     samples: Tensor | None = None
-
-
-def spot_randomness(spot_index: Tensor, seed: int, n_samples: int, n_genes: int) -> tuple[Tensor, Tensor]:
-    """Gene ranks (B*n, G) and standard-normal fill noise (B*n, G), a function of (seed, spot) only."""
-    keys, noise = [], []
-    for spot in spot_index.tolist():
-        rng = np.random.default_rng([seed, spot])
-        keys.append(rng.random((n_samples, n_genes)))
-        noise.append(rng.standard_normal((n_samples, n_genes)))
-    keys_t = torch.from_numpy(np.concatenate(keys))
-    return keys_t.argsort(dim=1).argsort(dim=1), torch.from_numpy(np.concatenate(noise))
 
 
 def sample(
@@ -64,7 +53,7 @@ def sample(
     spot_index = torch.arange(b) if spot_index is None else torch.as_tensor(spot_index).cpu()
     if spot_index.shape != (b,) or (spot_index < 0).any():
         raise HingeError("spot_index must hold one non-negative index per spot", "pass the spots' positions on the slide")
-    ranks, noise = spot_randomness(spot_index, seed, n_samples, g)
+    ranks, noise, _ = spot_randomness(spot_index, seed, n_samples, g)
     ranks = ranks.to(device)
     noise = noise.to(device) * noise_std if fill == "noise" else None
     images = image.repeat_interleave(n_samples, dim=0)
