@@ -311,7 +311,7 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     command writes it: to `out` if given, else `<run>/predictions/<sample>.h5ad` (the run keeps
     every prediction with its provenance). `settings["generate"]` sets n_samples, steps, seed,
     batch_size, device, keep_samples. `model="ridge"` predicts with the closed-form baseline `train`
-    fitted on the same spots instead (X only, no layers["std"]; default file `<sample>.ridge.h5ad`).
+    fitted on the same spots instead (its mean and a per-gene Gaussian; default file `<sample>.ridge.h5ad`).
     """
     import anndata
 

@@ -6,7 +6,7 @@ runs in batches of spots, each batch written straight into the output's datasets
 memory stays at one batch plus per-spot metadata however many spots a slide has. The
 file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
 the closed-form baseline `hinge train` stored beside the checkpoint predicts instead, into the
-same format at `<sample>.ridge.h5ad`.
+same format at `<sample>.ridge.h5ad`: its mean and a per-gene Gaussian from its out-of-fold residuals.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model.calibration import predictive
-from hinge_cli.model.ridge import load_ridge, ridge_path
+from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
 from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
@@ -191,14 +191,24 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
     return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None)
 
 
-def ridge_predictor(model: TrainedModel) -> Predictor:
-    """The ridge baseline stored beside the checkpoint; a point estimate, so no std and no draws."""
+def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
+    """The ridge baseline stored beside the checkpoint: its mean and per-gene Gaussian, with `cfg.n_samples` draws a
+    spot when samples are kept; a mean alone (no spread, no draws) from a ridge file older than its residual std."""
     path = ridge_path(model.path)
     ridge = load_ridge(model.path, model.genes, model.key)
+    spread = ridge.residual_std is not None
+    n_draws = cfg.n_samples if cfg.keep_samples and spread else None
     provenance = {"model": "ridge", "ridge": str(path.resolve()), "ridge_sha256": sha256_file(path),
                   "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples}
-    return Predictor("ridge", provenance, lambda rows, start, stop: PredictedBatch(ridge.predict(rows).astype(np.float32)),
-                     with_spread=False, map_titles=("ridge prediction",))
+    if spread:
+        provenance |= {"residual_std_source": ridge.residual_source, "seed": cfg.seed}
+    if n_draws:
+        provenance["samples"] = n_draws
+
+    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
+        return predictive_batch(ridge, rows, np.arange(start, stop), cfg.seed, n_draws)
+
+    return Predictor("ridge", provenance, predict, with_spread=spread, keep_draws=n_draws, map_titles=("ridge prediction",))
 
 
 def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
@@ -357,7 +367,7 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
         raise HingeError(f"--genes-to-plot genes not in the model's panel: {', '.join(unknown)}",
                          f"choose among the {len(trained.genes)} panel genes, e.g. {', '.join(trained.genes[:5])}")
     trained.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
-    predictor = hinge_predictor(trained, cfg) if model == "hinge" else ridge_predictor(trained)
+    predictor = hinge_predictor(trained, cfg) if model == "hinge" else ridge_predictor(trained, cfg)
     encoders = Encoders(trained, weights, cfg.device)
     if any(not run.embeddings(trained.key, s).exists() for s in todo):
         encoders.check_available()  # before any tiling: a missing download is the likeliest failure

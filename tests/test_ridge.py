@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from stand_in import write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.data.dataset import assemble
+from hinge_cli.data.dataset import SpotTable, assemble
+from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import read_embeddings
-from hinge_cli.formats.ridge_model import read_ridge_model
+from hinge_cli.formats.ridge_model import METADATA_KEY, read_ridge_model
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import load_checkpoint
-from hinge_cli.model.ridge import PENALTIES, best_penalty, search_penalty
+from hinge_cli.model.ridge import GAUSSIAN_Q95, PENALTIES, best_penalty, cross_validate, fit_ridge, inner_folds
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
@@ -74,13 +78,13 @@ def test_the_penalty_is_the_best_inner_cv_value() -> None:
     base = rng.normal(size=(n, 1))
     z = np.hstack([base + 0.2 * rng.normal(size=(n, 2)), rng.normal(size=(n, 3))])
     y = (z[:, :1] - 0.8 * z[:, 1:2]) + 0.01 * rng.normal(size=(n, 4))
-    exact = search_penalty(z, y, rng.uniform(1000, 20000, n), np.array(["a", "b"] * (n // 2)), seed=0)
+    exact, _ = cross_validate(z, y, rng.uniform(1000, 20000, n), np.array(["a", "b"] * (n // 2)), seed=0)
     assert exact.folds == "samples" and best_penalty(exact) <= 0.01
     rng = np.random.default_rng(0)
     n = 40  # few spots, nearly as many dimensions, a weak signal: a small penalty overfits
     z = rng.normal(size=(n, 30))
     y = z[:, :3].sum(1, keepdims=True) + 2 * rng.normal(size=(n, 6))
-    noisy = search_penalty(z, y, rng.uniform(1000, 20000, n), np.array(["a"] * n), seed=0)
+    noisy, _ = cross_validate(z, y, rng.uniform(1000, 20000, n), np.array(["a"] * n), seed=0)
     assert noisy.folds == "spots" and noisy.n_folds == 5 and best_penalty(noisy) >= 1
     assert max(noisy.scores) > noisy.scores[0] + 0.1
     for search in (exact, noisy):
@@ -95,11 +99,97 @@ def test_generate_ridge_writes_the_prediction_format(trained: tuple[Run, dict[st
     ridge = read_ridge_model(run.checkpoint("ridge"))
     features = read_embeddings(run.embeddings("default", "t0"))
     assert list(adata.var_names) == ridge.genes and list(adata.obs_names) == features.barcodes
-    assert "std" not in adata.layers and "spatial" in adata.obsm and "t0" in adata.uns["spatial"]
+    assert "spatial" in adata.obsm and "t0" in adata.uns["spatial"] and "samples" not in adata.obsm
     assert adata.uns["hinge"]["model"] == "ridge" and adata.uns["hinge"]["penalty"] == ridge.penalty
+    np.testing.assert_allclose(adata.layers["std"], np.broadcast_to(ridge.residual_std, adata.shape), rtol=1e-6)
     np.testing.assert_allclose(adata.X, ridge.predict(features.features), rtol=1e-5, atol=1e-5)
     assert not run.prediction("t0").exists()  # HINGE's own default file is another one
     assert run.stage("t0", "generate:ridge")["status"] == "ok" and not run.stage("t0", "generate")
+
+
+def out_of_fold_rms(z: np.ndarray, y: np.ndarray, penalty: float, held_out: list[np.ndarray]) -> np.ndarray:
+    """Per gene, the root mean square residual of each held-out part under a closed-form solve on the rest."""
+    squared = np.zeros(y.shape[1])
+    for test in held_out:
+        train = np.setdiff1d(np.arange(len(z)), test)
+        zt, yt = z[train], y[train]
+        zc, yc = zt - zt.mean(0), yt - yt.mean(0)
+        weights = np.linalg.solve(zc.T @ zc + penalty * len(zt) * np.eye(z.shape[1]), zc.T @ yc)
+        squared += ((y[test] - ((z[test] - zt.mean(0)) @ weights + yt.mean(0))) ** 2).sum(0)
+    return np.sqrt(squared / len(z))
+
+
+def test_the_stored_residual_std_is_the_out_of_fold_one(trained: tuple[Run, dict[str, Path]]) -> None:
+    run, _ = trained
+    card = load_checkpoint(run.checkpoint("best")).card
+    ridge = read_ridge_model(run.checkpoint("ridge"))
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    rows, _ = split_rows(card.split, table)
+    z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
+    y = table.targets[rows].astype(np.float64)
+    samples = np.asarray(table.sample)[rows]
+    expected = out_of_fold_rms(z, y, ridge.penalty, [np.flatnonzero(samples == s) for s in ("t0", "t1")])
+    np.testing.assert_allclose(ridge.residual_std, expected, rtol=1e-6)
+    assert "leave one sample out" in ridge.residual_source
+    in_sample = np.sqrt(((z @ ridge.weights + ridge.intercept - y) ** 2).mean(0))
+    assert ridge.residual_std.mean() > in_sample.mean()  # honest: above the in-sample error
+
+
+def test_with_one_sample_the_residual_std_comes_from_the_spot_folds() -> None:
+    rng = np.random.default_rng(3)
+    n, d, g = 60, 4, 3
+    features = rng.normal(size=(n, d))
+    targets = features @ rng.normal(size=(d, g)) + rng.normal(scale=[0.1, 0.5, 2.0], size=(n, g))
+    table = SpotTable(np.array(["only"] * n), [f"s{i}" for i in range(n)], np.zeros((n, 2)), features.astype(np.float32),
+                      targets.astype(np.float32), rng.uniform(1000, 5000, n))
+    ridge = fit_ridge(table, FeatureNorm(np.zeros(d, np.float32), np.ones(d, np.float32)), ["a", "b", "c"], "k", seed=7)
+    held_out, kind = inner_folds(table.sample, 7)
+    z, y = features.astype(np.float32).astype(np.float64), targets.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(ridge.residual_std, out_of_fold_rms(z, y, ridge.penalty, held_out), rtol=1e-6)
+    assert kind == "spots" and "seeded folds of spots" in ridge.residual_source
+    assert ridge.residual_std[0] < ridge.residual_std[1] < ridge.residual_std[2]  # it follows each gene's own noise
+
+
+def test_ridge_draws_follow_its_gaussian_whatever_the_batch(trained: tuple[Run, dict[str, Path]], tmp_path: Path) -> None:
+    run, _ = trained
+    many = GenerateConfig(n_samples=400, seed=3, device="cpu", keep_samples=True)
+    generate(run, [Target("t0")], many, out=tmp_path / "whole.h5ad", model="ridge")
+    adata = ad.read_h5ad(tmp_path / "whole.h5ad")
+    mean, std, draws = adata.X, adata.layers["std"], adata.obsm["samples"]
+    assert draws.shape == (adata.n_obs, 400, adata.n_vars) and np.all(std > 0)
+    np.testing.assert_allclose(adata.layers["q95"] - mean, GAUSSIAN_Q95 * std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mean - adata.layers["q05"], GAUSSIAN_Q95 * std, rtol=1e-4, atol=1e-5)
+    assert abs(GAUSSIAN_Q95 - 1.6449) < 1e-4
+    z = (draws - mean[:, None]) / std[:, None]
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    assert np.all(np.abs(z.mean(1)) < 5 / np.sqrt(400)) and np.all(np.abs(z.std(1) - 1) < 0.25)
+    inside = (draws > adata.layers["q05"][:, None]) & (draws < adata.layers["q95"][:, None])
+    assert abs(inside.mean() - 0.9) < 0.01
+    provenance = adata.uns["hinge"]
+    assert "out-of-fold" in provenance["residual_std_source"] and provenance["seed"] == 3 and provenance["samples"] == 400
+    generate(run, [Target("t0")], replace(many, batch_size=3), out=tmp_path / "batched.h5ad", model="ridge")
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "batched.h5ad").obsm["samples"], draws)
+    generate(run, [Target("t0")], replace(many, seed=4), out=tmp_path / "other.h5ad", model="ridge")
+    assert not np.allclose(ad.read_h5ad(tmp_path / "other.h5ad").obsm["samples"], draws)
+
+
+def test_an_old_ridge_file_without_a_residual_std_predicts_a_mean_only(trained: tuple[Run, dict[str, Path]],
+                                                                      tmp_path: Path) -> None:
+    run = Run(shutil.copytree(trained[0].root, tmp_path / "run"))
+    path = run.checkpoint("ridge")
+    with safe_open(str(path), framework="np") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k != "residual_std"}  # noqa: SIM118
+    del meta["residual_source"]
+    save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    old = read_ridge_model(path)
+    assert old.residual_std is None and old.residual_source is None
+    generate(run, [Target("t0")], GenerateConfig(n_samples=4, device="cpu", keep_samples=True), out=tmp_path / "old.h5ad",
+             model="ridge")
+    adata = ad.read_h5ad(tmp_path / "old.h5ad")
+    assert not adata.layers and "samples" not in adata.obsm and "residual_std_source" not in adata.uns["hinge"]
+    features = read_embeddings(run.embeddings("default", "t0"))
+    np.testing.assert_allclose(adata.X, old.predict(features.features), rtol=1e-5, atol=1e-5)
 
 
 def test_eval_prints_hinge_against_the_ridge_beside_it(trained: tuple[Run, dict[str, Path]], tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 One file, so the arrays and what they mean cannot be separated; written atomically by
 `hinge train` beside the checkpoint it was fitted with, read by `hinge generate --model ridge`.
+The per-gene residual std (the predictive Gaussian's scale) is optional: files written before
+it existed load without it, and predict a mean only.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class RidgeModel:
     encoder_key: str
     samples: list[str] = field(default_factory=list)  # the training samples the spots came from
     n_spots: int = 0
+    residual_std: np.ndarray | None = None  # (G,) the predictive Gaussian's scale; None in files from before it
+    residual_source: str | None = None  # which residuals it was estimated from
 
     @property
     def score(self) -> float:
@@ -64,9 +68,12 @@ def design(features: np.ndarray, norm: FeatureNorm) -> np.ndarray:
 def write_ridge_model(path: Path, model: RidgeModel) -> None:
     """Arrays and metadata in one safetensors file, renamed into place only once complete."""
     meta = {"format": FORMAT, "penalty": model.penalty, "search": asdict(model.search), "genes": model.genes,
-            "encoder_key": model.encoder_key, "samples": model.samples, "n_spots": model.n_spots}
+            "encoder_key": model.encoder_key, "samples": model.samples, "n_spots": model.n_spots,
+            "residual_source": model.residual_source}
     arrays = {"weights": model.weights, "intercept": model.intercept, "feature_mean": model.norm.mean,
               "feature_std": model.norm.std}
+    if model.residual_std is not None:
+        arrays["residual_std"] = model.residual_std
     with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
                   metadata={METADATA_KEY: json.dumps(meta, allow_nan=True)})
@@ -89,4 +96,4 @@ def read_ridge_model(path: Path) -> RidgeModel:
         raise HingeError(f"{path} is not a ridge baseline of this version ({meta.get('format', 'no format')})", retrain)
     return RidgeModel(arrays["weights"], arrays["intercept"], FeatureNorm(arrays["feature_mean"], arrays["feature_std"]),
                       float(meta["penalty"]), PenaltySearch(**meta["search"]), list(meta["genes"]), str(meta["encoder_key"]),
-                      list(meta["samples"]), int(meta["n_spots"]))
+                      list(meta["samples"]), int(meta["n_spots"]), arrays.get("residual_std"), meta.get("residual_source"))

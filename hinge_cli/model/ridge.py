@@ -4,7 +4,8 @@ Features are standardised by the HINGE checkpoint's own `FeatureNorm` and averag
 views; targets are the model-space panel. The penalty is the one of a fixed grid with the best
 inner cross-validated depth-partial Pearson (the eval's headline): leave one training sample out
 when there are several, else seeded random folds of spots. Each fold costs one eigendecomposition
-of its Gram matrix, reused for every penalty, so a fit takes seconds.
+of its Gram matrix, reused for every penalty, so a fit takes seconds. The same folds' residuals
+give each gene's predictive std, so the ridge predicts a per-gene Gaussian around its mean.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -21,7 +23,9 @@ from hinge_cli.data.dataset import SpotTable
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
+from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.formats.ridge_model import PenaltySearch, RidgeModel, design, read_ridge_model, write_ridge_model
+from hinge_cli.model.randomness import RIDGE_STREAM, normals
 from hinge_cli.run import Run
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 PENALTIES = tuple(float(v) for v in np.logspace(-3, 3, 13))
 SPOT_FOLDS = 5
 RIDGE = "ridge"  # checkpoints/ridge.safetensors
+GAUSSIAN_Q95 = NormalDist().inv_cdf(0.95)  # 1.6449: mean ± this × std bounds the central 90% of a Gaussian
 
 
 class Fold:
@@ -59,21 +64,29 @@ def inner_folds(groups: np.ndarray, seed: int) -> tuple[list[np.ndarray], str]:
     return [np.sort(part) for part in np.array_split(order, min(SPOT_FOLDS, len(groups)))], "spots"
 
 
-def search_penalty(z: np.ndarray, y: np.ndarray, depth: np.ndarray, groups: np.ndarray, seed: int,
-                   penalties: Sequence[float] = PENALTIES) -> PenaltySearch:
-    """Score every penalty by inner cross-validation (mean over folds of the mean depth-partial Pearson)."""
+def cross_validate(z: np.ndarray, y: np.ndarray, depth: np.ndarray, groups: np.ndarray, seed: int,
+                   penalties: Sequence[float] = PENALTIES) -> tuple[PenaltySearch, np.ndarray]:
+    """Score every penalty by inner cross-validation (mean over folds of the mean depth-partial Pearson).
+
+    Also returns each penalty's out-of-fold mean squared residual per gene (P, G): every spot is
+    held out once, so it is the error on spots the fit did not see.
+    """
     held_out, kind = inner_folds(groups, seed)
     scores = np.full((len(held_out), len(penalties)), np.nan)
+    squared = np.zeros((len(penalties), y.shape[1]))
     for i, test in enumerate(held_out):
         train = np.setdiff1d(np.arange(len(z)), test)
         fold = Fold(z[train], y[train])
         for j, penalty in enumerate(penalties):
             weights = fold.weights(penalty)
-            scores[i, j] = metrics.depth_partial_score(z[test] @ weights + fold.intercept(weights), y[test], depth[test])[0]
+            predicted = z[test] @ weights + fold.intercept(weights)
+            scores[i, j] = metrics.depth_partial_score(predicted, y[test], depth[test])[0]
+            squared[j] += ((y[test] - predicted) ** 2).sum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(scores, axis=0)
-    return PenaltySearch([float(p) for p in penalties], [float(s) for s in mean], kind, len(held_out))
+    search = PenaltySearch([float(p) for p in penalties], [float(s) for s in mean], kind, len(held_out))
+    return search, squared / sum(len(test) for test in held_out)
 
 
 def best_penalty(search: PenaltySearch) -> float:
@@ -84,16 +97,27 @@ def best_penalty(search: PenaltySearch) -> float:
     return search.penalties[int(np.nanargmax(scores))]
 
 
+def residual_source(search: PenaltySearch) -> str:
+    """Which residuals the predictive std comes from, in words (the prediction file's provenance)."""
+    folds = "leave one sample out" if search.folds == "samples" else "seeded folds of spots"
+    return f"out-of-fold residuals of the inner cross-validation at the chosen penalty ({folds}, {search.n_folds} folds)"
+
+
 def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder_key: str, seed: int = 0,
               penalties: Sequence[float] = PENALTIES) -> RidgeModel:
-    """Choose the penalty on `table`'s spots by inner CV, then solve on all of them."""
+    """Choose the penalty on `table`'s spots by inner CV, then solve on all of them.
+
+    Each gene's predictive std is the root mean square of its out-of-fold residuals at that
+    penalty: in-sample residuals would understate the error on a new section.
+    """
     z, y = design(table.features, norm), table.targets.astype(np.float64)
-    search = search_penalty(z, y, table.depth, np.asarray(table.sample, dtype=str), seed, penalties)
+    search, mean_square = cross_validate(z, y, table.depth, np.asarray(table.sample, dtype=str), seed, penalties)
     penalty = best_penalty(search)
     fold = Fold(z, y)
     weights = fold.weights(penalty)
     return RidgeModel(weights, fold.intercept(weights), norm, penalty, search, list(genes), encoder_key,
-                      sorted({str(s) for s in table.sample}), len(table))
+                      sorted({str(s) for s in table.sample}), len(table),
+                      np.sqrt(mean_square[search.penalties.index(penalty)]), residual_source(search))
 
 
 def ridge_path(checkpoint: Path) -> Path:
@@ -106,8 +130,9 @@ def fit_run_ridge(run: Run, card: ModelCard, train: SpotTable) -> RidgeModel:
     ridge = fit_ridge(train, card.feature_norm, card.genes, str(card.encoder_key), card.split.seed)
     path = run.checkpoint(RIDGE)
     write_ridge_model(path, ridge)
-    log.info("ridge baseline: λ = %.3g, inner-CV depth-partial Pearson %.3f (%d folds of %s, %d spots) -> %s",
-             ridge.penalty, ridge.score, ridge.search.n_folds, ridge.search.folds, ridge.n_spots, path)
+    log.info("ridge baseline: λ = %.3g, inner-CV depth-partial Pearson %.3f, out-of-fold residual std %.3g (median "
+             "over genes; %d folds of %s, %d spots) -> %s", ridge.penalty, ridge.score, float(np.median(ridge.residual_std)),
+             ridge.search.n_folds, ridge.search.folds, ridge.n_spots, path)
     return ridge
 
 
@@ -119,3 +144,23 @@ def load_ridge(checkpoint: Path, genes: Sequence[str], encoder_key: str) -> Ridg
         raise HingeError(f"{path} was fitted for another panel or encoder than {Path(checkpoint).name}",
                          "run `hinge train` again: it refits the ridge baseline with the checkpoint")
     return ridge
+
+
+def predictive_batch(ridge: RidgeModel, features: np.ndarray, spot_index: np.ndarray, seed: int,
+                     n_draws: int | None = None) -> PredictedBatch:
+    """The ridge mean of spots `spot_index` and, where the file has a residual std, its per-gene Gaussian.
+
+    std is the gene's residual std at every spot, q05/q95 the Gaussian's exact quantiles, and the
+    `n_draws` draws a spot come from the counter-based generator keyed by (seed, spot), so the
+    same seed gives the same draws however the spots are batched.
+    """
+    mean = ridge.predict(features)
+    if ridge.residual_std is None:
+        return PredictedBatch(mean.astype(np.float32))
+    std = np.broadcast_to(ridge.residual_std, mean.shape)
+    draws = None
+    if n_draws:
+        noise = normals(seed, spot_index, n_draws, mean.shape[1], RIDGE_STREAM).reshape(len(mean), n_draws, -1)
+        draws = (mean[:, None] + std[:, None] * noise).astype(np.float32)
+    return PredictedBatch(mean.astype(np.float32), std.astype(np.float32), (mean - GAUSSIAN_Q95 * std).astype(np.float32),
+                          (mean + GAUSSIAN_Q95 * std).astype(np.float32), draws)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hinge_cli.errors import HingeError
 from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_hidden
+from hinge_cli.model.randomness import spot_randomness
 from hinge_cli.progress import SILENT, Progress
 
 
@@ -27,18 +27,6 @@ class Samples:
     mean: Tensor  # (B, G)
     std: Tensor  # (B, G), population std over samples (0 for a single sample)
     samples: Tensor | None = None
-
-
-def spot_randomness(spot_index: Tensor, seed: int, n_samples: int, n_genes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Gene ranks (B*n, G), standard-normal fill noise and reveal noise (B*n, G), a function of (seed, spot) only."""
-    keys, noise, reveal = [], [], []
-    for spot in spot_index.tolist():
-        rng = np.random.default_rng([seed, spot])
-        keys.append(rng.random((n_samples, n_genes)))
-        noise.append(rng.standard_normal((n_samples, n_genes)))
-        reveal.append(rng.standard_normal((n_samples, n_genes)))
-    keys_t = torch.from_numpy(np.concatenate(keys))
-    return keys_t.argsort(dim=1).argsort(dim=1), torch.from_numpy(np.concatenate(noise)), torch.from_numpy(np.concatenate(reveal))
 
 
 def sample(
