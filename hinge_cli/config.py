@@ -138,6 +138,7 @@ class TrainConfig(Checked):
     seed: int = 0
     device: str = "auto"
     schedule: str = "cosine"  # cosine (after a linear warm-up) | constant learning rate
+    refit: bool = True  # after validation chose the epochs, fit again on every training spot (validation's too)
 
 
 @dataclass

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from hinge_cli.config import HingeConfig, WarmupConfig
-from hinge_cli.data.corpus import Corpus, load_corpus
-from hinge_cli.data.dataset import SpotTable, assemble, load_expression, training_samples
+from hinge_cli.data.corpus import load_corpus
+from hinge_cli.data.dataset import assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
-from hinge_cli.data.features import FeatureNorm
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
@@ -33,94 +32,23 @@ from hinge_cli.encoders import encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
 from hinge_cli.figures import loss_curves
 from hinge_cli.files import write_text_atomic
-from hinge_cli.fit import BatchLoss, LoopSettings, LoopState, Validate, fit
+from hinge_cli.fit import LoopSettings, LoopState, fit
 from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord
 from hinge_cli.formats.tiles import read_tile_attrs
 from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
+from hinge_cli.losses import hinge_losses, pretrain_losses
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
-from hinge_cli.model.calibration import calibrate_checkpoint
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
-from hinge_cli.model.diffusion import diffusion_loss
-from hinge_cli.model.pretrain import pretrain_loss, select_genes
-from hinge_cli.model.ridge import fit_ridge, fit_run_ridge
-from hinge_cli.model_selection import choose_split, generated_depth_partial
+from hinge_cli.model.ridge import start_direct_path_at_ridge
+from hinge_cli.model_selection import choose_split
 from hinge_cli.progress import SILENT, Progress
+from hinge_cli.refit import finish_training
 from hinge_cli.run import Run
 from hinge_cli.train_data import SplitData
 
 log = logging.getLogger(__name__)
-
-EVAL_BATCH = 256
-# Validation draws timesteps and masks from a generator of its own, seeded once per run: every epoch is scored on
-# the same corruptions, so the numbers compare across epochs. The offsets (the 1000th and 10000th primes; arbitrary
-# but fixed: changing them changes every recorded validation loss) keep it apart from the training draws' seed.
-HINGE_VALIDATION_SEED_OFFSET = 7919
-PRETRAIN_VALIDATION_SEED_OFFSET = 104729
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-def hinge_losses(net: Hinge, data: SplitData, dist: Dist, seed: int, max_hidden_fraction: float | None,
-                 device: torch.device, generated: bool = False) -> tuple[BatchLoss, Validate]:
-    """Batch loss (a random stored view per spot; this rank's share of the global draws) and validation.
-
-    Validation always reports the teacher-forced loss; with `generated` also the generated prediction's
-    depth-partial Pearson (`val_depth_partial`), the figure training selects on.
-    """
-    diffusion, train, val = net.diffusion, data.train, data.val
-
-    def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
-        view = torch.randint(train.features.shape[1], (len(rows),), generator=generator)
-        x0, image = train.targets[rows].to(device), train.features[rows, view].to(device)
-        return diffusion_loss(wrapped, x0, image, net.schedule, diffusion, generator, max_hidden_fraction,
-                              rows=dist.rows(len(rows)))
-
-    def validate(unwrapped: nn.Module) -> dict[str, float]:
-        generator = torch.Generator().manual_seed(seed + HINGE_VALIDATION_SEED_OFFSET)
-        total, n = 0.0, len(val.targets)
-        for start in range(0, n, EVAL_BATCH):
-            x0 = val.targets[start : start + EVAL_BATCH].to(device)
-            image = val.features[start : start + EVAL_BATCH, 0].to(device)
-            loss = diffusion_loss(unwrapped, x0, image, net.schedule, diffusion, generator)
-            total += float(loss) * len(x0)
-        figures = {"val_loss": total / n}
-        if generated:
-            figures["val_depth_partial"] = generated_depth_partial(unwrapped, val, seed + HINGE_VALIDATION_SEED_OFFSET)
-        return figures
-
-    return batch_loss, validate
-
-
-def pretrain_losses(corpus: Corpus, train_rows: np.ndarray, val_rows: np.ndarray, cfg: HingeConfig, dist: Dist,
-                    device: torch.device, panel: Sequence[str] = ()) -> tuple[BatchLoss, Validate]:
-    """Masked-value loss on gene subsets of corpus profiles: the panel's genes plus others (expressed ones favoured)."""
-    length = min(cfg.pretrain.seq_len, len(corpus.vocab))
-    diffusion = cfg.diffusion
-    column = {g: j for j, g in enumerate(corpus.vocab)}
-    always = torch.tensor([column[g] for g in panel if g in column], dtype=torch.long)
-
-    def draw(rows: np.ndarray, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        dense = torch.from_numpy(corpus.dense(rows))
-        cols = select_genes(dense, length, generator, diffusion.pretrain_expressed_fraction, always)
-        return (cols + 1).to(device), dense.gather(1, cols).to(device)
-
-    def batch_loss(wrapped: nn.Module, rows: Tensor, generator: torch.Generator) -> Tensor:
-        ids, values = draw(train_rows[rows.numpy()], generator)
-        return pretrain_loss(wrapped, ids, values, diffusion, generator, rows=dist.rows(len(rows)))
-
-    def validate(unwrapped: nn.Module) -> dict[str, float]:
-        generator = torch.Generator().manual_seed(cfg.train.seed + PRETRAIN_VALIDATION_SEED_OFFSET)
-        total = 0.0
-        for start in range(0, len(val_rows), EVAL_BATCH):
-            ids, values = draw(val_rows[start : start + EVAL_BATCH], generator)
-            total += float(pretrain_loss(unwrapped, ids, values, diffusion, generator)) * len(ids)
-        return {"val_loss": total / len(val_rows)}
-
-    return batch_loss, validate
-
 
 def write_log(run: Run, stage: str, state: LoopState) -> None:
     """Rewrite logs/<stage>.jsonl and plots/<stage>_loss.png from the loop history."""
@@ -255,18 +183,6 @@ def _ready_backbone(run: Run, cfg: HingeConfig, found: tuple[Backbone | None, li
     return backbone, vocab, source
 
 
-def start_direct_path_at_ridge(net: Hinge, train: SpotTable, norm: FeatureNorm, panel: list[str], key: str, seed: int) -> None:
-    """Start the direct image path's linear term at the closed-form ridge fit on the training spots.
-
-    Fitting the linear head first and fine-tuning from it (LP-FT) lets training spend its
-    epochs on what a linear model cannot do, instead of slowly rediscovering the linear fit.
-    """
-    ridge = fit_ridge(train, norm, panel, key, seed)
-    net.direct.start_at(torch.from_numpy(ridge.weights).float(), torch.from_numpy(ridge.intercept).float())
-    log.info("direct image path starts at the ridge fit (λ = %.3g, inner-CV depth-partial Pearson %.3f)", ridge.penalty,
-             ridge.score)
-
-
 def _warmup_curriculum(run: Run, cfg: HingeConfig, net: Hinge, data: SplitData, dist: Dist, device: torch.device,
                        progress: Progress) -> LoopState:
     """Train on lightly masked timesteps only (at most `warmup.mask_ratio` of the panel hidden)."""
@@ -329,7 +245,7 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     index = {g: i + 1 for i, g in enumerate(vocab)}
     net = Hinge(backbone, [index[g] for g in panel], data.train.features.shape[-1], cfg.model, cfg.diffusion).to(device)
     if net.direct is not None and cfg.model.direct_init == "ridge":
-        start_direct_path_at_ridge(net, table.subset(data.train_rows), data.norm, panel, key, seed)
+        start_direct_path_at_ridge(net.direct, table.subset(data.train_rows), data.norm, panel, key, seed)
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
         save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
@@ -369,6 +285,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
     data = SplitData.of(table, card.split, card.feature_norm)
+    selected_path = run.checkpoint("selected") if tc.refit else best_path  # the validated model; a refit becomes best
     net = checkpoint.net.to(device)
     batch_loss, validate = hinge_losses(net, data, dist, card.split.seed, None, device, generated=True)
     settings = LoopSettings(stage="train", epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
@@ -380,15 +297,14 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
         with checkpoint_unit(last_path.parent, "last") as stage:  # weights, cards and resume state: all or none
             write_checkpoint(stage(last_path.name), fitted, trained)
             if improved:
-                write_checkpoint(stage(best_path.name), fitted, trained)
+                write_checkpoint(stage(selected_path.name), fitted, trained)
             write_train_state(stage(state_path.name), opt, state)
         write_log(run, "train", state)
 
     state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
+    finish_training(run, cfg, table, data, selected_path, best_path, state.best_epoch, dist, device, progress)
     if dist.main:
-        fit_run_ridge(run, card, table.subset(data.train_rows))  # the closed-form baseline on the same training spots, beside the checkpoint
-        calibrate_checkpoint(best_path, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()

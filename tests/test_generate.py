@@ -314,3 +314,14 @@ def test_train_fits_a_spread_scale_that_widens_the_draws(trained: tuple[Run, Pat
     spread = off.layers["std"] > 1e-4
     np.testing.assert_allclose((on.layers["std"] / np.where(spread, off.layers["std"], 1))[spread],
                                np.broadcast_to(scale, on.shape)[spread], rtol=1e-3)
+
+
+def test_train_refits_on_every_spot_and_keeps_the_validated_model(trained: tuple[Run, Path]) -> None:
+    run, _ = trained
+    best, selected = (load_checkpoint(run.checkpoint(name)) for name in ("best", "selected"))
+    assert best.card.refit is not None and selected.card.refit is None
+    assert best.card.refit.epochs == selected.card.training.best_epoch
+    assert best.card.refit.n_train_spots == selected.card.training.n_train_spots + selected.card.training.n_val_spots
+    assert best.card.calibration == selected.card.calibration and best.card.split == selected.card.split
+    weights = zip(best.net.state_dict().values(), selected.net.state_dict().values(), strict=True)
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in weights)

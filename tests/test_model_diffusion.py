@@ -94,7 +94,10 @@ def test_gaussian_loss_adds_the_spread_likelihood_of_the_detached_residual():
     grads = []
     for likelihood in ("gaussian", "mse"):
         mean = (x0 + 1).requires_grad_()
-        net = lambda values, visible, t, image, spread=False: (mean, torch.full_like(x0, -2.0)) if spread else mean  # noqa: E731
+
+        def net(values, visible, t, image, spread=False, mean=mean):
+            return (mean, torch.full_like(x0, -2.0)) if spread else mean
+
         cfg_l = DiffusionConfig(steps=10, fill="zero", likelihood=likelihood)
         diffusion_loss(net, x0, torch.zeros(16, 1), s, cfg_l, torch.Generator().manual_seed(0)).backward()
         grads.append(mean.grad)

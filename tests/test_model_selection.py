@@ -11,9 +11,10 @@ import torch
 from hinge_cli.config import load_config
 from hinge_cli.data.dataset import SpotTable
 from hinge_cli.distributed import Dist
+from hinge_cli.losses import hinge_losses
 from hinge_cli.model import Hinge
+from hinge_cli.model.ridge import start_direct_path_at_ridge
 from hinge_cli.model_selection import choose_split, generated_depth_partial
-from hinge_cli.train import hinge_losses, start_direct_path_at_ridge
 from hinge_cli.train_data import SplitData
 
 G, D = 6, 8
@@ -61,9 +62,9 @@ def test_the_held_out_section_never_enters_training_batches():
     seen: list[torch.Tensor] = []
     original = net.forward
 
-    def spy(values, visible, t, image):
+    def spy(values, visible, t, image, spread=False):
         seen.append(image.detach().clone())
-        return original(values, visible, t, image)
+        return original(values, visible, t, image, spread)
 
     net.forward = spy  # type: ignore[method-assign]
     batch_loss, _ = hinge_losses(net, data, Dist(), 0, None, torch.device("cpu"))
@@ -82,7 +83,7 @@ def test_ridge_started_direct_path_predicts_what_the_ridge_predicts_and_scores_w
     net = Hinge.build(cfg.model, G + 1, list(range(1, G + 1)), D, cfg.diffusion)
     before = generated_depth_partial(net, data.val, seed=0)
     train_rows = np.flatnonzero(table.sample != "c")
-    start_direct_path_at_ridge(net, table.subset(train_rows), data.norm, [f"g{j}" for j in range(G)], "k", 0)
+    start_direct_path_at_ridge(net.direct, table.subset(train_rows), data.norm, [f"g{j}" for j in range(G)], "k", 0)
     after = generated_depth_partial(net, data.val, seed=0)
     assert after > 0.9 and after > before + 0.3
     image = data.val.features[:5, 0]

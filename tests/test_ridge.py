@@ -60,7 +60,8 @@ def test_ridge_inside_train_matches_a_direct_closed_form_solve(trained: tuple[Ru
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
-    rows, _ = split_rows(card.split, table)
+    assert card.refit is not None  # the default refit trains on every spot, and so does the ridge beside it
+    rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
     y = table.targets[rows].astype(np.float64)
     zc, yc = z - z.mean(0), y - y.mean(0)
@@ -68,7 +69,7 @@ def test_ridge_inside_train_matches_a_direct_closed_form_solve(trained: tuple[Ru
     np.testing.assert_allclose(ridge.weights, expected, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(ridge.predict(table.features[rows]), zc @ expected + y.mean(0), atol=1e-5)
     assert ridge.genes == card.genes and ridge.encoder_key == card.encoder_key
-    assert ridge.n_spots == len(rows) < len(table) and ridge.samples == ["t0", "t1"]
+    assert ridge.n_spots == len(rows) > len(split_rows(card.split, table)[0]) and ridge.samples == ["t0", "t1"]
     assert ridge.penalty in PENALTIES and ridge.search.folds == "samples" and ridge.search.n_folds == 2
 
 
@@ -99,7 +100,8 @@ def test_generate_ridge_writes_the_prediction_format(trained: tuple[Run, dict[st
     ridge = read_ridge_model(run.checkpoint("ridge"))
     features = read_embeddings(run.embeddings("default", "t0"))
     assert list(adata.var_names) == ridge.genes and list(adata.obs_names) == features.barcodes
-    assert "spatial" in adata.obsm and "t0" in adata.uns["spatial"] and "samples" not in adata.obsm
+    assert "spatial" in adata.obsm and "t0" in adata.uns["spatial"]
+    assert adata.obsm["samples"].shape == (adata.n_obs, FAST.n_samples, adata.n_vars)  # draws are kept by default
     assert adata.uns["hinge"]["model"] == "ridge" and adata.uns["hinge"]["penalty"] == ridge.penalty
     np.testing.assert_allclose(adata.layers["std"], np.broadcast_to(ridge.residual_std, adata.shape), rtol=1e-6)
     np.testing.assert_allclose(adata.X, ridge.predict(features.features), rtol=1e-5, atol=1e-5)
@@ -124,7 +126,7 @@ def test_the_stored_residual_std_is_the_out_of_fold_one(trained: tuple[Run, dict
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
     table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
-    rows, _ = split_rows(card.split, table)
+    rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
     y = table.targets[rows].astype(np.float64)
     samples = np.asarray(table.sample)[rows]

@@ -146,6 +146,7 @@ class ModelCard:
     config: HingeConfig | None = None  # the run config the stage ran with
     training: TrainingRecord = field(default_factory=TrainingRecord)
     calibration: SpreadCalibration | None = None  # `hinge train` fits it on the validation spots
+    refit: TrainingRecord | None = None  # the refit on every training spot that made these weights, if any
     weights: str = ""  # the weights file's name, beside this card
     sha256: str = ""  # of the weights file
     hinge_version: str = __version__
@@ -195,6 +196,7 @@ def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
         config=config_from_dict(data["config"]) if data.get("config") is not None else None,
         training=_make(TrainingRecord, data.get("training", {}), where),
         calibration=_optional(SpreadCalibration, data.get("calibration"), where),
+        refit=_optional(TrainingRecord, data.get("refit"), where),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+import torch
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
@@ -25,6 +26,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.formats.ridge_model import PenaltySearch, RidgeModel, design, read_ridge_model, write_ridge_model
+from hinge_cli.model.conditioning import DirectPath
 from hinge_cli.model.randomness import RIDGE_STREAM, normals
 from hinge_cli.run import Run
 
@@ -164,3 +166,16 @@ def predictive_batch(ridge: RidgeModel, features: np.ndarray, spot_index: np.nda
         draws = (mean[:, None] + std[:, None] * noise).astype(np.float32)
     return PredictedBatch(mean.astype(np.float32), std.astype(np.float32), (mean - GAUSSIAN_Q95 * std).astype(np.float32),
                           (mean + GAUSSIAN_Q95 * std).astype(np.float32), draws)
+
+
+def start_direct_path_at_ridge(direct: DirectPath, train: SpotTable, norm: FeatureNorm, panel: list[str], key: str,
+                               seed: int) -> None:
+    """Start the direct image path's linear term at the closed-form ridge fit on the training spots.
+
+    Fitting the linear head first and fine-tuning from it (LP-FT) lets training spend its
+    epochs on what a linear model cannot do, instead of slowly rediscovering the linear fit.
+    """
+    ridge = fit_ridge(train, norm, panel, key, seed)
+    direct.start_at(torch.from_numpy(ridge.weights).float(), torch.from_numpy(ridge.intercept).float())
+    log.info("direct image path starts at the ridge fit (λ = %.3g, inner-CV depth-partial Pearson %.3f, %d spots)",
+             ridge.penalty, ridge.score, ridge.n_spots)
