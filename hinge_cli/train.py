@@ -309,5 +309,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
                              best_epoch=state.best_epoch, best_val=state.best_val, stopped_early=state.stopped_early)
     dist.close()
     files = {"best": str(best_path), "last": str(last_path), "log": str(run.log("train")), "plot": str(run.plot("train"))}
+    if selected_path != best_path:
+        files["selected"] = str(selected_path)
     return StageSummary("train", state.best_epoch, state.best_val, state.epoch, time.time() - started, files,
                         selected_by="validation depth-partial Pearson (generated)")
