@@ -35,6 +35,7 @@ from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.model.calibration import predictive
 from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
+from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
@@ -168,7 +169,7 @@ def generate_stage(model: str) -> str:
 
 def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
     """The reverse process on the original view, `cfg.n_samples` draws a spot, widened by the card's spread scale."""
-    steps = cfg.steps or model.net.diffusion.steps
+    steps = sampling_steps(cfg.steps, model.net.diffusion.steps)
     calibration = model.card.calibration if cfg.calibrated else None
     scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
     if cfg.temperature > 0 and not model.net.has_spread:
@@ -366,7 +367,7 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     if unknown:
         raise HingeError(f"--genes-to-plot genes not in the model's panel: {', '.join(unknown)}",
                          f"choose among the {len(trained.genes)} panel genes, e.g. {', '.join(trained.genes[:5])}")
-    trained.net.schedule.grid(cfg.steps)  # an impossible --steps fails now, not after tiling
+    trained.net.schedule.grid(sampling_steps(cfg.steps, trained.net.diffusion.steps))  # an impossible --steps fails now
     predictor = hinge_predictor(trained, cfg) if model == "hinge" else ridge_predictor(trained, cfg)
     encoders = Encoders(trained, weights, cfg.device)
     if any(not run.embeddings(trained.key, s).exists() for s in todo):

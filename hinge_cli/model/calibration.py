@@ -20,6 +20,7 @@ from hinge_cli.config import GenerateConfig
 from hinge_cli.formats.model_card import SpreadCalibration, ValidationSplit, write_card
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
 from hinge_cli.model.hinge import Hinge
+from hinge_cli.model.sampler import sampling_steps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Predictive:
 
 def predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor) -> Predictive:
     """The reverse process with `cfg`'s samples, steps and temperature; X the one-shot mean or the samples' mean."""
-    out = net.generate(image, n_samples=cfg.n_samples, steps=cfg.steps or net.diffusion.steps, seed=cfg.seed,
+    out = net.generate(image, n_samples=cfg.n_samples, steps=sampling_steps(cfg.steps, net.diffusion.steps), seed=cfg.seed,
                        spot_index=spot_index, keep_samples=True, temperature=cfg.temperature)
     point = out.mean
     if cfg.point == "one-shot":
@@ -77,7 +78,7 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
     scale, raw, calibrated = fit_spread_scale(net, image, truth, cfg)
     samples = list(split.val_samples) if split is not None else []
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,
-                                    cfg.steps or net.diffusion.steps, cfg.temperature, cfg.point, raw, calibrated)
+                                    sampling_steps(cfg.steps, net.diffusion.steps), cfg.temperature, cfg.point, raw, calibrated)
     write_card(sidecar_path(path), replace(checkpoint.card, calibration=calibration))
     log.info("spread calibrated on %s: point ± std covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
              ", ".join(samples) or "random spots of the training slides", 100 * raw, len(truth), 100 * calibrated,

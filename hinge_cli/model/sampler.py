@@ -19,6 +19,13 @@ from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_h
 from hinge_cli.model.randomness import spot_randomness
 from hinge_cli.progress import SILENT, Progress
 
+DEFAULT_STEPS = 10  # reverse-process steps unless asked: the HER2ST steps x samples grid (README, Benchmarks)
+
+
+def sampling_steps(steps: int | None, n_steps: int) -> int:
+    """The steps a reverse process takes: `steps` if given, else DEFAULT_STEPS or the trained T if that is fewer."""
+    return min(DEFAULT_STEPS, n_steps) if steps is None else steps
+
 
 @dataclass
 class Samples:
