@@ -36,13 +36,14 @@ from hinge_cli.encoders import get_spec
 from hinge_cli.formats.model_card import EmbedSettings, ModelCard, TileSettings
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
+from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
 
 MPP = 0.5
-SPEED_GRID = [(50, 1), (50, 8), (10, 1), (10, 8)]  # (steps, samples)
+SPEED_GRID = [(50, 1), (50, 8), (10, 1), (10, 8), (5, 4)]  # (steps, samples); generate's default is marked
 MEMORY_SLIDE_UM = 4096  # one 4 mm slide; the grid pitch sets the spot count
 
 
@@ -73,12 +74,14 @@ def speed(preset: str, device: str, genes: int, size_px: int, root: Path) -> Non
     print(f"\n{preset} on {device} ({'bf16 autocast' if device == 'cuda' else 'fp32'}), {genes} genes, {n} grid spots; "
           f"tile + embed {inputs:.1f}s ({n / inputs:.2f} spots/s), first call {first:.1f}s")
     print(f"{'steps':>5} {'samples':>7} {'generate s':>10} {'sampling spots/s':>16} {'end-to-end spots/s':>18}")
+    default, trained_steps = GenerateConfig(), load_config(preset).diffusion.steps
     for steps, samples in SPEED_GRID:
         t0 = time.perf_counter()
         generate(run, [Target("speed")], GenerateConfig(n_samples=samples, steps=steps, device=device), checkpoint=checkpoint,
                  out=root / "speed.h5ad", overwrite=True)
         seconds = time.perf_counter() - t0
-        print(f"{steps:5d} {samples:7d} {seconds:10.1f} {n / seconds:16.2f} {n / (inputs + seconds):18.2f}")
+        mark = "  <- default" if (sampling_steps(default.steps, trained_steps), default.n_samples) == (steps, samples) else ""
+        print(f"{steps:5d} {samples:7d} {seconds:10.1f} {n / seconds:16.2f} {n / (inputs + seconds):18.2f}{mark}")
 
 
 def memory_child(root: Path, pitch_um: float, genes: int, samples: int) -> None:
