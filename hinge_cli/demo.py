@@ -38,6 +38,8 @@ SHOWN = {  # printed name -> metrics.json key
     "co-expression consistency": "correlation.model.coexpression.consistency",
     "RVD": "variance.rvd",
     "MSE": "errors.mse",
+    "CRPS (lower is better)": "calibration.crps",
+    "inside ± 1 std (0.683 if calibrated)": "calibration.within_1std",
 }
 
 
