@@ -145,6 +145,7 @@ ROWS = (
     ("raw spread: CRPS", "raw.crps", False),
     ("raw spread: energy score", "raw.energy_score", False),
     ("co-expression consistency of one sample", "sampling.one_sample_coexpression", True),
+    ("co-expression consistency of one raw sample (before the scale)", "raw.one_sample_coexpression", True),
     ("depth-partial Pearson of one sample", "sampling.one_sample_depth_partial", True),
     ("depth-partial Pearson of the samples' mean", "sampling.samples_mean_depth_partial", True),
     ("wall time per fold and seed (s)", "seconds", None),
@@ -350,6 +351,8 @@ def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
         q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1)
         raw = _table(replace(pred, std=draws.std(1), q05=q05, q95=q95, draws=draws), truth, truth_path)
         numbers |= {f"raw.{key}": raw[f"calibration.{key}"] for key in RAW_KEYS}
+        one_raw = _table(replace(pred, values=draws[:, 0], **point_only), truth, truth_path)
+        numbers["raw.one_sample_coexpression"] = one_raw["correlation.model.coexpression.consistency"]
     return numbers
 
 
