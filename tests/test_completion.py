@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -247,3 +248,17 @@ def test_eval_refuses_a_prediction_whose_every_gene_was_given(tmp_path):
     truth = Expression(["x", "y", "z"], genes, sparse.csr_matrix(np.ones((3, 2))), np.full(3, 2.0), None)
     with pytest.raises(HingeError, match="every gene"):
         align(pred, truth)
+
+
+def test_benchmark_chooses_genes_and_imputes_from_the_nearest_training_spots():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+    import completion
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{j}" for j in range(8)]
+    targets = rng.normal(size=(300, 8)) * np.arange(1, 9)  # gene j has variance (j + 1)²
+    assert completion.choose_genes(genes, targets, 3, "variable", 0) == ["G5", "G6", "G7"]
+    picked = completion.choose_genes(genes, targets, 3, "random", 0)
+    assert picked == completion.choose_genes(genes, targets, 3, "random", 0) and len(set(picked)) == 3
+    neighbours = completion._knn(targets[:, :2], targets, targets[:5, :2], 1)
+    np.testing.assert_array_equal(neighbours[:, 0], targets[:5])  # a training spot's nearest spot is itself
