@@ -17,16 +17,18 @@ import pytest
 import torch
 from scipy import sparse
 from stand_in import write_features
+from test_model_sampler import G as MODEL_GENES
+from test_model_sampler import tiny_model
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
-from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
+from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Expression, Transform
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, align
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.given import GivenSource, read_given
-from hinge_cli.model import Hinge, MaskSchedule, sample
+from hinge_cli.model import MaskSchedule, sample
 from hinge_cli.model.calibration import predictive
 from hinge_cli.model.checkpoint import load_checkpoint
 from hinge_cli.model.sampler import nearest_steps
@@ -39,11 +41,11 @@ runner = CliRunner()
 G = 12
 
 
-def _given(b: int, seed: int = 0, share: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+def _given(b: int, seed: int = 0, share: float = 0.3, genes: int = G) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand(b, G, generator=generator) < share
+    mask = torch.rand(b, genes, generator=generator) < share
     mask[0] = False  # a spot with nothing given
-    return mask, torch.randn(b, G, generator=generator, dtype=torch.float64)
+    return mask, torch.randn(b, genes, generator=generator, dtype=torch.float64)
 
 
 def test_given_genes_stay_visible_unchanged_and_the_rest_are_revealed_once_at_the_nearest_step():
@@ -79,9 +81,9 @@ def test_given_genes_stay_visible_unchanged_and_the_rest_are_revealed_once_at_th
 
 
 def test_a_spot_given_nothing_is_predicted_as_without_given():
-    model = _tiny_model()
+    model = tiny_model()
     image = torch.randn(5, 6)
-    mask, values = _given(5)
+    mask, values = _given(5, genes=MODEL_GENES)
     mask[:] = False
     plain = model.generate(image, n_samples=3, seed=4, temperature=1.0)
     completed = model.generate(image, n_samples=3, seed=4, temperature=1.0, given=mask, given_values=values)
@@ -107,20 +109,11 @@ def test_giving_the_correlated_partner_lowers_the_error():
     assert error_alone > 0.5 and error_completed == 0
 
 
-def _tiny_model() -> Hinge:
-    torch.manual_seed(0)
-    model = Hinge.build(load_config("tiny").model, 50, torch.arange(1, G + 1), 6,
-                        DiffusionConfig(steps=10, fill="noise", likelihood="gaussian"))
-    with torch.no_grad():
-        for mod in model.layer_mods:
-            mod.proj.weight.normal_(0, 0.05)
-    return model
-
-
 def test_completion_is_batch_size_independent_and_its_one_shot_point_sees_the_given_genes():
-    model = _tiny_model()
+    model = tiny_model()
+    assert model.has_spread  # so the draws carry the reveal noise too
     image = torch.randn(6, 6)
-    mask, values = _given(6, seed=3, share=0.4)
+    mask, values = _given(6, seed=3, share=0.4, genes=MODEL_GENES)
     values = values.float()
     cfg = GenerateConfig(n_samples=3, steps=5, device="cpu")
     whole = predictive(model, image, cfg, torch.arange(6), mask, values)
@@ -129,7 +122,7 @@ def test_completion_is_batch_size_independent_and_its_one_shot_point_sees_the_gi
         torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name), rtol=1e-5, atol=1e-5)
     assert torch.equal(whole.point[mask], values[mask])
     plain = predictive(model, image, cfg, torch.arange(6))
-    assert not torch.allclose(plain.point[~mask][G:], whole.point[~mask][G:])  # spots with genes given move
+    assert not torch.allclose(plain.point[~mask][MODEL_GENES:], whole.point[~mask][MODEL_GENES:])  # spots with genes given move
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 from benchmark import SECTIONS, TRANSFORM, BaselineInputs, run_baseline
+from sampling_grid import write_results
 from scipy.spatial import cKDTree
 
 from hinge_cli import metrics
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Expression, read_expression
 from hinge_cli.eval import HEADLINE, Prediction, align, metric_table, score_slide
-from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.generate import hinge_predictor
@@ -202,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (root / "checkpoints" / "best.safetensors").is_file():
             raise SystemExit(f"no trained fold run at {root}: run benchmarks/her2st/benchmark.py first, or pass --folds")
         rows += fold_results(Run(root), fold, [int(k) for k in args.ks.split(",")], args.choices.split(","), cfg, args.seed)
-    text = table(rows) + "\n"
-    out = args.out or args.bench / "completion.md"
-    write_text_atomic(out, text)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1, default=float))
-    print(text)
+    write_results(args.out or args.bench / "completion.md", table(rows) + "\n", rows)
     return 0
 
 
