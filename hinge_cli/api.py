@@ -280,21 +280,26 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
                      run: PathLike | None = None, checkpoint: PathLike | None = None, out: PathLike | None = None,
                      weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), settings: Settings | None = None,
                      shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False, model: str = "hinge",
+                     given: PathLike | None = None, given_genes: PathLike | None = None, given_layer: str | None = None,
                      progress: Progress = SILENT) -> SampleReport:
     """Predict several slides or samples, one .h5ad each (`out`: a folder, default the run's predictions/).
 
     The form `hinge generate` uses: sharding over array jobs, and with keep_going a failed
     slide is recorded and the others go on. `model="ridge"`: the baseline `train` fitted,
-    to `<sample>.ridge.h5ad`. Returns what was done, skipped and failed.
+    to `<sample>.ridge.h5ad`. `given`: an .h5ad of genes measured on the (one) slide's spots, held fixed while
+    the rest of the panel is generated (optionally only the genes listed in `given_genes`, counts from `given_layer`).
+    Returns what was done, skipped and failed.
     """
     from hinge_cli.generate import generate as stage
+    from hinge_cli.given import GivenSource
 
     the_run = Run(run)
     wanted = targets(the_run, slides, sample_ids, spots, mpp, visium, image)
     return run_configured(the_run, None, settings, lambda cfg: stage(
         the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=_listed(weights),
         genes_to_plot=_listed(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
-        keep_going=keep_going, model=model, progress=progress))
+        keep_going=keep_going, model=model, progress=progress,
+        given=None if given is None else GivenSource(Path(given), None if given_genes is None else Path(given_genes), given_layer)))
 
 
 @_python_api
@@ -302,7 +307,8 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
              mpp: float | None = None, visium: PathLike | None = None, image: str = "hires", run: PathLike | None = None,
              checkpoint: PathLike | None = None, out: PathLike | None = None, weights: Sequence[str] = (),
              genes_to_plot: Sequence[str] = (), settings: Settings | None = None, overwrite: bool = False,
-             model: str = "hinge", progress: Progress = SILENT) -> AnnData:
+             model: str = "hinge", given: PathLike | None = None, given_genes: PathLike | None = None,
+             given_layer: str | None = None, progress: Progress = SILENT) -> AnnData:
     """Predict one slide (or a sample already in the run) and return the AnnData of predicted expression.
 
     X is the mean over samples in the model's space, layers["std"] their spread; obsm["spatial"]
@@ -312,6 +318,7 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     every prediction with its provenance). `settings["generate"]` sets n_samples, steps, seed,
     batch_size, device, keep_samples. `model="ridge"` predicts with the closed-form baseline `train`
     fitted on the same spots instead (its mean and a per-gene Gaussian; default file `<sample>.ridge.h5ad`).
+    `given`: measured genes of this slide held fixed, the rest generated (var["given"], obs["n_given"] mark them).
     """
     import anndata
 
@@ -322,7 +329,8 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
                         visium, image)
     generate_samples([] if target.slide is None else [target.slide], sample_ids=[target.sample_id], spots=target.spots,
                      mpp=target.mpp, run=the_run.root, checkpoint=checkpoint, out=out, weights=weights,
-                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, model=model, progress=progress)
+                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, model=model, given=given,
+                     given_genes=given_genes, given_layer=given_layer, progress=progress)
     return anndata.read_h5ad(output_paths(the_run, [target.sample_id], None if out is None else Path(out), model)[target.sample_id])
 
 

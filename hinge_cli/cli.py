@@ -257,6 +257,10 @@ def generate(
     batch_size: setting(GenerateConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
     device: setting(GenerateConfig, "device", "auto|cpu|cuda") = None,
     weights: Weights = None,
+    given: path_option("Panel completion: an .h5ad of genes measured on this slide's spots (by barcode or obsm['spatial']); "
+                       "they are held fixed and the rest of the panel is generated.", "file", "--given") = None,
+    given_genes: path_option("Give only the genes listed in this file (one per line) of --given.", "file", "--given-genes") = None,
+    given_layer: text_option("The layer with raw counts in --given (default: X, else layers['counts']).", "--given-layer") = None,
     shard: ShardOpt = None,
     keep_going: KeepGoing = False,
     overwrite: Overwrite = False,
@@ -274,7 +278,8 @@ def generate(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
         image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),
         genes_to_plot=ids(genes_to_plot), settings={"generate": generate_settings}, shard=Shard.parse(shard),
-        overwrite=overwrite, keep_going=keep_going, model=model, progress=reporter))
+        overwrite=overwrite, keep_going=keep_going, model=model, given=given, given_genes=given_genes, given_layer=given_layer,
+        progress=reporter))
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ memory stays at one batch plus per-spot metadata however many spots a slide has.
 file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
 the closed-form baseline `hinge train` stored beside the checkpoint predicts instead, into the
 same format at `<sample>.ridge.h5ad`: its mean and a per-gene Gaussian from its out-of-fold residuals.
+With `given` (panel completion, `hinge_cli.given`) the genes measured on the spots are held fixed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries, 
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
+from hinge_cli.given import GivenGenes, GivenSource, read_given
 from hinge_cli.model.calibration import predictive
 from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
 from hinge_cli.model.sampler import sampling_steps
@@ -156,6 +158,7 @@ class Predictor:
     with_spread: bool = True
     keep_draws: int | None = None
     map_titles: tuple[str, ...] = ("prediction", "uncertainty (std over samples)")
+    given: GivenGenes | None = None
 
     @property
     def stage(self) -> str:
@@ -167,8 +170,9 @@ def generate_stage(model: str) -> str:
     return "generate" if model == "hinge" else f"generate:{model}"
 
 
-def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
-    """The reverse process on the original view, `cfg.n_samples` draws a spot, widened by the card's spread scale."""
+def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None = None) -> Predictor:
+    """The reverse process on the original view, `cfg.n_samples` draws a spot, widened by the card's spread scale;
+    the `given` genes held at their measured values."""
     steps = sampling_steps(cfg.steps, model.net.diffusion.steps)
     calibration = model.card.calibration if cfg.calibrated else None
     scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
@@ -178,18 +182,15 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
 
     def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
+        held = given.rows(start, stop, model.device) if given is not None else (None, None)
         with _autocast(model.device):
-            pred = predictive(model.net, x, cfg, torch.arange(start, stop))
-        if scale is not None:
-            pred = pred.widened(scale)
-        draws = pred.draws.float().cpu().numpy()
-        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
-        return PredictedBatch(pred.point.float().cpu().numpy(), draws.std(1), q05, q95, draws if cfg.keep_samples else None)
+            pred = predictive(model.net, x, cfg, torch.arange(start, stop), *held)
+        return (pred.widened(scale) if scale is not None else pred).batch(cfg.keep_samples)
 
     provenance = {"model": "hinge", "steps": steps, "samples": cfg.n_samples, "seed": cfg.seed,
                   "fill": model.net.diffusion.fill, "temperature": cfg.temperature, "point": cfg.point,
-                  "spread_scale": "validation" if scale is not None else "none"}
-    return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None)
+                  "spread_scale": "validation" if scale is not None else "none", **(given.provenance() if given else {})}
+    return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None, given=given)
 
 
 def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
@@ -243,14 +244,16 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
-    sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac)
+    given = predictor.given
+    sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot)
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
     with output_lock(out):
         remove_stale_temporaries(out)
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
-                               keep_draws=predictor.keep_draws, with_spread=predictor.with_spread) as writer,
+                               keep_draws=predictor.keep_draws, with_spread=predictor.with_spread,
+                               given=None if given is None else given.per_gene) as writer,
               open_embeddings(emb_path) as features,
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
@@ -323,13 +326,14 @@ def _interrupted(run: Run, sample: str, path: Path, stage: str) -> bool:
 
 def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
              weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
-             overwrite: bool = False, keep_going: bool = False, model: str = "hinge", progress: Progress = SILENT) -> SampleReport:
+             overwrite: bool = False, keep_going: bool = False, model: str = "hinge", given: GivenSource | None = None,
+             progress: Progress = SILENT) -> SampleReport:
     """Predict this shard's share of `targets`: tile and embed new slides as the checkpoint was trained, then sample.
 
     checkpoint: the model (default: the run's best); model: "ridge" predicts with the baseline `hinge train`
     stored beside the checkpoint instead (to `<sample>.ridge.h5ad` by default); weights: the encoder's, when not in the Hugging Face cache;
     genes_to_plot: a PNG each beside the output; out: a .h5ad for one sample, or a folder (default: the run's);
-    keep_going: a failed sample is recorded and the others go on.
+    keep_going: a failed sample is recorded and the others go on; given: genes measured on the one slide, held fixed.
     """
     if cfg.n_samples < 1:
         raise HingeError(f"--n-samples {cfg.n_samples} must be at least 1", "give e.g. --n-samples 8")
@@ -340,6 +344,8 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     ids = [t.sample_id for t in targets]
     if not ids or len(set(ids)) != len(ids):
         raise HingeError("no samples, or a sample id given twice", "give each slide or --sample-id once")
+    if given is not None:
+        given.check_request(model, len(ids))
     by_id = {t.sample_id: t for t in targets}
     paths = output_paths(run, sorted(ids), out, model)
     stage = generate_stage(model)
@@ -379,6 +385,9 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
                 retiled = ensure_tiles(run, by_id[sample], tile_cfg, overwrite, progress)
                 _check_mpp(run, sample, trained)
                 ensure_embeddings(run, sample, trained, encoders, retiled, overwrite, progress)
+                if given is not None:  # one sample: its spots are known once it is tiled
+                    predictor = hinge_predictor(trained, cfg, read_given(given, read_tiles(run.tiles(sample)), trained.genes,
+                                                                         trained.card.transform))
                 predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)

@@ -75,6 +75,13 @@ def _fmt(value) -> str:
     return "—" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
+def write_results(out: Path, text: str, rows: list[dict]) -> None:
+    """The markdown table at `out` and its rows as JSON beside it; the table printed."""
+    write_text_atomic(out, text)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1, default=float))
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fold", type=Path, required=True, help="a fold run folder of benchmark.py")
@@ -97,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: rows[-1][k] for k in ("steps", "samples", "seconds", HEADLINE)}), flush=True)
     n_spots = len(read_tiles(run.tiles(args.test)).barcodes)
     text = f"Fold {args.test}, {n_spots} spots, 2 CPU threads.\n\n" + table(rows, n_spots) + "\n"
-    out = args.out or args.fold / "sampling_grid.md"
-    write_text_atomic(out, text)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1, default=float))
-    print(text)
+    write_results(args.out or args.fold / "sampling_grid.md", text, rows)
     return 0
 
 

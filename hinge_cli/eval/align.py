@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Prediction:
     q05: np.ndarray | None = None  # the predictive distribution's 5% and 95% quantiles (files from before them lack them)
     q95: np.ndarray | None = None
     draws: np.ndarray | None = None  # (spots, draws, genes), float32, when the file kept its draws
+    given: list[str] = field(default_factory=list)  # genes var['given'] marks: measured and given to `generate --given`
 
 
 def _layer(adata: Any, name: str) -> np.ndarray | None:
@@ -89,6 +90,7 @@ def read_prediction(path: Path) -> Prediction:
         coords=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None,
         transform=transform, model=str(provenance.get("model", "hinge")), q05=_layer(adata, "q05"), q95=_layer(adata, "q95"),
         draws=np.asarray(adata.obsm["samples"], dtype=np.float32) if "samples" in adata.obsm else None,
+        given=[str(g) for g in adata.var_names[np.asarray(adata.var["given"], dtype=bool)]] if "given" in adata.var else [],
     )
     entry = spatial.get(sample, next(iter(spatial.values()))) if spatial else {}
     scalefactors = dict(entry.get("scalefactors", {}))
@@ -148,37 +150,54 @@ class Aligned:
     draws: np.ndarray | None = None  # (spots, draws, genes)
 
 
-def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = None, truth_path: Path | None = None) -> Aligned:
-    """Match spots (barcodes, else coordinates within half a spot) and genes (the panel ∩ the truth ∩ `genes`)."""
+def _spacing(truth: Expression) -> float | None:
+    return median_spacing(truth.coords) if truth.coords is not None and len(truth.coords) > 1 else None
+
+
+def match_spots(barcodes: list[str], coords: np.ndarray | None, spot_diameter: float | None, truth: Expression,
+                what: str, truth_path: Path | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Rows of the `barcodes` spots and of `truth` that are the same spot: by barcode when any is shared, else by
+    coordinates within half a spot (`spot_diameter`, default the truth's spacing); and how they were matched."""
     index = {b: i for i, b in enumerate(_unique(truth.barcodes, truth_path or Path("truth")))}
-    shared = [(i, index[b]) for i, b in enumerate(pred.barcodes) if b in index]
-    spacing = median_spacing(truth.coords) if truth.coords is not None and len(truth.coords) > 1 else None
-    diameter = pred.spot_diameter or spacing
-    alignment: dict[str, Any] = {"n_pred_spots": len(pred.barcodes), "n_truth_spots": len(truth.barcodes)}
+    shared = [(i, index[b]) for i, b in enumerate(barcodes) if b in index]
+    diameter = spot_diameter or _spacing(truth)
+    alignment: dict[str, Any] = {"n_pred_spots": len(barcodes), "n_truth_spots": len(truth.barcodes)}
     if shared:
         rows_p, rows_t = (np.array(r, dtype=int) for r in zip(*shared, strict=True))
         alignment["matched_by"] = "barcode"
     else:
-        if pred.coords is None or truth.coords is None or diameter is None:
+        if coords is None or truth.coords is None or diameter is None:
             raise HingeError(
-                f"prediction {pred.path} and truth share no spot barcode, and coordinates are missing",
-                "give both files obsm['spatial'] in level-0 pixels, or use the truth's barcodes",
+                f"{what} and {truth_path or 'the truth'} share no spot barcode, and coordinates are missing",
+                "give both files obsm['spatial'] in level-0 pixels, or use the same barcodes",
             )
-        rows_p, rows_t = match_coordinates(pred.coords, truth.coords, diameter / 2)
+        rows_p, rows_t = match_coordinates(coords, truth.coords, diameter / 2)
         alignment.update(matched_by="coordinates", radius_px=diameter / 2)
     alignment["n_matched"] = len(rows_p)
+    return rows_p, rows_t, alignment
+
+
+def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = None, truth_path: Path | None = None) -> Aligned:
+    """Match spots (barcodes, else coordinates within half a spot) and genes (the panel ∩ the truth ∩ `genes`, less
+    the genes the prediction was given: completion is never credited for copying its input)."""
+    diameter = pred.spot_diameter or _spacing(truth)
+    rows_p, rows_t, alignment = match_spots(pred.barcodes, pred.coords, diameter, truth, f"prediction {pred.path}", truth_path)
     if len(rows_p) < MIN_SPOTS:
         raise HingeError(
             f"only {len(rows_p)} spots of {pred.path} match the truth (by {alignment['matched_by']})",
             "check that both files describe the same slide, with coordinates in the same level-0 pixels",
         )
-    candidates = list(pred.genes)
+    given = set(pred.given)
+    candidates = [g for g in pred.genes if g not in given]
+    if not candidates:
+        raise HingeError(f"every gene of {pred.path} was given to `hinge generate --given`, so none is left to score",
+                         "give fewer genes with --given-genes, so that eval has predicted genes to score")
     not_in_prediction: list[str] = []
     if genes is not None:
         panel = set(pred.genes)
         not_in_prediction = [g for g in genes if g not in panel]
         wanted = set(genes)
-        candidates = [g for g in pred.genes if g in wanted]
+        candidates = [g for g in candidates if g in wanted]
     truth_genes = set(truth.genes)
     missing = [g for g in candidates if g not in truth_genes]
     evaluated = [g for g in candidates if g in truth_genes]
@@ -215,7 +234,7 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
         counts=counts, totals=truth.totals[rows_t].astype(np.float64), coords=coords,
         spot_diameter=float(diameter if diameter is not None else median_spacing(coords)), alignment=alignment,
         gene_report={"n_panel": len(pred.genes), "n_evaluated": len(kept), "missing_from_truth": missing,
-                     "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction},
+                     "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction, "given": list(pred.given)},
         q05=spread.get("q05"), q95=spread.get("q95"),
         draws=draws[:, :, finite] if draws is not None else None,
     )

@@ -29,6 +29,8 @@ from hinge_cli.metrics import finite_mean
 
 NOTES = {
     "model space": "prediction and truth after the model's own transform (uns['hinge']['transform']).",
+    "given genes": "genes a prediction was given as measured (`hinge generate --given`, var['given']) are never "
+                   "scored: it holds them at their input values, so only the genes it generated count.",
     "CP10k-log": "truth as log1p(counts per 10k of the spot's total over all its genes); the prediction is "
                  "turned back into counts (base^x - 1, clipped at 0) and put on the same scale: from its own "
                  "target_sum when the model was trained on normalised targets, else with the same library size "
@@ -302,6 +304,8 @@ def slide_report(slide: SlideResult) -> str:
                       ("not_in_prediction", "asked for but not in the panel")):
         if g[key]:
             lines.append(f"- {len(g[key])} genes {what}: {', '.join(g[key])}")
+    if g.get("given"):
+        lines.append(f"- {len(g['given'])} genes given to the model (`generate --given`), not scored: {', '.join(g['given'])}")
     headline = (f"**Headline: depth-partial mean Pearson = {fmt(HEADLINE.get(slide.metrics))}** "
                 "(gene-specific signal beyond sequencing depth).")
     lines += ["", headline, "", *comparison_section([slide])]

@@ -47,6 +47,8 @@ class EvalSummary:
         for s, folder in zip(self.slides, self.folders, strict=True):
             low = s.metrics.correlation.low_count_spots
             dropped = f"; {low} under {metrics.MIN_DEPTH:.0f} counts left out of depth-partial" if low else ""
+            given = s.genes.get("given", [])
+            dropped += f"; only the genes not given: {len(given)} given genes not scored" if given else ""
             out.append(f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
                        f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
                        f"({s.alignment['n_matched']} spots{dropped}, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}")

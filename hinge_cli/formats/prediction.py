@@ -1,6 +1,7 @@
 """The prediction file, an AnnData `.h5ad` scanpy reads: the point prediction in X, the predictive
 spread in layers['std'] and its 5% and 95% quantiles in layers['q05'] and layers['q95'], and the
-draws themselves (spots, draws, genes) in obsm['samples'] when kept.
+draws themselves (spots, draws, genes) in obsm['samples'] when kept. A prediction given measured
+genes (`generate --given`) marks them in var['given'] (bool) and counts them per spot in obs['n_given'].
 
 A ridge baseline's file is `<name>.ridge.h5ad` beside HINGE's `<name>.h5ad`; files written before
 ridge had a predictive distribution have no spread layers.
@@ -35,6 +36,7 @@ class PredictionSpots:
     barcodes: list[str]
     coords: np.ndarray  # (N, 2) level-0 px
     tissue_fraction: np.ndarray  # (N,) fraction of the spot's disc on detected tissue
+    n_given: np.ndarray | None = None  # (N,) genes given per spot, with `generate --given`
 
 
 def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
@@ -46,12 +48,14 @@ def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
 
 
 def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
-                   scalef: float, spot_diameter: float, provenance: dict[str, Any]) -> None:
-    """Everything but the predictions, written by anndata itself so the encoding is its own."""
+                   scalef: float, spot_diameter: float, provenance: dict[str, Any], given: np.ndarray | None = None) -> None:
+    """Everything but the predictions, written by anndata itself so the encoding is its own; `given` (G,) bool."""
+    obs = {"in_tissue": (spots.tissue_fraction >= IN_TISSUE_FRACTION).astype(np.int64), "tissue_fraction": spots.tissue_fraction}
+    if spots.n_given is not None:
+        obs["n_given"] = np.asarray(spots.n_given, dtype=np.int64)
     adata = ad.AnnData(
-        obs=pd.DataFrame({"in_tissue": (spots.tissue_fraction >= IN_TISSUE_FRACTION).astype(np.int64),
-                          "tissue_fraction": spots.tissue_fraction}, index=pd.Index(spots.barcodes, dtype=str)),
-        var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)),
+        obs=pd.DataFrame(obs, index=pd.Index(spots.barcodes, dtype=str)),
+        var=pd.DataFrame({} if given is None else {"given": np.asarray(given, dtype=bool)}, index=pd.Index(list(genes), dtype=str)),
         obsm={"spatial": spots.coords},
         uns={
             "spatial": {sample: {
@@ -98,9 +102,10 @@ class PredictionWriter:
 @contextmanager
 def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
                      scalef: float, spot_diameter: float, provenance: dict[str, Any],
-                     keep_draws: int | None = None, with_spread: bool = True) -> Iterator[PredictionWriter]:
+                     keep_draws: int | None = None, with_spread: bool = True,
+                     given: np.ndarray | None = None) -> Iterator[PredictionWriter]:
     """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
-    write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance)
+    write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance, given)
     with h5py.File(path, "r+") as h5:
         yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_spread)
 

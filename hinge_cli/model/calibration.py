@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hinge_cli.config import GenerateConfig
 from hinge_cli.formats.model_card import SpreadCalibration, ValidationSplit, write_card
+from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
 from hinge_cli.model.hinge import Hinge
 from hinge_cli.model.sampler import sampling_steps
@@ -31,11 +32,21 @@ BATCH = 256
 
 @dataclass
 class Predictive:
-    """One batch's prediction: the point (X), the draws (B, S, G) and their per-spot centre."""
+    """One batch's prediction: the point (X), the draws (B, S, G), their per-spot centre, and the genes given."""
 
     point: Tensor
     draws: Tensor
     center: Tensor
+    given: Tensor | None = None  # (B, G) bool
+
+    def batch(self, keep_draws: bool) -> PredictedBatch:
+        """The file's layers: the point, and the draws' std and 5% and 95% quantiles (std exactly 0 for a given gene)."""
+        draws = self.draws.float().cpu().numpy()
+        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
+        std = draws.std(1)
+        if self.given is not None:
+            std[self.given.cpu().numpy()] = 0
+        return PredictedBatch(self.point.float().cpu().numpy(), std, q05, q95, draws if keep_draws else None)
 
     def widened(self, scale: Tensor) -> Predictive:
         """Draws stretched around their centre by a per-gene factor (G,); the centre does not move."""
@@ -43,14 +54,21 @@ class Predictive:
         return replace(self, draws=center + (self.draws - center) * scale.to(self.draws))
 
 
-def predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor) -> Predictive:
-    """The reverse process with `cfg`'s samples, steps and temperature; X the one-shot mean or the samples' mean."""
+def predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor, given: Tensor | None = None,
+               given_values: Tensor | None = None) -> Predictive:
+    """The reverse process with `cfg`'s samples, steps and temperature; X the one-shot mean or the samples' mean.
+
+    `given` (B, G) marks genes measured per spot, held at `given_values`: the one-shot mean is then the
+    mean of the remaining genes with the given ones visible.
+    """
     out = net.generate(image, n_samples=cfg.n_samples, steps=sampling_steps(cfg.steps, net.diffusion.steps), seed=cfg.seed,
-                       spot_index=spot_index, keep_samples=True, temperature=cfg.temperature)
+                       spot_index=spot_index, keep_samples=True, temperature=cfg.temperature, given=given,
+                       given_values=given_values)
     point = out.mean
     if cfg.point == "one-shot":
-        point = net.generate(image, n_samples=1, steps=1, seed=cfg.seed, spot_index=spot_index).mean
-    return Predictive(point, out.samples, out.mean)
+        point = net.generate(image, n_samples=1, steps=1, seed=cfg.seed, spot_index=spot_index, given=given,
+                             given_values=given_values).mean
+    return Predictive(point, out.samples, out.mean, given)
 
 
 @torch.no_grad()

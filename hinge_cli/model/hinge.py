@@ -137,14 +137,17 @@ class Hinge(nn.Module):
         spot_index: Tensor | None = None,
         keep_samples: bool = False,
         temperature: float = 0.0,
+        given: Tensor | None = None,
+        given_values: Tensor | None = None,
         progress: Progress = SILENT,
     ) -> Samples:
-        """Reverse process for a batch of spots; see `hinge_cli.model.sampler.sample`."""
+        """Reverse process for a batch of spots, optionally with genes given; see `hinge_cli.model.sampler.sample`."""
         was_training = self.training
         self.eval()
         try:
             return sample(self, image, self.schedule, n_samples=n_samples, steps=steps, seed=seed,
                           spot_index=spot_index, fill=self.diffusion.fill, noise_std=self.diffusion.noise_std,
-                          temperature=temperature, keep_samples=keep_samples, progress=progress)
+                          temperature=temperature, keep_samples=keep_samples, given=given, given_values=given_values,
+                          progress=progress)
         finally:
             self.train(was_training)
