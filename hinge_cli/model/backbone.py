@@ -168,18 +168,6 @@ class Backbone(nn.Module):
             h = layer(h, mask, v_scale, layer_mods[i] if layer_mods else None)
         return h
 
-    def gene_states(
-        self,
-        gene_ids: Tensor,
-        values: Tensor,
-        visible: Tensor,
-        layer_mods: list[list[Modulation]] | None = None,
-        decoder_mod: Modulation | None = None,
-    ) -> Tensor:
-        """The gene tokens' states (B, L, D) as the value decoder reads them."""
-        h = self.encode(gene_ids, values, visible, layer_mods)[:, 1:]
-        return decoder_mod.modulate(h) if decoder_mod else h
-
     def forward(
         self,
         gene_ids: Tensor,
@@ -189,4 +177,5 @@ class Backbone(nn.Module):
         decoder_mod: Modulation | None = None,
     ) -> Tensor:
         """Predicted expression (B, L) for every gene token, hidden or not."""
-        return self.value_dec(self.gene_states(gene_ids, values, visible, layer_mods, decoder_mod))
+        h = self.encode(gene_ids, values, visible, layer_mods)[:, 1:]
+        return self.value_dec(decoder_mod.modulate(h) if decoder_mod else h)

@@ -112,7 +112,7 @@ class Hinge(nn.Module):
         layer_mods = [mod(c) for mod in self.layer_mods]
         (decoder_mod,) = self.decoder_mod(c)
         ids = self.gene_ids.expand(b, -1)
-        states = self.backbone.gene_states(ids, values, visible, layer_mods, decoder_mod)
+        states = decoder_mod.modulate(self.backbone.encode(ids, values, visible, layer_mods)[:, 1:])
         out = self.backbone.value_dec(states)
         out = out if self.direct is None else out + self.direct(image).to(out.dtype)
         return (out, self.spread(states, c).to(out.dtype)) if spread else out
