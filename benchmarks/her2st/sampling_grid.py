@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import read_expression
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(grid_point(run, args.test, model, cfg, Path(tmp) / f"{steps}-{samples}.h5ad", truth, truth_path))
                 print(json.dumps({k: rows[-1][k] for k in ("steps", "samples", "seconds", HEADLINE)}), flush=True)
     n_spots = len(read_tiles(run.tiles(args.test)).barcodes)
-    text = f"Fold {args.test}, {n_spots} spots, 2 CPU threads.\n\n" + table(rows, n_spots) + "\n"
+    text = f"Fold {args.test}, {n_spots} spots, {torch.get_num_threads()} CPU threads.\n\n" + table(rows, n_spots) + "\n"
     write_results(args.out or args.fold / "sampling_grid.md", text, rows)
     return 0
 
