@@ -43,7 +43,7 @@ from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
 
 MPP = 0.5
-SPEED_GRID = [(50, 1), (50, 8), (10, 1), (10, 8), (5, 4)]  # (steps, samples); generate's default is marked
+SPEED_GRID = [(50, 1), (50, 8), (10, 8), (5, 8), (1, 16)]  # (steps, samples); generate's default is marked
 MEMORY_SLIDE_UM = 4096  # one 4 mm slide; the grid pitch sets the spot count
 
 

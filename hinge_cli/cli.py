@@ -246,7 +246,7 @@ def generate(
                                        "beside the checkpoint, written to <sample>.ridge.h5ad (default: hinge).")] = "hinge",
     n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; layers['std'], q05 and q95 describe them") = None,
     samples: Annotated[Optional[int], typer.Option("--samples", hidden=True)] = None,
-    steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="10, or the trained T if fewer") = None,
+    steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="5, or the trained T if fewer") = None,
     temperature: setting(GenerateConfig, "temperature", "Scales the spread drawn at each reveal; 0 reveals the mean") = None,
     point: setting(GenerateConfig, "point", "X: one-shot (the mean with every gene hidden) or samples (their mean)") = None,
     calibrated: setting(GenerateConfig, "calibrated", "Widen the spread by the per-gene scale fitted on the validation section") = None,

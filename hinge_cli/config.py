@@ -176,7 +176,7 @@ class GenerateConfig(Checked):
 
     section: ClassVar[str] = "generate"
     n_samples: int = checked(8, AT_LEAST_1)  # samples per spot: layers['std'], q05 and q95 describe them
-    steps: int | None = checked(None, AT_LEAST_1)  # reverse-process steps; None = 10 (or the trained T if fewer)
+    steps: int | None = checked(None, AT_LEAST_1)  # reverse-process steps; None = 5 (or the trained T if fewer)
     temperature: float = checked(1.0, NON_NEGATIVE)  # scales the spread drawn at each reveal; 0 reveals the mean
     point: str = "one-shot"  # X: one-shot (the mean from every gene hidden) | samples (the mean over samples)
     calibrated: bool = True  # widen the spread by the per-gene scale `hinge train` fitted on the validation spots

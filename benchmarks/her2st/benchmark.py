@@ -58,6 +58,7 @@ from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.generate import predict_sample
 from hinge_cli.model.checkpoint import read_checkpoint_card
+from hinge_cli.model.sampler import DEFAULT_STEPS
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
 from hinge_cli.run import Run
@@ -495,7 +496,7 @@ def settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--epochs", type=int, default=20, help="HINGE training epochs (early-stopped)")
     parser.add_argument("--patience", type=int, default=8, help="HINGE early stopping patience (epochs)")
     parser.add_argument("--samples", type=int, default=GenerateConfig.n_samples, help="samples per spot when predicting")
-    parser.add_argument("--steps", type=int, default=10, help="reverse-process steps when predicting (and calibrating)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="reverse-process steps when predicting (and calibrating)")
     parser.add_argument("--folds", default=",".join(SECTIONS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds (0..N-1) of HINGE's default and paper model")
     parser.add_argument("--ablation-seeds", type=int, help="seeds of each ablation (default: --seeds)")
