@@ -58,6 +58,7 @@ from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.generate import predict_sample
 from hinge_cli.model.checkpoint import read_checkpoint_card
+from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import DEFAULT_STEPS
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
@@ -71,7 +72,6 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
 TRANSFORM = Transform("none")  # log2(counts + 1): the raw-count space the raw Pearson refers to
-Z95 = 1.6448536  # the standard normal's 95% quantile
 
 
 @dataclass(frozen=True)
@@ -272,10 +272,9 @@ def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str
                       values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
     if "residual_std" not in info:
         return pred, info
-    spread = np.broadcast_to(np.asarray(info["residual_std"], np.float32), values.shape)
     noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
-    return replace(pred, std=spread.copy(), q05=pred.values - Z95 * spread, q95=pred.values + Z95 * spread,
-                   draws=(pred.values[:, None] + spread[:, None] * noise).astype(np.float32)), info
+    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise)
+    return replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=gaussian.draws), info
 
 
 def held_out_features(run: Run, key: str, sample: str) -> tuple[list[str], np.ndarray, np.ndarray]:

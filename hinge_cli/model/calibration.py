@@ -36,7 +36,7 @@ class Predictive:
 
     point: Tensor
     draws: Tensor
-    center: Tensor
+    center: Tensor  # the sampler's mean over draws (given genes exactly their value)
     given: Tensor | None = None  # (B, G) bool
 
     def batch(self, keep_draws: bool) -> PredictedBatch:
@@ -78,9 +78,9 @@ def fit_spread_scale(net: Hinge, image: Tensor, truth: np.ndarray, cfg: Generate
     points, spreads = [], []
     for start in range(0, len(truth), BATCH):
         stop = min(len(truth), start + BATCH)
-        pred = predictive(net, image[start:stop].to(device), cfg, torch.arange(start, stop))
-        points.append(pred.point.float().cpu().numpy())
-        spreads.append(pred.draws.float().std(1, correction=0).cpu().numpy())
+        written = predictive(net, image[start:stop].to(device), cfg, torch.arange(start, stop)).batch(keep_draws=False)
+        points.append(written.mean)
+        spreads.append(written.std)
     error, spread = np.abs(truth - np.concatenate(points)), np.concatenate(spreads)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(spread > 0, error / spread, np.where(error > 0, np.inf, 0.0))

@@ -159,13 +159,17 @@ def predictive_batch(ridge: RidgeModel, features: np.ndarray, spot_index: np.nda
     mean = ridge.predict(features)
     if ridge.residual_std is None:
         return PredictedBatch(mean.astype(np.float32))
-    std = np.broadcast_to(ridge.residual_std, mean.shape)
-    draws = None
-    if n_draws:
-        noise = normals(seed, spot_index, n_draws, mean.shape[1], RIDGE_STREAM).reshape(len(mean), n_draws, -1)
-        draws = (mean[:, None] + std[:, None] * noise).astype(np.float32)
-    return PredictedBatch(mean.astype(np.float32), std.astype(np.float32), (mean - GAUSSIAN_Q95 * std).astype(np.float32),
-                          (mean + GAUSSIAN_Q95 * std).astype(np.float32), draws)
+    noise = normals(seed, spot_index, n_draws, mean.shape[1], RIDGE_STREAM).reshape(len(mean), n_draws, -1) if n_draws else None
+    return gaussian_batch(mean, ridge.residual_std, noise)
+
+
+def gaussian_batch(mean: np.ndarray, std: np.ndarray, noise: np.ndarray | None = None) -> PredictedBatch:
+    """A per-gene Gaussian around `mean` (spots, genes) as the file's layers: std (genes,) at every spot, its exact
+    5% and 95% quantiles, and with standard-normal `noise` (spots, draws, genes) the draws."""
+    spread = np.broadcast_to(std, mean.shape)
+    draws = None if noise is None else (mean[:, None] + spread[:, None] * noise).astype(np.float32)
+    return PredictedBatch(mean.astype(np.float32), spread.astype(np.float32), (mean - GAUSSIAN_Q95 * spread).astype(np.float32),
+                          (mean + GAUSSIAN_Q95 * spread).astype(np.float32), draws)
 
 
 def start_direct_path_at_ridge(direct: DirectPath, train: SpotTable, norm: FeatureNorm, panel: list[str], key: str,
