@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from hinge_cli.config import HingeConfig
     from hinge_cli.eval import EvalSummary
     from hinge_cli.generate import Target
+    from hinge_cli.refit import Recalibrated
     from hinge_cli.train import StageSummary
 
 PathLike = str | Path
@@ -272,6 +273,19 @@ def train(run: PathLike | None = None, *, config: str | Path | None = None, sett
         pretrain_warmup(the_run.root, config=config, settings=settings, overwrite=overwrite, progress=progress)
         config = None  # the warm-up recorded it in hinge.yaml
     return run_configured(the_run, config, settings, lambda cfg: stage(the_run, cfg, overwrite=overwrite, progress=progress))
+
+
+@_python_api
+def calibrate(run: PathLike | None = None, *, settings: Settings | None = None, progress: Progress = SILENT) -> Recalibrated:
+    """Fit the spread scale and gene coupling of the run's trained models again with `settings["generate"]`.
+
+    What `train` does after its loop, for a model trained by an older hinge or to calibrate another
+    sampler; the weights are untouched. `.models` lists the checkpoints whose cards were updated.
+    """
+    from hinge_cli.refit import recalibrate
+
+    the_run = Run(run)
+    return run_configured(the_run, None, settings, lambda cfg: recalibrate(the_run, cfg))
 
 
 @_python_api

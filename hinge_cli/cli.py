@@ -203,6 +203,21 @@ def train(
         run, config=config, settings={"train": train_settings}, warmup=False, overwrite=overwrite, progress=reporter))
 
 
+SAMPLER_HELP = "coupled (one pass; genes drawn jointly, conditioned on --given genes) or reverse (a draw at each reveal step)"
+N_SAMPLES_HELP = "Samples per spot (draws in obsm['samples'])"
+
+
+@command
+def calibrate(
+    run: RunDir = None,
+    sampler: setting(GenerateConfig, "sampler", SAMPLER_HELP) = None,
+    n_samples: setting(GenerateConfig, "n_samples", N_SAMPLES_HELP) = None,
+) -> None:
+    """Fit a trained model's spread scale and gene coupling again (models trained before them); no retraining."""
+    run_command("calibrate", lambda reporter: api.calibrate(
+        run, settings={"generate": {"sampler": sampler, "n_samples": n_samples}}, progress=reporter))
+
+
 @command
 def eval(  # noqa: A001 - the subcommand is called eval
     pred: Annotated[list[Path], typer.Option("--pred", help="Prediction .h5ad from `hinge generate`; repeat for several slides.",
@@ -244,10 +259,11 @@ def generate(
     checkpoint: path_option("Model to use (default: the run's checkpoints/best.safetensors).", "file", "--checkpoint") = None,
     model: Annotated[str, typer.Option("--model", help="hinge, or ridge: the closed-form baseline `hinge train` fitted "
                                        "beside the checkpoint, written to <sample>.ridge.h5ad (default: hinge).")] = "hinge",
-    n_samples: setting(GenerateConfig, "n_samples", "Samples per spot; layers['std'], q05 and q95 describe them") = None,
+    sampler: setting(GenerateConfig, "sampler", SAMPLER_HELP) = None,
+    n_samples: setting(GenerateConfig, "n_samples", N_SAMPLES_HELP) = None,
     samples: Annotated[Optional[int], typer.Option("--samples", hidden=True)] = None,
-    steps: setting(GenerateConfig, "steps", "Reverse-process steps", none="5, or the trained T if fewer") = None,
-    temperature: setting(GenerateConfig, "temperature", "Scales the spread drawn at each reveal; 0 reveals the mean") = None,
+    steps: setting(GenerateConfig, "steps", "Reverse-process steps (--sampler reverse)", none="5, or the trained T if fewer") = None,
+    temperature: setting(GenerateConfig, "temperature", "Scales the spread of the draws; 0 makes every draw the mean") = None,
     point: setting(GenerateConfig, "point", "X: one-shot (the mean with every gene hidden) or samples (their mean)") = None,
     calibrated: setting(GenerateConfig, "calibrated", "Widen the spread by the per-gene scale fitted on the validation section") = None,
     seed: setting(GenerateConfig, "seed", "Random seed: the same seed gives the same result") = None,
@@ -272,7 +288,7 @@ def generate(
     if plot is not None:
         deprecated("generate --plot", "--genes-to-plot")
         genes_to_plot = plot if genes_to_plot is None else genes_to_plot
-    generate_settings = {"n_samples": n_samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
+    generate_settings = {"sampler": sampler, "n_samples": n_samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
                          "keep_samples": keep_samples, "temperature": temperature, "point": point, "calibrated": calibrated}
     run_command("generate", lambda reporter: api.generate_samples(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,

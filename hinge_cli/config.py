@@ -168,16 +168,18 @@ class WarmupConfig(Checked):
 
 
 POINTS = ("one-shot", "samples")
+SAMPLERS = ("coupled", "reverse")
 
 
 @dataclass
 class GenerateConfig(Checked):
-    """`generate`: how the reverse process samples."""
+    """`generate`: how predictions and their draws are made."""
 
     section: ClassVar[str] = "generate"
+    sampler: str = "coupled"  # coupled: one pass, genes drawn jointly (given genes conditioned on) | reverse: reveal steps
     n_samples: int = checked(8, AT_LEAST_1)  # samples per spot: layers['std'], q05 and q95 describe them
     steps: int | None = checked(None, AT_LEAST_1)  # reverse-process steps; None = 5 (or the trained T if fewer)
-    temperature: float = checked(1.0, NON_NEGATIVE)  # scales the spread drawn at each reveal; 0 reveals the mean
+    temperature: float = checked(1.0, NON_NEGATIVE)  # scales the spread of the draws; 0: every draw is the mean
     point: str = "one-shot"  # X: one-shot (the mean from every gene hidden) | samples (the mean over samples)
     calibrated: bool = True  # widen the spread by the per-gene scale `hinge train` fitted on the validation spots
     seed: int = 0  # the same seed gives the same predictions
@@ -187,6 +189,9 @@ class GenerateConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sampler not in SAMPLERS:
+            raise HingeError(f"generate.sampler {self.sampler} is not one of {', '.join(SAMPLERS)}",
+                             "pass --sampler coupled (the default) or --sampler reverse")
         if self.point not in POINTS:
             raise HingeError(f"generate.point {self.point} is not one of {', '.join(POINTS)}",
                              "pass --point one-shot (the default) or --point samples")

@@ -1,44 +1,40 @@
 """`hinge generate`: a slide (or a sample already in the run) in, an AnnData of predicted expression out.
 
 The slide is tiled and embedded with exactly the settings the checkpoint records,
-caching both in the run like `hinge tile`/`hinge embed` do. The reverse process then
-runs in batches of spots, each batch written straight into the output's datasets, so
+caching both in the run like `hinge tile`/`hinge embed` do. The sampler (`hinge_cli.predictors`)
+then runs in batches of spots, each batch written straight into the output's datasets, so
 memory stays at one batch plus per-spot metadata however many spots a slide has. The
 file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
 the closed-form baseline `hinge train` stored beside the checkpoint predicts instead, into the
 same format at `<sample>.ridge.h5ad`: its mean and a per-gene Gaussian from its out-of-fold residuals.
-With `given` (panel completion, `hinge_cli.given`) the genes measured on the spots are held fixed.
+With `given` (panel completion, `hinge_cli.given`) the genes measured on the spots are held fixed and the
+others drawn conditioned on them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from hinge_cli import __version__
 from hinge_cli.config import GenerateConfig, TileConfig
-from hinge_cli.data.features import prediction_view
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
 from hinge_cli.figures import MapPanel, expression_unit, spot_maps
-from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries, sha256_file
+from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import open_embeddings
-from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, ridge_prediction_path, write_prediction
+from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
-from hinge_cli.given import GivenGenes, GivenSource, read_given
-from hinge_cli.model.calibration import predictive
-from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
+from hinge_cli.given import GivenSource, read_given
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel, load_trained_model
+from hinge_cli.predictors import Predictor, generate_stage, hinge_predictor, ridge_predictor
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
@@ -147,72 +143,6 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
 # ----------------------------------------------------------------------------- output
 
 
-@dataclass
-class Predictor:
-    """What writes a prediction file: a name (uns['hinge']['model']), its own provenance, and a batch step
-    from raw embedding rows (spots start:stop) to predictions."""
-
-    name: str
-    provenance: dict[str, Any]
-    predict: Callable[[np.ndarray, int, int], PredictedBatch]
-    with_spread: bool = True
-    keep_draws: int | None = None
-    map_titles: tuple[str, ...] = ("prediction", "uncertainty (std over samples)")
-    given: GivenGenes | None = None
-
-    @property
-    def stage(self) -> str:
-        return generate_stage(self.name)
-
-
-def generate_stage(model: str) -> str:
-    """A model's manifest stage: `generate` for HINGE, `generate:ridge` for the baseline, so neither hides the other."""
-    return "generate" if model == "hinge" else f"generate:{model}"
-
-
-def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None = None) -> Predictor:
-    """The reverse process on the original view, `cfg.n_samples` draws a spot, widened by the card's spread scale;
-    the `given` genes held at their measured values."""
-    steps = sampling_steps(cfg.steps, model.net.diffusion.steps)
-    calibration = model.card.calibration if cfg.calibrated else None
-    scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
-    if cfg.temperature > 0 and not model.net.has_spread:
-        log.warning("this model predicts no spread (diffusion.likelihood: mse): each gene is revealed at its mean, "
-                    "so layers['std'] shows only how gene order changes the prediction")
-
-    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
-        x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
-        held = given.rows(start, stop, model.device) if given is not None else (None, None)
-        with _autocast(model.device):
-            pred = predictive(model.net, x, cfg, torch.arange(start, stop), *held)
-        return (pred.widened(scale) if scale is not None else pred).batch(cfg.keep_samples)
-
-    provenance = {"model": "hinge", "steps": steps, "samples": cfg.n_samples, "seed": cfg.seed,
-                  "fill": model.net.diffusion.fill, "temperature": cfg.temperature, "point": cfg.point,
-                  "spread_scale": "validation" if scale is not None else "none", **(given.provenance() if given else {})}
-    return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None, given=given)
-
-
-def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
-    """The ridge baseline stored beside the checkpoint: its mean and per-gene Gaussian, with `cfg.n_samples` draws a
-    spot when samples are kept; a mean alone (no spread, no draws) from a ridge file older than its residual std."""
-    path = ridge_path(model.path)
-    ridge = load_ridge(model.path, model.genes, model.key)
-    spread = ridge.residual_std is not None
-    n_draws = cfg.n_samples if cfg.keep_samples and spread else None
-    provenance = {"model": "ridge", "ridge": str(path.resolve()), "ridge_sha256": sha256_file(path),
-                  "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples}
-    if spread:
-        provenance |= {"residual_std_source": ridge.residual_source, "seed": cfg.seed}
-    if n_draws:
-        provenance["samples"] = n_draws
-
-    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
-        return predictive_batch(ridge, rows, np.arange(start, stop), cfg.seed, n_draws)
-
-    return Predictor("ridge", provenance, predict, with_spread=spread, keep_draws=n_draws, map_titles=("ridge prediction",))
-
-
 def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> dict[str, Any]:
     a, card = spots.attrs, model.card
     return {
@@ -221,10 +151,6 @@ def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> d
         "n_genes": model.net.n_genes, "transform": card.transform.to_dict(), "slide": str(a.slide), "mpp": a.mpp_source,
         "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
     }
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,

@@ -1,4 +1,4 @@
-"""What `hinge train` does after its loop: the stored ridge, the spread calibration, and the refit.
+"""What `hinge train` does after its loop: the stored ridge, the spread calibration, the refit and the gene coupling.
 
 Holding a section out to choose the epoch costs the model that section's spots, and which
 sections a model trains on moves its expression level on a new one (HER2ST, fold C2: ridge
@@ -8,25 +8,30 @@ training spot, the held-out section included, for that many epochs; its direct p
 at the ridge fit on all of them (`train.refit`). The validated model stays as
 `checkpoints/selected.*`; the refit becomes `best`. The spread scale is fitted on the
 validated model's predictions of the held-out section (the refit has no held-out data left)
-and carried over to the refit, whose card records both loops.
+and carried over to the refit, whose card records both loops. Each model's gene coupling is then
+measured on the spots it trained on (`hinge_cli.model.coupling`). `recalibrate` does the
+calibration and coupling again for a finished run (`hinge calibrate`), with no retraining.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hinge_cli.config import HingeConfig
-from hinge_cli.data.dataset import SpotTable
+from hinge_cli.data.dataset import SpotTable, assemble
 from hinge_cli.distributed import Dist
+from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings, fit
+from hinge_cli.formats.model_card import write_card
+from hinge_cli.lineage import require_unchanged_since_warmup
 from hinge_cli.losses import hinge_losses
-from hinge_cli.model.calibration import calibrate_checkpoint
-from hinge_cli.model.checkpoint import checkpoint_unit, load_checkpoint, read_checkpoint_card, write_checkpoint
+from hinge_cli.model.calibration import calibrate_checkpoint, couple_checkpoint
+from hinge_cli.model.checkpoint import checkpoint_unit, load_checkpoint, read_checkpoint_card, sidecar_path, write_checkpoint
 from hinge_cli.model.ridge import fit_run_ridge, start_direct_path_at_ridge
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
@@ -46,9 +51,66 @@ def finish_training(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitDat
     rows = np.arange(len(table.targets)) if refit else data.train_rows
     if dist.main:
         fit_run_ridge(run, card, table.subset(rows))
-        calibrate_checkpoint(selected, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
+        calibrate_and_couple(cfg, data, selected)
     if refit:
         refit_on_all(run, cfg, table, data, selected, best, epochs, dist, device, progress)
+        if dist.main:
+            couple_on_all(table, data, best, cfg.generate.seed)
+
+
+def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> None:
+    """The validated model's spread scale (on the validation spots) and gene coupling (on its training spots)."""
+    card = read_checkpoint_card(selected)
+    calibrate_checkpoint(selected, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
+    couple_checkpoint(selected, data.train.features[:, 0], data.train.targets.numpy(), cfg.generate.seed, card.samples)
+
+
+def couple_on_all(table: SpotTable, data: SplitData, best: Path, seed: int) -> None:
+    """The refit's gene coupling, on every training spot (the ones it trained on)."""
+    everything = TrainingData.of(table, data.norm)
+    couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples)
+
+
+@dataclass
+class Recalibrated:
+    """What `hinge calibrate` updated."""
+
+    models: list[Path]
+    sampler: str
+
+    def lines(self) -> list[str]:
+        return [f"calibrate: spread scale ({self.sampler} sampler) and gene coupling fitted again for "
+                + ", ".join(p.stem for p in self.models)]
+
+
+def recalibrate(run: Run, cfg: HingeConfig) -> Recalibrated:
+    """Fit the spread scale and gene coupling of a trained run again with `cfg.generate`'s settings; no retraining.
+
+    For models trained before the coupled sampler, or after changing how generate samples.
+    """
+    with run.training_lock():
+        return Recalibrated(_recalibrate(run, cfg), cfg.generate.sampler)
+
+
+def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
+    best, selected = run.checkpoint("best"), run.checkpoint("selected")
+    if not best.exists():
+        raise HingeError(f"{best} does not exist", "run `hinge train` first")
+    refit = selected.exists()
+    selected = selected if refit else best
+    card = read_checkpoint_card(selected)
+    if card.split is None or card.feature_norm is None:
+        raise HingeError(f"{selected} records no training split", "train it again with this version of hinge")
+    require_unchanged_since_warmup(run, card.samples, card.encoder_key)
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    data = SplitData.of(table, card.split, card.feature_norm)
+    calibrate_and_couple(cfg, data, selected)
+    if not refit:
+        return [best]
+    calibration = read_checkpoint_card(selected).calibration
+    write_card(sidecar_path(best), replace(read_checkpoint_card(best), calibration=calibration))
+    couple_on_all(table, data, best, cfg.generate.seed)
+    return [selected, best]
 
 
 def refit_on_all(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitData, selected: Path, best: Path, epochs: int,

@@ -115,7 +115,7 @@ def test_completion_is_batch_size_independent_and_its_one_shot_point_sees_the_gi
     image = torch.randn(6, 6)
     mask, values = _given(6, seed=3, share=0.4, genes=MODEL_GENES)
     values = values.float()
-    cfg = GenerateConfig(n_samples=3, steps=5, device="cpu")
+    cfg = GenerateConfig(sampler="reverse", n_samples=3, steps=5, device="cpu")
     whole = predictive(model, image, cfg, torch.arange(6), mask, values)
     parts = [predictive(model, image[i:i + 2], cfg, torch.arange(i, i + 2), mask[i:i + 2], values[i:i + 2]) for i in (0, 2, 4)]
     for name in ("point", "draws", "center"):

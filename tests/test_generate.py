@@ -92,7 +92,8 @@ def test_output_is_valid_anndata_consistent_with_the_tiles(predicted: tuple[Run,
     np.testing.assert_array_equal(adata.obs["in_tissue"].to_numpy(), (frac >= 0.5).astype(int))  # Visium's 0/1
     hinge = adata.uns["hinge"]
     assert hinge["checkpoint_sha256"] == card.sha256 and list(hinge["encoders"]) == ["default"]
-    assert (hinge["steps"], hinge["samples"], hinge["seed"], hinge["n_genes"]) == (4, 3, 0, len(card.genes))
+    assert (hinge["sampler"], hinge["samples"], hinge["seed"], hinge["n_genes"]) == ("coupled", 3, 0, len(card.genes))
+    assert "steps" not in hinge  # one pass: the reverse process's steps do not apply
     assert dict(hinge["transform"]) == card.transform.to_dict() and hinge["version"]
     assert run.stage("new", "generate")["status"] == "ok"
 
@@ -144,7 +145,8 @@ def test_same_seed_same_file_cached_inputs_and_batch_independence(predicted: tup
 def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp_path: Path) -> None:
     run, _ = trained
     kept = tmp_path / "kept.h5ad"
-    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 3, "keep_samples": True, "point": "samples"}), out=kept)
+    reverse = {**FAST, "sampler": "reverse", "n_samples": 3}
+    generate(run, [Target("t0")], GenerateConfig(**{**reverse, "keep_samples": True, "point": "samples"}), out=kept)
     adata = ad.read_h5ad(kept)
     draws = adata.obsm["samples"]
     assert draws.shape == (adata.n_obs, 3, adata.n_vars)
@@ -153,7 +155,7 @@ def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp
     np.testing.assert_allclose(np.quantile(draws, 0.05, axis=1), adata.layers["q05"], rtol=1e-5, atol=1e-5)
     assert np.all(adata.layers["q05"] <= adata.layers["q95"]) and np.all(adata.layers["q95"] <= draws.max(1) + 1e-6)
     one_shot = tmp_path / "one_shot.h5ad"
-    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 3, "keep_samples": False}), out=one_shot)
+    generate(run, [Target("t0")], GenerateConfig(**{**reverse, "keep_samples": False}), out=one_shot)
     lean = ad.read_h5ad(one_shot)
     assert "samples" not in lean.obsm and lean.uns["hinge"]["point"] == "one-shot"
     np.testing.assert_allclose(lean.layers["std"], adata.layers["std"], rtol=1e-5, atol=1e-5)  # the draws are the same
@@ -163,10 +165,15 @@ def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp
     zero = tmp_path / "zero.safetensors"
     save_checkpoint(zero, checkpoint.net, checkpoint.card)
     one = tmp_path / "one.h5ad"
-    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 1}), checkpoint=zero, out=one)
+    generate(run, [Target("t0")], GenerateConfig(**{**reverse, "n_samples": 1}), checkpoint=zero, out=one)
     single = ad.read_h5ad(one)
     assert single.uns["hinge"]["fill"] == "zero" and np.all(single.layers["std"] == 0)
     assert np.isfinite(single.X).all() and single.X.std() > 0
+    coupled = tmp_path / "coupled.h5ad"
+    generate(run, [Target("t0")], GenerateConfig(**{**FAST, "n_samples": 1}), checkpoint=zero, out=coupled)
+    gaussian = ad.read_h5ad(coupled)  # one draw, but the std and quantiles are the predictive Gaussian's
+    assert np.all(gaussian.layers["std"] > 0)
+    np.testing.assert_allclose(gaussian.layers["q95"] - gaussian.X, 1.6448536 * gaussian.layers["std"], rtol=1e-4, atol=1e-5)
 
 
 def _tampered(run: Run, tmp_path: Path, name: str, **changes: object) -> Path:
@@ -325,3 +332,23 @@ def test_train_refits_on_every_spot_and_keeps_the_validated_model(trained: tuple
     assert best.card.calibration == selected.card.calibration and best.card.split == selected.card.split
     weights = zip(best.net.state_dict().values(), selected.net.state_dict().values(), strict=True)
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in weights)
+
+
+def test_train_couples_the_genes_and_calibrate_fits_scale_and_coupling_again(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    card = load_checkpoint(run.checkpoint("best")).card
+    correlation = np.asarray(card.coupling.correlation)
+    assert correlation.shape == (len(card.genes),) * 2 and card.calibration.sampler == "coupled"
+    np.testing.assert_allclose(correlation, correlation.T)
+    np.testing.assert_allclose(np.diag(correlation), 1.0)
+    assert np.linalg.eigvalsh(correlation).min() > 0  # a valid correlation: the sampler's Cholesky factor exists
+    result = runner.invoke(app, ["calibrate", "--run", str(run.root), "--sampler", "reverse", "-q"])
+    assert result.exit_code == 0, result.output
+    again = load_checkpoint(run.checkpoint("best")).card
+    assert again.calibration.sampler == "reverse" and again.sha256 == card.sha256  # the weights are untouched
+    np.testing.assert_allclose(np.asarray(again.coupling.correlation), correlation)
+    result = runner.invoke(app, ["calibrate", "--run", str(run.root), "--sampler", "coupled", "-q"])  # hinge.yaml now says reverse
+    restored = load_checkpoint(run.checkpoint("best")).card.calibration
+    assert result.exit_code == 0 and (restored.scale, restored.within_1std) == (card.calibration.scale, card.calibration.within_1std)
+    empty = runner.invoke(app, ["calibrate", "--run", str(tmp_path / "nothing"), "-q"])
+    assert empty.exit_code == 2 and "hinge train" in empty.output

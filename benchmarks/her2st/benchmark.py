@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from baselines import BASELINES
 
-from hinge_cli.config import GenerateConfig, HingeConfig, load_config, merge
+from hinge_cli.config import SAMPLERS, GenerateConfig, HingeConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import views
@@ -62,6 +62,7 @@ from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import DEFAULT_STEPS
 from hinge_cli.model.trained import load_trained_model
 from hinge_cli.progress import SILENT
+from hinge_cli.refit import recalibrate
 from hinge_cli.run import Run
 from hinge_cli.tile import tile_samples
 from hinge_cli.train import pretrain_backbone, pretrain_warmup, train
@@ -172,6 +173,7 @@ class Settings:
     ablation_seeds: tuple[int, ...] = (0,)  # seeds of the ablations (every HINGE method but MAIN_HINGE)
     overrides: dict = field(default_factory=dict)  # the preset's overrides every HINGE variant starts from
     rescore: bool = False  # score stored HINGE predictions again instead of skipping them
+    regenerate: bool = False  # calibrate stored HINGE fold runs again and predict anew (no retraining)
 
     def seeds_of(self, method: str) -> tuple[int, ...] | tuple[None]:
         """A baseline runs once (None); HINGE's default and paper model with `seeds`, the ablations with `ablation_seeds`."""
@@ -318,6 +320,17 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
     return read_prediction(out), info
 
 
+def regenerate_hinge(root: Path, test: str, cfg: HingeConfig, seed: int, info: dict) -> tuple[Prediction, dict]:
+    """A trained fold run's spread scale and gene coupling fitted again (`hinge calibrate`), and its prediction made again."""
+    run = Run(root)
+    recalibrate(run, cfg)
+    out = root / f"{test}.h5ad"
+    out.unlink(missing_ok=True)
+    model = load_trained_model(run.checkpoint("best"), cfg.train.device)
+    predict_sample(run, test, model, out, replace(cfg.generate, seed=seed, keep_samples=True), progress=SILENT)
+    return read_prediction(out), {**info, "prediction": str(out), "regenerated": cfg.generate.sampler}
+
+
 # ----------------------------------------------------------------------------- scoring and the table
 
 
@@ -370,7 +383,16 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                     name = method if seed is None else f"{method}/seed{seed}"
                     path = s.out / "scores" / panel.name / test / f"{name}.json"
                     numbers = json.loads(path.read_text()) if path.exists() and not s.overwrite else {}
-                    if s.rescore and seed is None:
+                    fold_root = s.out / "folds" / panel.name / test / name
+                    if s.regenerate and seed is not None and (fold_root / "checkpoints" / "best.safetensors").is_file():
+                        started, truth = time.time(), truth or read_expression(truth_path)
+                        pred, info = regenerate_hinge(fold_root, test, panel_config(s.variant_config(method), panel), seed,
+                                                      numbers.get("info", {}))
+                        numbers = {**score(pred, truth, truth_path), "seconds": numbers.get("seconds"), "info": info,
+                                   "genes": genes, "regenerate_seconds": time.time() - started}
+                        write_json(path, numbers)
+                        numbers = json.loads(path.read_text())
+                    elif (s.rescore or s.regenerate) and seed is None:
                         numbers = {}  # a baseline costs seconds: run it again
                     elif s.rescore and Path(numbers.get("info", {}).get("prediction", "")).is_file():
                         truth = truth or read_expression(truth_path)
@@ -386,7 +408,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                             inputs = inputs or BaselineInputs.read(base, key, test, genes)
                             pred, info = run_baseline(method, inputs, test, genes, s.n_samples)
                         else:
-                            pred, info = run_hinge(method, base, s.out / "folds" / panel.name / test / name, test, genes,
+                            pred, info = run_hinge(method, base, fold_root, test, genes,
                                                    backbone, panel_config(s.variant_config(method), panel), s, seed)
                         seconds = time.time() - started
                         numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
@@ -432,11 +454,18 @@ def summarise(results: dict) -> dict:
     return out
 
 
+def _sampling(s: Settings) -> str:
+    sampler = s.config.generate.sampler
+    if sampler == "reverse":
+        return f"reverse sampler, {s.steps} steps x {s.n_samples} samples"
+    return f"{sampler} sampler (one pass), {s.n_samples} samples"
+
+
 def markdown(summary: dict, s: Settings) -> str:
     lines = ["# HER2ST patient C, leave-one-section-out", "",
              (f"Folds: {', '.join(s.folds)}. Model space log2(counts + 1); every method scored by `hinge eval`'s metrics. "
              f"HINGE: `{s.config.preset}` config, early stopping with patience {s.config.train.patience}, "
-             f"{s.steps} sampling steps x {s.n_samples} samples; seeds {', '.join(map(str, s.seeds))} for "
+             f"{_sampling(s)}; seeds {', '.join(map(str, s.seeds))} for "
              f"{' and '.join(MAIN_HINGE)}, {', '.join(map(str, s.ablation_seeds))} for the ablations. Mean ± std over folds "
              "(HINGE: of each fold's mean over seeds; in brackets the std over seeds of the mean over folds); the best mean "
              "of each row is bold; — = undefined (the training mean has no spread, so only its errors count)."), ""]
@@ -506,6 +535,9 @@ def settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--overwrite", action="store_true", help="recompute scores already in --out/scores")
     parser.add_argument("--rescore", action="store_true",
                         help="score HINGE's stored predictions again (and rerun the baselines) without retraining")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="calibrate HINGE's trained fold runs again (`hinge calibrate`) and predict anew, without retraining")
+    parser.add_argument("--sampler", default=GenerateConfig.sampler, choices=SAMPLERS, help="HINGE's sampler")
     args = parser.parse_args(argv)
     ensure_data(args.data)
     corpus = [Path(line) for line in (args.data / "corpus.txt").read_text().split() if line]
@@ -526,10 +558,10 @@ def settings(argv: list[str] | None) -> Settings:
     if unknown:
         parser.error(f"--folds: {', '.join(unknown)} are not sections of patient C ({', '.join(SECTIONS)})")
     overrides["tile"] = LEGACY_ST
-    overrides["generate"] = {"n_samples": args.samples, "steps": args.steps}  # train calibrates the spread with them too
+    overrides["generate"] = {"sampler": args.sampler, "n_samples": args.samples, "steps": args.steps}  # train calibrates with them too
     cfg = load_config(args.config, None, overrides)
     return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite,
-                    rescore=args.rescore, seeds=seeds, ablation_seeds=ablation_seeds, overrides=overrides)
+                    rescore=args.rescore, regenerate=args.regenerate, seeds=seeds, ablation_seeds=ablation_seeds, overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,9 @@ from hinge_cli.data.expression import Expression, read_expression
 from hinge_cli.eval import HEADLINE, Prediction, align, metric_table, score_slide
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.generate import hinge_predictor
 from hinge_cli.given import GivenGenes, GivenSource, read_given
 from hinge_cli.model.trained import TrainedModel, load_trained_model
+from hinge_cli.predictors import hinge_predictor
 from hinge_cli.run import Run
 
 KS = (5, 10, 25)

@@ -97,6 +97,17 @@ class SpreadCalibration:
     point: str
     within_1std_raw: float  # coverage of point ± std on those spots, before and after
     within_1std: float
+    sampler: str = "reverse"  # the sampler whose spread it scales (cards from before the coupled sampler: reverse)
+
+
+@dataclass
+class GeneCorrelation:
+    """The correlation of the training spots' residuals (each over its predicted std) that couples a draw's genes."""
+
+    correlation: list[list[float]]  # genes x genes, in panel order, shrunk toward the identity
+    samples: list[str]  # the samples whose spots it was measured on
+    n_spots: int
+    shrinkage: float
 
 
 @dataclass
@@ -147,6 +158,7 @@ class ModelCard:
     training: TrainingRecord = field(default_factory=TrainingRecord)
     calibration: SpreadCalibration | None = None  # `hinge train` fits it on the validation spots
     refit: TrainingRecord | None = None  # the refit on every training spot that made these weights, if any
+    coupling: GeneCorrelation | None = None  # `hinge train` measures it on the spots these weights trained on
     weights: str = ""  # the weights file's name, beside this card
     sha256: str = ""  # of the weights file
     hinge_version: str = __version__
@@ -196,6 +208,7 @@ def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
         config=config_from_dict(data["config"]) if data.get("config") is not None else None,
         training=_make(TrainingRecord, data.get("training", {}), where),
         calibration=_optional(SpreadCalibration, data.get("calibration"), where),
+        coupling=_optional(GeneCorrelation, data.get("coupling"), where),
         refit=_optional(TrainingRecord, data.get("refit"), where),
     )
 

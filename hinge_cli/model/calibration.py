@@ -1,9 +1,14 @@
-"""What `generate` predicts per spot (a point, draws and their spread) and the per-gene spread scale.
+"""What `generate` predicts per spot (a point, draws and their spread), the per-gene spread scale and the coupling.
+
+Two samplers. `coupled` (the default) reads each gene's mean and spread from one forward pass
+with every gene hidden and draws the genes jointly from a Gaussian whose correlation was measured
+on the training spots (`hinge_cli.model.coupling`), conditioned on any genes given. `reverse`
+walks the reverse process and draws each gene at the step that reveals it.
 
 Trained on its own sections, a model's spread describes its errors on slides it has seen; on a
 new section they are larger. One number per gene, the factor that makes point ± std cover 68.3%
-of the validation section's truth, widens every draw around its spot's mean at generation time.
-It is fitted once after training on exactly what `generate` computes, with its settings.
+of the validation section's truth, widens the spread at generation time. It is fitted once after
+training on exactly what `generate` computes, with its settings.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import torch
 from torch import Tensor
 
 from hinge_cli.config import GenerateConfig
-from hinge_cli.formats.model_card import SpreadCalibration, ValidationSplit, write_card
+from hinge_cli.formats.model_card import GeneCorrelation, SpreadCalibration, ValidationSplit, write_card
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
+from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
 from hinge_cli.model.hinge import Hinge
+from hinge_cli.model.randomness import REVEAL_STREAM, normals
+from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import sampling_steps
 
 log = logging.getLogger(__name__)
@@ -32,18 +40,27 @@ BATCH = 256
 
 @dataclass
 class Predictive:
-    """One batch's prediction: the point (X), the draws (B, S, G), their per-spot centre, and the genes given."""
+    """One batch's prediction: the point (X), the draws (B, S, G), their per-spot centre, and the genes given.
+
+    `std` is the exact std of a Gaussian prediction (the coupled sampler): its layers are then the
+    Gaussian's std and quantiles around `center` instead of the draws' empirical ones.
+    """
 
     point: Tensor
     draws: Tensor
     center: Tensor  # the sampler's mean over draws (given genes exactly their value)
     given: Tensor | None = None  # (B, G) bool
+    std: Tensor | None = None
 
     def batch(self, keep_draws: bool) -> PredictedBatch:
-        """The file's layers: the point, and the draws' std and 5% and 95% quantiles (std exactly 0 for a given gene)."""
+        """The file's layers: the point, and the spread's std and 5% and 95% quantiles (std exactly 0 for a given gene)."""
         draws = self.draws.float().cpu().numpy()
-        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
-        std = draws.std(1)
+        if self.std is not None:
+            gaussian = gaussian_batch(self.center.float().cpu().numpy(), self.std.float().cpu().numpy())
+            q05, q95, std = gaussian.q05, gaussian.q95, gaussian.std.copy()
+        else:
+            q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)
+            std = draws.std(1)
         if self.given is not None:
             std[self.given.cpu().numpy()] = 0
         return PredictedBatch(self.point.float().cpu().numpy(), std, q05, q95, draws if keep_draws else None)
@@ -55,12 +72,43 @@ class Predictive:
 
 
 def predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor, given: Tensor | None = None,
-               given_values: Tensor | None = None) -> Predictive:
-    """The reverse process with `cfg`'s samples, steps and temperature; X the one-shot mean or the samples' mean.
+               given_values: Tensor | None = None, scale: Tensor | None = None,
+               coupling: GeneCoupling | None = None) -> Predictive:
+    """`cfg`'s sampler with its samples and temperature, the spread widened by the per-gene `scale`.
 
-    `given` (B, G) marks genes measured per spot, held at `given_values`: the one-shot mean is then the
-    mean of the remaining genes with the given ones visible.
+    `given` (B, G) marks genes measured per spot, held at `given_values`. A model without a spread
+    (diffusion.likelihood: mse) always walks the reverse process.
     """
+    if cfg.sampler == "coupled" and net.has_spread:
+        return coupled_predictive(net, image, cfg, spot_index, given, given_values, scale, coupling)
+    pred = reverse_predictive(net, image, cfg, spot_index, given, given_values)
+    return pred if scale is None else pred.widened(scale)
+
+
+def coupled_predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor, given: Tensor | None,
+                       given_values: Tensor | None, scale: Tensor | None, coupling: GeneCoupling | None) -> Predictive:
+    """One forward pass, then `cfg.n_samples` joint draws from the coupled Gaussian (conditioned on the given genes).
+
+    X is the Gaussian's mean (the one-shot mean, or the conditional mean when genes are given), or with
+    `point: samples` the draws' mean; the temperature scales the spread after conditioning.
+    """
+    mean, log_var = net.one_shot(image, seed=cfg.seed, spot_index=spot_index)
+    std = torch.exp(0.5 * log_var)
+    std = std if scale is None else std * scale.to(std)
+    b, g = mean.shape
+    normal = torch.from_numpy(normals(cfg.seed, spot_index, cfg.n_samples, g, REVEAL_STREAM)).view(b, cfg.n_samples, g)
+    coupled = (coupling or GeneCoupling.independent(g)).draw(mean, std, normal.to(mean.device), given, given_values)
+    spread = coupled.std * cfg.temperature
+    draws = coupled.mean[:, None] + spread[:, None] * coupled.noise
+    point = draws.mean(1) if cfg.point == "samples" else coupled.mean
+    if given is not None:
+        point = torch.where(given.to(point.device, torch.bool), coupled.mean, point)
+    return Predictive(point, draws, coupled.mean, given, spread)
+
+
+def reverse_predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_index: Tensor, given: Tensor | None,
+                       given_values: Tensor | None) -> Predictive:
+    """The reverse process; X the one-shot mean (with given genes visible) or the samples' mean."""
     out = net.generate(image, n_samples=cfg.n_samples, steps=sampling_steps(cfg.steps, net.diffusion.steps), seed=cfg.seed,
                        spot_index=spot_index, keep_samples=True, temperature=cfg.temperature, given=given,
                        given_values=given_values)
@@ -96,7 +144,8 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
     scale, raw, calibrated = fit_spread_scale(net, image, truth, cfg)
     samples = list(split.val_samples) if split is not None else []
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,
-                                    sampling_steps(cfg.steps, net.diffusion.steps), cfg.temperature, cfg.point, raw, calibrated)
+                                    sampling_steps(cfg.steps, net.diffusion.steps), cfg.temperature, cfg.point, raw, calibrated,
+                                    sampler_of(net, cfg))
     write_card(sidecar_path(path), replace(checkpoint.card, calibration=calibration))
     log.info("spread calibrated on %s: point ± std covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
              ", ".join(samples) or "random spots of the training slides", 100 * raw, len(truth), 100 * calibrated,
@@ -105,3 +154,35 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
         log.warning("the spread was calibrated on spots of the training slides, so it will be too narrow on new slides; "
                     "train on 3 or more samples (or pass --val-samples) to calibrate on a held-out section")
     return calibration
+
+
+def sampler_of(net: Hinge, cfg: GenerateConfig) -> str:
+    """The sampler `predictive` runs for `cfg` on this network."""
+    return cfg.sampler if net.has_spread else "reverse"
+
+
+@torch.no_grad()
+def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int) -> np.ndarray:
+    """The correlation of the spots' one-shot residuals, each over its predicted std."""
+    device = next(net.parameters()).device
+    residuals = []
+    for start in range(0, len(truth), BATCH):
+        stop = min(len(truth), start + BATCH)
+        mean, log_var = net.one_shot(image[start:stop].to(device), seed=seed, spot_index=torch.arange(start, stop))
+        residuals.append((truth[start:stop] - mean.float().cpu().numpy()) / np.exp(0.5 * log_var.float().cpu().numpy()))
+    return fit_correlation(np.concatenate(residuals))
+
+
+def couple_checkpoint(path: Path, image: Tensor, truth: np.ndarray, seed: int, samples: list[str]) -> GeneCorrelation | None:
+    """Measure the gene coupling of the checkpoint at `path` on the spots it trained on and record it in its card."""
+    checkpoint = load_checkpoint(path)
+    if not checkpoint.net.has_spread:
+        return None
+    correlation = np.round(fit_coupling(checkpoint.net, image, truth, seed), 5)  # the shrinkage dwarfs the rounding
+    coupling = GeneCorrelation(correlation.tolist(), list(samples), len(truth), SHRINKAGE)
+    write_card(sidecar_path(path), replace(checkpoint.card, coupling=coupling))
+    off = np.abs(correlation[~np.eye(len(correlation), dtype=bool)])
+    log.info("genes coupled by the correlation of %d training spots' residuals (%s): median |r| %.2f, largest %.2f",
+             len(truth), path.stem, float(np.median(off)) if len(off) else 0.0, float(off.max()) if len(off) else 0.0)
+    return coupling
+

@@ -13,7 +13,7 @@ from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN, SpreadHead
 from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_likelihood, check_loss_target, diffusion_loss
 from hinge_cli.model.lora import apply_policy
-from hinge_cli.model.sampler import Samples, sample
+from hinge_cli.model.sampler import Samples, one_shot, sample
 from hinge_cli.progress import SILENT, Progress
 
 ARCHITECTURE = ("d_model", "n_layers", "n_heads", "ffn_dim", "n_bins")
@@ -126,6 +126,21 @@ class Hinge(nn.Module):
     ) -> Tensor:
         """Masked-diffusion loss on a batch of clean panels; pass rho for the warm-start curriculum."""
         return diffusion_loss(self, x0, image, self.schedule, self.diffusion, generator, max_hidden_fraction)
+
+    @torch.no_grad()
+    def one_shot(self, image: Tensor, seed: int = 0, spot_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each gene's predictive mean and log-variance (B, G) from the image alone (every gene hidden)."""
+        if self.spread is None:
+            raise HingeError("this model predicts no spread (diffusion.likelihood: mse)",
+                             "use the reverse sampler (--sampler reverse), or train with diffusion.likelihood: gaussian")
+        was_training = self.training
+        self.eval()
+        try:
+            index = torch.arange(image.shape[0]) if spot_index is None else spot_index
+            return one_shot(self, image, self.schedule, seed=seed, spot_index=index, fill=self.diffusion.fill,
+                            noise_std=self.diffusion.noise_std)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def generate(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hinge_cli.errors import HingeError
 from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_hidden
-from hinge_cli.model.randomness import spot_randomness
+from hinge_cli.model.randomness import FILL_STREAM, normals, spot_randomness
 from hinge_cli.progress import SILENT, Progress
 
 DEFAULT_STEPS = 5  # reverse-process steps unless asked: on the HER2ST steps x samples grid 1-50 steps scored the same
@@ -81,6 +81,21 @@ def reveal_plan(ranks: Tensor, given: Tensor | None, schedule: MaskSchedule) -> 
     keys = ranks + given.to(ranks.dtype) * schedule.n_genes
     remaining = (~given).sum(1, keepdim=True)
     return RevealPlan(keys.argsort(1).argsort(1), remaining, nearest_steps(schedule))
+
+
+def one_shot(net: Denoiser, image: Tensor, schedule: MaskSchedule, *, seed: int, spot_index: Tensor, fill: str,
+             noise_std: float) -> tuple[Tensor, Tensor]:
+    """The mean and log-variance (B, G) from every gene hidden: the reverse process's first step, one forward pass.
+
+    The fill noise is the one a single-sample reverse process would use, so its mean is the one-shot point.
+    """
+    check_fill(fill)
+    b, g = image.shape[0], schedule.n_genes
+    hidden = torch.ones(b, g, dtype=torch.bool, device=image.device)
+    noise = torch.from_numpy(normals(seed, torch.as_tensor(spot_index).cpu(), 1, g, FILL_STREAM)).to(image.device) * noise_std
+    values = fill_hidden(torch.zeros(b, g, dtype=image.dtype, device=image.device), hidden, noise if fill == "noise" else None)
+    t = torch.full((b,), schedule.n_steps, dtype=torch.long, device=image.device)
+    return net(values, ~hidden, t, image, spread=True)
 
 
 def sample(

@@ -1,0 +1,109 @@
+"""What turns a batch of a sample's embedding rows into predictions: HINGE's sampler or the stored ridge.
+
+`generate` writes whatever a Predictor returns into the same file format, so the two models
+differ only here: their provenance, their batch step, and the titles of their maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hinge_cli.config import GenerateConfig
+from hinge_cli.data.features import prediction_view
+from hinge_cli.files import sha256_file
+from hinge_cli.formats.prediction import PredictedBatch
+from hinge_cli.given import GivenGenes
+from hinge_cli.model.calibration import predictive, sampler_of
+from hinge_cli.model.coupling import GeneCoupling
+from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
+from hinge_cli.model.sampler import sampling_steps
+from hinge_cli.model.trained import TrainedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    """What writes a prediction file: a name (uns['hinge']['model']), its own provenance, and a batch step
+    from raw embedding rows (spots start:stop) to predictions."""
+
+    name: str
+    provenance: dict[str, Any]
+    predict: Callable[[np.ndarray, int, int], PredictedBatch]
+    with_spread: bool = True
+    keep_draws: int | None = None
+    map_titles: tuple[str, ...] = ("prediction", "uncertainty (std over samples)")
+    given: GivenGenes | None = None
+
+    @property
+    def stage(self) -> str:
+        return generate_stage(self.name)
+
+
+def generate_stage(model: str) -> str:
+    """A model's manifest stage: `generate` for HINGE, `generate:ridge` for the baseline, so neither hides the other."""
+    return "generate" if model == "hinge" else f"generate:{model}"
+
+
+def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None = None) -> Predictor:
+    """`cfg`'s sampler on the original view, `cfg.n_samples` draws a spot, the spread widened by the card's scale;
+    the `given` genes held at their measured values."""
+    sampler = sampler_of(model.net, cfg)
+    if sampler != cfg.sampler:
+        log.warning("this model predicts no spread (diffusion.likelihood: mse), so it samples with the reverse process: "
+                    "each gene is revealed at its mean, and layers['std'] shows only how gene order changes the prediction")
+    calibration = model.card.calibration if cfg.calibrated else None
+    if calibration is not None and calibration.sampler != sampler:
+        log.warning("the spread scale in %s was fitted for the %s sampler, not %s: run `hinge calibrate` to fit it again",
+                    model.path.name, calibration.sampler, sampler)
+    scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
+    coupling = GeneCoupling(np.asarray(model.card.coupling.correlation)) if model.card.coupling is not None else None
+    if sampler == "coupled" and coupling is None:
+        log.warning("%s has no gene coupling (trained before it existed): genes are drawn independently and given genes "
+                    "do not inform the others; run `hinge calibrate` to measure it", model.path.name)
+
+    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
+        x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
+        held = given.rows(start, stop, model.device) if given is not None else (None, None)
+        with _autocast(model.device):
+            pred = predictive(model.net, x, cfg, torch.arange(start, stop), *held, scale=scale, coupling=coupling)
+        return pred.batch(cfg.keep_samples)
+
+    steps = {"steps": sampling_steps(cfg.steps, model.net.diffusion.steps)} if sampler == "reverse" else {}
+    provenance = {"model": "hinge", "sampler": sampler, **steps, "samples": cfg.n_samples, "seed": cfg.seed,
+                  "fill": model.net.diffusion.fill, "temperature": cfg.temperature, "point": cfg.point,
+                  "spread_scale": "validation" if scale is not None else "none",
+                  "gene_coupling": "training spots" if sampler == "coupled" and coupling is not None else "none",
+                  **(given.provenance() if given else {})}
+    return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None, given=given)
+
+
+def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
+    """The ridge baseline stored beside the checkpoint: its mean and per-gene Gaussian, with `cfg.n_samples` draws a
+    spot when samples are kept; a mean alone (no spread, no draws) from a ridge file older than its residual std."""
+    path = ridge_path(model.path)
+    ridge = load_ridge(model.path, model.genes, model.key)
+    spread = ridge.residual_std is not None
+    n_draws = cfg.n_samples if cfg.keep_samples and spread else None
+    provenance = {"model": "ridge", "ridge": str(path.resolve()), "ridge_sha256": sha256_file(path),
+                  "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples}
+    if spread:
+        provenance |= {"residual_std_source": ridge.residual_source, "seed": cfg.seed}
+    if n_draws:
+        provenance["samples"] = n_draws
+
+    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
+        return predictive_batch(ridge, rows, np.arange(start, stop), cfg.seed, n_draws)
+
+    return Predictor("ridge", provenance, predict, with_spread=spread, keep_draws=n_draws, map_titles=("ridge prediction",))
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch._autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,135 @@
+"""The gene coupling: the correlation it measures, its joint draws, and the Gaussian conditioned on given genes."""
+
+import numpy as np
+import pytest
+import torch
+
+from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
+from hinge_cli.model import Hinge
+from hinge_cli.model.calibration import fit_coupling, predictive
+from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
+from hinge_cli.model.ridge import GAUSSIAN_Q95
+
+R3 = np.array([[1.0, 0.8, -0.3], [0.8, 1.0, -0.2], [-0.3, -0.2, 1.0]])
+
+
+def test_fit_correlation_recovers_a_known_correlation_shrunk_toward_the_identity():
+    z = np.random.default_rng(0).multivariate_normal(np.zeros(3), R3, size=20000) * [1.0, 3.0, 0.5] + [2.0, -1.0, 0.0]
+    fitted = fit_correlation(z)
+    np.testing.assert_allclose(fitted, (1 - SHRINKAGE) * R3 + SHRINKAGE * np.eye(3), atol=0.02)
+    flat = fit_correlation(np.c_[z[:, :2], np.full(len(z), 4.0)], shrinkage=0.0)
+    np.testing.assert_array_equal(flat[2], [0.0, 0.0, 1.0])  # a gene that never varies is uncorrelated, not NaN
+
+
+def test_uncoupled_draws_are_mean_plus_std_times_the_noise():
+    mean, std, normal = torch.randn(4, 3), torch.rand(4, 3) + 0.1, torch.randn(4, 5, 3)
+    out = GeneCoupling.independent(3).draw(mean, std, normal)
+    torch.testing.assert_close(out.draws, mean[:, None] + std[:, None] * normal)
+
+
+def test_coupled_draws_have_the_coupling_as_their_correlation():
+    normal = torch.randn(1, 40000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = GeneCoupling(R3).draw(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64), normal)
+    np.testing.assert_allclose(np.corrcoef(out.draws[0].numpy().T), R3, atol=0.02)
+    np.testing.assert_allclose(out.draws[0].std(0).numpy(), [1.0, 2.0, 0.5], rtol=0.02)
+
+
+def test_given_genes_condition_the_others_as_the_gaussian_formula_says():
+    mean = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    std = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
+    given = torch.tensor([[True, False, False]])
+    values = torch.tensor([[2.5, 0.0, 0.0]], dtype=torch.float64)
+    normal = torch.randn(1, 50000, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = GeneCoupling(R3).draw(mean, std, normal, given, values)
+    z = (2.5 - 1.0) / 1.0  # the given gene's standardised residual
+    expected_mean = [2.5, 2.0 + 2.0 * 0.8 * z, 3.0 + 0.5 * -0.3 * z]
+    expected_std = [0.0, 2.0 * np.sqrt(1 - 0.8**2), 0.5 * np.sqrt(1 - 0.3**2)]
+    np.testing.assert_allclose(out.mean[0].numpy(), expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(out.std[0].numpy(), expected_std, rtol=1e-12)
+    draws = out.draws[0].numpy()
+    assert (draws[:, 0] == 2.5).all()  # a given gene is its value in every draw
+    np.testing.assert_allclose(draws.mean(0), expected_mean, atol=0.03)  # Matheron's rule draws from the conditional
+    np.testing.assert_allclose(draws.std(0), expected_std, atol=0.02)
+
+
+def test_spots_with_different_given_genes_are_each_conditioned_as_if_alone():
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.2
+    normal, values = torch.randn(5, 4, 3, generator=g), torch.randn(5, 3, generator=g)
+    given = torch.tensor([[True, False, False], [False, False, False], [False, True, True], [True, False, False], [False, True, False]])
+    coupling = GeneCoupling(R3)
+    whole = coupling.draw(mean, std, normal, given, values)
+    for i in range(5):
+        alone = coupling.draw(mean[i:i + 1], std[i:i + 1], normal[i:i + 1], given[i:i + 1], values[i:i + 1])
+        torch.testing.assert_close(whole.draws[i], alone.draws[0])
+
+
+def test_giving_a_correlated_partner_lowers_the_error_of_the_other_gene():
+    rng = np.random.default_rng(3)
+    truth = rng.multivariate_normal(np.zeros(3), R3, size=2000)
+    mean, std = torch.zeros(2000, 3, dtype=torch.float64), torch.ones(2000, 3, dtype=torch.float64)
+    given = torch.zeros(2000, 3, dtype=torch.bool)
+    given[:, 0] = True
+    out = GeneCoupling(fit_correlation(truth, shrinkage=0.0)).draw(mean, std, torch.zeros(2000, 1, 3, dtype=torch.float64),
+                                                                   given, torch.from_numpy(truth))
+    error_alone = np.mean(truth[:, 1] ** 2)
+    error_given = np.mean((truth[:, 1] - out.mean[:, 1].numpy()) ** 2)
+    assert error_given < 0.5 * error_alone  # r = 0.8: the conditional variance is 1 - 0.64 of the marginal
+
+
+def spread_model() -> Hinge:
+    torch.manual_seed(0)
+    model = Hinge.build(load_config("tiny").model, 30, torch.arange(1, 6), 4, DiffusionConfig(steps=10))
+    with torch.no_grad():
+        model.spread.token[-1].weight.normal_(0, 0.3)
+    return model
+
+
+def test_the_coupled_sampler_writes_its_gaussian_exactly_and_temperature_zero_is_its_mean():
+    model, image = spread_model(), torch.randn(6, 4)
+    cfg = GenerateConfig(n_samples=4, seed=3)
+    pred = predictive(model, image, cfg, torch.arange(6), coupling=GeneCoupling(np.eye(5) * 0.5 + 0.5))
+    mean, log_var = model.one_shot(image, seed=3, spot_index=torch.arange(6))
+    torch.testing.assert_close(pred.point, mean)
+    written = pred.batch(keep_draws=True)
+    np.testing.assert_allclose(written.std, torch.exp(0.5 * log_var).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(written.q95 - written.mean, GAUSSIAN_Q95 * written.std, rtol=1e-5)
+    cold = predictive(model, image, GenerateConfig(n_samples=4, seed=3, temperature=0.0), torch.arange(6)).batch(keep_draws=True)
+    np.testing.assert_array_equal(cold.draws, np.repeat(cold.mean[:, None], 4, axis=1))
+    assert not np.allclose(written.draws, cold.draws)
+
+
+def test_coupled_predictions_do_not_depend_on_batch_size_and_given_genes_move_the_others():
+    model, image = spread_model(), torch.randn(6, 4)
+    cfg, coupling = GenerateConfig(n_samples=3, seed=1), GeneCoupling(np.eye(5) * 0.6 + 0.4)
+    given = torch.zeros(6, 5, dtype=torch.bool)
+    given[:4, 0] = True
+    values = torch.full((6, 5), 3.0)
+    whole = predictive(model, image, cfg, torch.arange(6), given, values, coupling=coupling)
+    parts = [predictive(model, image[i:i + 3], cfg, torch.arange(i, i + 3), given[i:i + 3], values[i:i + 3], coupling=coupling)
+             for i in (0, 3)]
+    for name in ("point", "draws"):
+        torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name), rtol=1e-5, atol=1e-6)
+    plain = predictive(model, image, cfg, torch.arange(6), coupling=coupling)
+    assert torch.equal(whole.point[given], values[given]) and torch.equal(whole.draws[:, :, 0][:4], torch.full((4, 3), 3.0))
+    assert (whole.point[:4, 1:] > plain.point[:4, 1:]).all()  # positively coupled to a gene given above its mean
+    torch.testing.assert_close(whole.point[4:], plain.point[4:])  # spots with nothing given are the image-only prediction
+
+
+def test_fit_coupling_measures_a_correlation_matrix_of_the_model_residuals():
+    model, image = spread_model(), torch.randn(40, 4)
+    mean, _ = model.one_shot(image)
+    truth = mean.numpy() + np.random.default_rng(0).multivariate_normal(np.zeros(5), np.eye(5) * 0.3 + 0.7, size=40)
+    correlation = fit_coupling(model, image, truth, seed=0)
+    assert correlation.shape == (5, 5)
+    np.testing.assert_allclose(correlation, correlation.T)
+    np.testing.assert_allclose(np.diag(correlation), 1.0)
+    assert correlation[~np.eye(5, dtype=bool)].mean() > 0.4  # the residuals share a common factor
+
+
+def test_a_model_without_a_spread_cannot_take_one_shot_draws():
+    model = Hinge.build(load_config("tiny").model, 30, torch.arange(1, 6), 4, DiffusionConfig(steps=10, likelihood="mse"))
+    with pytest.raises(Exception, match="no spread"):
+        model.one_shot(torch.randn(2, 4))
+    pred = predictive(model, torch.randn(2, 4), GenerateConfig(n_samples=2), torch.arange(2))  # falls back to the reverse process
+    assert pred.std is None and pred.draws.shape == (2, 2, 5)
