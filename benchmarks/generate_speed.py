@@ -4,7 +4,8 @@
         [--slide-px 1024] [--memory-spots 1000,4000,16000] [--memory-samples 1] [--no-speed] [--no-memory]
 
 Speed: a new slide goes through tile + embed (the weight-free default encoder) once, then
-the reverse process runs for each (steps, samples) on the cached features. End to end
+each sampler runs on the cached features: the reverse process for each (steps, samples), the
+coupled sampler (one forward pass; steps do not apply) for each samples. End to end
 = spots / (tile + embed + generate); "sampling" = spots / generate alone (model load, sampling
 and writing the .h5ad). The model is an untrained `small` HINGE (speed does not depend on the
 weights); on CUDA the CellFM-sized `default` preset is timed too, in bf16 autocast.
@@ -33,7 +34,7 @@ from hinge_cli.config import GenerateConfig, load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.encoders import get_spec
-from hinge_cli.formats.model_card import EmbedSettings, ModelCard, TileSettings
+from hinge_cli.formats.model_card import EmbedSettings, GeneCorrelation, ModelCard, TileSettings
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
 from hinge_cli.model.sampler import sampling_steps
@@ -43,7 +44,8 @@ from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
 
 MPP = 0.5
-SPEED_GRID = [(50, 1), (50, 8), (10, 8), (5, 8), (1, 16)]  # (steps, samples); generate's default is marked
+SPEED_GRID = [("reverse", 50, 1), ("reverse", 50, 8), ("reverse", 10, 8), ("reverse", 5, 8), ("reverse", 1, 16),
+              ("coupled", None, 8), ("coupled", None, 32)]  # (sampler, steps, samples); generate's default is marked
 MEMORY_SLIDE_UM = 4096  # one 4 mm slide; the grid pitch sets the spot count
 
 
@@ -56,7 +58,7 @@ def make_checkpoint(path: Path, preset: str, genes: int, pitch_um: float = 100.0
     card = ModelCard("benchmark", genes=[f"G{i:04d}" for i in range(genes)], transform=Transform(), encoders=["default"],
                      encoder_key="default", feature_norm=FeatureNorm(np.zeros(dim, np.float32), np.ones(dim, np.float32)),
                      tiling=TileSettings(0.5, 224, MPP, spot_um, pitch_um, "hex"), embedding=EmbedSettings(weights_sha256=[None]),
-                     config=cfg)
+                     config=cfg, coupling=GeneCorrelation((np.eye(genes) * 0.5 + 0.5).tolist(), [], 0, 0.05))
     save_checkpoint(path, model, card)
     return path
 
@@ -73,15 +75,16 @@ def speed(preset: str, device: str, genes: int, size_px: int, root: Path) -> Non
     n = run.stage("speed", "tile")["n_spots"]
     print(f"\n{preset} on {device} ({'bf16 autocast' if device == 'cuda' else 'fp32'}), {genes} genes, {n} grid spots; "
           f"tile + embed {inputs:.1f}s ({n / inputs:.2f} spots/s), first call {first:.1f}s")
-    print(f"{'steps':>5} {'samples':>7} {'generate s':>10} {'sampling spots/s':>16} {'end-to-end spots/s':>18}")
+    print(f"{'sampler':>8} {'steps':>5} {'samples':>7} {'generate s':>10} {'sampling spots/s':>16} {'end-to-end spots/s':>18}")
     default, trained_steps = GenerateConfig(), load_config(preset).diffusion.steps
-    for steps, samples in SPEED_GRID:
+    for sampler, steps, samples in SPEED_GRID:
         t0 = time.perf_counter()
-        generate(run, [Target("speed")], GenerateConfig(n_samples=samples, steps=steps, device=device), checkpoint=checkpoint,
-                 out=root / "speed.h5ad", overwrite=True)
+        generate(run, [Target("speed")], GenerateConfig(sampler=sampler, n_samples=samples, steps=steps, device=device),
+                 checkpoint=checkpoint, out=root / "speed.h5ad", overwrite=True)
         seconds = time.perf_counter() - t0
-        mark = "  <- default" if (sampling_steps(default.steps, trained_steps), default.n_samples) == (steps, samples) else ""
-        print(f"{steps:5d} {samples:7d} {seconds:10.1f} {n / seconds:16.2f} {n / (inputs + seconds):18.2f}{mark}")
+        chosen = (default.sampler, default.n_samples) == (sampler, samples)
+        mark = "  <- default" if chosen and (sampler == "coupled" or sampling_steps(default.steps, trained_steps) == steps) else ""
+        print(f"{sampler:>8} {steps or '-':>5} {samples:7d} {seconds:10.1f} {n / seconds:16.2f} {n / (inputs + seconds):18.2f}{mark}")
 
 
 def memory_child(root: Path, pitch_um: float, genes: int, samples: int) -> None:

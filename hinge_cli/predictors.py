@@ -66,8 +66,8 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes 
     scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
     coupling = GeneCoupling(np.asarray(model.card.coupling.correlation)) if model.card.coupling is not None else None
     if sampler == "coupled" and coupling is None:
-        log.warning("%s has no gene coupling (trained before it existed): genes are drawn independently and given genes "
-                    "do not inform the others; run `hinge calibrate` to measure it", model.path.name)
+        log.warning("%s has no gene coupling (`hinge train` measures it; `hinge calibrate` adds it to a model trained before "
+                    "it existed): genes are drawn independently and given genes do not inform the others", model.path.name)
 
     def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
