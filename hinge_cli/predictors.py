@@ -20,8 +20,7 @@ from hinge_cli.data.features import prediction_view
 from hinge_cli.files import sha256_file
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.given import GivenGenes
-from hinge_cli.model.calibration import predictive, sampler_of
-from hinge_cli.model.coupling import GeneCoupling
+from hinge_cli.model.calibration import gene_coupling, predictive, sampler_of
 from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel
@@ -64,7 +63,7 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes 
         log.warning("the spread scale in %s was fitted for the %s sampler, not %s: run `hinge calibrate` to fit it again",
                     model.path.name, calibration.sampler, sampler)
     scale = torch.tensor(calibration.scale, device=model.device) if calibration is not None else None
-    coupling = GeneCoupling(np.asarray(model.card.coupling.correlation)) if model.card.coupling is not None else None
+    coupling = gene_coupling(model.card.coupling) if model.card.coupling is not None else None
     if sampler == "coupled" and coupling is None:
         log.warning("%s has no gene coupling (`hinge train` measures it; `hinge calibrate` adds it to a model trained before "
                     "it existed): genes are drawn independently and given genes do not inform the others", model.path.name)

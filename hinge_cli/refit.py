@@ -62,13 +62,15 @@ def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> N
     """The validated model's spread scale (on the validation spots) and gene coupling (on its training spots)."""
     card = read_checkpoint_card(selected)
     calibrate_checkpoint(selected, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
-    couple_checkpoint(selected, data.train.features[:, 0], data.train.targets.numpy(), cfg.generate.seed, card.samples)
+    couple_checkpoint(selected, data.train.features[:, 0], data.train.targets.numpy(), cfg.generate.seed, card.samples,
+                      data.train.sample)
 
 
 def couple_on_all(table: SpotTable, data: SplitData, best: Path, seed: int) -> None:
     """The refit's gene coupling, on every training spot (the ones it trained on)."""
     everything = TrainingData.of(table, data.norm)
-    couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples)
+    couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples,
+                      everything.sample)
 
 
 @dataclass

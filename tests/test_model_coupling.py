@@ -8,6 +8,7 @@ from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
 from hinge_cli.model import Hinge
 from hinge_cli.model.calibration import fit_coupling, predictive
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
+from hinge_cli.model.joint import SHRINKAGES, JointGaussian, choose_joint
 from hinge_cli.model.ridge import GAUSSIAN_Q95
 
 R3 = np.array([[1.0, 0.8, -0.3], [0.8, 1.0, -0.2], [-0.3, -0.2, 1.0]])
@@ -120,8 +121,10 @@ def test_fit_coupling_measures_a_correlation_matrix_of_the_model_residuals():
     model, image = spread_model(), torch.randn(40, 4)
     mean, _ = model.one_shot(image)
     truth = mean.numpy() + np.random.default_rng(0).multivariate_normal(np.zeros(5), np.eye(5) * 0.3 + 0.7, size=40)
-    correlation = fit_coupling(model, image, truth, seed=0)
-    assert correlation.shape == (5, 5)
+    coupling = fit_coupling(model, image, truth, seed=0, spot_samples=np.repeat(["a", "b"], 20))
+    correlation = np.asarray(coupling.correlation)
+    assert correlation.shape == (5, 5) and np.asarray(coupling.joint_correlation).shape == (10, 10)
+    assert coupling.joint_shrinkage in SHRINKAGES
     np.testing.assert_allclose(correlation, correlation.T)
     np.testing.assert_allclose(np.diag(correlation), 1.0)
     assert correlation[~np.eye(5, dtype=bool)].mean() > 0.4  # the residuals share a common factor
@@ -133,3 +136,41 @@ def test_a_model_without_a_spread_cannot_take_one_shot_draws():
         model.one_shot(torch.randn(2, 4))
     pred = predictive(model, torch.randn(2, 4), GenerateConfig(n_samples=2), torch.arange(2))  # falls back to the reverse process
     assert pred.std is None and pred.draws.shape == (2, 2, 5)
+
+
+def test_the_joint_gaussian_predicts_a_gene_from_a_given_partner_and_the_image():
+    rng = np.random.default_rng(4)
+    n = 3000
+    shared = rng.normal(size=n)
+    truth = np.c_[shared + 0.1 * rng.normal(size=n), shared + 0.1 * rng.normal(size=n), rng.normal(size=n)]
+    predicted = truth + rng.normal(size=truth.shape) * [2.0, 2.0, 0.1]  # the image says little of genes 0-1, much of 2
+    joint = JointGaussian.fit(truth, predicted, shrinkage=0.0)
+    given = torch.tensor([True, False, False])
+    guess = joint.predict(torch.from_numpy(predicted), torch.from_numpy(truth), given).numpy()
+    assert guess.shape == (n, 2)
+    assert np.mean((guess[:, 0] - truth[:, 1]) ** 2) < 0.05  # gene 1 from its given partner, not from its poor image guess
+    assert np.mean((guess[:, 1] - truth[:, 2]) ** 2) < 0.02  # gene 2 from its good image guess
+    np.testing.assert_allclose(np.diag(joint.correlation), 1.0)
+
+
+def test_choose_joint_picks_the_shrinkage_by_held_out_samples_and_works_with_one_sample():
+    rng = np.random.default_rng(5)
+    truth = rng.multivariate_normal(np.zeros(3), R3, size=600)
+    predicted = truth + rng.normal(size=truth.shape)
+    chosen = choose_joint(truth, predicted, np.repeat(["a", "b", "c"], 200))
+    assert chosen.shrinkage in SHRINKAGES and chosen.shrinkage <= 0.1  # plenty of spots: little shrinkage pays
+    alone = choose_joint(truth, predicted, np.repeat(["a"], 600))
+    assert alone.shrinkage in SHRINKAGES and alone.correlation.shape == (6, 6)
+
+
+def test_given_genes_take_the_joint_gaussians_conditional_mean():
+    rng = np.random.default_rng(6)
+    truth = rng.multivariate_normal(np.zeros(3), R3, size=500)
+    joint = JointGaussian.fit(truth, truth * 0.5 + rng.normal(size=truth.shape), shrinkage=0.05)
+    mean, std = torch.zeros(4, 3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64)
+    given = torch.tensor([[True, False, False]] * 4)
+    values = torch.tensor([[2.0, 0.0, 0.0]] * 4, dtype=torch.float64)
+    out = GeneCoupling(R3, joint).draw(mean, std, torch.zeros(4, 2, 3, dtype=torch.float64), given, values)
+    expected = joint.predict(mean, values, given[0])
+    torch.testing.assert_close(out.mean[:, 1:], expected)
+    assert (out.mean[:, 0] == 2.0).all() and (out.mean[:, 1] > 0.5).all()  # gene 1 follows its given partner (r = 0.8)

@@ -108,6 +108,11 @@ class GeneCorrelation:
     samples: list[str]  # the samples whose spots it was measured on
     n_spots: int
     shrinkage: float
+    # the joint Gaussian of [truth, one-shot mean] (2G) that predicts genes from given ones (empty: not measured)
+    joint_mean: list[float] = field(default_factory=list)
+    joint_std: list[float] = field(default_factory=list)
+    joint_correlation: list[list[float]] = field(default_factory=list)
+    joint_shrinkage: float | None = None  # chosen by cross-validation over the training samples
 
 
 @dataclass

@@ -27,6 +27,7 @@ from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
 from hinge_cli.model.hinge import Hinge
+from hinge_cli.model.joint import JointGaussian, choose_joint
 from hinge_cli.model.randomness import REVEAL_STREAM, normals
 from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import sampling_steps
@@ -162,27 +163,48 @@ def sampler_of(net: Hinge, cfg: GenerateConfig) -> str:
 
 
 @torch.no_grad()
-def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int) -> np.ndarray:
-    """The correlation of the spots' one-shot residuals, each over its predicted std."""
+def one_shot_predictions(net: Hinge, image: Tensor, n_spots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one-shot mean and predicted std (N, G) of every spot, in batches."""
     device = next(net.parameters()).device
-    residuals = []
-    for start in range(0, len(truth), BATCH):
-        stop = min(len(truth), start + BATCH)
+    means, stds = [], []
+    for start in range(0, n_spots, BATCH):
+        stop = min(n_spots, start + BATCH)
         mean, log_var = net.one_shot(image[start:stop].to(device), seed=seed, spot_index=torch.arange(start, stop))
-        residuals.append((truth[start:stop] - mean.float().cpu().numpy()) / np.exp(0.5 * log_var.float().cpu().numpy()))
-    return fit_correlation(np.concatenate(residuals))
+        means.append(mean.float().cpu().numpy())
+        stds.append(np.exp(0.5 * log_var.float().cpu().numpy()))
+    return np.concatenate(means), np.concatenate(stds)
 
 
-def couple_checkpoint(path: Path, image: Tensor, truth: np.ndarray, seed: int, samples: list[str]) -> GeneCorrelation | None:
+def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int, spot_samples: np.ndarray) -> GeneCorrelation:
+    """The correlation of the spots' one-shot residuals, each over its predicted std, and the joint Gaussian of truth
+    and prediction (`samples` and `n_spots` left for the caller)."""
+    mean, std = one_shot_predictions(net, image, len(truth), seed)
+    correlation = np.round(fit_correlation((truth - mean) / std), 5)  # the shrinkage dwarfs the rounding
+    joint = choose_joint(truth, mean, spot_samples, seed)
+    return GeneCorrelation(correlation.tolist(), [], len(truth), SHRINKAGE, np.round(joint.mean, 5).tolist(),
+                           np.round(joint.std, 5).tolist(), np.round(joint.correlation, 5).tolist(), joint.shrinkage)
+
+
+def gene_coupling(card: GeneCorrelation) -> GeneCoupling:
+    """The sampler's coupling from its card entry (without a joint Gaussian, given genes condition the residuals)."""
+    joint = None
+    if card.joint_correlation:
+        joint = JointGaussian(np.asarray(card.joint_mean), np.asarray(card.joint_std), np.asarray(card.joint_correlation),
+                              float(card.joint_shrinkage or 0.0))
+    return GeneCoupling(np.asarray(card.correlation), joint)
+
+
+def couple_checkpoint(path: Path, image: Tensor, truth: np.ndarray, seed: int, samples: list[str],
+                      spot_samples: np.ndarray) -> GeneCorrelation | None:
     """Measure the gene coupling of the checkpoint at `path` on the spots it trained on and record it in its card."""
     checkpoint = load_checkpoint(path)
     if not checkpoint.net.has_spread:
         return None
-    correlation = np.round(fit_coupling(checkpoint.net, image, truth, seed), 5)  # the shrinkage dwarfs the rounding
-    coupling = GeneCorrelation(correlation.tolist(), list(samples), len(truth), SHRINKAGE)
+    coupling = replace(fit_coupling(checkpoint.net, image, truth, seed, spot_samples), samples=list(samples))
     write_card(sidecar_path(path), replace(checkpoint.card, coupling=coupling))
+    correlation = np.asarray(coupling.correlation)
     off = np.abs(correlation[~np.eye(len(correlation), dtype=bool)])
-    log.info("genes coupled by the correlation of %d training spots' residuals (%s): median |r| %.2f, largest %.2f",
-             len(truth), path.stem, float(np.median(off)) if len(off) else 0.0, float(off.max()) if len(off) else 0.0)
+    log.info("genes coupled by the correlation of %d training spots' residuals (%s): median |r| %.2f, largest %.2f; "
+             "given genes predict the others with shrinkage %.2g (cross-validated)", len(truth), path.stem,
+             float(np.median(off)) if len(off) else 0.0, float(off.max()) if len(off) else 0.0, coupling.joint_shrinkage)
     return coupling
-

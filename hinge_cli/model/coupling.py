@@ -3,10 +3,10 @@
 What the network leaves unexplained in a spot is correlated across genes (a spot richer in one
 immune gene than its image suggests is richer in the others). Measured once on the training
 spots' residuals, each divided by its predicted spread, that correlation makes one draw show the
-truth's co-expression, and turns measured genes into evidence about the others: with genes given
-(panel completion) the rest are drawn from the Gaussian conditioned on them. On HER2ST the
-network's own attention to visible genes moved the other genes' depth-partial Pearson by 0.02;
-the conditioned Gaussian by 0.2 (docs/her2st_completion.md).
+truth's co-expression, and conditions the spread of genes when others are given (panel
+completion), whose mean comes from the joint Gaussian of truth and prediction
+(`hinge_cli.model.joint`). On HER2ST the network's own attention to visible genes moved the
+other genes' depth-partial Pearson by 0.02; conditioning by 0.24 (docs/her2st_completion.md).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from hinge_cli.model.joint import JointGaussian
 
 SHRINKAGE = 0.05  # pull toward the identity: keeps the matrix well conditioned when genes outnumber spots
 MIN_CONDITIONAL_VARIANCE = 1e-6
@@ -50,11 +52,17 @@ class CoupledDraws:
 
 
 class GeneCoupling:
-    """Correlated draws from a per-spot Gaussian, conditioned on the genes given at each spot."""
+    """Correlated draws from a per-spot Gaussian, conditioned on the genes given at each spot.
 
-    def __init__(self, correlation: np.ndarray | Tensor):
+    With a `joint` Gaussian of truth and prediction, a given spot's other genes take its
+    conditional mean (`hinge_cli.model.joint`); their spread and draws are still conditioned
+    through the residual correlation.
+    """
+
+    def __init__(self, correlation: np.ndarray | Tensor, joint: JointGaussian | None = None):
         self.correlation = torch.as_tensor(np.asarray(correlation), dtype=torch.float64)
         self.factor = torch.linalg.cholesky(self.correlation)
+        self.joint = joint
 
     @classmethod
     def independent(cls, n_genes: int) -> GeneCoupling:
@@ -88,8 +96,10 @@ class GeneCoupling:
         conditional = (1 - (r[h][:, v] * gain.T).sum(1)).clamp_min(MIN_CONDITIONAL_VARIANCE).sqrt()
         idx = rows.nonzero().flatten()
         m, s, z = mean[idx], std[idx], noise[idx]
-        observed = (values[idx][:, v] - m[:, v]) / s[:, v]
-        m[:, h] = m[:, h] + s[:, h] * (observed @ gain)
+        if self.joint is None:
+            m[:, h] = m[:, h] + s[:, h] * (((values[idx][:, v] - m[:, v]) / s[:, v]) @ gain)
+        else:
+            m[:, h] = self.joint.predict(m, values[idx], pattern)
         s[:, h] = s[:, h] * conditional
         z[:, :, h] = (z[:, :, h] - z[:, :, v] @ gain) / conditional
         m[:, v], s[:, v], z[:, :, v] = values[idx][:, v], 0.0, 0.0

