@@ -53,9 +53,10 @@ def finish_training(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitDat
         fit_run_ridge(run, card, table.subset(rows))
         calibrate_and_couple(cfg, data, selected)
     if refit:
-        refit_on_all(run, cfg, table, data, selected, best, epochs, dist, device, progress)
+        everything = TrainingData.of(table, data.norm)
+        refit_on_all(run, cfg, table, data, everything, selected, best, epochs, dist, device, progress)
         if dist.main:
-            couple_on_all(table, data, best, cfg.generate.seed)
+            couple_on_all(everything, best, cfg.generate.seed)
 
 
 def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> None:
@@ -66,9 +67,8 @@ def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> N
                       data.train.sample)
 
 
-def couple_on_all(table: SpotTable, data: SplitData, best: Path, seed: int) -> None:
+def couple_on_all(everything: TrainingData, best: Path, seed: int) -> None:
     """The refit's gene coupling, on every training spot (the ones it trained on)."""
-    everything = TrainingData.of(table, data.norm)
     couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples,
                       everything.sample)
 
@@ -111,27 +111,28 @@ def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
         return [best]
     calibration = read_checkpoint_card(selected).calibration
     write_card(sidecar_path(best), replace(read_checkpoint_card(best), calibration=calibration))
-    couple_on_all(table, data, best, cfg.generate.seed)
+    couple_on_all(TrainingData.of(table, data.norm), best, cfg.generate.seed)
     return [selected, best]
 
 
-def refit_on_all(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitData, selected: Path, best: Path, epochs: int,
-                 dist: Dist, device: torch.device, progress: Progress = SILENT) -> None:
-    """Train from the warm-up on every training spot for `epochs` epochs and write it as `best` with `selected`'s card."""
+def refit_on_all(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitData, everything: TrainingData, selected: Path,
+                 best: Path, epochs: int, dist: Dist, device: torch.device, progress: Progress = SILENT) -> None:
+    """Train from the warm-up on every training spot (`everything`, `table`'s rows standardised) for `epochs` epochs and
+    write it as `best` with `selected`'s card."""
     warm = load_checkpoint(run.checkpoint("warmup"))
     net = warm.net.to(device)
     chosen = read_checkpoint_card(selected)
-    everything = SplitData(TrainingData.of(table, data.norm), data.val, data.norm, data.split, np.arange(len(table.targets)))
+    split = SplitData(everything, data.val, data.norm, data.split, np.arange(len(table.targets)))
     direct_init = (warm.card.config or cfg).model.direct_init
     if net.direct is not None and direct_init == "ridge":
         start_direct_path_at_ridge(net.direct, table, data.norm, list(chosen.genes), str(chosen.encoder_key), data.split.seed)
     log.info("refitting on all %d training spots (validation spots included) for the %d epochs validation chose",
              len(table.targets), epochs)
     tc = cfg.train
-    batch_loss, validate = hinge_losses(net, everything, dist, data.split.seed, None, device)
+    batch_loss, validate = hinge_losses(net, split, dist, data.split.seed, None, device)
     settings = LoopSettings(stage="refit", epochs=epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
                             grad_clip=tc.grad_clip, seed=data.split.seed, schedule=tc.schedule)
     state = fit(net, len(table.targets), batch_loss, validate, settings, dist=dist, device=device, progress=progress)
     if dist.main:
         with checkpoint_unit(best.parent, "best") as stage:
-            write_checkpoint(stage(best.name), net, replace(chosen, refit=everything.record(state)))
+            write_checkpoint(stage(best.name), net, replace(chosen, refit=split.record(state)))

@@ -12,12 +12,16 @@ other genes' depth-partial Pearson by 0.02; conditioning by 0.24 (docs/her2st_co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hinge_cli.model.joint import JointGaussian
+from hinge_cli import metrics
+
+if TYPE_CHECKING:
+    from hinge_cli.model.joint import JointGaussian
 
 SHRINKAGE = 0.05  # pull toward the identity: keeps the matrix well conditioned when genes outnumber spots
 MIN_CONDITIONAL_VARIANCE = 1e-6
@@ -26,11 +30,7 @@ MIN_CONDITIONAL_VARIANCE = 1e-6
 def fit_correlation(standardised: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
     """The genes' correlation over spots (rows), shrunk toward the identity; a gene that never varies is uncorrelated."""
     z = np.asarray(standardised, dtype=np.float64)
-    z = z[np.isfinite(z).all(1)]
-    z = z - z.mean(0)
-    norm = np.sqrt((z * z).sum(0))
-    z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
-    correlation = np.clip(z.T @ z, -1.0, 1.0)
+    correlation = np.nan_to_num(metrics.correlation_matrix(z[np.isfinite(z).all(1)]))
     np.fill_diagonal(correlation, 1.0)
     return (1 - shrinkage) * correlation + shrinkage * np.eye(len(correlation))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -127,20 +128,26 @@ class Hinge(nn.Module):
         """Masked-diffusion loss on a batch of clean panels; pass rho for the warm-start curriculum."""
         return diffusion_loss(self, x0, image, self.schedule, self.diffusion, generator, max_hidden_fraction)
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode (no dropout) for the duration, then the mode it was in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def one_shot(self, image: Tensor, seed: int = 0, spot_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each gene's predictive mean and log-variance (B, G) from the image alone (every gene hidden)."""
         if self.spread is None:
             raise HingeError("this model predicts no spread (diffusion.likelihood: mse)",
                              "use the reverse sampler (--sampler reverse), or train with diffusion.likelihood: gaussian")
-        was_training = self.training
-        self.eval()
-        try:
-            index = torch.arange(image.shape[0]) if spot_index is None else spot_index
+        index = torch.arange(image.shape[0]) if spot_index is None else spot_index
+        with self._evaluating():
             return one_shot(self, image, self.schedule, seed=seed, spot_index=index, fill=self.diffusion.fill,
                             noise_std=self.diffusion.noise_std)
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def generate(
@@ -157,12 +164,8 @@ class Hinge(nn.Module):
         progress: Progress = SILENT,
     ) -> Samples:
         """Reverse process for a batch of spots, optionally with genes given; see `hinge_cli.model.sampler.sample`."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             return sample(self, image, self.schedule, n_samples=n_samples, steps=steps, seed=seed,
                           spot_index=spot_index, fill=self.diffusion.fill, noise_std=self.diffusion.noise_std,
                           temperature=temperature, keep_samples=keep_samples, given=given, given_values=given_values,
                           progress=progress)
-        finally:
-            self.train(was_training)

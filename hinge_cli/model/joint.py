@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hinge_cli.model.coupling import fit_correlation
+
 SHRINKAGES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 GIVEN_SHARE = 0.2  # the share of the panel given in each cross-validation draw
 DRAWS_PER_FOLD = 3
@@ -36,12 +38,8 @@ class JointGaussian:
     def fit(cls, truth: np.ndarray, predicted: np.ndarray, shrinkage: float) -> JointGaussian:
         z = np.concatenate([truth, predicted], 1).astype(np.float64)
         z = z[np.isfinite(z).all(1)]
-        mean, std = z.mean(0), z.std(0)
-        std = np.where(std > 0, std, 1.0)
-        correlation = np.clip(np.corrcoef(((z - mean) / std).T), -1, 1) if len(z) > 1 else np.eye(z.shape[1])
-        correlation = np.nan_to_num(correlation)
-        np.fill_diagonal(correlation, 1.0)
-        return cls(mean, std, (1 - shrinkage) * correlation + shrinkage * np.eye(len(correlation)), shrinkage)
+        std = z.std(0)
+        return cls(z.mean(0), np.where(std > 0, std, 1.0), fit_correlation(z, shrinkage), shrinkage)
 
     @property
     def n_genes(self) -> int:
