@@ -164,6 +164,8 @@ def pretrain_warmup(
     select: setting(WarmupConfig, "select", "Panel selection: hvg | hmhvg") = None,
     normalize: setting(WarmupConfig, "normalize", "none: log2(counts+1); total: library-size normalise first") = None,
     fill_missing: setting(WarmupConfig, "fill_missing", "none: a panel gene missing in a sample is an error; zero: treat as 0") = None,
+    feature_norm: setting(WarmupConfig, "feature_norm",
+                          "slide: standardise each slide's image features by its own spots first; training: by training spots only") = None,
     val_fraction: setting(WarmupConfig, "val_fraction", "Fraction of spots for validation") = None,
     val_samples: text_option("Whole samples for validation instead, comma-separated.", "--val-samples") = None,
     warmup_epochs: setting(WarmupConfig, "epochs", "Warm-start curriculum epochs") = None,
@@ -178,7 +180,7 @@ def pretrain_warmup(
     warmup = {
         "backbone": backbone, "vocab": vocab, "corpus": corpus, "holdout": ids(holdout) if holdout is not None else None,
         "genes": genes, "n_genes": n_genes, "select": select, "normalize": normalize, "fill_missing": fill_missing,
-        "val_fraction": val_fraction, "val_samples": ids(val_samples) if val_samples is not None else None,
+        "feature_norm": feature_norm, "val_fraction": val_fraction, "val_samples": ids(val_samples) if val_samples is not None else None,
         "epochs": warmup_epochs, "mask_ratio": warmup_mask_ratio, "corpus_layer": layer,
     }
     train_settings = {"seed": seed, "batch_size": batch_size, "lr": lr, "device": device}

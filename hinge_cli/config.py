@@ -141,6 +141,9 @@ class TrainConfig(Checked):
     refit: bool = True  # after validation chose the epochs, fit again on every training spot (validation's too)
 
 
+FEATURE_NORMS = ("slide", "training")
+
+
 @dataclass
 class WarmupConfig(Checked):
     """`pretrain-warmup`: which samples and genes, which backbone, which split, and the warm-start curriculum."""
@@ -156,6 +159,7 @@ class WarmupConfig(Checked):
     select: str = "hvg"  # hvg | hmhvg
     normalize: str = "none"  # none: log2(counts+1); total: library-size normalise first
     fill_missing: str = "none"  # none: a panel gene missing from a sample is an error; zero: treat it as 0
+    feature_norm: str = "slide"  # slide: standardise each slide's features by its own spots first | training: not
     val_fraction: float = checked(0.1, OPEN_FRACTION)  # fraction of spots that validate (when val_samples is empty)
     val_samples: list[str] = field(default_factory=list)  # whole samples that validate instead
     epochs: int = checked(5, NON_NEGATIVE)  # warm-start curriculum epochs (0: none, the warm-up is the wrapped backbone)
@@ -165,6 +169,9 @@ class WarmupConfig(Checked):
         super().__post_init__()
         if self.fill_missing not in ("none", "zero"):
             raise HingeError(f"--fill-missing {self.fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise HingeError(f"--feature-norm {self.feature_norm} is not one of {', '.join(FEATURE_NORMS)}",
+                             "use --feature-norm slide (the default) or training")
 
 
 POINTS = ("one-shot", "samples")

@@ -149,7 +149,7 @@ def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> d
         "version": __version__, "checkpoint": str(model.path.resolve()), "checkpoint_sha256": card.sha256,
         "encoders": list(card.encoders), "encoder_key": model.key, "encoder_weights_sha256": encoders_sha,
         "n_genes": model.net.n_genes, "transform": card.transform.to_dict(), "slide": str(a.slide), "mpp": a.mpp_source,
-        "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
+        "feature_norm": "slide" if card.per_slide else "training", "tile_mode": a.mode, "target_mpp": a.mpp_target, "patch_px": a.patch_px,
     }
 
 
@@ -167,6 +167,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     image, scalef = hires_image(spots.attrs.slide, mpp)
     with open_embeddings(emb_path) as src:
         weights_sha = [w or "none" for w in src.attrs.weights_sha256]
+    model_rows = model.slide_features(emb_path, sample)
     provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
@@ -184,7 +185,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
                 stop = min(n, start + cfg.batch_size)
-                batch = predictor.predict(features.rows(start, stop), start, stop)
+                batch = predictor.predict(model_rows(features.rows(start, stop)), start, stop)
                 writer.write(start, stop, batch)
                 for i, part in enumerate((batch.mean, batch.std)[: len(maps)]):
                     maps[i, start:stop] = part[:, plot_cols]

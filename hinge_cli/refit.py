@@ -104,7 +104,7 @@ def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
     if card.split is None or card.feature_norm is None:
         raise HingeError(f"{selected} records no training split", "train it again with this version of hinge")
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
     data = SplitData.of(table, card.split, card.feature_norm)
     calibrate_and_couple(cfg, data, selected)
     if not refit:

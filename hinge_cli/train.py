@@ -239,8 +239,9 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
         write_text_atomic(run.root / "genes.txt", "".join(g + "\n" for g in panel))
     backbone, vocab, source = _ready_backbone(run, cfg, found, panel, transform, dist, device, overwrite, progress)
     split = choose_split(samples, wc.val_samples, wc.val_fraction, seed)
-    table = assemble(run, key, samples, panel, transform, wc.fill_missing == "zero", expression)
-    data = SplitData.of(table, split)
+    per_slide = wc.feature_norm == "slide"
+    table = assemble(run, key, samples, panel, transform, wc.fill_missing == "zero", expression, per_slide)
+    data = SplitData.of(table, split, per_slide=per_slide)
     torch.manual_seed(seed)
     index = {g: i + 1 for i, g in enumerate(vocab)}
     net = Hinge(backbone, [index[g] for g in panel], data.train.features.shape[-1], cfg.model, cfg.diffusion).to(device)
@@ -283,7 +284,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
                         "(pass --overwrite to train from the warm-up with them)", last_path.name, ", ".join(changed))
     require_ready_for_training(run, card.samples, card.encoder_key)
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
     data = SplitData.of(table, card.split, card.feature_norm)
     selected_path = run.checkpoint("selected") if tc.refit else best_path  # the validated model; a refit becomes best
     net = checkpoint.net.to(device)

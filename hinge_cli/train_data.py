@@ -56,10 +56,10 @@ class SplitData:
     train_rows: np.ndarray  # the training spots' rows of the table it was split from
 
     @classmethod
-    def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None) -> SplitData:
-        """Split `table`; without `norm`, fit it on the training spots."""
+    def of(cls, table: SpotTable, split: ValidationSplit, norm: FeatureNorm | None = None, per_slide: bool = False) -> SplitData:
+        """Split `table`; without `norm`, fit it on the training spots (`per_slide`: the table's features are slide-standardised)."""
         train_rows, val_rows = split_rows(split, table)
-        norm = norm or FeatureNorm.fit(views(table.features[train_rows]))
+        norm = norm or FeatureNorm.fit(views(table.features[train_rows]), per_slide)
         return cls(TrainingData.of(table.subset(train_rows), norm), TrainingData.of(table.subset(val_rows), norm), norm, split,
                    train_rows)
 

@@ -51,6 +51,11 @@ def test_a_bad_value_is_refused_when_the_config_is_made(path: tuple[str, ...], n
         load_config("tiny", overrides=override)
 
 
+def test_an_unknown_feature_norm_names_the_choices() -> None:
+    with pytest.raises(HingeError, match="--feature-norm pixel is not one of slide, training"):
+        load_config("tiny", overrides={"warmup": {"feature_norm": "pixel"}})
+
+
 FLAGS = [
     (["tile", "SLIDE"], "--target-mpp", "0"), (["tile", "SLIDE"], "--patch-px", "0"), (["tile", "SLIDE"], "--pitch-um", "0"),
     (["tile", "SLIDE"], "--spot-um", "-55"), (["tile", "SLIDE"], "--min-tissue", "2"), (["tile", "SLIDE"], "--workers", "0"),

@@ -352,3 +352,27 @@ def test_train_couples_the_genes_and_calibrate_fits_scale_and_coupling_again(tra
     assert result.exit_code == 0 and (restored.scale, restored.within_1std) == (card.calibration.scale, card.calibration.within_1std)
     empty = runner.invoke(app, ["calibrate", "--run", str(tmp_path / "nothing"), "-q"])
     assert empty.exit_code == 2 and "hinge train" in empty.output
+
+
+def test_slide_standardised_features_undo_a_slide_wide_stain_shift(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    """A slide whose every feature is scaled and offset (a stain or scanner shift) predicts as the original does, by
+    default; a model standardised by its training spots alone (the old behaviour) reads the shift as expression."""
+    run, _ = trained
+    assert load_trained_model(run.checkpoint("best"), "cpu").card.per_slide
+    shifted = Run(shutil.copytree(run.root, tmp_path / "run"))
+    with h5py.File(shifted.embeddings("default", "t1"), "r+") as h5:
+        features = h5["features"][()]
+        h5["features"][...] = features * np.linspace(0.5, 2.0, features.shape[-1]) + np.linspace(-3.0, 3.0, features.shape[-1])
+    cfg = GenerateConfig(**{**FAST, "n_samples": 1})
+    runs = {"original": run, "shifted": shifted}
+    card = json.loads(sidecar_path(run.checkpoint("best")).read_text())
+    training_only = _tampered(run, tmp_path, "training-only", feature_norm={**card["feature_norm"], "per_slide": False})
+    for name, r in runs.items():
+        generate(r, [Target("t1")], cfg, out=tmp_path / f"{name}.h5ad")
+        generate(r, [Target("t1")], cfg, checkpoint=training_only, out=tmp_path / f"old-{name}.h5ad")
+    slide = {name: ad.read_h5ad(tmp_path / f"{name}.h5ad") for name in runs}
+    old = {name: ad.read_h5ad(tmp_path / f"old-{name}.h5ad") for name in runs}
+    np.testing.assert_allclose(slide["shifted"].X, slide["original"].X, rtol=1e-4, atol=1e-4)
+    assert slide["original"].uns["hinge"]["feature_norm"] == "slide"
+    assert old["original"].uns["hinge"]["feature_norm"] == "training"
+    assert np.abs(old["shifted"].X - old["original"].X).max() > 0.1

@@ -98,6 +98,7 @@ def test_a_version_1_sidecar_still_loads(tmp_path):
     assert old.transform == Transform("total") and old.encoders == ["default"] and old.encoder_key == "default"
     assert (old.split.val_fraction, old.split.seed, old.fill_missing, old.holdout) == (0.2, 4, True, ["s2"])
     np.testing.assert_array_equal(old.feature_norm.std, np.full(5, 2.0, np.float32))
+    assert not old.per_slide  # standardised by its training spots alone, as every model was before slide standardisation
     assert old.tiling.mpp_source == 0.25 and old.tiling.grid == "hex"
     assert old.embedding.views == 8 and old.embedding.views_kept and old.embedding.weights_sha256 == [None]
     assert old.config.train.epochs == 9 and old.config.warmup.epochs == 3  # the old key moved to its section

@@ -59,7 +59,7 @@ def test_ridge_inside_train_matches_a_direct_closed_form_solve(trained: tuple[Ru
     run, _ = trained
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
     assert card.refit is not None  # the default refit trains on every spot, and so does the ridge beside it
     rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
@@ -100,13 +100,20 @@ def test_generate_ridge_writes_the_prediction_format(trained: tuple[Run, dict[st
     ridge = read_ridge_model(run.checkpoint("ridge"))
     features = read_embeddings(run.embeddings("default", "t0"))
     assert list(adata.var_names) == ridge.genes and list(adata.obs_names) == features.barcodes
+    assert ridge.norm.per_slide  # the default: each slide's features standardised by its own spots first
     assert "spatial" in adata.obsm and "t0" in adata.uns["spatial"]
     assert adata.obsm["samples"].shape == (adata.n_obs, FAST.n_samples, adata.n_vars)  # draws are kept by default
     assert adata.uns["hinge"]["model"] == "ridge" and adata.uns["hinge"]["penalty"] == ridge.penalty
     np.testing.assert_allclose(adata.layers["std"], np.broadcast_to(ridge.residual_std, adata.shape), rtol=1e-6)
-    np.testing.assert_allclose(adata.X, ridge.predict(features.features), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adata.X, ridge.predict(slide_standardised(features.features)), rtol=1e-5, atol=1e-5)
     assert not run.prediction("t0").exists()  # HINGE's own default file is another one
     assert run.stage("t0", "generate:ridge")["status"] == "ok" and not run.stage("t0", "generate")
+
+
+def slide_standardised(features: np.ndarray) -> np.ndarray:
+    """One slide's features standardised by the direct mean and std over all its spots and views."""
+    flat = features.reshape(-1, features.shape[-1]).astype(np.float64)
+    return ((features - flat.mean(0)) / np.maximum(flat.std(0), 1e-6)).astype(np.float32)
 
 
 def out_of_fold_rms(z: np.ndarray, y: np.ndarray, penalty: float, held_out: list[np.ndarray]) -> np.ndarray:
@@ -125,7 +132,7 @@ def test_the_stored_residual_std_is_the_out_of_fold_one(trained: tuple[Run, dict
     run, _ = trained
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing)
+    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
     rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
     y = table.targets[rows].astype(np.float64)
@@ -191,7 +198,7 @@ def test_an_old_ridge_file_without_a_residual_std_predicts_a_mean_only(trained: 
     adata = ad.read_h5ad(tmp_path / "old.h5ad")
     assert not adata.layers and "samples" not in adata.obsm and "residual_std_source" not in adata.uns["hinge"]
     features = read_embeddings(run.embeddings("default", "t0"))
-    np.testing.assert_allclose(adata.X, old.predict(features.features), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adata.X, old.predict(slide_standardised(features.features)), rtol=1e-5, atol=1e-5)
 
 
 def test_eval_prints_hinge_against_the_ridge_beside_it(trained: tuple[Run, dict[str, Path]], tmp_path: Path) -> None:

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 from baselines import BASELINES
 
-from hinge_cli.config import SAMPLERS, GenerateConfig, HingeConfig, load_config, merge
+from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import Expression, Transform, read_expression
-from hinge_cli.data.features import views
+from hinge_cli.data.features import SlideShift, views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.devices import resolve_device
@@ -188,6 +188,11 @@ class Settings:
             overrides = {"warmup": {"epochs": 0 if self.config.warmup.epochs else 3}}
         return load_config(self.config.preset, None, merge(self.overrides, overrides))
 
+    @property
+    def per_slide(self) -> bool:
+        """Whether every method's features are standardised slide by slide (`--feature-norm`)."""
+        return self.config.warmup.feature_norm == "slide"
+
     def timed(self, name: str, seconds: float, did_work: bool) -> None:
         """Record a one-off cost; a resumed benchmark that skipped the work keeps the first measurement."""
         path = self.out / "timings.json"
@@ -247,15 +252,16 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
 # ----------------------------------------------------------------------------- methods
 
 
-def _section(run: Run, key: str, sample: str, genes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _section(run: Run, key: str, sample: str, genes: list[str], per_slide: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A training section for the baselines: features (stored views averaged), targets, total counts."""
-    table = assemble(run, key, [sample], genes, TRANSFORM)
+    table = assemble(run, key, [sample], genes, TRANSFORM, per_slide=per_slide)
     return views(table.features).mean(1), table.targets, table.depth
 
 
 @dataclass
 class BaselineInputs:
-    """What every baseline of one fold and panel reads: training sections and the held-out spots."""
+    """What every baseline of one fold and panel reads: training sections and the held-out spots, their features
+    slide-standardised where HINGE's are (`per_slide`), so every method sees the same features."""
 
     train: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     barcodes: list[str]
@@ -263,8 +269,9 @@ class BaselineInputs:
     coords: np.ndarray
 
     @classmethod
-    def read(cls, run: Run, key: str, test: str, genes: list[str]) -> BaselineInputs:
-        return cls([_section(run, key, x, genes) for x in SECTIONS if x != test], *held_out_features(run, key, test))
+    def read(cls, run: Run, key: str, test: str, genes: list[str], per_slide: bool) -> BaselineInputs:
+        return cls([_section(run, key, x, genes, per_slide) for x in SECTIONS if x != test],
+                   *held_out_features(run, key, test, per_slide))
 
 
 def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str], n_draws: int) -> tuple[Prediction, dict]:
@@ -279,10 +286,11 @@ def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str
     return replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=gaussian.draws), info
 
 
-def held_out_features(run: Run, key: str, sample: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def held_out_features(run: Run, key: str, sample: str, per_slide: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every embedded spot of the held-out section (barcodes, features, coordinates)."""
     emb = read_embeddings(run.embeddings(key, sample))
-    return emb.barcodes, views(emb.features).mean(1).astype(np.float64), emb.coords
+    features = SlideShift.fit(emb.features, sample)(emb.features) if per_slide else emb.features
+    return emb.barcodes, views(features).mean(1).astype(np.float64), emb.coords
 
 
 def fold_run(base: Run, root: Path) -> Run:
@@ -405,7 +413,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         started = time.time()
                         truth = truth or read_expression(truth_path)
                         if seed is None:
-                            inputs = inputs or BaselineInputs.read(base, key, test, genes)
+                            inputs = inputs or BaselineInputs.read(base, key, test, genes, s.per_slide)
                             pred, info = run_baseline(method, inputs, test, genes, s.n_samples)
                         else:
                             pred, info = run_hinge(method, base, fold_root, test, genes,
@@ -538,6 +546,8 @@ def settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--regenerate", action="store_true",
                         help="calibrate HINGE's trained fold runs again (`hinge calibrate`) and predict anew, without retraining")
     parser.add_argument("--sampler", default=GenerateConfig.sampler, choices=SAMPLERS, help="HINGE's sampler")
+    parser.add_argument("--feature-norm", default=WarmupConfig.feature_norm, choices=FEATURE_NORMS,
+                        help="every method's image features: slide-standardised first, or by the training spots only")
     args = parser.parse_args(argv)
     ensure_data(args.data)
     corpus = [Path(line) for line in (args.data / "corpus.txt").read_text().split() if line]
@@ -558,6 +568,7 @@ def settings(argv: list[str] | None) -> Settings:
     if unknown:
         parser.error(f"--folds: {', '.join(unknown)} are not sections of patient C ({', '.join(SECTIONS)})")
     overrides["tile"] = LEGACY_ST
+    overrides.setdefault("warmup", {})["feature_norm"] = args.feature_norm
     overrides["generate"] = {"sampler": args.sampler, "n_samples": args.samples, "steps": args.steps}  # train calibrates with them too
     cfg = load_config(args.config, None, overrides)
     return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite,

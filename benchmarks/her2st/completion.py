@@ -73,10 +73,11 @@ def hinge_prediction(run: Run, fold: str, model: TrainedModel, cfg: GenerateConf
     tiles = read_tiles(run.tiles(fold))
     predict = hinge_predictor(model, cfg, given).predict
     batches = []
+    slide_rows = model.slide_features(run.embeddings(model.key, fold), fold)
     with open_embeddings(run.embeddings(model.key, fold)) as features:
         for start in range(0, len(tiles.barcodes), cfg.batch_size):
             stop = min(len(tiles.barcodes), start + cfg.batch_size)
-            batches.append(predict(features.rows(start, stop), start, stop))
+            batches.append(predict(slide_rows(features.rows(start, stop)), start, stop))
     stack = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("mean", "std", "q05", "q95", "draws")}
     return Prediction(Path(f"hinge:{fold}"), fold, tiles.barcodes, model.genes, stack["mean"], stack["std"],
                       tiles.coords.astype(np.float64), model.card.transform, q05=stack["q05"], q95=stack["q95"],
@@ -137,7 +138,7 @@ def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: Ge
     genes = model.genes
     truth_path = Path(run.sample(fold)["expression"]["path"])
     truth = read_expression(truth_path)
-    inputs = BaselineInputs.read(run, model.key, fold, genes)
+    inputs = BaselineInputs.read(run, model.key, fold, genes, model.card.per_slide)
     train_targets = np.concatenate([y for _, y, _ in inputs.train])
     image_only = {METHODS[0]: hinge_prediction(run, fold, model, cfg, None, []),
                   METHODS[2]: run_baseline("ridge", inputs, fold, genes, cfg.n_samples)[0]}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from hinge_cli.data.expression import Expression, Transform, read_expression
+from hinge_cli.data.features import SlideShift
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import Embeddings, read_embeddings
 from hinge_cli.run import Run
@@ -81,12 +82,16 @@ def assemble(
     transform: Transform,
     fill_missing: bool = False,
     expression: dict[str, Expression] | None = None,
+    per_slide: bool = False,
 ) -> SpotTable:
-    """Join embeddings and expression of `samples`; spots with no counts on the panel are dropped."""
+    """Join embeddings and expression of `samples`; spots with no counts on the panel are dropped. With `per_slide`,
+    each sample's features are standardised by all its embedded spots first (`SlideShift`), as generation does."""
     expression = expression or load_expression(run, samples)
     parts = []
     for sample in samples:
         emb = read_embeddings(run.embeddings(encoder_key, sample))
+        if per_slide:
+            emb = replace(emb, features=SlideShift.fit(emb.features, sample)(emb.features))
         expr = expression[sample]
         dropped = int(run.stage(sample, "tile").get("dropped_outside", 0))
         erows, xrows = _join(sample, emb, expr, dropped)

@@ -169,6 +169,11 @@ class ModelCard:
     hinge_version: str = __version__
     format: str = FORMAT
 
+    @property
+    def per_slide(self) -> bool:
+        """Whether each slide's features are standardised by its own spots before `feature_norm`."""
+        return self.feature_norm is not None and self.feature_norm.per_slide
+
 
 def card_to_dict(card: ModelCard) -> dict[str, Any]:
     data = dataclasses.asdict(dataclasses.replace(card, feature_norm=None))

@@ -56,7 +56,8 @@ class RidgeModel:
         return self.search.scores[self.search.penalties.index(self.penalty)]
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """(N, D) or (N, V, D) raw features -> (N, G) predictions."""
+        """(N, D) or (N, V, D) features -> (N, G) predictions; with `norm.per_slide`, features already standardised by
+        their slide (`SlideShift`), as `generate` passes them."""
         return design(features, self.norm) @ self.weights + self.intercept
 
 
@@ -69,7 +70,7 @@ def write_ridge_model(path: Path, model: RidgeModel) -> None:
     """Arrays and metadata in one safetensors file, renamed into place only once complete."""
     meta = {"format": FORMAT, "penalty": model.penalty, "search": asdict(model.search), "genes": model.genes,
             "encoder_key": model.encoder_key, "samples": model.samples, "n_spots": model.n_spots,
-            "residual_source": model.residual_source}
+            "residual_source": model.residual_source, "per_slide": model.norm.per_slide}
     arrays = {"weights": model.weights, "intercept": model.intercept, "feature_mean": model.norm.mean,
               "feature_std": model.norm.std}
     if model.residual_std is not None:
@@ -94,6 +95,6 @@ def read_ridge_model(path: Path) -> RidgeModel:
     meta = json.loads(header) if header else {}
     if meta.get("format") != FORMAT:
         raise HingeError(f"{path} is not a ridge baseline of this version ({meta.get('format', 'no format')})", retrain)
-    return RidgeModel(arrays["weights"], arrays["intercept"], FeatureNorm(arrays["feature_mean"], arrays["feature_std"]),
+    return RidgeModel(arrays["weights"], arrays["intercept"], FeatureNorm(arrays["feature_mean"], arrays["feature_std"], bool(meta.get("per_slide", False))),
                       float(meta["penalty"]), PenaltySearch(**meta["search"]), list(meta["genes"]), str(meta["encoder_key"]),
                       list(meta["samples"]), int(meta["n_spots"]), arrays.get("residual_std"), meta.get("residual_source"))

@@ -7,13 +7,15 @@ what it needs from the card (tiling, encoders, feature normalisation) is read he
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hinge_cli.config import EmbedConfig, TileConfig
-from hinge_cli.data.features import FeatureNorm
+from hinge_cli.data.features import FeatureNorm, SlideShift
 from hinge_cli.devices import resolve_device
 from hinge_cli.encoders import EncoderSpec, encoder_key, parse_encoders
 from hinge_cli.errors import HingeError
@@ -46,6 +48,13 @@ class TrainedModel:
     @property
     def norm(self) -> FeatureNorm:
         return self.card.feature_norm
+
+    def slide_features(self, embeddings: Path, sample: str) -> Callable[[np.ndarray], np.ndarray]:
+        """What a slide's raw embedding rows become before `norm`: standardised by all the slide's spots where the
+        model was trained so (`SlideShift`), else unchanged."""
+        if not self.card.per_slide:
+            return lambda rows: rows
+        return SlideShift.read(embeddings, sample)
 
     @property
     def tiling(self) -> TileSettings:
