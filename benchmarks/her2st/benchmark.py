@@ -469,9 +469,14 @@ def _sampling(s: Settings) -> str:
     return f"{sampler} sampler (one pass), {s.n_samples} samples"
 
 
+FEATURE_NORM_WORDS = {"slide": "slide by slide, then by the training spots (`--feature-norm slide`)",
+                      "training": "by the training spots only (`--feature-norm training`)"}
+
+
 def markdown(summary: dict, s: Settings) -> str:
     lines = ["# HER2ST patient C, leave-one-section-out", "",
              (f"Folds: {', '.join(s.folds)}. Model space log2(counts + 1); every method scored by `hinge eval`'s metrics. "
+             f"Every method's image features standardised {FEATURE_NORM_WORDS[s.config.warmup.feature_norm]}. "
              f"HINGE: `{s.config.preset}` config, early stopping with patience {s.config.train.patience}, "
              f"{_sampling(s)}; seeds {', '.join(map(str, s.seeds))} for "
              f"{' and '.join(MAIN_HINGE)}, {', '.join(map(str, s.ablation_seeds))} for the ablations. Mean ± std over folds "
