@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -34,7 +33,9 @@ from hinge_cli.config import GenerateConfig, load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.encoders import get_spec
+from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.model_card import EmbedSettings, GeneCorrelation, ModelCard, TileSettings
+from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
 from hinge_cli.model.sampler import sampling_steps
@@ -56,7 +57,7 @@ def make_checkpoint(path: Path, preset: str, genes: int, pitch_um: float = 100.0
     torch.manual_seed(0)
     model = Hinge.build(cfg.model, genes + 1, torch.arange(1, genes + 1), dim, cfg.diffusion)
     card = ModelCard("benchmark", genes=[f"G{i:04d}" for i in range(genes)], transform=Transform(), encoders=["default"],
-                     encoder_key="default", feature_norm=FeatureNorm(np.zeros(dim, np.float32), np.ones(dim, np.float32)),
+                     encoder_key="default", feature_norm=FeatureNorm(np.zeros(dim, np.float32), np.ones(dim, np.float32), per_slide=True),
                      tiling=TileSettings(0.5, 224, MPP, spot_um, pitch_um, "hex"), embedding=EmbedSettings(weights_sha256=[None]),
                      config=cfg, coupling=GeneCorrelation((np.eye(genes) * 0.5 + 0.5).tolist(), [], 0, 0.05))
     save_checkpoint(path, model, card)
@@ -94,15 +95,16 @@ def memory_child(root: Path, pitch_um: float, genes: int, samples: int) -> None:
     run = Run(root / f"run-mem-{pitch_um}")
     tile_sample(run, SampleSpec("mem", slide), load_trained_model(checkpoint, "cpu").tile_config())
     dim = get_spec("default").dim
-    run.embeddings("default", "mem").parent.mkdir(parents=True)
-    with h5py.File(run.tiles("mem"), "r") as tiles, h5py.File(run.embeddings("default", "mem"), "w") as out:
-        n = len(tiles["barcode"])
-        ds = out.create_dataset("embeddings", (n, dim), np.float32)
-        rng = np.random.default_rng(0)
+    path = run.embeddings("default", "mem")
+    path.parent.mkdir(parents=True)
+    tiles = read_tiles(run.tiles("mem"))
+    n = len(tiles.barcodes)
+    attrs = EmbeddingAttrs("default", ["default"], [dim], [None], [None], sample_id="mem", tiles=str(run.tiles("mem").resolve()))
+    rng = np.random.default_rng(0)
+    with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, (n, dim)) as writer:
         for start in range(0, n, 4096):
-            ds[start : start + 4096] = rng.normal(0, 1, (min(4096, n - start), dim))
-        out["barcodes"], out["coords"] = tiles["barcode"][()], tiles["coords"][()]
-        out.attrs.update({"encoder": "default", "views": 1, "weights_sha256": "[null]"})
+            stop = min(n, start + 4096)
+            writer.write(rng.normal(0, 1, (stop - start, dim)).astype(np.float32), rows=slice(start, stop))
     t0 = time.perf_counter()
     generate(run, [Target("mem")], GenerateConfig(n_samples=samples, steps=1, device="cpu"), checkpoint=checkpoint,
              out=root / f"mem-{pitch_um}.h5ad")
