@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hinge_cli.config import HingeConfig
-from hinge_cli.data.dataset import SpotTable, assemble
+from hinge_cli.data.dataset import SpotTable
 from hinge_cli.distributed import Dist
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings, fit
@@ -35,7 +35,7 @@ from hinge_cli.model.checkpoint import checkpoint_unit, load_checkpoint, read_ch
 from hinge_cli.model.ridge import fit_run_ridge, start_direct_path_at_ridge
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
-from hinge_cli.train_data import SplitData, TrainingData
+from hinge_cli.train_data import SplitData, TrainingData, card_table
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
     if card.split is None or card.feature_norm is None:
         raise HingeError(f"{selected} records no training split", "train it again with this version of hinge")
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
+    table = card_table(run, card)
     data = SplitData.of(table, card.split, card.feature_norm)
     calibrate_and_couple(cfg, data, selected)
     if not refit:

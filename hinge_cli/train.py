@@ -46,7 +46,7 @@ from hinge_cli.model_selection import choose_split
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.refit import finish_training
 from hinge_cli.run import Run
-from hinge_cli.train_data import SplitData
+from hinge_cli.train_data import SplitData, card_table
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
                         "(pass --overwrite to train from the warm-up with them)", last_path.name, ", ".join(changed))
     require_ready_for_training(run, card.samples, card.encoder_key)
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
+    table = card_table(run, card)
     data = SplitData.of(table, card.split, card.feature_norm)
     selected_path = run.checkpoint("selected") if tc.refit else best_path  # the validated model; a refit becomes best
     net = checkpoint.net.to(device)

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hinge_cli.data.dataset import SpotTable
+from hinge_cli.data.dataset import SpotTable, assemble
 from hinge_cli.data.features import FeatureNorm, views
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopState
-from hinge_cli.formats.model_card import TrainingRecord, ValidationSplit
+from hinge_cli.formats.model_card import ModelCard, TrainingRecord, ValidationSplit
+from hinge_cli.run import Run
 
 
 def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +30,11 @@ def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np
         raise HingeError("the validation split leaves no training or no validation spots",
                          "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+
+def card_table(run: Run, card: ModelCard) -> SpotTable:
+    """The training table a model card was made from: its samples, panel, transform and feature standardisation."""
+    return assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.data.dataset import SpotTable, assemble
+from hinge_cli.data.dataset import SpotTable
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import read_embeddings
@@ -29,7 +29,7 @@ from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.train import pretrain_warmup, train
-from hinge_cli.train_data import split_rows
+from hinge_cli.train_data import card_table, split_rows
 
 runner = CliRunner()
 FAST = GenerateConfig(n_samples=1, steps=2, device="cpu")
@@ -59,7 +59,7 @@ def test_ridge_inside_train_matches_a_direct_closed_form_solve(trained: tuple[Ru
     run, _ = trained
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
+    table = card_table(run, card)
     assert card.refit is not None  # the default refit trains on every spot, and so does the ridge beside it
     rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
@@ -132,7 +132,7 @@ def test_the_stored_residual_std_is_the_out_of_fold_one(trained: tuple[Run, dict
     run, _ = trained
     card = load_checkpoint(run.checkpoint("best")).card
     ridge = read_ridge_model(run.checkpoint("ridge"))
-    table = assemble(run, card.encoder_key, card.samples, card.genes, card.transform, card.fill_missing, per_slide=card.per_slide)
+    table = card_table(run, card)
     rows = np.arange(len(table.targets))
     z = ((table.features[rows] - card.feature_norm.mean) / card.feature_norm.std).mean(1).astype(np.float64)
     y = table.targets[rows].astype(np.float64)

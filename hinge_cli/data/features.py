@@ -10,7 +10,7 @@ so a new slide is shifted exactly as a training slide was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,31 +66,26 @@ class SlideShift:
 
     @classmethod
     def fit(cls, features: np.ndarray, what: str = "the slide") -> SlideShift:
-        return cls._accumulate((features[i:i + CHUNK_SPOTS] for i in range(0, len(features), CHUNK_SPOTS)), what)
+        return cls._accumulate(_chunks(lambda i, j: features[i:j], len(features)), what)
 
     @classmethod
     def read(cls, path: Path, what: str = "the slide") -> SlideShift:
         """The shift of the slide whose embeddings are at `path`, read a chunk of spots at a time."""
         with open_embeddings(path) as src:
-            n = src.shape[0]
-            return cls._accumulate((src.rows(i, min(n, i + CHUNK_SPOTS)) for i in range(0, n, CHUNK_SPOTS)), what)
+            return cls._accumulate(_chunks(src.rows, src.shape[0]), what)
 
     @classmethod
     def _accumulate(cls, chunks: Iterable[np.ndarray], what: str) -> SlideShift:
         """Mean and variance merged chunk by chunk (Chan et al.), stable however far the mean is from zero."""
-        n_spots, count, mean, m2 = 0, 0, None, None
+        n_spots, count, mean, m2 = 0, 0, 0.0, 0.0
         for chunk in chunks:
             flat = views(np.asarray(chunk)).reshape(-1, chunk.shape[-1]).astype(np.float64)
             n_spots += len(chunk)
             c_mean = flat.mean(0)
-            c_m2 = ((flat - c_mean) ** 2).sum(0)
-            if mean is None:
-                count, mean, m2 = len(flat), c_mean, c_m2
-                continue
             total = count + len(flat)
             delta = c_mean - mean
             mean = mean + delta * len(flat) / total
-            m2 = m2 + c_m2 + delta ** 2 * count * len(flat) / total
+            m2 = m2 + ((flat - c_mean) ** 2).sum(0) + delta ** 2 * count * len(flat) / total
             count = total
         if n_spots < 2:
             raise HingeError(f"{what} has {n_spots} embedded spot(s); standardising features by slide needs at least 2",
@@ -102,6 +97,11 @@ class SlideShift:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.mean) / self.std).astype(np.float32)
+
+
+def _chunks(rows: Callable[[int, int], np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """Rows [0, n) in chunks of CHUNK_SPOTS, so moments from memory and from file add up in the same order."""
+    return (rows(i, min(n, i + CHUNK_SPOTS)) for i in range(0, n, CHUNK_SPOTS))
 
 
 def views(features: np.ndarray) -> np.ndarray:
