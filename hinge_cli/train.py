@@ -139,12 +139,14 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
                       dist: Dist, device: torch.device, overwrite: bool, progress: Progress) -> tuple[Backbone, list[str]]:
     """Pre-train (or reuse) `checkpoints/pretrain` on an expression-only corpus."""
     path = run.checkpoint("pretrain")
+    corpus_paths = [str(Path(f).resolve()) for f in corpus_files]
     if path.exists() and not overwrite:
         checkpoint = load_checkpoint(path)
-        if set(panel) <= set(checkpoint.card.vocab):
+        stale = stale_pretraining(checkpoint.card, panel, transform, corpus_paths)
+        if not stale:
             log.info("reusing the pre-trained backbone %s (pass --overwrite to pre-train again)", path)
             return checkpoint.net, checkpoint.card.vocab
-        log.info("the existing pre-trained backbone lacks panel genes: pre-training again")
+        log.info("the existing pre-trained backbone %s: pre-training again", stale)
     corpus = load_corpus(corpus_files, transform, cfg.pretrain.max_vocab, always=panel, layer=cfg.warmup.corpus_layer)
     log.info("corpus: %d profiles, vocabulary of %d genes", len(corpus), len(corpus.vocab))
     torch.manual_seed(cfg.train.seed)
@@ -158,12 +160,23 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     state = fit(backbone, len(order) - n_val, batch_loss, validate, settings, dist=dist, device=device,
                 on_epoch_end=lambda state, *_: write_log(run, "pretrain", state), progress=progress)
     if dist.main:
-        source = BackboneSource("corpus", corpus=[str(Path(f).resolve()) for f in corpus_files])
+        source = BackboneSource("corpus", corpus=corpus_paths)
         record = TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(order) - n_val, n_val)
         save_checkpoint(path, backbone.cpu(), ModelCard("pretrain", vocab=corpus.vocab, transform=transform,
                                                         backbone=source, training=record))
     dist.barrier()
     return backbone.cpu(), corpus.vocab
+
+
+def stale_pretraining(card: ModelCard, panel: list[str], transform: Transform, corpus: list[str]) -> str | None:
+    """Why a stored pre-training cannot be reused for this panel, transform and corpus (None: it can)."""
+    if not set(panel) <= set(card.vocab):
+        return "lacks panel genes"
+    if card.transform != transform:
+        return f"was trained with --normalize {card.transform.normalize}, not {transform.normalize}"
+    if card.backbone is not None and sorted(card.backbone.corpus) != sorted(corpus):
+        return "was trained on another corpus"
+    return None
 
 
 def _ready_backbone(run: Run, cfg: HingeConfig, found: tuple[Backbone | None, list[str] | None, str], panel: list[str],

@@ -79,3 +79,17 @@ def test_pretraining_reduces_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
+
+
+def test_a_stored_pretraining_is_reused_only_for_its_panel_transform_and_corpus():
+    from hinge_cli.data.expression import Transform
+    from hinge_cli.formats.model_card import BackboneSource, ModelCard
+    from hinge_cli.train import stale_pretraining
+
+    card = ModelCard("pretrain", vocab=["a", "b", "c"], transform=Transform("none"),
+                     backbone=BackboneSource("corpus", corpus=["/x/1.h5ad", "/x/2.h5ad"]))
+    corpus = ["/x/2.h5ad", "/x/1.h5ad"]
+    assert stale_pretraining(card, ["a", "c"], Transform("none"), corpus) is None
+    assert stale_pretraining(card, ["a", "z"], Transform("none"), corpus) == "lacks panel genes"
+    assert stale_pretraining(card, ["a"], Transform("total"), corpus) == "was trained with --normalize none, not total"
+    assert stale_pretraining(card, ["a"], Transform("none"), ["/x/1.h5ad"]) == "was trained on another corpus"
