@@ -37,7 +37,7 @@ from baselines import BASELINES
 
 from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
-from hinge_cli.data.expression import Expression, Transform, read_expression
+from hinge_cli.data.expression import NORMALIZE, Expression, Transform, read_expression
 from hinge_cli.data.features import SlideShift, views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.data.sources import read_sample_sheet
@@ -72,7 +72,7 @@ log = logging.getLogger("bench-her2st")
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
-TRANSFORM = Transform("none")  # log2(counts + 1): the raw-count space the issue's raw Pearson refers to
+PANEL_TRANSFORM = Transform("none")  # panels are chosen on log2(counts + 1) whatever the targets, so --normalize changes only them
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,11 @@ class Settings:
         return load_config(self.config.preset, None, merge(self.overrides, overrides))
 
     @property
+    def transform(self) -> Transform:
+        """Every method's targets and scoring space (`--normalize`): log2(counts + 1), or of counts scaled to 10,000."""
+        return Transform(self.config.warmup.normalize)
+
+    @property
     def per_slide(self) -> bool:
         """Whether every method's features are standardised slide by slide (`--feature-norm`)."""
         return self.config.warmup.feature_norm == "slide"
@@ -234,7 +239,7 @@ def choose_panels(run: Run, s: Settings) -> dict[tuple[str, str], list[str]]:
         train_ids = [x for x in SECTIONS if x != test]
         expression = load_expression(run, train_ids)
         for panel in s.panels:
-            panels[panel.name, test] = select_panel([expression[x] for x in train_ids], panel.n_genes, panel.select, TRANSFORM)
+            panels[panel.name, test] = select_panel([expression[x] for x in train_ids], panel.n_genes, panel.select, PANEL_TRANSFORM)
     return panels
 
 
@@ -244,7 +249,7 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
     path = run.checkpoint("pretrain")
     started, existed = time.time(), path.exists()
     device = resolve_device(s.config.train.device)
-    pretrain_backbone(run, s.config, s.corpus, sorted(genes), TRANSFORM, Dist.from_env(device), device, False, SILENT)
+    pretrain_backbone(run, s.config, s.corpus, sorted(genes), s.transform, Dist.from_env(device), device, False, SILENT)
     s.timed("pre-training (once, shared by every HINGE method on the pre-trained backbone)", time.time() - started, not existed)
     return path
 
@@ -252,9 +257,10 @@ def pretrained_backbone(s: Settings, genes: set[str]) -> Path:
 # ----------------------------------------------------------------------------- methods
 
 
-def _section(run: Run, key: str, sample: str, genes: list[str], per_slide: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _section(run: Run, key: str, sample: str, genes: list[str], per_slide: bool,
+             transform: Transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A training section for the baselines: features (stored views averaged), targets, total counts."""
-    table = assemble(run, key, [sample], genes, TRANSFORM, per_slide=per_slide)
+    table = assemble(run, key, [sample], genes, transform, per_slide=per_slide)
     return views(table.features).mean(1), table.targets, table.depth
 
 
@@ -267,18 +273,19 @@ class BaselineInputs:
     barcodes: list[str]
     features: np.ndarray
     coords: np.ndarray
+    transform: Transform
 
     @classmethod
-    def read(cls, run: Run, key: str, test: str, genes: list[str], per_slide: bool) -> BaselineInputs:
-        return cls([_section(run, key, x, genes, per_slide) for x in SECTIONS if x != test],
-                   *held_out_features(run, key, test, per_slide))
+    def read(cls, run: Run, key: str, test: str, genes: list[str], per_slide: bool, transform: Transform) -> BaselineInputs:
+        return cls([_section(run, key, x, genes, per_slide, transform) for x in SECTIONS if x != test],
+                   *held_out_features(run, key, test, per_slide), transform)
 
 
 def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str], n_draws: int) -> tuple[Prediction, dict]:
     """A baseline's prediction; one with a `residual_std` (ridge) gets its per-gene Gaussian: std, q05/q95 and draws."""
     values, info = BASELINES[method](inputs.train, inputs.features)
     pred = Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
-                      values=values.astype(np.float32), std=None, coords=inputs.coords, transform=TRANSFORM)
+                      values=values.astype(np.float32), std=None, coords=inputs.coords, transform=inputs.transform)
     if "residual_std" not in info:
         return pred, info
     noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
@@ -316,7 +323,7 @@ def run_hinge(method: str, base: Run, root: Path, test: str, genes: list[str], b
     write_text_atomic(genes_file, "".join(g + "\n" for g in genes))
     pretrained = HINGE_VARIANTS[method].pretrained
     warmup = replace(cfg.warmup, backbone=str(backbone) if pretrained else "random", holdout=[test],
-                     genes=str(genes_file), normalize=TRANSFORM.normalize)
+                     genes=str(genes_file))
     cfg = replace(cfg, warmup=warmup, train=replace(cfg.train, seed=seed))
     warm = pretrain_warmup(run, cfg, progress=SILENT)
     fitted = train(run, cfg, progress=SILENT)
@@ -413,7 +420,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         started = time.time()
                         truth = truth or read_expression(truth_path)
                         if seed is None:
-                            inputs = inputs or BaselineInputs.read(base, key, test, genes, s.per_slide)
+                            inputs = inputs or BaselineInputs.read(base, key, test, genes, s.per_slide, s.transform)
                             pred, info = run_baseline(method, inputs, test, genes, s.n_samples)
                         else:
                             pred, info = run_hinge(method, base, fold_root, test, genes,
@@ -473,9 +480,13 @@ FEATURE_NORM_WORDS = {"slide": "slide by slide, then by the training spots (`--f
                       "training": "by the training spots only (`--feature-norm training`)"}
 
 
+SPACE_WORDS = {"none": "log2(counts + 1)", "total": "log2(CP10k + 1), counts scaled to 10,000 per spot (`--normalize total`)"}
+
+
 def markdown(summary: dict, s: Settings) -> str:
     lines = ["# HER2ST patient C, leave-one-section-out", "",
-             (f"Folds: {', '.join(s.folds)}. Model space log2(counts + 1); every method scored by `hinge eval`'s metrics. "
+             (f"Folds: {', '.join(s.folds)}. Model space {SPACE_WORDS[s.transform.normalize]}; every method trained on it and "
+              "scored by `hinge eval`'s metrics (panels chosen on log2(counts + 1)). "
              f"Every method's image features standardised {FEATURE_NORM_WORDS[s.config.warmup.feature_norm]}. "
              f"HINGE: `{s.config.preset}` config, early stopping with patience {s.config.train.patience}, "
              f"{_sampling(s)}; seeds {', '.join(map(str, s.seeds))} for "
@@ -553,6 +564,8 @@ def settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--sampler", default=GenerateConfig.sampler, choices=SAMPLERS, help="HINGE's sampler")
     parser.add_argument("--feature-norm", default=WarmupConfig.feature_norm, choices=FEATURE_NORMS,
                         help="every method's image features: slide-standardised first, or by the training spots only")
+    parser.add_argument("--normalize", default=WarmupConfig.normalize, choices=NORMALIZE,
+                        help="every method's targets and scoring space: log2(counts + 1), or counts scaled to 10,000 first")
     args = parser.parse_args(argv)
     ensure_data(args.data)
     corpus = [Path(line) for line in (args.data / "corpus.txt").read_text().split() if line]
@@ -573,7 +586,7 @@ def settings(argv: list[str] | None) -> Settings:
     if unknown:
         parser.error(f"--folds: {', '.join(unknown)} are not sections of patient C ({', '.join(SECTIONS)})")
     overrides["tile"] = LEGACY_ST
-    overrides.setdefault("warmup", {})["feature_norm"] = args.feature_norm
+    overrides.setdefault("warmup", {}).update(feature_norm=args.feature_norm, normalize=args.normalize)
     overrides["generate"] = {"sampler": args.sampler, "n_samples": args.samples, "steps": args.steps}  # train calibrates with them too
     cfg = load_config(args.config, None, overrides)
     return Settings(args.data, args.out, cfg, folds, panels, args.samples, args.steps, corpus, args.overwrite,

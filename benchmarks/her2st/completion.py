@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from benchmark import SECTIONS, TRANSFORM, BaselineInputs, run_baseline
+from benchmark import SECTIONS, BaselineInputs, run_baseline
 from sampling_grid import write_results
 from scipy.spatial import cKDTree
 
@@ -121,7 +121,7 @@ def knn_prediction(inputs: BaselineInputs, columns: list[int], test_given: np.nd
     draws = _knn(ys[:, columns], ys, test_given, n).astype(np.float32)
     q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1)
     return Prediction(Path(f"knn:{fold}"), fold, inputs.barcodes, genes, draws.mean(1), draws.std(1), inputs.coords,
-                      TRANSFORM, q05=q05, q95=q95, draws=draws, given=chosen), n
+                      inputs.transform, q05=q05, q95=q95, draws=draws, given=chosen), n
 
 
 def scores_of(pred: Prediction, truth: Expression, truth_path: Path) -> dict[str, float]:
@@ -133,12 +133,10 @@ def scores_of(pred: Prediction, truth: Expression, truth_path: Path) -> dict[str
 def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: GenerateConfig, seed: int) -> list[dict]:
     """Every (k, choice, method) of one fold, scored on the genes not given."""
     model = load_trained_model(run.checkpoint("best"), "cpu")
-    if model.card.transform != TRANSFORM:
-        raise SystemExit(f"{run.root}: the model's transform {model.card.transform} is not the benchmark's {TRANSFORM}")
     genes = model.genes
     truth_path = Path(run.sample(fold)["expression"]["path"])
     truth = read_expression(truth_path)
-    inputs = BaselineInputs.read(run, model.key, fold, genes, model.card.per_slide)
+    inputs = BaselineInputs.read(run, model.key, fold, genes, model.card.per_slide, model.card.transform)
     train_targets = np.concatenate([y for _, y, _ in inputs.train])
     image_only = {METHODS[0]: hinge_prediction(run, fold, model, cfg, None, []),
                   METHODS[2]: run_baseline("ridge", inputs, fold, genes, cfg.n_samples)[0]}
