@@ -9,7 +9,9 @@ at the ridge fit on all of them (`train.refit`). The validated model stays as
 `checkpoints/selected.*`; the refit becomes `best`. The spread scale is fitted on the
 validated model's predictions of the held-out section (the refit has no held-out data left)
 and carried over to the refit, whose card records both loops. Each model's gene coupling is then
-measured on the spots it trained on (`hinge_cli.model.coupling`). `recalibrate` does the
+measured on the spots it trained on (`hinge_cli.model.coupling`); its joint Gaussian trusts the
+image's predictions only as much as the validated model's held-out fit did against its training
+fit (`model.joint.optimism_factor`), carried over like the spread scale. `recalibrate` does the
 calibration and coupling again for a finished run (`hinge calibrate`), with no retraining.
 """
 
@@ -30,7 +32,7 @@ from hinge_cli.fit import LoopSettings, fit
 from hinge_cli.formats.model_card import write_card
 from hinge_cli.lineage import require_unchanged_since_warmup
 from hinge_cli.losses import hinge_losses
-from hinge_cli.model.calibration import calibrate_checkpoint, couple_checkpoint
+from hinge_cli.model.calibration import calibrate_checkpoint, couple_checkpoint, measure_optimism
 from hinge_cli.model.checkpoint import checkpoint_unit, load_checkpoint, read_checkpoint_card, sidecar_path, write_checkpoint
 from hinge_cli.model.ridge import fit_run_ridge, start_direct_path_at_ridge
 from hinge_cli.progress import SILENT, Progress
@@ -49,28 +51,32 @@ def finish_training(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitDat
     refit = selected != best
     card = read_checkpoint_card(selected)
     rows = np.arange(len(table.targets)) if refit else data.train_rows
+    deflation = 1.0
     if dist.main:
         fit_run_ridge(run, card, table.subset(rows))
-        calibrate_and_couple(cfg, data, selected)
+        deflation = calibrate_and_couple(cfg, data, selected)
     if refit:
         everything = TrainingData.of(table, data.norm)
         refit_on_all(run, cfg, table, data, everything, selected, best, epochs, dist, device, progress)
         if dist.main:
-            couple_on_all(everything, best, cfg.generate.seed)
+            couple_on_all(everything, best, cfg.generate.seed, deflation)
 
 
-def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> None:
-    """The validated model's spread scale (on the validation spots) and gene coupling (on its training spots)."""
+def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> float:
+    """The validated model's spread scale (on the validation spots) and gene coupling (on its training spots), its joint
+    Gaussian deflated by how much worse it predicts the validation spots; returns that factor for the refit."""
     card = read_checkpoint_card(selected)
-    calibrate_checkpoint(selected, data.val.features[:, 0], data.val.targets.numpy(), cfg.generate, card.split)
-    couple_checkpoint(selected, data.train.features[:, 0], data.train.targets.numpy(), cfg.generate.seed, card.samples,
-                      data.train.sample)
+    fitted, held_out = ((d.features[:, 0], d.targets.numpy()) for d in (data.train, data.val))
+    calibrate_checkpoint(selected, *held_out, cfg.generate, card.split)
+    deflation = measure_optimism(selected, fitted, held_out, cfg.generate.seed)
+    couple_checkpoint(selected, *fitted, cfg.generate.seed, card.samples, data.train.sample, deflation)
+    return deflation
 
 
-def couple_on_all(everything: TrainingData, best: Path, seed: int) -> None:
-    """The refit's gene coupling, on every training spot (the ones it trained on)."""
+def couple_on_all(everything: TrainingData, best: Path, seed: int, deflation: float) -> None:
+    """The refit's gene coupling, on every training spot (the ones it trained on), deflated as the validated model's."""
     couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples,
-                      everything.sample)
+                      everything.sample, deflation)
 
 
 @dataclass
@@ -106,12 +112,12 @@ def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
     require_unchanged_since_warmup(run, card.samples, card.encoder_key)
     table = card_table(run, card)
     data = SplitData.of(table, card.split, card.feature_norm)
-    calibrate_and_couple(cfg, data, selected)
+    deflation = calibrate_and_couple(cfg, data, selected)
     if not refit:
         return [best]
     calibration = read_checkpoint_card(selected).calibration
     write_card(sidecar_path(best), replace(read_checkpoint_card(best), calibration=calibration))
-    couple_on_all(TrainingData.of(table, data.norm), best, cfg.generate.seed)
+    couple_on_all(TrainingData.of(table, data.norm), best, cfg.generate.seed, deflation)
     return [selected, best]
 
 

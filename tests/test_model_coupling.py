@@ -8,7 +8,7 @@ from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
 from hinge_cli.model import Hinge
 from hinge_cli.model.calibration import fit_coupling, predictive
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
-from hinge_cli.model.joint import SHRINKAGES, JointGaussian, choose_joint
+from hinge_cli.model.joint import SHRINKAGES, JointGaussian, choose_joint, optimism_factor
 from hinge_cli.model.ridge import GAUSSIAN_Q95
 
 R3 = np.array([[1.0, 0.8, -0.3], [0.8, 1.0, -0.2], [-0.3, -0.2, 1.0]])
@@ -174,3 +174,46 @@ def test_given_genes_take_the_joint_gaussians_conditional_mean():
     expected = joint.predict(mean, values, given[0])
     torch.testing.assert_close(out.mean[:, 1:], expected)
     assert (out.mean[:, 0] == 2.0).all() and (out.mean[:, 1] > 0.5).all()  # gene 1 follows its given partner (r = 0.8)
+
+
+def test_a_deflated_joint_trusts_the_image_less_and_at_zero_ignores_it():
+    rng = np.random.default_rng(7)
+    truth = rng.multivariate_normal(np.zeros(3), R3, size=800)
+    joint = JointGaussian.fit(truth, truth + 0.5 * rng.normal(size=truth.shape), shrinkage=0.05)
+    np.testing.assert_array_equal(joint.deflated(1.0).correlation, joint.correlation)
+    half = joint.deflated(0.5).correlation
+    np.testing.assert_allclose(half[:3, 3:], 0.5 * joint.correlation[:3, 3:])
+    np.testing.assert_array_equal(half[:3, :3], joint.correlation[:3, :3])  # truth-truth and prediction blocks kept
+    np.testing.assert_array_equal(half[3:, 3:], joint.correlation[3:, 3:])
+    assert np.linalg.eigvalsh(half).min() > 0  # still a correlation matrix
+    given, values = torch.tensor([True, False, False]), torch.from_numpy(truth[:5])
+    blind = joint.deflated(0.0)
+    one, other = (blind.predict(torch.from_numpy(p), values, given) for p in (truth[:5] + 3.0, truth[:5] - 3.0))
+    torch.testing.assert_close(one, other)  # at zero the prediction no longer moves the other genes
+    moved = [joint.predict(torch.from_numpy(p), values, given) for p in (truth[:5] + 3.0, truth[:5] - 3.0)]
+    assert (moved[0] > moved[1]).all()
+
+
+def test_the_optimism_factor_is_the_held_out_share_of_the_in_sample_fit():
+    rng = np.random.default_rng(8)
+    truth = rng.normal(size=(500, 4))
+    close, loose = truth + 0.3 * rng.normal(size=truth.shape), truth + 1.5 * rng.normal(size=truth.shape)
+    assert optimism_factor((close, truth), (close, truth)) == 1.0
+    factor = optimism_factor((close, truth), (loose, truth))
+    expected = np.mean([np.corrcoef(loose[:, g], truth[:, g])[0, 1] for g in range(4)]) / np.mean(
+        [np.corrcoef(close[:, g], truth[:, g])[0, 1] for g in range(4)])
+    assert factor == pytest.approx(expected) and 0.4 < factor < 0.7
+    assert optimism_factor((close, truth), (-close, truth)) == 0.0  # anti-correlated out of sample: trust nothing
+    assert optimism_factor((loose, truth), (close, truth)) == 1.0  # a better held-out fit never inflates
+    assert optimism_factor((np.ones_like(truth), truth), (close, truth)) == 1.0  # nothing measurable in sample
+
+
+def test_fit_coupling_deflates_the_joint_gaussians_cross_correlations():
+    model, image = spread_model(), torch.randn(40, 4)
+    mean, _ = model.one_shot(image)
+    truth = mean.numpy() + np.random.default_rng(0).normal(size=(40, 5))
+    plain, deflated = (fit_coupling(model, image, truth, seed=0, spot_samples=np.repeat(["a", "b"], 20), deflation=d)
+                       for d in (1.0, 0.25))
+    assert plain.joint_deflation == 1.0 and deflated.joint_deflation == 0.25
+    np.testing.assert_allclose(np.asarray(deflated.joint_correlation)[:5, 5:], 0.25 * np.asarray(plain.joint_correlation)[:5, 5:],
+                               atol=1e-5)

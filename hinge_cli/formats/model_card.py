@@ -113,6 +113,7 @@ class GeneCorrelation:
     joint_std: list[float] = field(default_factory=list)
     joint_correlation: list[list[float]] = field(default_factory=list)
     joint_shrinkage: float | None = None  # chosen by cross-validation over the training samples
+    joint_deflation: float = 1.0  # truth-prediction correlations scaled by it (`model.joint.optimism_factor`)
 
 
 @dataclass

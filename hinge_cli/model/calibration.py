@@ -27,7 +27,7 @@ from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
 from hinge_cli.model.hinge import Hinge
-from hinge_cli.model.joint import JointGaussian, choose_joint
+from hinge_cli.model.joint import JointGaussian, choose_joint, optimism_factor
 from hinge_cli.model.randomness import REVEAL_STREAM, normals
 from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import sampling_steps
@@ -175,14 +175,23 @@ def one_shot_predictions(net: Hinge, image: Tensor, n_spots: int, seed: int) -> 
     return np.concatenate(means), np.concatenate(stds)
 
 
-def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int, spot_samples: np.ndarray) -> GeneCorrelation:
+def measure_optimism(path: Path, fitted: tuple[Tensor, np.ndarray], held_out: tuple[Tensor, np.ndarray], seed: int) -> float:
+    """`optimism_factor` of the checkpoint at `path`: its one-shot means on the spots it trained on against held-out ones."""
+    net = load_checkpoint(path).net
+    predicted = [one_shot_predictions(net, image, len(truth), seed)[0] for image, truth in (fitted, held_out)]
+    return optimism_factor((predicted[0], fitted[1]), (predicted[1], held_out[1]))
+
+
+def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int, spot_samples: np.ndarray,
+                 deflation: float = 1.0) -> GeneCorrelation:
     """The correlation of the spots' one-shot residuals, each over its predicted std, and the joint Gaussian of truth
-    and prediction (`samples` and `n_spots` left for the caller)."""
+    and prediction, deflated by `deflation` (`samples` and `n_spots` left for the caller)."""
     mean, std = one_shot_predictions(net, image, len(truth), seed)
     correlation = np.round(fit_correlation((truth - mean) / std), 5)  # the shrinkage dwarfs the rounding
-    joint = choose_joint(truth, mean, spot_samples, seed)
+    joint = choose_joint(truth, mean, spot_samples, seed).deflated(deflation)
     return GeneCorrelation(correlation.tolist(), [], len(truth), SHRINKAGE, np.round(joint.mean, 5).tolist(),
-                           np.round(joint.std, 5).tolist(), np.round(joint.correlation, 5).tolist(), joint.shrinkage)
+                           np.round(joint.std, 5).tolist(), np.round(joint.correlation, 5).tolist(), joint.shrinkage,
+                           round(deflation, 5))
 
 
 def gene_coupling(card: GeneCorrelation) -> GeneCoupling:
@@ -195,16 +204,17 @@ def gene_coupling(card: GeneCorrelation) -> GeneCoupling:
 
 
 def couple_checkpoint(path: Path, image: Tensor, truth: np.ndarray, seed: int, samples: list[str],
-                      spot_samples: np.ndarray) -> GeneCorrelation | None:
+                      spot_samples: np.ndarray, deflation: float = 1.0) -> GeneCorrelation | None:
     """Measure the gene coupling of the checkpoint at `path` on the spots it trained on and record it in its card."""
     checkpoint = load_checkpoint(path)
     if not checkpoint.net.has_spread:
         return None
-    coupling = replace(fit_coupling(checkpoint.net, image, truth, seed, spot_samples), samples=list(samples))
+    coupling = replace(fit_coupling(checkpoint.net, image, truth, seed, spot_samples, deflation), samples=list(samples))
     write_card(sidecar_path(path), replace(checkpoint.card, coupling=coupling))
     correlation = np.asarray(coupling.correlation)
     off = np.abs(correlation[~np.eye(len(correlation), dtype=bool)])
     log.info("genes coupled by the correlation of %d training spots' residuals (%s): median |r| %.2f, largest %.2f; "
-             "given genes predict the others with shrinkage %.2g (cross-validated)", len(truth), path.stem,
-             float(np.median(off)) if len(off) else 0.0, float(off.max()) if len(off) else 0.0, coupling.joint_shrinkage)
+             "given genes predict the others with shrinkage %.2g (cross-validated), the image's predictions trusted x%.2f "
+             "(held-out / training fit)", len(truth), path.stem, float(np.median(off)) if len(off) else 0.0,
+             float(off.max()) if len(off) else 0.0, coupling.joint_shrinkage, coupling.joint_deflation)
     return coupling

