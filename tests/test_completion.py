@@ -255,3 +255,16 @@ def test_benchmark_chooses_genes_and_imputes_from_the_nearest_training_spots():
     assert picked == completion.choose_genes(genes, targets, 3, "random", 0) and len(set(picked)) == 3
     neighbours = completion._knn(targets[:, :2], targets, targets[:5, :2], 1)
     np.testing.assert_array_equal(neighbours[:, 0], targets[:5])  # a training spot's nearest spot is itself
+
+
+def test_completion_table_averages_seeds_within_a_fold_before_the_spread_over_folds():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+    import completion
+
+    key = completion.COLUMNS[0][1]
+    rows = [{"fold": f, "model_seed": s, "k": 10, "choice": "random", "method": "HINGE + given", key: v, **{
+        k: 0.5 for _, k in completion.COLUMNS[1:]}} for f, s, v in
+            [("C2", 0, 0.40), ("C2", 1, 0.44), ("C3", 0, 0.50), ("C3", 1, 0.54)]]
+    line = completion.table(rows).splitlines()[-1]
+    # fold means 0.42 and 0.52: mean 0.470, std 0.071; seed means 0.45 and 0.49: spread 0.020
+    assert line.startswith("| 10 | random | HINGE + given | 0.470 ± 0.071 (seeds ±0.020) |"), line

@@ -3,7 +3,7 @@
     python benchmarks/her2st/completion.py --bench bench-out/her2st-v3 --out bench-out/her2st-v3/completion.md
     python benchmarks/her2st/completion.py --folds C2 --ks 10 --n-samples 2      # a smoke run of one fold
 
-Takes the fold runs benchmark.py trained (`<bench>/folds/hvg50/<fold>/hinge/seed0`, whose best
+Takes the fold runs benchmark.py trained (`<bench>/folds/hvg50/<fold>/hinge/seed<N>`, N < --model-seeds; each best
 checkpoint never saw `<fold>`). For k = 5, 10 and 25 of the 50 panel genes, chosen at random
 (a fixed seed) or as the most variable on the four training sections, the held-out section's
 true values of those genes are given, and every method is scored by `hinge eval`'s alignment and
@@ -162,22 +162,34 @@ def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: Ge
     return rows
 
 
-def _cell(values: list[float]) -> str:
+def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _cell(rows: list[dict], key: str) -> str:
+    """Mean ± std over folds of the fold means over model seeds; with several seeds, the std over seeds of the fold mean."""
+    per_fold = [_mean([r[key] for r in rows if r["fold"] == f]) for f in sorted({r["fold"] for r in rows})]
+    values = [v for v in per_fold if v is not None]
     if not values:
         return "—"
-    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+    text = f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+    per_seed = [_mean([r[key] for r in rows if r["model_seed"] == seed]) for seed in sorted({r["model_seed"] for r in rows})]
+    per_seed = [v for v in per_seed if v is not None]
+    return text + (f" (seeds ±{np.std(per_seed):.3f})" if len(per_seed) > 1 else "")
 
 
 def table(rows: list[dict]) -> str:
     """One line per (k, choice, method): mean ± std over folds of the remaining genes' depth-partial Pearson and CRPS."""
     folds = sorted({r["fold"] for r in rows})
-    lines = [f"Folds {', '.join(folds)}; scores over the genes NOT given (mean ± std over folds).", "",
+    seeds = sorted({r["model_seed"] for r in rows})
+    lines = [f"Folds {', '.join(folds)}; HINGE fold runs of seed {', '.join(map(str, seeds))}; scores over the genes NOT "
+             "given (mean ± std over folds of each fold's mean over seeds).", "",
              "| k given | chosen | method | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|---|" + "---|" * len(COLUMNS)]
     keys = list(dict.fromkeys((r["k"], r["choice"], r["method"]) for r in rows))
     for k, choice, method in keys:
         mine = [r for r in rows if (r["k"], r["choice"], r["method"]) == (k, choice, method)]
-        lines.append(f"| {k} | {choice} | {method} | " + " | ".join(_cell([r[key] for r in mine]) for _, key in COLUMNS) + " |")
+        lines.append(f"| {k} | {choice} | {method} | " + " | ".join(_cell(mine, key) for _, key in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default=",".join(map(str, KS)), help="numbers of genes given")
     parser.add_argument("--choices", default=",".join(CHOICES), help="random and/or variable")
     parser.add_argument("--seed", type=int, default=0, help="the random choice of genes, and generate's seed")
+    parser.add_argument("--model-seeds", type=int, default=1, help="HINGE's fold runs of seeds 0..N-1 (benchmark.py --seeds)")
     parser.add_argument("--n-samples", type=int, default=4, help="HINGE's draws per spot (and ridge's)")
     parser.add_argument("--steps", type=int, default=None, help="reverse-process steps (default: generate's)")
     parser.add_argument("--out", type=Path, help="the table (default: <bench>/completion.md); numbers beside it as .json")
@@ -197,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, seed=args.seed, device="cpu")
     rows = []
     for fold in folds:
-        root = args.bench / "folds" / args.panel / fold / "hinge" / "seed0"
-        if not (root / "checkpoints" / "best.safetensors").is_file():
-            raise SystemExit(f"no trained fold run at {root}: run benchmarks/her2st/benchmark.py first, or pass --folds")
-        rows += fold_results(Run(root), fold, [int(k) for k in args.ks.split(",")], args.choices.split(","), cfg, args.seed)
+        for model_seed in range(args.model_seeds):
+            root = args.bench / "folds" / args.panel / fold / "hinge" / f"seed{model_seed}"
+            if not (root / "checkpoints" / "best.safetensors").is_file():
+                raise SystemExit(f"no trained fold run at {root}: run benchmarks/her2st/benchmark.py first, or pass --folds")
+            rows += [{**row, "model_seed": model_seed} for row in
+                     fold_results(Run(root), fold, [int(k) for k in args.ks.split(",")], args.choices.split(","), cfg, args.seed)]
     write_results(args.out or args.bench / "completion.md", table(rows) + "\n", rows)
     return 0
 
