@@ -514,6 +514,8 @@ def markdown(summary: dict, s: Settings) -> str:
                 if c.get("seed_std") is not None and key != "seconds":
                     text += f" (seeds ±{c['seed_std']:.{digits}f})"
                 row.append(f"**{text}**" if best is not None and c["mean"] == best else text)
+            if s.transform.normalize == "total":
+                label = label.replace("log2 counts", "log2 CP10k")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines += ["", *paired_lines(summary[panel.name]), ""]
         lines += [f"- `{m}`: {HINGE_VARIANTS[m].what}" for m in methods if m in HINGE_VARIANTS] + [""]
