@@ -14,6 +14,7 @@ import baselines  # noqa: E402
 import benchmark  # noqa: E402
 import ridge  # noqa: E402
 
+from hinge_cli.data.expression import Transform  # noqa: E402
 from hinge_cli.model.ridge import GAUSSIAN_Q95  # noqa: E402
 
 
@@ -57,11 +58,11 @@ def test_ridge_spread_is_the_out_of_fold_residual_std_and_makes_a_gaussian_predi
         model = ridge.fit_ridge(np.concatenate(xs[:i] + xs[i + 1:]), np.concatenate(ys[:i] + ys[i + 1:]), info["lambda"])
         held.append(ys[i] - ridge.predict_ridge(model, xs[i]))
     np.testing.assert_allclose(info["residual_std"], np.concatenate(held).std(0), rtol=0.05)  # residual means are ~0
-    inputs = benchmark.BaselineInputs(train, [f"s{i}" for i in range(len(x))], x, np.zeros((len(x), 2)))
+    inputs = benchmark.BaselineInputs(train, [f"s{i}" for i in range(len(x))], x, np.zeros((len(x), 2)), Transform("total"))
     pred, _ = benchmark.run_baseline("ridge", inputs, "test", ["a", "b", "c", "d"], n_draws=400)
     np.testing.assert_allclose(pred.q95 - pred.values, GAUSSIAN_Q95 * pred.std, rtol=1e-5)
     np.testing.assert_allclose(pred.draws.std(1).mean(0), info["residual_std"], rtol=0.1)
-    assert pred.draws.shape == (len(x), 400, 4)
+    assert pred.draws.shape == (len(x), 400, 4) and pred.transform == Transform("total")  # scored in the inputs' space
 
 
 def test_mlp_learns_a_nonlinear_signal_from_training_sections_only():
