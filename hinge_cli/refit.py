@@ -68,7 +68,7 @@ def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> f
     card = read_checkpoint_card(selected)
     fitted, held_out = ((d.features[:, 0], d.targets.numpy()) for d in (data.train, data.val))
     calibrate_checkpoint(selected, *held_out, cfg.generate, card.split)
-    deflation = measure_optimism(selected, fitted, held_out, cfg.generate.seed)
+    deflation = measure_optimism(load_checkpoint(selected).net, fitted, held_out, cfg.generate.seed)
     couple_checkpoint(selected, *fitted, cfg.generate.seed, card.samples, data.train.sample, deflation)
     return deflation
 

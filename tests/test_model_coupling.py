@@ -217,3 +217,17 @@ def test_fit_coupling_deflates_the_joint_gaussians_cross_correlations():
     assert plain.joint_deflation == 1.0 and deflated.joint_deflation == 0.25
     np.testing.assert_allclose(np.asarray(deflated.joint_correlation)[:5, 5:], 0.25 * np.asarray(plain.joint_correlation)[:5, 5:],
                                atol=1e-5)
+
+
+def test_optimism_is_measured_on_the_networks_one_shot_means_and_is_1_for_a_mean_only_network():
+    from hinge_cli.model.calibration import measure_optimism, one_shot_predictions
+
+    image = torch.randn(60, 4)
+    model = spread_model()
+    predicted = np.concatenate([one_shot_predictions(model, half, 30, 0)[0] for half in (image[:30], image[30:])])
+    truth = predicted + 0.1 * predicted.std(0) * np.random.default_rng(0).normal(size=(60, 5))
+    same = measure_optimism(model, (image[:30], truth[:30]), (image[30:], truth[30:]), seed=0)
+    shuffled = measure_optimism(model, (image[:30], truth[:30]), (image[30:], truth[30:][::-1]), seed=0)
+    assert same > 0.9 and shuffled < 0.5
+    mse = Hinge.build(load_config("tiny").model, 30, torch.arange(1, 6), 4, DiffusionConfig(steps=10, likelihood="mse"))
+    assert measure_optimism(mse, (image[:30], truth[:30]), (image[30:], truth[30:]), seed=0) == 1.0
