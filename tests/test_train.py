@@ -319,3 +319,13 @@ def test_a_second_training_process_is_refused(trained: Run, tmp_path: Path) -> N
         assert result.exit_code == 2 and "being trained by another process" in result.output, result.output
         assert "Traceback" not in result.output
     assert not run.checkpoint("last").exists()
+
+
+def test_a_mean_only_model_trains_to_the_end_without_a_coupling(base_run: Path, tmp_path: Path) -> None:
+    run = copy_run(base_run, tmp_path / "run")
+    cfg = run.config(None, {"warmup": {"n_genes": 30, "holdout": ["s2"], "epochs": 1}, "diffusion": {"likelihood": "mse"},
+                            "train": {"seed": 0, "epochs": 2}}, record=False)
+    pretrain_warmup(run, cfg)
+    train(run, cfg)
+    best = load_checkpoint(run.checkpoint("best"))
+    assert not best.net.has_spread and best.card.coupling is None and best.card.calibration is not None
