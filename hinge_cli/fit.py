@@ -31,7 +31,8 @@ SCHEDULES = ("cosine", "constant")
 
 # (network or its DDP wrapper, the global batch's row indices, the epoch's generator) -> this rank's loss
 BatchLoss = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
-# the network (unwrapped, in eval mode) -> its validation figures by name (LoopSettings.select picks the one that counts)
+# the network (unwrapped, in eval mode) -> its validation figures by name (LoopSettings.select picks the one that counts);
+# None where nothing is held out (a refit on every spot): each epoch is then the newest best and nothing stops early
 Validate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -100,7 +101,7 @@ def fit(
     net: nn.Module,
     n_rows: int,
     batch_loss: BatchLoss,
-    validate: Validate,
+    validate: Validate | None,
     settings: LoopSettings,
     *,
     dist: Dist | None = None,
@@ -151,10 +152,12 @@ def fit(
                     total_loss += value
                     advance(1, f"loss {value:.4f}  lr {lr:.2e}")
             net.eval()
-            with torch.no_grad(), autocast:
-                figures = {name: float(value) for name, value in validate(net).items()}
-            val = figures[settings.select]
-            improved = state.best_val is None or (val > state.best_val if settings.maximize else val < state.best_val)
+            figures: dict[str, float] = {}
+            if validate is not None:
+                with torch.no_grad(), autocast:
+                    figures = {name: float(value) for name, value in validate(net).items()}
+            val = figures.get(settings.select)
+            improved = val is None or state.best_val is None or (val > state.best_val if settings.maximize else val < state.best_val)
             if improved:
                 state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
             else:
@@ -166,9 +169,10 @@ def fit(
                 "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
             })
             shown = ", ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}" for name, value in figures.items())
-            log.info("%s epoch %d/%d: train loss %.4f, validation %s%s", settings.stage, epoch + 1, settings.epochs,
-                     total_loss / steps_per_epoch, shown, " (best so far)" if improved else "")
-            epoch_done(1, f"val {val:.4f}  best {state.best_val:.4f} @ {state.best_epoch}")
+            log.info("%s epoch %d/%d: train loss %.4f%s%s", settings.stage, epoch + 1, settings.epochs, total_loss / steps_per_epoch,
+                     f", validation {shown}" if shown else "", " (best so far)" if improved and shown else "")
+            epoch_done(1, f"val {val:.4f}  best {state.best_val:.4f} @ {state.best_epoch}" if val is not None
+                       else f"loss {total_loss / steps_per_epoch:.4f}")
             if dist.main and on_epoch_end is not None:
                 on_epoch_end(state, net, opt, improved)
             dist.barrier()

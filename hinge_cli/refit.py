@@ -29,7 +29,7 @@ from hinge_cli.data.dataset import SpotTable
 from hinge_cli.distributed import Dist
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings, fit
-from hinge_cli.formats.model_card import write_card
+from hinge_cli.formats.model_card import TrainingRecord, write_card
 from hinge_cli.lineage import require_unchanged_since_warmup
 from hinge_cli.losses import hinge_losses
 from hinge_cli.model.calibration import calibrate_checkpoint, couple_checkpoint, measure_optimism
@@ -135,10 +135,12 @@ def refit_on_all(run: Run, cfg: HingeConfig, table: SpotTable, data: SplitData, 
     log.info("refitting on all %d training spots (validation spots included) for the %d epochs validation chose",
              len(table.targets), epochs)
     tc = cfg.train
-    batch_loss, validate = hinge_losses(net, split, dist, data.split.seed, None, device)
+    batch_loss, _ = hinge_losses(net, split, dist, data.split.seed, None, device)
     settings = LoopSettings(stage="refit", epochs=epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
                             grad_clip=tc.grad_clip, seed=data.split.seed, schedule=tc.schedule)
-    state = fit(net, len(table.targets), batch_loss, validate, settings, dist=dist, device=device, progress=progress)
+    # nothing is held out of a refit: scoring the validation spots it now trains on would cost time and mean nothing
+    state = fit(net, len(table.targets), batch_loss, None, settings, dist=dist, device=device, progress=progress)
     if dist.main:
+        record = TrainingRecord(state.history, state.epoch, state.best_epoch, None, len(table.targets), 0)
         with checkpoint_unit(best.parent, "best") as stage:
-            write_checkpoint(stage(best.name), net, replace(chosen, refit=split.record(state)))
+            write_checkpoint(stage(best.name), net, replace(chosen, refit=record))

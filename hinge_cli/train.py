@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -50,13 +51,34 @@ from hinge_cli.train_data import SplitData, card_table
 
 log = logging.getLogger(__name__)
 
-def write_log(run: Run, stage: str, state: LoopState) -> None:
-    """Rewrite logs/<stage>.jsonl and plots/<stage>_loss.png from the loop history."""
-    write_text_atomic(run.log(stage), "".join(json.dumps(r) + "\n" for r in state.history))
-    series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
-    selection = [r.get("val_depth_partial") for r in state.history]
-    loss_curves(run.plot(stage), series, f"{stage}: masked loss",
-                second=("validation: generated depth-partial Pearson", selection) if any(v is not None for v in selection) else None)
+# Drawing the loss plot takes about a second (matplotlib), as long as a third of a HER2ST training epoch on 2 cores:
+# redrawn every epoch it was 15% of a fold's training. The log itself is rewritten every epoch.
+PLOT_INTERVAL_S = 30.0
+
+
+class TrainingLog:
+    """logs/<stage>.jsonl, rewritten every epoch, and plots/<stage>_loss.png, drawn after the first epoch, then at most
+    every PLOT_INTERVAL_S while training, and by `finish` once the loop ends."""
+
+    def __init__(self, run: Run, stage: str) -> None:
+        self.run, self.stage, self.drawn = run, stage, -math.inf
+
+    def epoch_end(self, state: LoopState) -> None:
+        write_text_atomic(self.run.log(self.stage), "".join(json.dumps(r) + "\n" for r in state.history))
+        if time.monotonic() - self.drawn >= PLOT_INTERVAL_S:
+            self._draw(state)
+
+    def finish(self, state: LoopState) -> None:
+        if state.history:
+            self.epoch_end(state)
+            self._draw(state)
+
+    def _draw(self, state: LoopState) -> None:
+        series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}
+        selection = [r.get("val_depth_partial") for r in state.history]
+        second = ("validation: generated depth-partial Pearson", selection) if any(v is not None for v in selection) else None
+        loss_curves(self.run.plot(self.stage), series, f"{self.stage}: masked loss", second=second)
+        self.drawn = time.monotonic()
 
 
 # ----------------------------------------------------------------------------- stages
@@ -157,9 +179,11 @@ def pretrain_backbone(run: Run, cfg: HingeConfig, corpus_files: Sequence[Path], 
     pc, tc = cfg.pretrain, cfg.train
     settings = LoopSettings(stage="pretrain", epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule=tc.schedule)
+    training_log = TrainingLog(run, "pretrain")
     state = fit(backbone, len(order) - n_val, batch_loss, validate, settings, dist=dist, device=device,
-                on_epoch_end=lambda state, *_: write_log(run, "pretrain", state), progress=progress)
+                on_epoch_end=lambda state, *_: training_log.epoch_end(state), progress=progress)
     if dist.main:
+        training_log.finish(state)
         source = BackboneSource("corpus", corpus=corpus_paths)
         record = TrainingRecord(state.history, state.epoch, state.best_epoch, state.best_val, len(order) - n_val, n_val)
         save_checkpoint(path, backbone.cpu(), ModelCard("pretrain", vocab=corpus.vocab, transform=transform,
@@ -203,8 +227,12 @@ def _warmup_curriculum(run: Run, cfg: HingeConfig, net: Hinge, data: SplitData, 
     batch_loss, validate = hinge_losses(net, data, dist, tc.seed, wc.mask_ratio, device)
     settings = LoopSettings(stage="warmup", epochs=wc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, seed=tc.seed, schedule="constant")
-    return fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device,
-               on_epoch_end=lambda state, *_: write_log(run, "warmup", state), progress=progress)
+    training_log = TrainingLog(run, "warmup")
+    state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device,
+                on_epoch_end=lambda state, *_: training_log.epoch_end(state), progress=progress)
+    if dist.main:
+        training_log.finish(state)
+    return state
 
 
 def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str], vocab: list[str], source: str,
@@ -313,10 +341,13 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
             if improved:
                 write_checkpoint(stage(selected_path.name), fitted, trained)
             write_train_state(stage(state_path.name), opt, state)
-        write_log(run, "train", state)
+        training_log.epoch_end(state)
 
+    training_log = TrainingLog(run, "train")
     state = fit(net, len(data.train.targets), batch_loss, validate, settings, dist=dist, device=device, state=state,
                 optimizer_state_dict=opt_state, on_epoch_end=on_epoch_end, progress=progress)
+    if dist.main:
+        training_log.finish(state)
     finish_training(run, cfg, table, data, selected_path, best_path, state.best_epoch, dist, device, progress)
     if dist.main:
         run.record_run_stage("train", "ok", seconds=round(time.time() - started, 1), epochs=state.epoch,

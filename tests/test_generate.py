@@ -329,6 +329,7 @@ def test_train_refits_on_every_spot_and_keeps_the_validated_model(trained: tuple
     assert best.card.refit is not None and selected.card.refit is None
     assert best.card.refit.epochs == selected.card.training.best_epoch
     assert best.card.refit.n_train_spots == selected.card.training.n_train_spots + selected.card.training.n_val_spots
+    assert best.card.refit.n_val_spots == 0 and not any("val_loss" in r for r in best.card.refit.history)  # none held out
     assert best.card.calibration == selected.card.calibration and best.card.split == selected.card.split
     deflation = selected.card.coupling.joint_deflation  # measured once, on the validated model, and carried over
     assert 0.0 <= deflation <= 1.0 and best.card.coupling.joint_deflation == deflation

@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hinge_cli import train as train_module
 from hinge_cli.errors import HingeError
-from hinge_cli.fit import LoopSettings
+from hinge_cli.fit import LoopSettings, LoopState, fit
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.lineage import tiles_made_from
 from hinge_cli.model import load_checkpoint
@@ -276,6 +277,40 @@ def test_training_refuses_a_stale_chain_until_the_named_stage_is_redone(base_run
                     overwrite=True)
     train(run, cfg)
     assert run.manifest()["stages"]["train"]["status"] == "ok"
+
+
+def test_a_loop_without_validation_keeps_its_last_epoch_and_never_stops_early() -> None:
+    """A refit holds nothing out: no validation figures, every epoch the newest best, patience ignored."""
+    torch.manual_seed(0)
+    net, x, y = torch.nn.Linear(3, 1), torch.randn(32, 3), torch.randn(32, 1)
+
+    def batch_loss(wrapped: torch.nn.Module, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return ((wrapped(x[rows]) - y[rows]) ** 2).mean()
+
+    state = fit(net, 32, batch_loss, None, LoopSettings(stage="refit", epochs=4, batch_size=8, lr=1e-2, patience=1))
+    assert (state.epoch, state.best_epoch, state.best_val, state.stopped_early) == (4, 4, None, False)
+    assert [sorted(r) for r in state.history] == [["epoch", "lr", "peak_memory_mb", "seconds", "step", "train_loss"]] * 4
+
+
+def test_the_loss_plot_is_drawn_after_the_first_epoch_then_at_most_every_interval_and_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[int] = []
+    monkeypatch.setattr(train_module, "loss_curves", lambda path, series, *a, **k: drawn.append(len(series["train"])))
+    run, state = Run(tmp_path / "run"), LoopState()
+    training_log = train_module.TrainingLog(run, "train")
+
+    def epoch() -> None:
+        state.history.append({"epoch": len(state.history) + 1, "train_loss": 1.0, "val_loss": 2.0})
+        training_log.epoch_end(state)
+
+    for _ in range(3):
+        epoch()
+    assert drawn == [1] and len(run.log("train").read_text().splitlines()) == 3  # the log every epoch, the plot once
+    training_log.finish(state)
+    assert drawn == [1, 3]
+    monkeypatch.setattr(train_module, "PLOT_INTERVAL_S", 0.0)
+    epoch()
+    assert drawn == [1, 3, 4]
 
 
 def test_an_unknown_learning_rate_schedule_is_a_user_error() -> None:
