@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -57,11 +56,11 @@ PLOT_INTERVAL_S = 30.0
 
 
 class TrainingLog:
-    """logs/<stage>.jsonl, rewritten every epoch, and plots/<stage>_loss.png, drawn after the first epoch, then at most
-    every PLOT_INTERVAL_S while training, and by `finish` once the loop ends."""
+    """logs/<stage>.jsonl, rewritten every epoch, and plots/<stage>_loss.png, drawn at most every PLOT_INTERVAL_S while
+    training and by `finish` once the loop ends."""
 
     def __init__(self, run: Run, stage: str) -> None:
-        self.run, self.stage, self.drawn = run, stage, -math.inf
+        self.run, self.stage, self.drawn = run, stage, time.monotonic()
 
     def epoch_end(self, state: LoopState) -> None:
         write_text_atomic(self.run.log(self.stage), "".join(json.dumps(r) + "\n" for r in state.history))
