@@ -118,6 +118,14 @@ def test_every_ablation_changes_the_default_config():
     assert s.variant_config("hinge-mse").diffusion.likelihood == "mse" != default.diffusion.likelihood
 
 
+def test_the_default_grid_leaves_out_the_opt_in_methods_which_methods_can_name(tmp_path: Path):
+    for name in ("patient_c.csv", "corpus.txt"):
+        (tmp_path / name).write_text("")
+    default = benchmark.settings(["--data", str(tmp_path)]).panels[0].methods
+    assert "hinge-mse" not in default and {"ridge", "hinge", "hinge-paper", "hinge-no-direct"} <= set(default)
+    assert benchmark.settings(["--data", str(tmp_path), "--methods", "ridge,hinge-mse"]).panels[0].methods == ("ridge", "hinge-mse")
+
+
 def test_markdown_bolds_the_best_mean_and_shows_only_errors_of_the_training_mean(tmp_path: Path):
     results = {"hvg50": {"ridge": {"C2": [fold_numbers(0.4, 1.0, 2)], "C3": [fold_numbers(0.6, 3.0, 4)]},
                          "train-mean": {"C2": [fold_numbers(0.9, 2.0, 0)], "C3": [fold_numbers(0.9, 4.0, 0)]}}}
