@@ -156,7 +156,7 @@ def fit(
             if validate is not None:
                 with torch.no_grad(), autocast:
                     figures = {name: float(value) for name, value in validate(net).items()}
-            val = figures.get(settings.select)
+            val = figures[settings.select] if validate is not None else None
             improved = val is None or state.best_val is None or (val > state.best_val if settings.maximize else val < state.best_val)
             if improved:
                 state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0

@@ -60,16 +60,16 @@ class TrainingLog:
     training and by `finish` once the loop ends."""
 
     def __init__(self, run: Run, stage: str) -> None:
-        self.run, self.stage, self.drawn = run, stage, time.monotonic()
+        self.run, self.stage, self.drawn_at, self.drawn_epochs = run, stage, time.monotonic(), 0
 
     def epoch_end(self, state: LoopState) -> None:
         write_text_atomic(self.run.log(self.stage), "".join(json.dumps(r) + "\n" for r in state.history))
-        if time.monotonic() - self.drawn >= PLOT_INTERVAL_S:
+        if time.monotonic() - self.drawn_at >= PLOT_INTERVAL_S:
             self._draw(state)
 
     def finish(self, state: LoopState) -> None:
-        if state.history:
-            self.epoch_end(state)
+        """Draw the epochs the plot lacks (the log is already current: `epoch_end` wrote it)."""
+        if len(state.history) != self.drawn_epochs:
             self._draw(state)
 
     def _draw(self, state: LoopState) -> None:
@@ -77,7 +77,7 @@ class TrainingLog:
         selection = [r.get("val_depth_partial") for r in state.history]
         second = ("validation: generated depth-partial Pearson", selection) if any(v is not None for v in selection) else None
         loss_curves(self.run.plot(self.stage), series, f"{self.stage}: masked loss", second=second)
-        self.drawn = time.monotonic()
+        self.drawn_at, self.drawn_epochs = time.monotonic(), len(state.history)
 
 
 # ----------------------------------------------------------------------------- stages
