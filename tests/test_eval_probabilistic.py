@@ -66,11 +66,11 @@ def test_known_draws_give_hand_computed_scores(truth, tmp_path: Path) -> None:
     evaluate([pred], [truth_path], out=tmp_path / "out", genes_to_plot=["G0"])
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     cal = m["calibration"]
-    # draws [t - 1, t + 1] at y = t: E|X - y| = 1, E|X - X'| = (0 + 2 + 2 + 0) / 4 = 1
-    assert cal["crps"] == pytest.approx(0.5) and cal["crps_from"] == "samples" and cal["n_draws"] == 2
-    assert all(m["per_gene"][g]["crps"] == pytest.approx(0.5) for g in GENES)
-    # the gene vectors: both draws √3 from the truth, 2√3 apart (two of four pairs)
-    assert cal["energy_score"] == pytest.approx(math.sqrt(3) - 0.5 * math.sqrt(3))
+    # draws [t - 1, t + 1] at y = t: E|X - y| = 1, E|X - X'| over the distinct pairs = 2
+    assert cal["crps"] == pytest.approx(0.0, abs=1e-6) and cal["crps_from"] == "samples" and cal["n_draws"] == 2
+    assert all(m["per_gene"][g]["crps"] == pytest.approx(0.0, abs=1e-6) for g in GENES)
+    # the gene vectors: both draws √3 from the truth, 2√3 apart
+    assert cal["energy_score"] == pytest.approx(math.sqrt(3) - 0.5 * 2 * math.sqrt(3), abs=1e-6)
     assert cal["within_1std"] == pytest.approx((N_SPOTS - SHIFTED) / N_SPOTS) and cal["within_2std"] == 1.0
     assert cal["within_90_interval"] == pytest.approx((N_SPOTS - NARROW) / N_SPOTS)
     # one draw below, none equal: the truth's rank among three values is 1, so its PIT lies in [1/3, 2/3]
@@ -78,7 +78,7 @@ def test_known_draws_give_hand_computed_scores(truth, tmp_path: Path) -> None:
     assert len(histogram) == 10 and histogram.sum() == pytest.approx(1.0)
     assert histogram[:3].sum() == 0 and histogram[7:].sum() == 0
     table = metric_table(read_slide_metrics(tmp_path / "out" / "metrics.json"))
-    assert table["calibration.crps"] == pytest.approx(0.5) and table["calibration.n_draws"] == 2
+    assert table["calibration.crps"] == pytest.approx(0.0, abs=1e-6) and table["calibration.n_draws"] == 2
     report = (tmp_path / "out" / "report.md").read_text()
     assert "CRPS, mean over genes (lower is better)" in report and "2 draws per spot" in report
     assert "![pit_histogram](maps/pit_histogram.png)" in report and (tmp_path / "out" / "maps" / "pit_histogram.png").is_file()
@@ -119,7 +119,7 @@ def test_old_files_without_a_spread_still_evaluate(truth, tmp_path: Path) -> Non
     new = predict(tmp_path / "new.h5ad", levels, coords)
     evaluate([new], [truth_path], out=tmp_path / "both", maps=False, baselines=[old])
     report = (tmp_path / "both" / "report.md").read_text()
-    assert "| CRPS (lower better) | 0.500 | n/a | n/a |" in report
+    assert "| CRPS (lower better) | 0.000 | n/a | n/a |" in report  # two draws either side of the truth
     assert json.loads((tmp_path / "both" / "metrics.json").read_text())["baseline"]["metrics"]["calibration.crps"] is None
 
 
@@ -131,8 +131,8 @@ def test_a_probabilistic_baseline_is_compared_on_its_scores(truth, tmp_path: Pat
     lines = summary.lines()
     row = {name: next(line for line in lines if line.strip().startswith(name)).split() for name in ("CRPS", "energy score")}
     gaussian = crps_gaussian(np.r_[np.full(SHIFTED, 1.5), np.zeros(N_SPOTS - SHIFTED)], np.ones(N_SPOTS), np.zeros(N_SPOTS)).mean()
-    assert row["CRPS"][-3:] == ["0.500", f"{gaussian:.3f}", "ridge" if gaussian < 0.5 else "hinge"]
-    assert row["energy score"][-3:] == [f"{math.sqrt(3) / 2:.3f}", "n/a", "n/a"]  # this ridge file keeps no draws
+    assert row["CRPS"][-3:] == ["0.000", f"{gaussian:.3f}", "hinge"]  # HINGE's two draws straddle every truth
+    assert row["energy score"][-3:] == ["0.000", "n/a", "n/a"]  # this ridge file keeps no draws
 
 
 def test_an_old_metrics_json_still_reads(truth, tmp_path: Path) -> None:

@@ -19,19 +19,20 @@ from hinge_cli.proper_scores import (
 
 
 def test_sample_crps_by_hand() -> None:
-    # draws [0, 2] at y = 1: E|X - y| = 1, E|X - X'| = (0 + 2 + 2 + 0) / 4 = 1, so 1 - 0.5
-    assert crps_from_samples(np.array([[[0.0], [2.0]]]), np.array([[1.0]])) == pytest.approx(0.5)
-    # draws [0, 1, 3] at y = 3: E|X - y| = (3 + 2 + 0) / 3, E|X - X'| = 2 (1 + 3 + 2) / 9
+    # draws [0, 2] at y = 3: E|X - y| = (3 + 1) / 2, E|X - X'| over the two distinct (ordered) pairs = (2 + 2) / 2
+    assert crps_from_samples(np.array([[[0.0], [2.0]]]), np.array([[3.0]])) == pytest.approx(2.0 - 1.0)
+    # draws [0, 1, 3] at y = 3: E|X - y| = (3 + 2 + 0) / 3, E|X - X'| = 2 (1 + 3 + 2) / 6
     draws = np.array([[[3.0, 5.0], [0.0, 5.0], [1.0, 5.0]]])
     scores = crps_from_samples(draws, np.array([[3.0, 4.0]]))
-    np.testing.assert_allclose(scores, [[5 / 3 - 6 / 9, 1.0]])  # a single repeated draw scores its absolute error
+    np.testing.assert_allclose(scores, [[5 / 3 - 6 / 6, 1.0]])  # a single repeated draw scores its absolute error
+    assert crps_from_samples(np.array([[[2.0]]]), np.array([[3.5]])) == pytest.approx(1.5)  # one draw: a point
 
 
 def test_sample_crps_matches_the_pairwise_definition_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     draws, truth = rng.normal(size=(7, 5, 3)).astype(np.float32), rng.normal(size=(7, 3))
     d = draws.astype(np.float64)
-    pairwise = np.abs(d[:, :, None, :] - d[:, None, :, :]).mean((1, 2))
+    pairwise = np.abs(d[:, :, None, :] - d[:, None, :, :]).sum((1, 2)) / (5 * 4)  # the diagonal is 0
     expected = np.abs(d - truth[:, None, :]).mean(1) - 0.5 * pairwise
     np.testing.assert_allclose(crps_from_samples(draws, truth), expected, atol=1e-12)
     monkeypatch.setattr(proper_scores, "CHUNK_ELEMENTS", 16)  # one or two spots a chunk
@@ -51,9 +52,23 @@ def test_gaussian_crps_closed_form() -> None:
 
 
 def test_energy_score_in_two_dimensions_by_hand() -> None:
-    # draws (0, 0) and (3, 4) at y = (0, 4): distances to y are 4 and 3, between the draws 5 (twice of four pairs)
+    # draws (0, 0) and (3, 4) at y = (0, 4): distances to y are 4 and 3, between the two distinct draws 5
     draws = np.array([[[0.0, 0.0], [3.0, 4.0]]])
-    assert energy_score(draws, np.array([[0.0, 4.0]])) == pytest.approx(3.5 - 0.5 * 2.5)
+    assert energy_score(draws, np.array([[0.0, 4.0]])) == pytest.approx(3.5 - 0.5 * 5.0)
+
+
+def test_sample_scores_do_not_depend_on_the_number_of_draws() -> None:
+    """Draws from the forecast N(0, 1) of a truth from N(0, 1): whether 2 or 32 draws are taken, the mean CRPS is the
+    closed form's expectation, 1/√π ≈ 0.564 (averaging over all S² pairs would add 1/(S√π): 0.28 at S = 2); likewise
+    the energy score of one gene."""
+    rng = np.random.default_rng(4)
+    truth = rng.normal(size=(40000, 1))
+    closed = 1 / np.sqrt(np.pi)
+    assert crps_gaussian(np.zeros(40000), np.ones(40000), truth[:, 0]).mean() == pytest.approx(closed, abs=0.01)
+    for n_draws in (2, 32):
+        draws = rng.normal(size=(40000, n_draws, 1))
+        assert crps_from_samples(draws, truth).mean() == pytest.approx(closed, abs=0.01)
+        assert energy_score(draws, truth).mean() == pytest.approx(closed, abs=0.01)
 
 
 def test_energy_score_rewards_gene_dependence() -> None:

@@ -56,10 +56,11 @@ NOTES = {
                    "layers['q95']); calibrated, 0.90 of true values fall inside it. Over every matched spot.",
     "CRPS": "continuous ranked probability score, E|X - y| - ½ E|X - X'| of each spot and gene, mean over spots "
             "then genes, in model-space units: lower is better, and a spread only scores well where it is both "
-            "sharp and right. From the kept draws (obsm['samples']), else from the Gaussian mean ± std.",
-    "energy score": "the CRPS of the whole gene vector of a spot, E‖X - y‖ - ½ E‖X - X'‖ over the draws, mean over "
-                    "spots: lower is better, and it rewards draws whose genes move together as the truth's do. "
-                    "n/a without draws.",
+            "sharp and right. From the kept draws (obsm['samples']; E|X - X'| over pairs of distinct draws, the fair "
+            "estimate, which does not depend on how many draws were kept), else from the Gaussian mean ± std.",
+    "energy score": "the CRPS of the whole gene vector of a spot, E‖X - y‖ - ½ E‖X - X'‖ over the draws (distinct "
+                    "pairs), mean over spots: lower is better, and it rewards draws whose genes move together as the "
+                    "truth's do. n/a without draws.",
     "PIT histogram": "where each true value falls within its predictive distribution (its randomised rank among the "
                      "draws, or the Gaussian CDF), in 10 bins: flat is calibrated, a U too narrow, a hump too wide, "
                      "a slope biased.",
