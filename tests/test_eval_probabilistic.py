@@ -80,7 +80,7 @@ def test_known_draws_give_hand_computed_scores(truth, tmp_path: Path) -> None:
     table = metric_table(read_slide_metrics(tmp_path / "out" / "metrics.json"))
     assert table["calibration.crps"] == pytest.approx(0.0, abs=1e-6) and table["calibration.n_draws"] == 2
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "CRPS, mean over genes (lower is better)" in report and "2 draws per spot" in report
+    assert "CRPS, mean over genes (lower is better)" in report and "2 draws per spot" in report and "fair estimates" in report
     assert "![pit_histogram](maps/pit_histogram.png)" in report and (tmp_path / "out" / "maps" / "pit_histogram.png").is_file()
 
 
@@ -147,4 +147,5 @@ def test_an_old_metrics_json_still_reads(truth, tmp_path: Path) -> None:
     old = read_slide_metrics(tmp_path / "old.json")
     assert old.calibration.within_1std == pytest.approx((N_SPOTS - SHIFTED) / N_SPOTS)
     assert math.isnan(old.calibration.crps) and old.calibration.n_draws == 0 and old.per_gene.crps is None
+    assert not old.calibration.fair and read_slide_metrics(tmp_path / "out" / "metrics.json").calibration.fair
     assert math.isnan(metric_table(old)["calibration.crps"])

@@ -33,6 +33,7 @@ class Calibration:
     pit_histogram: list[float] = field(default_factory=list)  # fractions in 10 equal bins of [0, 1]
     n_draws: int = 0
     crps_from: str = "gaussian"  # "samples" (the draws) or "gaussian" (mean ± std)
+    fair: bool = False  # draws' spread term over distinct pairs (scored since 2026-12-01), not all pairs (older files)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def score_calibration(aligned: Aligned, truth: np.ndarray) -> CalibrationScore |
         within_1std=proper_scores.coverage_std(mean, std, truth, 1.0), within_2std=proper_scores.coverage_std(mean, std, truth, 2.0),
         within_90_interval=interval, crps=float(per_gene_crps.mean()), energy_score=energy,
         pit_histogram=proper_scores.pit_histogram(pit).tolist(), n_draws=0 if draws is None else draws.shape[1],
-        crps_from="gaussian" if draws is None else "samples",
+        crps_from="gaussian" if draws is None else "samples", fair=True,
     )
     return CalibrationScore(calibration, {"within_1std": proper_scores.coverage_std(mean, std, truth, 1.0, axis=0),
                                           "crps": per_gene_crps})

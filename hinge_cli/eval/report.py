@@ -287,7 +287,9 @@ def _spread_source(slide: SlideMetrics) -> str:
     if calibration is None:
         return "none in the file (no calibration or proper scores)"
     if calibration.crps_from == "samples":
-        return f"{calibration.n_draws} draws per spot (CRPS, energy score and PIT from the draws)"
+        pairs = ("fair estimates, over distinct pairs of draws" if calibration.fair else
+                 "averaged over all pairs of draws, as before 2026-12-01: higher by about std / (draws √π)")
+        return f"{calibration.n_draws} draws per spot (CRPS, energy score and PIT from the draws; {pairs})"
     return "mean ± std only (CRPS and PIT of that Gaussian; no energy score without draws)"
 
 
