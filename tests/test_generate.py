@@ -150,6 +150,7 @@ def test_keep_samples_and_single_sample_zero_fill(trained: tuple[Run, Path], tmp
     adata = ad.read_h5ad(kept)
     draws = adata.obsm["samples"]
     assert draws.shape == (adata.n_obs, 3, adata.n_vars)
+    assert draws.min() == 0.0 and adata.layers["q05"].min() >= 0.0  # censored at the floor (this model draws below it)
     np.testing.assert_allclose(draws.mean(1), adata.X, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(draws.std(1), adata.layers["std"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.quantile(draws, 0.05, axis=1), adata.layers["q05"], rtol=1e-5, atol=1e-5)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
+from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model import Hinge
-from hinge_cli.model.calibration import fit_coupling, predictive
+from hinge_cli.model.calibration import Predictive, fit_coupling, predictive
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
 from hinge_cli.model.joint import SHRINKAGES, JointGaussian, choose_joint, optimism_factor
 from hinge_cli.model.ridge import GAUSSIAN_Q95
@@ -94,9 +95,10 @@ def test_the_coupled_sampler_writes_its_gaussian_exactly_and_temperature_zero_is
     torch.testing.assert_close(pred.point, mean)
     written = pred.batch(keep_draws=True)
     np.testing.assert_allclose(written.std, torch.exp(0.5 * log_var).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(written.q95 - written.mean, GAUSSIAN_Q95 * written.std, rtol=1e-5)
+    np.testing.assert_allclose(written.q95, np.maximum(written.mean + GAUSSIAN_Q95 * written.std, 0), rtol=1e-5)
     cold = predictive(model, image, GenerateConfig(n_samples=4, seed=3, temperature=0.0), torch.arange(6)).batch(keep_draws=True)
-    np.testing.assert_array_equal(cold.draws, np.repeat(cold.mean[:, None], 4, axis=1))
+    floored = np.maximum(cold.mean, 0)  # censored at the model space's floor where this untrained mean lies below it
+    assert (cold.mean < 0).any() and np.array_equal(cold.draws, np.repeat(floored[:, None], 4, axis=1))
     assert not np.allclose(written.draws, cold.draws)
 
 
@@ -231,3 +233,16 @@ def test_optimism_is_measured_on_the_networks_one_shot_means_and_is_1_for_a_mean
     assert same > 0.9 and shuffled < 0.5
     mse = Hinge.build(load_config("tiny").model, 30, torch.arange(1, 6), 4, DiffusionConfig(steps=10, likelihood="mse"))
     assert measure_optimism(mse, (image[:30], truth[:30]), (image[30:], truth[30:]), seed=0) == 1.0
+
+
+def test_draws_below_the_floor_are_censored_and_a_samples_mean_follows():
+    draws = torch.tensor([[[-1.0, 2.0, 0.5], [3.0, -0.5, 0.5]]])  # one spot, two draws, three genes (the last given)
+    center = torch.tensor([[1.0, 0.75, 0.5]])
+    pred = Predictive(center, draws, center, given=torch.tensor([[False, False, True]]))
+    assert pred.censored(0.0, point_from_draws=True).draws.tolist() == [[[0.0, 2.0, 0.5], [3.0, 0.0, 0.5]]]
+    assert pred.censored(0.0, point_from_draws=True).point.tolist() == [[1.5, 1.0, 0.5]]
+    assert pred.censored(0.0, point_from_draws=False).point.tolist() == center.tolist()  # the one-shot mean stays
+    layers = PredictedBatch(np.array([[-0.2]]), np.array([[1.0]]), np.array([[-1.8]]), np.array([[1.4]]), np.array([[[-0.3]]]))
+    floored = layers.censored(0.0)
+    values = [float(a.ravel()[0]) for a in (floored.mean, floored.std, floored.q05, floored.q95, floored.draws)]
+    assert values == [-0.2, 1.0, 0.0, 1.4, 0.0]  # the mean and std are the model's own

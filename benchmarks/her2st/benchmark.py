@@ -37,7 +37,7 @@ from baselines import BASELINES
 
 from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
-from hinge_cli.data.expression import NORMALIZE, Expression, Transform, read_expression
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, NORMALIZE, Expression, Transform, read_expression
 from hinge_cli.data.features import SlideShift, views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.data.sources import read_sample_sheet
@@ -285,14 +285,15 @@ class BaselineInputs:
 
 
 def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str], n_draws: int) -> tuple[Prediction, dict]:
-    """A baseline's prediction; one with a `residual_std` (ridge) gets its per-gene Gaussian: std, q05/q95 and draws."""
+    """A baseline's prediction; one with a `residual_std` (ridge) gets its per-gene Gaussian, censored at the model space's
+    floor as `generate` writes it: std, q05/q95 and draws."""
     values, info = BASELINES[method](inputs.train, inputs.features)
     pred = Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
                       values=values.astype(np.float32), std=None, coords=inputs.coords, transform=inputs.transform)
     if "residual_std" not in info:
         return pred, info
     noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
-    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise)
+    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise).censored(MODEL_SPACE_FLOOR)
     return replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=gaussian.draws), info
 
 

@@ -21,6 +21,7 @@ from hinge_cli.errors import HingeError
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("none", "total")
+MODEL_SPACE_FLOOR = 0.0  # every transform is a log of (scaled) counts + 1, so no expression lies below it
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,14 @@ class PredictedBatch:
     q05: np.ndarray | None = None
     q95: np.ndarray | None = None
     draws: np.ndarray | None = None  # (B, S, G)
+
+    def censored(self, floor: float) -> PredictedBatch:
+        """A Gaussian's layers censored at the model space's floor: draws and quantiles below it are moved to it, where
+        they read as what they are, no expression (its mean and std stay the model's own)."""
+        def clip(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else np.maximum(values, np.float32(floor))
+
+        return replace(self, q05=clip(self.q05), q95=clip(self.q95), draws=clip(self.draws))
 
 
 class PredictionWriter:

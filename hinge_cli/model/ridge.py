@@ -21,6 +21,7 @@ import torch
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
@@ -154,13 +155,14 @@ def predictive_batch(ridge: RidgeModel, features: np.ndarray, spot_index: np.nda
 
     std is the gene's residual std at every spot, q05/q95 the Gaussian's exact quantiles, and the
     `n_draws` draws a spot come from the counter-based generator keyed by (seed, spot), so the
-    same seed gives the same draws however the spots are batched.
+    same seed gives the same draws however the spots are batched; draws and quantiles are censored
+    at the model space's floor, as HINGE's are.
     """
     mean = ridge.predict(features)
     if ridge.residual_std is None:
         return PredictedBatch(mean.astype(np.float32))
     noise = normals(seed, spot_index, n_draws, mean.shape[1], RIDGE_STREAM).reshape(len(mean), n_draws, -1) if n_draws else None
-    return gaussian_batch(mean, ridge.residual_std, noise)
+    return gaussian_batch(mean, ridge.residual_std, noise).censored(MODEL_SPACE_FLOOR)
 
 
 def gaussian_batch(mean: np.ndarray, std: np.ndarray, noise: np.ndarray | None = None) -> PredictedBatch:
