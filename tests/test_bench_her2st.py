@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,10 @@ def test_ridge_spread_is_the_out_of_fold_residual_std_and_makes_a_gaussian_predi
         held.append(ys[i] - ridge.predict_ridge(model, xs[i]))
     np.testing.assert_allclose(info["residual_std"], np.concatenate(held).std(0), rtol=0.05)  # residual means are ~0
     inputs = benchmark.BaselineInputs(train, [f"s{i}" for i in range(len(x))], x, np.zeros((len(x), 2)), Transform("total"))
-    pred, _ = benchmark.run_baseline("ridge", inputs, "test", ["a", "b", "c", "d"], n_draws=400)
+    around_zero, _ = benchmark.run_baseline("ridge", inputs, "test", ["a", "b", "c", "d"], n_draws=400)
+    assert around_zero.draws.min() == 0 and around_zero.q05.min() == 0  # censored at the model space's floor
+    lifted = [(xs, ys + 10, depth) for xs, ys, depth in train]  # levels the floor never reaches: the plain Gaussian
+    pred, _ = benchmark.run_baseline("ridge", replace(inputs, train=lifted), "test", ["a", "b", "c", "d"], n_draws=400)
     np.testing.assert_allclose(pred.q95 - pred.values, GAUSSIAN_Q95 * pred.std, rtol=1e-5)
     np.testing.assert_allclose(pred.draws.std(1).mean(0), info["residual_std"], rtol=0.1)
     assert pred.draws.shape == (len(x), 400, 4) and pred.transform == Transform("total")  # scored in the inputs' space

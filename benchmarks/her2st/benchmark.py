@@ -367,7 +367,11 @@ def spread_scale(pred: Prediction) -> np.ndarray | None:
 
 def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     """Every metric of `hinge eval`'s table, by key; with draws also what single samples, the samples' mean
-    and (for a calibrated HINGE prediction) the raw spread before its per-gene scale would score."""
+    and (for a calibrated HINGE prediction) the raw spread before its per-gene scale would score.
+
+    The raw spread is the file's std over the scale, and its draws narrowed by the scale around X (the one-shot mean
+    the coupled draws centre on), censored again at the model space's floor: exact but for draws the floor had moved.
+    """
     numbers = _table(pred, truth, truth_path)
     if pred.draws is None:
         return numbers
@@ -379,9 +383,10 @@ def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     numbers["sampling.samples_mean_depth_partial"] = _table(replace(pred, values=mean, **point_only), truth, truth_path)[ROWS[0][1]]
     scale = spread_scale(pred)
     if scale is not None:
-        draws = mean[:, None] + (pred.draws - mean[:, None]) / scale
-        q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1)
-        raw = _table(replace(pred, std=draws.std(1), q05=q05, q95=q95, draws=draws), truth, truth_path)
+        center = pred.values[:, None]
+        draws = np.maximum(center + (pred.draws - center) / scale, np.float32(MODEL_SPACE_FLOOR))
+        gaussian = gaussian_batch(pred.values, pred.std / scale).censored(MODEL_SPACE_FLOOR)
+        raw = _table(replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=draws), truth, truth_path)
         numbers |= {f"raw.{key}": raw[f"calibration.{key}"] for key in RAW_KEYS}
         one_raw = _table(replace(pred, values=draws[:, 0], **point_only), truth, truth_path)
         numbers["raw.one_sample_coexpression"] = one_raw["correlation.model.coexpression.consistency"]
