@@ -37,7 +37,7 @@ def truth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, n
 
 def predict(path: Path, levels: np.ndarray, coords: np.ndarray, std: bool = True, quantiles: bool = True,
             draws: bool = True, model: str = "hinge") -> Path:
-    """A prediction of the truth `levels`: draws t - 1 and t + 1; point prediction t (1.5 off on SHIFTED spots), std 1;
+    """A prediction of the truth `levels`: draws t - 1, t + 1, t + 2; point prediction t (1.5 off on SHIFTED spots), std 1;
     [q05, q95] = [t - 1, t + 1] but [t + 0.5, t + 1] on the last NARROW spots."""
     mean = levels.copy()
     mean[:SHIFTED] += 1.5
@@ -51,7 +51,7 @@ def predict(path: Path, levels: np.ndarray, coords: np.ndarray, std: bool = True
         q05[-NARROW:] = levels[-NARROW:] + 0.5
         adata.layers["q05"], adata.layers["q95"] = q05.astype(np.float32), (levels + 1.0).astype(np.float32)
     if draws:
-        adata.obsm["samples"] = np.stack([levels - 1.0, levels + 1.0], axis=1).astype(np.float32)
+        adata.obsm["samples"] = np.stack([levels - 1.0, levels + 1.0, levels + 2.0], axis=1).astype(np.float32)
     image = np.full((400, 800, 3), 230, np.uint8)
     adata.uns["hinge"] = {"transform": Transform().to_dict(), "sample_id": "s1", "model": model}
     adata.uns["spatial"] = {"s1": {"images": {"hires": image},
@@ -66,21 +66,22 @@ def test_known_draws_give_hand_computed_scores(truth, tmp_path: Path) -> None:
     evaluate([pred], [truth_path], out=tmp_path / "out", genes_to_plot=["G0"])
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     cal = m["calibration"]
-    # draws [t - 1, t + 1] at y = t: E|X - y| = 1, E|X - X'| over the distinct pairs = 2
-    assert cal["crps"] == pytest.approx(0.0, abs=1e-6) and cal["crps_from"] == "samples" and cal["n_draws"] == 2
-    assert all(m["per_gene"][g]["crps"] == pytest.approx(0.0, abs=1e-6) for g in GENES)
-    # the gene vectors: both draws √3 from the truth, 2√3 apart
-    assert cal["energy_score"] == pytest.approx(math.sqrt(3) - 0.5 * 2 * math.sqrt(3), abs=1e-6)
+    # draws [t - 1, t + 1, t + 2] at y = t: E|X - y| = 4/3, E|X - X'| over the distinct pairs = 2 (2 + 3 + 1) / 6
+    # (over all nine pairs, the draws with themselves included, it would be 4/3 and the CRPS 2/3)
+    assert cal["crps"] == pytest.approx(1 / 3) and cal["crps_from"] == "samples" and cal["n_draws"] == 3
+    assert all(m["per_gene"][g]["crps"] == pytest.approx(1 / 3) for g in GENES)
+    # the gene vectors: the draws √3, √3 and 2√3 from the truth, 2√3, 3√3 and √3 apart
+    assert cal["energy_score"] == pytest.approx(4 * math.sqrt(3) / 3 - 0.5 * 2 * math.sqrt(3))
     assert cal["within_1std"] == pytest.approx((N_SPOTS - SHIFTED) / N_SPOTS) and cal["within_2std"] == 1.0
     assert cal["within_90_interval"] == pytest.approx((N_SPOTS - NARROW) / N_SPOTS)
-    # one draw below, none equal: the truth's rank among three values is 1, so its PIT lies in [1/3, 2/3]
+    # one draw below, none equal: the truth's rank among four values is 1, so its PIT lies in [1/4, 2/4]
     histogram = np.array(cal["pit_histogram"])
     assert len(histogram) == 10 and histogram.sum() == pytest.approx(1.0)
-    assert histogram[:3].sum() == 0 and histogram[7:].sum() == 0
+    assert histogram[:2].sum() == 0 and histogram[5:].sum() == 0
     table = metric_table(read_slide_metrics(tmp_path / "out" / "metrics.json"))
-    assert table["calibration.crps"] == pytest.approx(0.0, abs=1e-6) and table["calibration.n_draws"] == 2
+    assert table["calibration.crps"] == pytest.approx(1 / 3) and table["calibration.n_draws"] == 3
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "CRPS, mean over genes (lower is better)" in report and "2 draws per spot" in report and "fair estimates" in report
+    assert "CRPS, mean over genes (lower is better)" in report and "3 draws per spot" in report and "fair estimates" in report
     assert "![pit_histogram](maps/pit_histogram.png)" in report and (tmp_path / "out" / "maps" / "pit_histogram.png").is_file()
 
 
@@ -119,7 +120,7 @@ def test_old_files_without_a_spread_still_evaluate(truth, tmp_path: Path) -> Non
     new = predict(tmp_path / "new.h5ad", levels, coords)
     evaluate([new], [truth_path], out=tmp_path / "both", maps=False, baselines=[old])
     report = (tmp_path / "both" / "report.md").read_text()
-    assert "| CRPS (lower better) | 0.000 | n/a | n/a |" in report  # two draws either side of the truth
+    assert "| CRPS (lower better) | 0.333 | n/a | n/a |" in report
     assert json.loads((tmp_path / "both" / "metrics.json").read_text())["baseline"]["metrics"]["calibration.crps"] is None
 
 
@@ -131,8 +132,8 @@ def test_a_probabilistic_baseline_is_compared_on_its_scores(truth, tmp_path: Pat
     lines = summary.lines()
     row = {name: next(line for line in lines if line.strip().startswith(name)).split() for name in ("CRPS", "energy score")}
     gaussian = crps_gaussian(np.r_[np.full(SHIFTED, 1.5), np.zeros(N_SPOTS - SHIFTED)], np.ones(N_SPOTS), np.zeros(N_SPOTS)).mean()
-    assert row["CRPS"][-3:] == ["0.000", f"{gaussian:.3f}", "hinge"]  # HINGE's two draws straddle every truth
-    assert row["energy score"][-3:] == ["0.000", "n/a", "n/a"]  # this ridge file keeps no draws
+    assert row["CRPS"][-3:] == ["0.333", f"{gaussian:.3f}", "ridge" if gaussian < 1 / 3 else "hinge"]
+    assert row["energy score"][-3:] == [f"{math.sqrt(3) / 3:.3f}", "n/a", "n/a"]  # this ridge file keeps no draws
 
 
 def test_an_old_metrics_json_still_reads(truth, tmp_path: Path) -> None:
