@@ -293,7 +293,7 @@ def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str
     if "residual_std" not in info:
         return pred, info
     noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
-    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise).censored(MODEL_SPACE_FLOOR)
+    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise)
     return replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=gaussian.draws), info
 
 
@@ -385,7 +385,7 @@ def score(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     if scale is not None:
         center = pred.values[:, None]
         draws = np.maximum(center + (pred.draws - center) / scale, np.float32(MODEL_SPACE_FLOOR))
-        gaussian = gaussian_batch(pred.values, pred.std / scale).censored(MODEL_SPACE_FLOOR)
+        gaussian = gaussian_batch(pred.values, pred.std / scale)
         raw = _table(replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=draws), truth, truth_path)
         numbers |= {f"raw.{key}": raw[f"calibration.{key}"] for key in RAW_KEYS}
         one_raw = _table(replace(pred, values=draws[:, 0], **point_only), truth, truth_path)

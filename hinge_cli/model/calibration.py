@@ -58,7 +58,7 @@ class Predictive:
         """The file's layers: the point, and the spread's std and 5% and 95% quantiles (std exactly 0 for a given gene)."""
         draws = self.draws.float().cpu().numpy()
         if self.std is not None:
-            gaussian = gaussian_batch(self.center.float().cpu().numpy(), self.std.float().cpu().numpy()).censored(MODEL_SPACE_FLOOR)
+            gaussian = gaussian_batch(self.center.float().cpu().numpy(), self.std.float().cpu().numpy())
             q05, q95, std = gaussian.q05, gaussian.q95, gaussian.std.copy()
         else:
             q05, q95 = np.quantile(draws, (0.05, 0.95), axis=1).astype(np.float32)

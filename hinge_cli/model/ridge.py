@@ -155,23 +155,23 @@ def predictive_batch(ridge: RidgeModel, features: np.ndarray, spot_index: np.nda
 
     std is the gene's residual std at every spot, q05/q95 the Gaussian's exact quantiles, and the
     `n_draws` draws a spot come from the counter-based generator keyed by (seed, spot), so the
-    same seed gives the same draws however the spots are batched; draws and quantiles are censored
-    at the model space's floor, as HINGE's are.
+    same seed gives the same draws however the spots are batched.
     """
     mean = ridge.predict(features)
     if ridge.residual_std is None:
         return PredictedBatch(mean.astype(np.float32))
     noise = normals(seed, spot_index, n_draws, mean.shape[1], RIDGE_STREAM).reshape(len(mean), n_draws, -1) if n_draws else None
-    return gaussian_batch(mean, ridge.residual_std, noise).censored(MODEL_SPACE_FLOOR)
+    return gaussian_batch(mean, ridge.residual_std, noise)
 
 
 def gaussian_batch(mean: np.ndarray, std: np.ndarray, noise: np.ndarray | None = None) -> PredictedBatch:
     """A per-gene Gaussian around `mean` (spots, genes) as the file's layers: std (genes,) at every spot, its exact
-    5% and 95% quantiles, and with standard-normal `noise` (spots, draws, genes) the draws."""
+    5% and 95% quantiles, and with standard-normal `noise` (spots, draws, genes) the draws; quantiles and draws censored
+    at the model space's floor (ridge's and HINGE's coupled predictions alike)."""
     spread = np.broadcast_to(std, mean.shape)
     draws = None if noise is None else (mean[:, None] + spread[:, None] * noise).astype(np.float32)
     return PredictedBatch(mean.astype(np.float32), spread.astype(np.float32), (mean - GAUSSIAN_Q95 * spread).astype(np.float32),
-                          (mean + GAUSSIAN_Q95 * spread).astype(np.float32), draws)
+                          (mean + GAUSSIAN_Q95 * spread).astype(np.float32), draws).censored(MODEL_SPACE_FLOOR)
 
 
 def start_direct_path_at_ridge(direct: DirectPath, train: SpotTable, norm: FeatureNorm, panel: list[str], key: str,
