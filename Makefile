@@ -27,7 +27,7 @@ test: install
 demo: install
 	$(PY) -m hinge_cli.demo --out demo
 
-# HER2ST patient C, baselines and HINGE variants, leave-one-section-out (~95 min of compute on 2 cores; ARGS=--quick: a short smoke run).
+# HER2ST patient C, baselines and HINGE variants, leave-one-section-out (~72 min of compute on 2 cores; ARGS=--quick: a short smoke run).
 bench-her2st: install
 	$(PY) benchmarks/her2st/benchmark.py $(ARGS)
 

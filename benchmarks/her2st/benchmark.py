@@ -1,6 +1,6 @@
 """HER2ST patient C, leave-one-section-out: HINGE against baselines on identical folds.
 
-    make bench-her2st                      # the full benchmark (~90 min on 2 cores)
+    make bench-her2st                      # the full benchmark (~72 min on 2 cores)
     make bench-her2st ARGS=--quick         # a smoke version (2 folds, short training)
     python benchmarks/her2st/benchmark.py --data data/her2st-hest --out bench-out/her2st
 
