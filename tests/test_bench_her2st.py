@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her
 
 import baselines  # noqa: E402
 import benchmark  # noqa: E402
+import machine  # noqa: E402
 import ridge  # noqa: E402
 
 from hinge_cli.data.expression import Transform  # noqa: E402
@@ -142,3 +144,31 @@ def test_markdown_bolds_the_best_mean_and_shows_only_errors_of_the_training_mean
     assert rows["MSE"].endswith("| 3.000 ± 1.000 | **2.000 ± 1.000** |")  # lower is better
     assert "| metric | train-mean | ridge |" in table
     assert "- pre-training: 12 s" in table
+
+
+def test_others_busy_is_the_machines_busy_time_less_this_processs_own_per_second_of_wall_time():
+    before, after = machine.CpuSnapshot(100.0, 10.0, 0.0), machine.CpuSnapshot(130.0, 25.0, 10.0)
+    assert machine.others_busy(before, after) == pytest.approx(1.5)  # 30 CPU-s busy, 15 of them ours, over 10 s
+    assert machine.others_busy(before, machine.CpuSnapshot(110.0, 25.0, 10.0)) == 0.0  # tick rounding never goes negative
+    assert machine.others_busy(None, after) is None and machine.others_busy(after, before) is None
+
+
+def test_a_cpu_snapshot_counts_busy_ticks_but_not_idle_or_iowait(tmp_path: Path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 7 50 1000 20 5 3 2 0 0\ncpu0 50 3 25 500 10 2 1 1 0 0\n")
+    snapshot = machine.CpuSnapshot.now(stat)
+    assert snapshot.busy_s == pytest.approx((100 + 7 + 50 + 5 + 3 + 2) / os.sysconf("SC_CLK_TCK"))
+    assert machine.CpuSnapshot.now(tmp_path / "absent") is None
+
+
+def test_the_load_is_weighted_by_each_runs_seconds_and_the_table_flags_a_shared_machine(tmp_path: Path):
+    runs = [{"seconds": 10.0, "others_busy": 1.0}, {"seconds": 30.0, "others_busy": 0.0}, {"seconds": 5.0}]
+    assert machine.mean_busy(runs) == pytest.approx(0.25)
+    assert machine.mean_busy([{"seconds": 5.0, "others_busy": None}]) is None
+    panel = benchmark.Panel("hvg50", 50, "hvg", ("ridge",))
+    s = benchmark.Settings(tmp_path, tmp_path, benchmark.load_config("tiny", None, {}), ("C2",), (panel,), 4, 10, [], False)
+    results = {"hvg50": {"ridge": {"C2": [fold_numbers(0.4, 1.0, 2)]}}}
+    assert "CPUs busy" not in benchmark.markdown(benchmark.summarise(results), s)
+    for busy, verdict in ((0.25, "read high"), (0.01, "the benchmark's own")):
+        table = benchmark.markdown(benchmark.summarise(results), replace(s, others_busy=busy))
+        assert f"Other processes kept {busy:.2f} of the" in table and verdict in table

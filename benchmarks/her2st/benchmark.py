@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from baselines import BASELINES
+from machine import SHARED_ABOVE, CpuSnapshot, load_line, mean_busy, others_busy
 
 from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
@@ -177,6 +179,7 @@ class Settings:
     overrides: dict = field(default_factory=dict)  # the preset's overrides every HINGE variant starts from
     rescore: bool = False  # score stored HINGE predictions again instead of skipping them
     regenerate: bool = False  # calibrate stored HINGE fold runs again and predict anew (no retraining)
+    others_busy: float | None = None  # CPUs others kept busy during the timed fold runs (None: unmeasured)
 
     def seeds_of(self, method: str) -> tuple[int, ...] | tuple[None]:
         """A baseline runs once (None); HINGE's default and paper model with `seeds`, the ablations with `ablation_seeds`."""
@@ -412,7 +415,8 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         started, truth = time.time(), truth or read_expression(truth_path)
                         pred, info = regenerate_hinge(fold_root, test, panel_config(s.variant_config(method), panel), seed,
                                                       numbers.get("info", {}))
-                        numbers = {**score(pred, truth, truth_path), "seconds": numbers.get("seconds"), "info": info,
+                        numbers = {**score(pred, truth, truth_path), "seconds": numbers.get("seconds"),
+                                   "others_busy": numbers.get("others_busy"), "info": info,
                                    "genes": genes, "regenerate_seconds": time.time() - started}
                         write_json(path, numbers)
                         numbers = json.loads(path.read_text())
@@ -420,13 +424,13 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         numbers = {}  # a baseline costs seconds: run it again
                     elif s.rescore and Path(numbers.get("info", {}).get("prediction", "")).is_file():
                         truth = truth or read_expression(truth_path)
-                        kept = {k: numbers[k] for k in ("seconds", "info", "genes")}
+                        kept = {k: numbers.get(k) for k in ("seconds", "others_busy", "info", "genes")}
                         numbers = {**score(read_prediction(Path(kept["info"]["prediction"])), truth, truth_path), **kept}
                         write_json(path, numbers)
                         numbers = json.loads(path.read_text())
                     if ROWS[0][1] not in numbers:  # not scored yet, or scored before scores were flat metric tables
                         log.info("%s  fold %s  %s", panel.name, test, name)
-                        started = time.time()
+                        started, cpu = time.time(), CpuSnapshot.now()
                         truth = truth or read_expression(truth_path)
                         if seed is None:
                             inputs = inputs or BaselineInputs.read(base, key, test, genes, s.per_slide, s.transform)
@@ -435,7 +439,8 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                             pred, info = run_hinge(method, base, fold_root, test, genes,
                                                    backbone, panel_config(s.variant_config(method), panel), s, seed)
                         seconds = time.time() - started
-                        numbers = {**score(pred, truth, truth_path), "seconds": seconds, "info": info, "genes": genes}
+                        numbers = {**score(pred, truth, truth_path), "seconds": seconds,
+                                   "others_busy": others_busy(cpu, CpuSnapshot.now()), "info": info, "genes": genes}
                         path.parent.mkdir(parents=True, exist_ok=True)
                         write_json(path, numbers)
                         numbers = json.loads(path.read_text())
@@ -529,6 +534,7 @@ def markdown(summary: dict, s: Settings) -> str:
         lines += ["", *paired_lines(summary[panel.name]), ""]
         lines += [f"- `{m}`: {HINGE_VARIANTS[m].what}" for m in methods if m in HINGE_VARIANTS] + [""]
     lines += ["One-off costs:", ""] + [f"- {name}: {seconds:.0f} s" for name, seconds in s.timings.items()] + [""]
+    lines += [load_line(s.others_busy), ""] if s.others_busy is not None else []
     return "\n".join(lines)
 
 
@@ -618,13 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     backbone = pretrained_backbone(s, {g for genes in panels.values() for g in genes}) if needs_backbone else None
     results = fold_scores(s, base, panels, backbone)
     summary = summarise(results)
+    s.others_busy = mean_busy([r for methods in results.values() for folds in methods.values() for runs in folds.values()
+                               for r in runs])
+    if s.others_busy is not None and s.others_busy > SHARED_ABOVE:
+        log.warning("%s", load_line(s.others_busy))
     folds_total = sum(r["seconds"] for methods in results.values() for folds in methods.values() for runs in folds.values()
                       for r in runs)
     s.timings["total compute (one-off costs + every method on every fold)"] = sum(s.timings.values()) + folds_total
     report = markdown(summary, s)
     write_text_atomic(s.out / "results.md", report)
     write_json(s.out / "results.json", {"summary": summary, "timings": s.timings, "folds": list(s.folds), "seeds": list(s.seeds),
-                                        "config": s.config.to_dict(), "samples": s.n_samples, "steps": s.steps})
+                                        "config": s.config.to_dict(), "samples": s.n_samples, "steps": s.steps,
+                                        "machine": {"cpus": os.cpu_count(), "others_busy": s.others_busy}})
     print(report)
     print(f"wrote {s.out / 'results.md'} and {s.out / 'results.json'}")
     return 0
