@@ -624,12 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     backbone = pretrained_backbone(s, {g for genes in panels.values() for g in genes}) if needs_backbone else None
     results = fold_scores(s, base, panels, backbone)
     summary = summarise(results)
-    s.others_busy = mean_busy([r for methods in results.values() for folds in methods.values() for runs in folds.values()
-                               for r in runs])
+    timed = [r for methods in results.values() for folds in methods.values() for runs in folds.values() for r in runs]
+    s.others_busy = mean_busy(timed)
     if s.others_busy is not None and s.others_busy > SHARED_ABOVE:
         log.warning("%s", load_line(s.others_busy))
-    folds_total = sum(r["seconds"] for methods in results.values() for folds in methods.values() for runs in folds.values()
-                      for r in runs)
+    folds_total = sum(r["seconds"] for r in timed)
     s.timings["total compute (one-off costs + every method on every fold)"] = sum(s.timings.values()) + folds_total
     report = markdown(summary, s)
     write_text_atomic(s.out / "results.md", report)
