@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from baselines import BASELINES
-from machine import SHARED_ABOVE, CpuSnapshot, load_line, mean_busy, others_busy
+from machine import CpuSnapshot, load_line, mean_busy, others_busy, reads_high
 
 from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
 from hinge_cli.data.dataset import assemble, load_expression
@@ -75,6 +75,7 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 LEGACY_ST = {"spot_um": 100.0, "pitch_um": 200.0}  # HER2ST is legacy ST: 100 µm spots 200 µm apart (patches stay 112 µm)
 PANEL_TRANSFORM = Transform("none")  # panels are chosen on log2(counts + 1) whatever the targets, so --normalize changes only them
+TIMING_KEYS = ("seconds", "others_busy")  # how long a fold run took and how busy others kept the machine meanwhile: kept when it is re-scored
 
 
 @dataclass(frozen=True)
@@ -415,8 +416,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         started, truth = time.time(), truth or read_expression(truth_path)
                         pred, info = regenerate_hinge(fold_root, test, panel_config(s.variant_config(method), panel), seed,
                                                       numbers.get("info", {}))
-                        numbers = {**score(pred, truth, truth_path), "seconds": numbers.get("seconds"),
-                                   "others_busy": numbers.get("others_busy"), "info": info,
+                        numbers = {**score(pred, truth, truth_path), **{k: numbers.get(k) for k in TIMING_KEYS}, "info": info,
                                    "genes": genes, "regenerate_seconds": time.time() - started}
                         write_json(path, numbers)
                         numbers = json.loads(path.read_text())
@@ -424,7 +424,7 @@ def fold_scores(s: Settings, base: Run, panels: dict, backbone: Path | None) -> 
                         numbers = {}  # a baseline costs seconds: run it again
                     elif s.rescore and Path(numbers.get("info", {}).get("prediction", "")).is_file():
                         truth = truth or read_expression(truth_path)
-                        kept = {k: numbers.get(k) for k in ("seconds", "others_busy", "info", "genes")}
+                        kept = {k: numbers.get(k) for k in (*TIMING_KEYS, "info", "genes")}
                         numbers = {**score(read_prediction(Path(kept["info"]["prediction"])), truth, truth_path), **kept}
                         write_json(path, numbers)
                         numbers = json.loads(path.read_text())
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results)
     timed = [r for methods in results.values() for folds in methods.values() for runs in folds.values() for r in runs]
     s.others_busy = mean_busy(timed)
-    if s.others_busy is not None and s.others_busy > SHARED_ABOVE:
+    if s.others_busy is not None and reads_high(s.others_busy):
         log.warning("%s", load_line(s.others_busy))
     folds_total = sum(r["seconds"] for r in timed)
     s.timings["total compute (one-off costs + every method on every fold)"] = sum(s.timings.values()) + folds_total

@@ -50,9 +50,14 @@ def mean_busy(runs: list[dict]) -> float | None:
     return sum(seconds * busy for seconds, busy in timed) / total if total > 0 else None
 
 
+def reads_high(busy: float) -> bool:
+    """Whether others kept the machine busy enough that the timings cannot be taken as the benchmark's own."""
+    return busy > SHARED_ABOVE
+
+
 def load_line(busy: float) -> str:
     """The results' sentence on how busy others kept the machine during the timed runs."""
     cpus = os.cpu_count() or 1
-    verdict = ("the timings above read high: run the benchmark alone to time it" if busy > SHARED_ABOVE
+    verdict = ("the timings above read high: run the benchmark alone to time it" if reads_high(busy)
                else "the timings are the benchmark's own")
     return f"Other processes kept {busy:.2f} of the {cpus} CPUs busy on average during the timed runs; {verdict}."
