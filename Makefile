@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench-her2st clean
+.PHONY: install lint test demo bench-her2st device-check device-wheels clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: install
 # HER2ST patient C, baselines and HINGE variants, leave-one-section-out (~72 min of compute on 2 cores; ARGS=--quick: a short smoke run).
 bench-her2st: install
 	$(PY) benchmarks/her2st/benchmark.py $(ARGS)
+
+# The GPU path end to end on one device (~6 min on an H100); it rewrites docs/gpu.md. ARGS=--device cpu: its tiny CPU run.
+device-check:
+	tools/device_check.sh --report docs/gpu.md $(ARGS)
+
+# Wheels of what a GPU machine without the internet usually lacks, for `tools/device_check.sh --wheels build/device-wheels`.
+device-wheels:
+	python3 -m pip download -q -d build/device-wheels anndata openslide-python openslide-bin imagecodecs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

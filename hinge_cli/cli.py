@@ -31,6 +31,7 @@ from hinge_cli.commandline import (
     Weights,
     command_decorator,
     deprecated,
+    device_setting,
     ids,
     path_option,
     run_command,
@@ -119,7 +120,7 @@ def embed(
     views: setting(EmbedConfig, "views", "1, or 8 dihedral views (test-time augmentation)") = None,
     average_views: switch("--average-views", "With --views 8: store the mean (N, D), not every view (N, 8, D).") = False,
     batch_size: setting(EmbedConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
-    device: setting(EmbedConfig, "device", "auto|cpu|cuda") = None,
+    device: device_setting(EmbedConfig) = None,
     workers: setting(EmbedConfig, "workers", "Patch-reading threads") = None,
     config: ConfigOpt = None,
     list_encoders: switch("--list", "List encoders, dimensions and whether weights were found.") = False,
@@ -173,7 +174,7 @@ def pretrain_warmup(
     seed: setting(TrainConfig, "seed", "Random seed: the same seed gives the same result") = None,
     batch_size: setting(TrainConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
     lr: setting(TrainConfig, "lr", "Peak learning rate") = None,
-    device: setting(TrainConfig, "device", "auto|cpu|cuda") = None,
+    device: device_setting(TrainConfig) = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Choose the gene panel, get a backbone (CellFM, pre-training on a corpus, or random) and run the warm-start curriculum."""
@@ -196,7 +197,7 @@ def train(
     batch_size: setting(TrainConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
     lr: setting(TrainConfig, "lr", "Peak learning rate") = None,
     patience: setting(TrainConfig, "patience", "Early stopping: epochs without a better validation loss") = None,
-    device: setting(TrainConfig, "device", "auto|cpu|cuda") = None,
+    device: device_setting(TrainConfig) = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Train on all timesteps from the warm-up; resumes from checkpoints/last, or starts again with --overwrite."""
@@ -273,7 +274,7 @@ def generate(
     plot: text_option("", "--plot", hidden=True) = None,
     keep_samples: setting(GenerateConfig, "keep_samples", "Store every sample in obsm['samples'] (N, S, G), for eval's CRPS and energy score") = None,
     batch_size: setting(GenerateConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
-    device: setting(GenerateConfig, "device", "auto|cpu|cuda") = None,
+    device: device_setting(GenerateConfig) = None,
     weights: Weights = None,
     given: path_option("Panel completion: an .h5ad of genes measured on this slide's spots (by barcode or obsm['spatial']); "
                        "they are held fixed and the rest of the panel is generated.", "file", "--given") = None,

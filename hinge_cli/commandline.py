@@ -25,6 +25,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from hinge_cli.api import flag_messages
 from hinge_cli.config import field_default
+from hinge_cli.devices import resolve_device
 from hinge_cli.errors import HingeError
 from hinge_cli.files import user_os_error
 from hinge_cli.progress import Progress
@@ -114,6 +115,12 @@ def setting(section: type, name: str, text: str, none: str = "none") -> Any:
     hint = typing.get_type_hints(section)[name]
     value_type = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
     return Annotated[Optional[value_type], typer.Option(help=f"{text} {default(section, name, none)}.")]
+
+
+def device_setting(section: type) -> Any:
+    """`--device`, resolved before the command runs: a GPU that is not there is one line, even when nothing is left to do."""
+    return Annotated[Optional[str], typer.Option(help=f"Where tensors run: auto, cpu, cuda (this process's GPU) or cuda:N "
+                                                      f"{default(section, 'device')}.", metavar="auto|cpu|cuda[:N]", callback=check_device)]
 
 
 def switch(name: str, text: str, *short: str, hidden: bool = False) -> Any:
@@ -225,6 +232,12 @@ def command_decorator(app: typer.Typer) -> Callable[[Callable[..., Any]], Callab
         return app.command(cls=HingeCommand)(wrapper)
 
     return command
+
+
+def check_device(value: str | None) -> str | None:
+    if value is not None:
+        resolve_device(value)
+    return value
 
 
 def check_log_format(value: str | None) -> str | None:

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hinge_cli import devices
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,16 @@ class Dist:
         if world <= 1:
             return cls()
         if not tdist.is_initialized():
-            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if devices.is_cuda(device):
+                torch.cuda.set_device(device)  # NCCL's collectives run on the current GPU: this rank's own
+            tdist.init_process_group("nccl" if devices.is_cuda(device) else "gloo")
         return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def wrap(self, net: nn.Module, device: torch.device) -> nn.Module:
+        """`net` under DistributedDataParallel when several processes train (on a GPU: this rank's), else `net`."""
+        if not self.active:
+            return net
+        return DistributedDataParallel(net, device_ids=[device.index] if devices.is_cuda(device) else None)
 
     def rows(self, batch: int) -> slice:
         """This rank's contiguous share of a global batch of `batch` rows."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 import zlib
 from collections.abc import Callable
@@ -19,8 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
+from hinge_cli import devices
 from hinge_cli.distributed import Dist
 from hinge_cli.errors import HingeError
 from hinge_cli.progress import SILENT, Progress
@@ -91,12 +90,6 @@ def lr_at(step: int, total: int, settings: LoopSettings) -> float:
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def fit(
     net: nn.Module,
     n_rows: int,
@@ -117,10 +110,10 @@ def fit(
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if optimizer_state_dict is not None:
         opt.load_state_dict(optimizer_state_dict)
-    wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else net
+    wrapped = dist.wrap(net, device)
     steps_per_epoch = max(1, math.ceil(n_rows / settings.batch_size))
     total = steps_per_epoch * settings.epochs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = devices.autocast(device)
     # the overall bar: epochs left (a resumed run starts part-way), with the validation loss beside it
     with progress.task(f"{settings.stage} epochs", max(0, settings.epochs - state.epoch)) as epoch_done:
         for epoch in range(state.epoch, settings.epochs):
@@ -166,7 +159,7 @@ def fit(
             state.stopped_early = settings.patience is not None and state.bad_epochs >= settings.patience
             state.history.append({
                 "epoch": epoch + 1, "step": state.step, "train_loss": total_loss / steps_per_epoch, **figures, "lr": lr,
-                "seconds": round(time.time() - started, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
+                "seconds": round(time.time() - started, 3), "peak_memory_mb": round(devices.peak_memory_mb(device), 1),
             })
             shown = ", ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}" for name, value in figures.items())
             log.info("%s epoch %d/%d: train loss %.4f%s%s", settings.stage, epoch + 1, settings.epochs, total_loss / steps_per_epoch,

@@ -6,7 +6,6 @@ differ only here: their provenance, their batch step, and the titles of their ma
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hinge_cli import devices
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.features import prediction_view
 from hinge_cli.files import sha256_file
@@ -71,7 +71,7 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes 
     def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
         held = given.rows(start, stop, model.device) if given is not None else (None, None)
-        with _autocast(model.device):
+        with devices.autocast(model.device):
             pred = predictive(model.net, x, cfg, torch.arange(start, stop), *held, scale=scale, coupling=coupling)
         return pred.batch(cfg.keep_samples)
 
@@ -103,6 +103,3 @@ def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
 
     return Predictor("ridge", provenance, predict, with_spread=spread, keep_draws=n_draws, map_titles=("ridge prediction",))
 
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch._autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hinge_cli.devices import resolve_device
+from hinge_cli import devices
 from hinge_cli.encoders.conch import CONCH_UNUSED, ConchVision
 from hinge_cli.encoders.handcrafted import HandcraftedEncoder, TilePlan
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
@@ -210,9 +210,7 @@ class Encoder:
         mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         self._norm = (mean, std)
-        self.module.eval().to(self.device)
-        if self.device.type == "cuda":
-            self.module.to(memory_format=torch.channels_last)
+        devices.place_module(self.module, self.device)
 
     @property
     def dim(self) -> int:
@@ -225,7 +223,7 @@ class Encoder:
             x = F.interpolate(x, size=(fld.px, fld.px), mode="bilinear", antialias=True, align_corners=False)
         x = dihedral_views(x, views)
         x = (x - self._norm[0]) / self._norm[1]
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return devices.images_layout(x, self.device)
 
     @torch.inference_mode()
     def __call__(self, fields: Sequence[np.ndarray | torch.Tensor], views: int = 1) -> np.ndarray:
@@ -233,8 +231,7 @@ class Encoder:
         if len(fields) != len(self.spec.fields):
             raise ValueError(f"{self.spec.name} takes {len(self.spec.fields)} fields, got {len(fields)}")
         inputs = [self._prepare(p, f, views) for p, f in zip(fields, self.spec.fields, strict=True)]
-        use_bf16 = self.device.type == "cuda" and self.spec.autocast
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with devices.autocast(self.device, enabled=self.spec.autocast):
             out = self.module(*inputs)
         b = out.shape[0] // views
         return out.float().view(views, b, -1).transpose(0, 1).cpu().numpy()
@@ -286,7 +283,7 @@ def build_encoder(name: str, weights: Path | None = None, device: str = "cpu") -
     from hinge_cli.files import sha256_file
 
     spec = get_spec(name)
-    dev = resolve_device(device)
+    dev = devices.resolve_device(device)
     path = locate_weights(spec, weights)
     if spec.needs_weights and path is None:
         raise missing_weights_error(spec)
