@@ -42,7 +42,7 @@ VIT_B16 = ARCHS["uni"].scaled(embed_dim=768, depth=12, num_heads=12)
 
 def make_vit(name: str, device: str, bf16: bool) -> Encoder:
     arch = VIT_B16 if name == "vit-b16" else ARCHS["uni"]
-    spec = dataclasses.replace(REGISTRY["uni"], name=name, dim=arch.out_dim, fields=(Field(224),), autocast=bf16)
+    spec = dataclasses.replace(REGISTRY["uni"], name=name, dim=arch.out_dim, fields=(Field(224),), autocast=bf16, preprocess=None)
     return Encoder(spec, VisionTransformer(arch), resolve_device(device))
 
 

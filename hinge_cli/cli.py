@@ -134,13 +134,12 @@ def embed(
 ) -> None:
     """Turn every tiled sample into one feature vector per spot (pathology encoders)."""
     if list_encoders:
-        from hinge_cli.encoders import REGISTRY, locate_weights
+        from hinge_cli.encoders import REGISTRY, weights_status
         from hinge_cli.encoders.embedding import parse_weights
 
         given = parse_weights(weights or [], list(REGISTRY.values())) if weights else {}
         for spec in REGISTRY.values():
-            found = "no weights needed" if not spec.needs_weights else str(locate_weights(spec, given.get(spec.name)) or "weights not found")
-            typer.echo(f"{spec.name:12} {spec.dim:5d}  {spec.description}  [{found}]")
+            typer.echo(f"{spec.name:12} {spec.dim:5d}  {spec.description}  [{weights_status(spec, given.get(spec.name))}]")
         return
     embed_settings = {"encoder": encoder, "views": views, "average_views": True if average_views else None,
                       "batch_size": batch_size, "device": device, "workers": workers}

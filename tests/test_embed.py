@@ -79,7 +79,7 @@ def test_default_embeddings_align_with_tiles_and_resume(tmp_path: Path, synth, s
 def tiny_uni(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """'uni' at toy size with a weights file: exercises the learned-encoder path end to end."""
     arch = ARCHS["uni"].scaled(32, 1, 4, img_size=64)
-    spec = dataclasses.replace(REGISTRY["uni"], build=lambda: VisionTransformer(arch), dim=32, fields=(enc.Field(64),))
+    spec = dataclasses.replace(REGISTRY["uni"], build=lambda: VisionTransformer(arch), dim=32, fields=(enc.Field(64),), preprocess=None)
     monkeypatch.setitem(REGISTRY, "uni", spec)
     path = tmp_path / "uni.safetensors"
     from safetensors.torch import save_file
@@ -192,6 +192,11 @@ def test_cli_list_and_missing_weights(tmp_path: Path, synth, monkeypatch: pytest
     assert listed.exit_code == 0
     assert "default" in listed.output and "virchow2" in listed.output and "2560" in listed.output
     assert "weights not found" in listed.output
+    given = tmp_path / "uni.bin"
+    missing = runner.invoke(app, ["embed", "--list", "--weights", f"uni={given}"])
+    assert missing.exit_code == 0 and f"[{given} does not exist]" in missing.output
+    given.write_bytes(b"")
+    assert f"[{given}]" in runner.invoke(app, ["embed", "--list", "--weights", f"uni={given}"]).output
     tile_run(tmp_path / "bad", synth)
     result = runner.invoke(app, ["embed", "--run", str(tmp_path / "bad"), "--encoder", "uni", "-q"])
     assert result.exit_code == 2

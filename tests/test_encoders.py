@@ -122,7 +122,7 @@ def test_small_conch_forward_and_projection() -> None:
 def tiny_uni(monkeypatch: pytest.MonkeyPatch) -> ViTArch:
     """The registry's 'uni' entry at toy size, so the real build/load path runs in milliseconds."""
     arch = small(ARCHS["uni"]).scaled(32, 2, 4, img_size=32)
-    spec = dataclasses.replace(REGISTRY["uni"], build=lambda: VisionTransformer(arch), dim=arch.out_dim, fields=(enc.Field(32),))
+    spec = dataclasses.replace(REGISTRY["uni"], build=lambda: VisionTransformer(arch), dim=arch.out_dim, fields=(enc.Field(32),), preprocess=None)
     monkeypatch.setitem(REGISTRY, "uni", spec)
     return arch
 
@@ -148,7 +148,7 @@ def test_renamed_key_is_a_clear_error(tmp_path: Path, tiny_uni: ViTArch) -> None
     state["blocks.0.attn.qkv_renamed.weight"] = state.pop("blocks.0.attn.qkv.weight")
     path = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(HingeError, match=r"missing blocks\.0\.attn\.qkv\.weight.*unexpected blocks\.0\.attn\.qkv_renamed\.weight"):
+    with pytest.raises(HingeError, match=r"the architecture needs blocks\.0\.attn\.qkv\.weight, which the file lacks.*the file has blocks\.0\.attn\.qkv_renamed\.weight, which the architecture lacks"):
         build_encoder("uni", weights=path)
 
 
@@ -317,3 +317,28 @@ def test_handcrafted_channels_are_where_their_names_say() -> None:
     for stain in ("h", "e"):
         bins = torch.stack([blocks[i] for i, name in enumerate(CHANNELS) if name.startswith(f"{stain}_bin")])
         torch.testing.assert_close(bins.sum(0), torch.ones(4, 4))  # a histogram's fractions add up to one
+
+
+def test_published_transforms_resize_the_short_side_then_crop_the_centre() -> None:
+    """GigaPath's Resize(256) + CenterCrop(224) of a 224 px tile keeps its centre 196 px, magnified; a recipe without a
+    resize passes its own size through untouched and resizes any other; the uint8 resize matches PIL's to one level."""
+    from PIL import Image
+
+    from hinge_cli.encoders.preprocess import Preprocess, center_crop
+
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+    giga = REGISTRY["gigapath"].preprocess
+    out = giga(torch.from_numpy(tile))
+    assert out.shape == (1, 3, 224, 224) and out.dtype == torch.uint8
+    pil = np.asarray(Image.fromarray(tile[0].transpose(1, 2, 0)).resize((256, 256), Image.BICUBIC))[16:240, 16:240]
+    assert np.abs(out[0].permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1
+    keep = Preprocess(224, None, "bicubic")
+    assert torch.equal(keep(torch.from_numpy(tile)), torch.from_numpy(tile))
+    assert keep(torch.zeros(2, 3, 300, 300, dtype=torch.uint8)).shape == (2, 3, 224, 224)
+    assert Preprocess(224, 224, "bilinear")(torch.zeros(1, 3, 300, 400, dtype=torch.uint8)).shape == (1, 3, 224, 224)
+    assert center_crop(torch.arange(25).view(1, 1, 5, 5), 2).flatten().tolist() == [12, 13, 17, 18]  # offset round(1.5) = 2, as torchvision rounds
+    with pytest.raises(ValueError, match="interpolation"):
+        Preprocess(224, 256, "nearest")
+    with pytest.raises(ValueError, match="crops 224 px"):
+        dataclasses.replace(REGISTRY["uni"], fields=(enc.Field(448),))

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hinge_cli import devices
 from hinge_cli.encoders.conch import CONCH_UNUSED, ConchVision
 from hinge_cli.encoders.handcrafted import HandcraftedEncoder, TilePlan
+from hinge_cli.encoders.preprocess import Preprocess
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, hf_cache_dirs, load_into, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
@@ -70,10 +70,18 @@ class EncoderSpec:
     drop_keys: tuple[str, ...] = ()  # checkpoint keys of that part that features never use
     autocast: bool = True  # bf16 on CUDA; the default encoder's statistics stay fp32
     arch: ViTArch | None = None
+    preprocess: Preprocess | None = None  # the published eval transform; None: fields arrive at their size
 
     @property
     def needs_weights(self) -> bool:
         return self.hf_repo is not None
+
+    def __post_init__(self) -> None:
+        if self.preprocess is not None and any(f.px != self.preprocess.crop for f in self.fields):
+            raise ValueError(f"{self.name}: its transform crops {self.preprocess.crop} px, its fields are {[f.px for f in self.fields]} px")
+
+    def transform(self, fld: Field) -> Preprocess:
+        return self.preprocess or Preprocess(fld.px, interpolation="bilinear")
 
 
 def _vit(arch: ViTArch) -> Callable[[], nn.Module]:
@@ -130,24 +138,33 @@ ARCHS = {
 }
 
 
+# The published evaluation transforms (short-side resize, centre crop): the model cards' torchvision code,
+# or timm's pretrained config where the card defers to it.
+PUBLISHED = {
+    "uni": Preprocess(224, 224, "bilinear", "UNI model card: Resize(224)"),
+    "uni2-h": Preprocess(224, 224, "bilinear", "UNI2-h model card: Resize(224)"),
+    "h-optimus-0": Preprocess(224, None, "bicubic", "H-optimus-0 model card: 224 px patches, no resize"),
+    "virchow2": Preprocess(224, 224, "bicubic", "Virchow2's timm config: bicubic, crop_pct 1.0"),
+    "gigapath": Preprocess(224, 256, "bicubic", "Prov-GigaPath README: Resize(256, bicubic), CenterCrop(224)"),
+    "conch": Preprocess(448, 448, "bicubic", "CONCH's open_clip transform: Resize(448, bicubic), CenterCrop(448)"),
+}
+
+
 def _registry() -> dict[str, EncoderSpec]:
+    vits = [("uni", 1024, IMAGENET, "UNI ViT-L/16 (MahmoodLab)", "MahmoodLab/UNI"),
+            ("uni2-h", 1536, IMAGENET, "UNI2-h ViT-H/14, 8 registers (MahmoodLab)", "MahmoodLab/UNI2-h"),
+            ("h-optimus-0", 1536, H_OPTIMUS, "H-optimus-0 ViT-g/14 (Bioptimus)", "bioptimus/H-optimus-0"),
+            ("virchow2", 2560, IMAGENET, "Virchow2 ViT-H/14: class token + mean patch token (Paige)", "paige-ai/Virchow2"),
+            ("gigapath", 1536, IMAGENET, "Prov-GigaPath tile encoder ViT-g/16", "prov-gigapath/prov-gigapath")]
     specs = [
         EncoderSpec(
             DEFAULT_ENCODER, _default_encoder().out_dim, DEFAULT_FIELDS, *NO_NORM, _default_encoder,
             "weight-free: H&E stain, nuclei and texture statistics, spot and context", autocast=False,
         ),
-        EncoderSpec("uni", 1024, (Field(224),), *IMAGENET, _vit(ARCHS["uni"]), "UNI ViT-L/16 (MahmoodLab)",
-                    hf_repo="MahmoodLab/UNI", arch=ARCHS["uni"]),
-        EncoderSpec("uni2-h", 1536, (Field(224),), *IMAGENET, _vit(ARCHS["uni2-h"]), "UNI2-h ViT-H/14, 8 registers (MahmoodLab)",
-                    hf_repo="MahmoodLab/UNI2-h", arch=ARCHS["uni2-h"]),
-        EncoderSpec("h-optimus-0", 1536, (Field(224),), *H_OPTIMUS, _vit(ARCHS["h-optimus-0"]), "H-optimus-0 ViT-g/14 (Bioptimus)",
-                    hf_repo="bioptimus/H-optimus-0", arch=ARCHS["h-optimus-0"]),
-        EncoderSpec("virchow2", 2560, (Field(224),), *IMAGENET, _vit(ARCHS["virchow2"]),
-                    "Virchow2 ViT-H/14: class token + mean patch token (Paige)", hf_repo="paige-ai/Virchow2", arch=ARCHS["virchow2"]),
-        EncoderSpec("gigapath", 1536, (Field(224),), *IMAGENET, _vit(ARCHS["gigapath"]), "Prov-GigaPath tile encoder ViT-g/16",
-                    hf_repo="prov-gigapath/prov-gigapath", arch=ARCHS["gigapath"]),
+        *(EncoderSpec(name, dim, (Field(224),), *norm, _vit(ARCHS[name]), text, hf_repo=repo, arch=ARCHS[name], preprocess=PUBLISHED[name])
+          for name, dim, norm, text, repo in vits),
         EncoderSpec("conch", 512, (Field(448),), *OPENAI_CLIP, ConchVision, "CONCH image tower ViT-B/16 at 448 px (MahmoodLab)",
-                    hf_repo="MahmoodLab/CONCH", key_prefix="visual.", drop_keys=CONCH_UNUSED),
+                    hf_repo="MahmoodLab/CONCH", key_prefix="visual.", drop_keys=CONCH_UNUSED, preprocess=PUBLISHED["conch"]),
     ]
     return {s.name: s for s in specs}
 
@@ -186,6 +203,16 @@ def locate_weights(spec: EncoderSpec, given: Path | None = None) -> Path | None:
     return find_in_hf_cache(spec.hf_repo)
 
 
+def weights_status(spec: EncoderSpec, given: Path | None = None) -> str:
+    """What `embed --list` says of an encoder's weights: none needed, the file it would load, or what is wrong."""
+    if not spec.needs_weights:
+        return "no weights needed"
+    path = locate_weights(spec, given)
+    if path is None:
+        return "weights not found"
+    return str(path) if path.is_file() else f"{path} does not exist"
+
+
 def missing_weights_error(spec: EncoderSpec) -> HingeError:
     looked = ", ".join(str(d / f"models--{spec.hf_repo.replace('/', '--')}") for d in hf_cache_dirs())
     return HingeError(
@@ -217,10 +244,10 @@ class Encoder:
         return self.spec.dim
 
     def _prepare(self, patches: np.ndarray | torch.Tensor, fld: Field, views: int) -> torch.Tensor:
-        x = torch.as_tensor(patches).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != fld.px or x.shape[-2] != fld.px:
-            x = F.interpolate(x, size=(fld.px, fld.px), mode="bilinear", antialias=True, align_corners=False)
+        """uint8 (B, P, P, 3) -> the normalised network input: the published resize and crop on uint8 (on the CPU,
+        so every device sees the same pixels), then ToTensor and Normalize on the device."""
+        x = self.spec.transform(fld)(torch.as_tensor(patches, device="cpu").permute(0, 3, 1, 2))
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
         x = dihedral_views(x, views)
         x = (x - self._norm[0]) / self._norm[1]
         return devices.images_layout(x, self.device)

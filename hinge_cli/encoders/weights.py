@@ -99,15 +99,16 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], name: str, sour
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the architecture"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
+            parts.append(f"the architecture needs {', '.join(missing[:3])}, which the file lacks")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+            parts.append(f"the file has {', '.join(unexpected[:3])}, which the architecture lacks")
         if wrong:
-            parts.append(f"shape {', '.join(wrong[:3])}")
+            parts.append(", ".join(wrong[:3]))
         raise HingeError(
             f"{source} does not fit the {name} architecture ({'; '.join(parts)})",
             f"check that --weights points at the {name} checkpoint, or choose the matching --encoder",
