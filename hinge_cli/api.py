@@ -368,3 +368,15 @@ def evaluate(pred: PathLike | Sequence[PathLike], truth: PathLike | Sequence[Pat
                  genes=None if genes is None else Path(genes), genes_to_plot=_listed(genes_to_plot), overwrite=overwrite,
                  progress=progress, layer=layer, maps=maps,
                  baselines=None if not baseline else [Path(b) for b in _listed(baseline)])
+
+
+def view(pred: PathLike, *, truth: PathLike | None = None, out: PathLike | None = None, layer: str | None = None,
+         overwrite: bool = False) -> Path:
+    """Write one self-contained HTML page showing `pred` over its tissue (with `truth`: the measured values and the
+    error too); `out` defaults to the prediction's name with .html. Returns the page's path."""
+    from hinge_cli.eval.viewer import build_view, write_view
+
+    target = Path(out) if out is not None else Path(pred).with_suffix(".html")
+    if target.exists() and not overwrite:  # before reading anything: nothing to do
+        raise HingeError(f"{target} exists", "pass --overwrite to replace it, or choose another --out")
+    return write_view(target, build_view(Path(pred), None if truth is None else Path(truth), layer), overwrite=overwrite)

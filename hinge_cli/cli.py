@@ -42,7 +42,7 @@ from hinge_cli.commandline import (
 from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.run import Run, Shard
-from hinge_cli.terminal import setup_output
+from hinge_cli.terminal import say, setup_output
 
 app = typer.Typer(
     name="hinge",
@@ -247,6 +247,20 @@ def eval(  # noqa: A001 - the subcommand is called eval
 
 
 @command
+def view(
+    pred: Annotated[Path, typer.Argument(help="Prediction .h5ad from `hinge generate`.", exists=True, dir_okay=False, show_default=False)],
+    truth: path_option("Measured counts .h5ad of the same slide: adds the measured values and the error as layers.", "file",
+                       "--truth") = None,
+    out: path_option("The page to write (default: the prediction's name with .html).", "file", "--out", exists=False) = None,
+    layer: CountsLayer = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write one self-contained HTML page to look at a prediction over its tissue: no server, no network."""
+    page = api.view(pred, truth=truth, out=out, layer=layer, overwrite=overwrite)
+    say(f"wrote {page} ({page.stat().st_size / 2**20:.1f} MB): open it in a browser")
+
+
+@command
 def generate(
     slides: Slides = None,
     slide: Annotated[Optional[list[Path]], typer.Option("--slide", hidden=True, exists=True, dir_okay=False)] = None,
@@ -274,6 +288,7 @@ def generate(
     keep_samples: setting(GenerateConfig, "keep_samples", "Store every sample in obsm['samples'] (N, S, G), for eval's CRPS and energy score") = None,
     batch_size: setting(GenerateConfig, "batch_size", "Items per batch (patches to embed, spots to train or predict)") = None,
     device: device_setting(GenerateConfig) = None,
+    view: setting(GenerateConfig, "view", "Also write <sample>.html beside each prediction: the page `hinge view` writes") = None,
     weights: Weights = None,
     given: path_option("Panel completion: an .h5ad of genes measured on this slide's spots (by barcode or obsm['spatial']); "
                        "they are held fixed and the rest of the panel is generated.", "file", "--given") = None,
@@ -291,7 +306,7 @@ def generate(
         deprecated("generate --plot", "--genes-to-plot")
         genes_to_plot = plot if genes_to_plot is None else genes_to_plot
     generate_settings = {"sampler": sampler, "n_samples": n_samples, "steps": steps, "seed": seed, "batch_size": batch_size, "device": device,
-                         "keep_samples": keep_samples, "temperature": temperature, "point": point, "calibrated": calibrated}
+                         "keep_samples": keep_samples, "temperature": temperature, "point": point, "calibrated": calibrated, "view": view}
     run_command("generate", lambda reporter: api.generate_samples(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
         image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),

@@ -193,6 +193,7 @@ class GenerateConfig(Checked):
     batch_size: int = checked(64, AT_LEAST_1)  # spots per batch of the reverse process
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
     keep_samples: bool = True  # also store every sample in obsm['samples'] (N, S, G): eval's CRPS and energy score
+    view: bool = False  # also write <sample>.html beside each prediction: the page `hinge view` writes
 
     def __post_init__(self) -> None:
         super().__post_init__()

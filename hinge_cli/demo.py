@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<48}{trained_scores[name]:>10.3f}{random_scores[name]:>12.3f}{ridge_scores[name]:>10.3f}")
     print(f"\ndone in {time.time() - started:.0f}s")
     print(f"  prediction  {prediction}")
-    print(f"  report      {run / 'eval' / HELD_OUT / 'report.md'}")
+    print(f"  report      {run / 'eval' / HELD_OUT / 'report.html'}  (open it in a browser; report.md beside it)")
     print(f"  maps        {run / 'eval' / HELD_OUT / 'maps'}")
     return 0
 

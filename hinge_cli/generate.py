@@ -26,6 +26,7 @@ from hinge_cli.config import GenerateConfig, TileConfig
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
+from hinge_cli.eval.viewer import build_view, write_view
 from hinge_cli.figures import MapPanel, expression_unit, spot_maps
 from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import open_embeddings
@@ -192,6 +193,8 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
                 advance(stop - start)
         plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, predictor.map_titles, image, coords * scalef,
                                         spot_diameter * scalef, expression_unit(**provenance["transform"]))]
+        if cfg.view:
+            plots.append(str(write_view(out.with_suffix(".html"), build_view(out), overwrite=True)))
         record = {"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
                   "checkpoint_sha256": model.card.sha256, "plots": plots}
         run.record_output(sample, predictor.stage, out.resolve(), **record)  # last: a file without it is unfinished work

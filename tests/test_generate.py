@@ -185,6 +185,14 @@ def _tampered(run: Run, tmp_path: Path, name: str, **changes: object) -> Path:
     return path
 
 
+def test_view_writes_the_page_beside_the_prediction(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    out = tmp_path / "t1.h5ad"
+    generate(run, [Target("t1")], GenerateConfig(**{**FAST, "view": True}), out=out)
+    page = out.with_suffix(".html")
+    assert page.exists() and 'id="hinge-meta"' in page.read_text() and str(page) in run.stage("t1", "generate")["plots"]
+
+
 def test_refusals(trained: tuple[Run, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run, slide = trained
     out = tmp_path / "t1.h5ad"

@@ -5,6 +5,8 @@
     probabilistic.py  the predictive spread against the truth: coverage, PIT, CRPS, energy score (`Calibration`)
     pictures.py  the slide's maps, heatmaps and scatter (drawn by hinge_cli.figures)
     report.py    metrics.json (writer and reader) and report.md
+    html_report.py  report.html: report.md's tables around the slide's viewer
+    viewer.py    `hinge view`: a prediction over its tissue in one self-contained HTML page (assets/: its page and script)
     stage.py     the stage: `evaluate`
 """
 

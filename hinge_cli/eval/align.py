@@ -46,6 +46,7 @@ class Prediction:
     q95: np.ndarray | None = None
     draws: np.ndarray | None = None  # (spots, draws, genes), float32, when the file kept its draws
     given: list[str] = field(default_factory=list)  # genes var['given'] marks: measured and given to `generate --given`
+    provenance: dict[str, Any] = field(default_factory=dict)  # uns['hinge']: what made it
 
 
 def _layer(adata: Any, name: str) -> np.ndarray | None:
@@ -91,6 +92,7 @@ def read_prediction(path: Path) -> Prediction:
         transform=transform, model=str(provenance.get("model", "hinge")), q05=_layer(adata, "q05"), q95=_layer(adata, "q95"),
         draws=np.asarray(adata.obsm["samples"], dtype=np.float32) if "samples" in adata.obsm else None,
         given=[str(g) for g in adata.var_names[np.asarray(adata.var["given"], dtype=bool)]] if "given" in adata.var else [],
+        provenance=provenance,
     )
     entry = spatial.get(sample, next(iter(spatial.values()))) if spatial else {}
     scalefactors = dict(entry.get("scalefactors", {}))

@@ -15,6 +15,7 @@ from hinge_cli import metrics
 from hinge_cli.data.expression import Expression, read_expression
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Aligned, Prediction, align, read_gene_list, read_prediction
+from hinge_cli.eval.html_report import slide_report_html
 from hinge_cli.eval.pictures import draw_pictures
 from hinge_cli.eval.report import (
     Baseline,
@@ -28,6 +29,7 @@ from hinge_cli.eval.report import (
     write_summary_metrics,
 )
 from hinge_cli.eval.score import HEADLINE, score_slide
+from hinge_cli.eval.viewer import view_of, write_view
 from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.prediction import ridge_prediction_path
 from hinge_cli.progress import SILENT, Progress
@@ -51,7 +53,7 @@ class EvalSummary:
             dropped += f"; only the genes not given: {len(given)} given genes not scored" if given else ""
             out.append(f"{s.sample}: depth-partial Pearson {fmt(HEADLINE.get(s.metrics))}, Pearson "
                        f"{fmt(s.metrics.correlation.model.pearson.mean)}, MSE {fmt(s.metrics.errors.mse)} "
-                       f"({s.alignment['n_matched']} spots{dropped}, {s.genes['n_evaluated']} genes) -> {folder / 'report.md'}")
+                       f"({s.alignment['n_matched']} spots{dropped}, {s.genes['n_evaluated']} genes) -> {folder / 'report.html'}")
             if s.baseline is not None:
                 out += comparison_lines(s, s.baseline)
         if self.summary_dir is not None:
@@ -90,7 +92,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
              progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
              baselines: Sequence[Path] | None = None) -> EvalSummary:
-    """Score each prediction against its truth (pairs in order) and write metrics.json, report.md and maps/.
+    """Score each prediction against its truth (pairs in order) and write metrics.json, report.md, report.html and maps/.
 
     baselines: one per prediction, scored alongside it (default: the `<name>.ridge.h5ad` beside a `<name>.h5ad`
     where `hinge generate --model ridge` wrote one).
@@ -130,8 +132,9 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures, pred.model,
                                 None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)))
-            write_slide_metrics(folder / "metrics.json", slide)
             write_text_atomic(folder / "report.md", slide_report(slide))
+            write_view(folder / "report.html", view_of(pred, truth, Path(truth_path)), slide_report_html(slide, folder), overwrite=True)
+            write_slide_metrics(folder / "metrics.json", slide)  # last: it marks the slide's evaluation as done
             if run is not None:
                 run.record_stage(pred.sample, "eval", "ok", metrics=str(folder / "metrics.json"), headline=HEADLINE.get(result.metrics))
             slides.append(slide)
