@@ -211,7 +211,7 @@ def make_synthetic_prediction(path: Path, n_spots: int = 400, n_genes: int = 20,
     image = np.clip(np.array([236, 190, 222]) - 60 * tint * np.array([0.4, 1.0, 0.3]), 0, 255).astype(np.uint8)
     phase = rng.uniform(0, 2 * np.pi, (2, n_genes))
     values = (3 + np.sin(coords[:, :1] / 900 + phase[0]) + np.cos(coords[:, 1:] / 1300 + phase[1])).astype(np.float32)
-    std = (0.2 + 0.2 * rng.random(values.shape)).astype(np.float32)
+    std = (0.1 + 0.08 * values).astype(np.float32)  # a model's spread follows its mean
     batch = PredictedBatch(values, std, values - 1.645 * std, values + 1.645 * std,
                            (values[:, None] + std[:, None] * rng.normal(size=(n_spots, draws, n_genes))).astype(np.float32))
     spots = PredictionSpots([f"spot{i}" for i in range(n_spots)], coords, np.ones(n_spots))

@@ -1,6 +1,10 @@
-"""Stand-in default-encoder features for tiled samples: the real encoder is slow, and tests of later stages need none."""
+"""Stand-ins for the slow stages: tiled synthetic samples, and default-encoder features (the real encoder is slow,
+and tests of later stages need none)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -8,6 +12,19 @@ from hinge_cli.encoders import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.run import Run
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
+
+
+def tiled_synthetic(root: Path, prefix: str, n: int, seed: int, **sample: Any) -> tuple[Run, list[SyntheticSample]]:
+    """A run under `root` (tiny config, tiles without pixels) holding `n` synthetic samples `prefix0..` tiled at their spots."""
+    run = Run(root / "run")
+    cfg = run.config("tiny")
+    cfg.tile.images = False
+    samples = [make_synthetic_sample(root / "data", f"{prefix}{i}", seed=seed + i, **sample) for i in range(n)]
+    for s in samples:
+        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+    return run, samples
 
 
 def write_features(run: Run, sample: str, seed: int, views: int = 1) -> None:

@@ -32,7 +32,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from stand_in import write_features
+from stand_in import tiled_synthetic, write_features
 from typer.testing import CliRunner
 
 from hinge_cli import devices, distributed
@@ -44,8 +44,6 @@ from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.errors import HingeError
 from hinge_cli.generate import Target, generate
 from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.train import pretrain_warmup, train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hinge_cli"
@@ -77,13 +75,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.dtype | 
 
 @pytest.fixture(scope="module")
 def run_with_features(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    root = tmp_path_factory.mktemp("cuda")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images = False
-    for i in range(2):
-        s = make_synthetic_sample(root / "data", f"c{i}", size_px=320, mpp=2.0, seed=40 + i, n_genes=30)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+    run, samples = tiled_synthetic(tmp_path_factory.mktemp("cuda"), "c", 2, 40, size_px=320, mpp=2.0, n_genes=30)
+    for i, s in enumerate(samples):
         write_features(run, s.sample_id, i)
     return run
 

@@ -20,6 +20,8 @@ DIFFERENT = {
     ("eval", "--run"): "eval also works outside a run: without $HINGE_RUN it writes ./hinge-eval",
     ("eval", "--out"): "a folder of reports, where generate's --out is a .h5ad or a folder",
     ("generate", "--out"): "a .h5ad or a folder of them, where eval's --out is a folder of reports",
+    ("view", "--out"): "the one page it writes",
+    ("view", "--truth"): "the one truth of the one prediction it shows, where eval pairs a --truth with each --pred",
 }
 DEFAULT_NOTE = re.compile(r"\s*\(default: .*\)\.?$")
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from stand_in import tiled_synthetic
 
 from hinge_cli import train as train_module
 from hinge_cli.errors import HingeError
@@ -54,13 +55,8 @@ def write_features(run: Run, sample: str, spots: Path, seed: int) -> None:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiled synthetic samples with expression and features; no model yet."""
-    root = tmp_path_factory.mktemp("train")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images = False
-    for i in range(3):
-        s = make_synthetic_sample(root / "data", f"s{i}", size_px=1024, mpp=0.5, seed=10 + i, pitch_um=40, n_genes=60)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+    run, samples = tiled_synthetic(tmp_path_factory.mktemp("train"), "s", 3, 10, size_px=1024, mpp=0.5, pitch_um=40, n_genes=60)
+    for i, s in enumerate(samples):
         write_features(run, s.sample_id, s.spots, i)
     return run.root
 

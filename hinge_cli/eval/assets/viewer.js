@@ -1,6 +1,7 @@
 // hinge view: draws one prediction's spots over its tissue on a canvas. Plain JavaScript, no libraries.
 // The numbers arrive gzipped and base64-coded (see hinge_cli/eval/viewer.py): x and y as float32, then for each
-// layer one uint8 code per gene and spot, gene by gene; code 255 is a missing value, 0..254 span [lo, hi] of the gene.
+// layer one uint8 code per gene and spot, gene by gene, each stored as its difference from the spot before (mod 256);
+// code 255 is a missing value, 0..254 span [lo, hi] of the gene.
 "use strict";
 (async function () {
   const MISSING = 255;
@@ -33,7 +34,18 @@
 
   // ---------------------------------------------------------------- values and colours
   const layer = () => layers[state.layer];
-  const codesOf = (l, j) => l.codes.subarray(j * n, (j + 1) * n);
+  const decoded = new Map();
+  function codesOf(l, j) {
+    // stored as differences from the spot before (mod 256): a running sum gives the codes back, once per layer and gene
+    const key = `${l.key}/${j}`;
+    if (!decoded.has(key)) {
+      const delta = l.codes.subarray(j * n, (j + 1) * n), codes = new Uint8Array(n);
+      let running = 0;
+      for (let i = 0; i < n; i++) { running = (running + delta[i]) & 255; codes[i] = running; }
+      decoded.set(key, codes);
+    }
+    return decoded.get(key);
+  }
   const valueOfCode = (l, j, code) => code === MISSING ? NaN : l.lo[j] + (code / (MISSING - 1)) * (l.hi[j] - l.lo[j]);
   function valueAt(l, j, i) { return valueOfCode(l, j, codesOf(l, j)[i]); }
 
@@ -85,10 +97,10 @@
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     ctx.setTransform(state.k, 0, 0, state.k, state.x, state.y);
     if (image && state.tissue) ctx.drawImage(image, 0, 0);
-    const paths = Array.from({ length: 256 }, () => null), r = meta.radius;
+    const paths = Array.from({ length: 256 }, () => null), r = meta.radius, codes = codesOf(l, j);
     let drawn = 0;
     for (let i = 0; i < n; i++) {
-      const c = colourIndex(valueAt(l, j, i), s);
+      const c = colourIndex(valueOfCode(l, j, codes[i]), s);
       if (c < 0) continue;
       const path = paths[c] || (paths[c] = new Path2D());
       path.moveTo(xs[i] + r, ys[i]);
