@@ -162,7 +162,8 @@ def pretrain_warmup(
     genes: GenesFile = None,
     n_genes: setting(WarmupConfig, "n_genes", "Panel size when choosing genes") = None,
     select: setting(WarmupConfig, "select", "Panel selection: hvg | hmhvg") = None,
-    normalize: setting(WarmupConfig, "normalize", "none: log2(counts+1); total: library-size normalise first") = None,
+    normalize: setting(WarmupConfig, "normalize", "total: ln(counts per 10,000 of the spot + 1), units that do not depend on "
+                       "sequencing depth; none: log2(counts + 1), at the training data's depth") = None,
     fill_missing: setting(WarmupConfig, "fill_missing", "none: a panel gene missing in a sample is an error; zero: treat as 0") = None,
     feature_norm: setting(WarmupConfig, "feature_norm",
                           "slide: standardise each slide's image features by its own spots first; training: by training spots only") = None,

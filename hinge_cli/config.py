@@ -157,7 +157,7 @@ class WarmupConfig(Checked):
     genes: str | None = None  # gene panel file, one symbol per line; None = choose n_genes by `select`
     n_genes: int = checked(200, AT_LEAST_1)
     select: str = "hvg"  # hvg | hmhvg
-    normalize: str = "none"  # none: log2(counts+1); total: library-size normalise first
+    normalize: str = "total"  # total: ln(counts per 10k of the spot + 1), as scanpy's normalize_total + log1p; none: log2(counts + 1)
     fill_missing: str = "none"  # none: a panel gene missing from a sample is an error; zero: treat it as 0
     feature_norm: str = "slide"  # slide: standardise each slide's features by its own spots first | training: not
     val_fraction: float = checked(0.1, OPEN_FRACTION)  # fraction of spots that validate (when val_samples is empty)

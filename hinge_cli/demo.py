@@ -33,7 +33,7 @@ def hinge(*args: str) -> None:
 
 
 SHOWN = {  # printed name -> metrics.json key
-    "mean Pearson (log2 counts)": "correlation.model.pearson.mean",
+    "mean Pearson (model space)": "correlation.model.pearson.mean",
     "depth-partial Pearson (the headline)": HEADLINE.key,
     "co-expression consistency": "correlation.model.coexpression.consistency",
     "RVD": "variance.rvd",

@@ -25,10 +25,11 @@ OUTLINE_COLOUR = "#00b300"
 
 
 def expression_unit(normalize: str, target_sum: float, log_base: float) -> str:
-    """The unit of model-space values (a Transform's fields): e.g. log2(counts + 1)."""
+    """The unit of model-space values (a Transform's fields): e.g. log2(counts + 1), ln(counts per 10000 + 1)."""
+    log = "ln" if abs(log_base - math.e) < 1e-9 else f"log{log_base:g}"
     if normalize == "none":
-        return f"log{log_base:g}(counts + 1)"
-    return f"log{log_base:g}(counts per {target_sum:g} + 1)"
+        return f"{log}(counts + 1)"
+    return f"{log}(counts per {target_sum:g} + 1)"
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
     wc = cfg.warmup
     key, encoders = _encoder_key(cfg)
     return ModelCard(
-        "warmup", genes=panel, vocab=vocab, transform=Transform(wc.normalize), encoders=encoders, encoder_key=key,
+        "warmup", genes=panel, vocab=vocab, transform=Transform.of(wc.normalize), encoders=encoders, encoder_key=key,
         feature_norm=data.norm, tiling=TileSettings.of(read_tile_attrs(run.tiles(samples[0]))),
         embedding=EmbedSettings.of(read_embedding_attrs(run.embeddings(key, samples[0]))), samples=samples, holdout=list(wc.holdout),
         split=data.split, fill_missing=wc.fill_missing == "zero", warmup_mask_ratio=wc.mask_ratio,
@@ -272,7 +272,7 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     samples = training_samples(run, wc.holdout)
     require_ready_for_training(run, samples, key)
     expression = load_expression(run, samples)
-    transform = Transform(wc.normalize)
+    transform = Transform.of(wc.normalize)
     found = _backbone_source(cfg)
     panel = _choose_panel(expression, samples, wc, transform, found[1])
     if dist.main:

@@ -288,7 +288,7 @@ def test_typed_results_serialise_to_the_metrics_json_layout(pair, tmp_path: Path
     assert {k: m["calibration"][k] for k in ("within_1std", "within_2std", "expected_gaussian")} == {
         "within_1std": 1.0, "within_2std": 1.0, "expected_gaussian": {"within_1std": 0.683, "within_2std": 0.954}}
     assert list(m["calibration"]) == ["within_1std", "within_2std", "expected_gaussian", "within_90_interval", "crps",
-                                      "energy_score", "pit_histogram", "n_draws", "crps_from", "fair"]
+                                      "energy_score", "pit_histogram", "n_draws", "crps_from", "fair", "observation"]
     assert list(m["per_gene"]) == [f"G{j}" for j in range(12)] and list(m["per_gene"]["G0"]) == PER_GENE_KEYS
     assert list(m["pictures"]) == ["maps", "coexpression_model", "coexpression_depth_partial", "pearson_vs_variance",
                                    "pit_histogram", "chosen"]

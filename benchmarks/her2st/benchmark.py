@@ -198,7 +198,7 @@ class Settings:
     @property
     def transform(self) -> Transform:
         """Every method's targets and scoring space (`--normalize`): log2(counts + 1), or of counts scaled to 10,000."""
-        return Transform(self.config.warmup.normalize)
+        return Transform.of(self.config.warmup.normalize)
 
     @property
     def per_slide(self) -> bool:
@@ -494,7 +494,7 @@ FEATURE_NORM_WORDS = {"slide": "slide by slide, then by the training spots (`--f
                       "training": "by the training spots only (`--feature-norm training`)"}
 
 
-SPACE_WORDS = {"none": "log2(counts + 1)", "total": "log2(CP10k + 1), counts scaled to 10,000 per spot (`--normalize total`)"}
+SPACE_WORDS = {"none": "log2(counts + 1) (`--normalize none`)", "total": "ln(CP10k + 1), counts scaled to 10,000 per spot (`--normalize total`)"}
 
 
 def markdown(summary: dict, s: Settings) -> str:

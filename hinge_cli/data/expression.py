@@ -1,13 +1,16 @@
 """Measured spot expression: reading counts and the target transform.
 
-The transform (log2(counts + 1), optionally after scaling every spot to the same
-total) is a small record that travels with checkpoints and predictions, so that
-`eval` puts the truth through exactly what the model was trained on.
+The transform is a small record that travels with checkpoints and predictions, so that `eval` puts the
+truth through exactly what the model was trained on. New models predict normalised expression, counts per
+10,000 of the spot's total then natural log1p (scanpy's `normalize_total(target_sum=1e4)` + `log1p`): its
+level does not depend on the training data's sequencing depth. `--normalize none` keeps log2(counts + 1),
+the paper's count scale; older cards keep whatever they recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +38,11 @@ class Transform:
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
             raise HingeError(f"unknown normalisation '{self.normalize}'", f"use one of {', '.join(NORMALIZE)}")
+
+    @classmethod
+    def of(cls, normalize: str) -> Transform:
+        """A new model's transform for `--normalize`: total -> ln(CP10k + 1), none -> log2(counts + 1)."""
+        return cls(normalize, 1e4, math.e if normalize == "total" else 2.0)
 
     def apply(self, counts: np.ndarray, totals: np.ndarray | None = None) -> np.ndarray:
         """Transform (spots, genes) counts; `totals` are the spots' library sizes over all genes."""

@@ -73,13 +73,10 @@ def read_prediction(path: Path) -> Prediction:
     adata = read_h5ad(path, "prediction file", "give the .h5ad written by `hinge generate --out`")
     provenance = dict(adata.uns.get("hinge", {}))
     if "transform" not in provenance:
-        raise HingeError(
-            f"{path} does not record the transform its values are in (uns['hinge']['transform'])",
-            "evaluate a file written by `hinge generate`, or set uns['hinge']['transform'] = "
-            "{'normalize': 'none', 'target_sum': 10000, 'log_base': 2}",
-        )
+        log.warning("%s does not record its units (uns['hinge']['transform']): read as log2(counts + 1), as files of "
+                    "earlier versions were; set uns['hinge']['transform'] if it holds other units", path)
     try:
-        transform = Transform.from_dict({k: _plain(v) for k, v in dict(provenance["transform"]).items()})
+        transform = Transform.from_dict({k: _plain(v) for k, v in dict(provenance.get("transform", Transform("none").to_dict())).items()})
     except TypeError as exc:
         raise HingeError(f"{path}: uns['hinge']['transform'] is malformed ({exc})", "keys are normalize, target_sum, log_base") from None
     spatial = dict(adata.uns.get("spatial", {}))

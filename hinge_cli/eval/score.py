@@ -296,7 +296,7 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
 
     rvd, rvd_terms = metrics.relative_variance_distance(pred, truth)
     spatial, moran_pred, moran_true = _spatial(pred, truth, aligned.coords)
-    calibrated = score_calibration(aligned, truth)
+    calibrated = score_calibration(aligned, truth, transform)
     if calibrated is not None:
         per_gene.update(calibrated.per_gene)
     genes = GeneScores(aligned.genes, **per_gene, mse=((pred - truth) ** 2).mean(0), mae=np.abs(pred - truth).mean(0),

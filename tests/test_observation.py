@@ -1,0 +1,82 @@
+"""The observation model in eval: a prediction of normalised expression meets a measured value through count noise
+at that spot's own depth, so its calibration holds at 100 UMI per spot as at 10,000."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from hinge_cli.data.expression import Transform
+from hinge_cli.eval import observation
+from hinge_cli.eval.align import Aligned, read_prediction
+from hinge_cli.eval.probabilistic import Calibration, score_calibration
+from hinge_cli.figures import expression_unit
+from hinge_cli.proper_scores import coverage_std
+
+UNITS = Transform.of("total")
+
+
+def model_world(depth: float, n: int = 1500, genes: int = 12, draws: int = 63, seed: int = 11) -> tuple[Aligned, np.ndarray]:
+    """Predicted rate draws and a truth counted from one more draw of the same distribution at `depth` UMI per spot
+    (seeded apart from eval's fixed PIT seed, 0, whose tie-breaking draws would otherwise follow these)."""
+    rng = np.random.default_rng(seed)
+    log_rate = rng.uniform(math.log(2e-3), math.log(6e-2), (n, 1, genes))
+    rates = np.exp(log_rate + 0.35 * rng.standard_normal((n, draws + 1, genes)))
+    predicted = np.log1p(rates[:, :draws] * 1e4).astype(np.float32)
+    totals = np.full(n, depth)
+    counts = rng.poisson(rates[:, draws] * depth).astype(np.float64)
+    aligned = Aligned("s", [f"G{j}" for j in range(genes)], predicted.mean(1), predicted.std(1), counts, totals, np.zeros((n, 2)), 1.0,
+                      {}, {}, draws=predicted)
+    return aligned, UNITS.apply(counts, totals).astype(np.float64)
+
+
+@pytest.mark.parametrize("depth", [100.0, 10_000.0])
+def test_coverage_through_the_observation_model_holds_at_any_depth(depth: float) -> None:
+    aligned, truth = model_world(depth)
+    scored = score_calibration(aligned, truth, UNITS)
+    assert scored is not None and scored.calibration.observation == observation.POISSON
+    assert abs(scored.calibration.within_1std - 0.683) <= 0.03
+    assert abs(scored.calibration.within_90_interval - 0.90) <= 0.03
+    plain = coverage_std(aligned.pred, aligned.std, truth, 1.0)
+    if depth == 100.0:
+        assert plain < 0.45  # the rate's own spread ignores counting noise, which dominates at 100 UMI
+
+
+def test_count_units_are_scored_plainly() -> None:
+    aligned, truth = model_world(10_000.0, n=200)
+    scored = score_calibration(aligned, truth, Transform("none"))
+    assert scored is not None and scored.calibration.observation == observation.PLAIN
+    assert Calibration(0.5, 0.9).observation == observation.PLAIN  # metrics.json of earlier versions read as plain
+
+
+def test_normalised_units_round_trip_to_counts() -> None:
+    counts = np.array([[0.0, 3.0, 97.0], [10.0, 0.0, 590.0]])
+    totals = counts.sum(1)
+    values = UNITS.apply(counts, totals)
+    np.testing.assert_allclose(values, np.log1p(counts / totals[:, None] * 1e4), rtol=1e-6)  # scanpy's normalize_total + log1p
+    rates = np.expm1(values.astype(np.float64)) / 1e4
+    np.testing.assert_allclose(rates * totals[:, None], counts, atol=1e-3)
+    assert expression_unit(**UNITS.to_dict()) == "ln(counts per 10000 + 1)"
+    assert expression_unit(**Transform.of("none").to_dict()) == "log2(counts + 1)"
+
+
+def test_observed_draws_count_at_each_spots_depth() -> None:
+    draws = np.full((2, 4000, 1), math.log1p(0.01 * 1e4), np.float32)  # a rate of 1% of the spot's counts
+    out = observation.observed_draws(draws, UNITS, np.array([100.0, 10_000.0]), np.random.default_rng(0))
+    counts = np.expm1(out.astype(np.float64)) * np.array([100.0, 10_000.0])[:, None, None] / 1e4
+    np.testing.assert_allclose(counts.mean(1).ravel(), [1.0, 100.0], rtol=0.05)  # Poisson means rate x depth
+    np.testing.assert_allclose(counts.var(1).ravel(), [1.0, 100.0], rtol=0.1)
+
+
+def test_a_file_without_units_reads_as_log2_counts_with_a_note(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    adata = ad.AnnData(X=np.ones((3, 2), np.float32), obs=pd.DataFrame(index=["a", "b", "c"]), var=pd.DataFrame(index=["G0", "G1"]))
+    adata.obsm["spatial"] = np.zeros((3, 2))
+    adata.write_h5ad(tmp_path / "old.h5ad")
+    with caplog.at_level(logging.WARNING):
+        pred = read_prediction(tmp_path / "old.h5ad")
+    assert pred.transform == Transform("none") and "does not record its units" in caplog.text
