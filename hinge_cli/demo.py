@@ -12,6 +12,7 @@ whether the generator beats it.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 
 from hinge_cli.config import load_config
 from hinge_cli.eval import HEADLINE, metric_table, read_baseline_metrics, read_slide_metrics
+from hinge_cli.figures import expression_unit
 
 HELD_OUT = "synth3"
 
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     trained_scores = headline(metric_table(read_slide_metrics(metrics)))
     random_scores = headline(metric_table(read_slide_metrics(baseline / "eval" / HELD_OUT / "metrics.json")))
     ridge_scores = headline(read_baseline_metrics(metrics))
-    print(f"\nheld-out section {HELD_OUT}: {'':24}{'trained':>10}{'untrained':>12}{'ridge':>10}")
+    units = expression_unit(**json.loads(metrics.read_text())["transform"])
+    print(f"\nheld-out section {HELD_OUT}, values in {units}:")
+    print(f"  {'':48}{'trained':>10}{'untrained':>12}{'ridge':>10}")
     for name in trained_scores:
         print(f"  {name:<48}{trained_scores[name]:>10.3f}{random_scores[name]:>12.3f}{ridge_scores[name]:>10.3f}")
     print(f"\ndone in {time.time() - started:.0f}s")

@@ -23,6 +23,7 @@ import numpy as np
 
 from hinge_cli import __version__
 from hinge_cli.config import GenerateConfig, TileConfig
+from hinge_cli.data.shift import shift_report, warn_if_outside
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
@@ -39,6 +40,7 @@ from hinge_cli.predictors import Predictor, generate_stage, hinge_predictor, rid
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
+from hinge_cli.slide.stats import slide_stats
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,17 @@ def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> d
     }
 
 
+def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, image: np.ndarray, scalef: float) -> dict[str, Any]:
+    """{"shift": the slide against the training slides} for uns['hinge'], with a warning when it lies outside them;
+    {} for a model whose card predates the shift report."""
+    if model.card.shift is None:
+        log.info("%s: the model's card keeps no training-slide statistics (trained before the shift report), so no shift report", sample)
+        return {}
+    report = shift_report(model.card.shift, slide_stats(spots, embeddings, (image, scalef)))
+    warn_if_outside(sample, report)
+    return {"shift": report}
+
+
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
                    genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None) -> dict:
     """Predict one embedded sample (default: HINGE's reverse process) in batches and write `out`; returns the manifest record."""
@@ -169,7 +182,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     with open_embeddings(emb_path) as src:
         weights_sha = [w or "none" for w in src.attrs.weights_sha256]
     model_rows = model.slide_features(emb_path, sample)
-    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance}
+    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, emb_path, image, scalef)}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
     given = predictor.given

@@ -26,6 +26,7 @@ from hinge_cli.data.corpus import load_corpus
 from hinge_cli.data.dataset import assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.panel import select_panel, shared_genes
+from hinge_cli.data.shift import ShiftReference
 from hinge_cli.devices import resolve_device
 from hinge_cli.distributed import Dist
 from hinge_cli.encoders import encoder_key, parse_encoders
@@ -35,7 +36,7 @@ from hinge_cli.files import write_text_atomic
 from hinge_cli.fit import LoopSettings, LoopState, fit
 from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord
-from hinge_cli.formats.tiles import read_tile_attrs
+from hinge_cli.formats.tiles import read_tile_attrs, read_tiles
 from hinge_cli.formats.train_state import read_train_state, write_train_state
 from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
 from hinge_cli.losses import hinge_losses, pretrain_losses
@@ -46,6 +47,7 @@ from hinge_cli.model_selection import choose_split
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.refit import finish_training
 from hinge_cli.run import Run
+from hinge_cli.slide.stats import slide_stats
 from hinge_cli.train_data import SplitData, card_table
 
 log = logging.getLogger(__name__)
@@ -244,7 +246,16 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
         embedding=EmbedSettings.of(read_embedding_attrs(run.embeddings(key, samples[0]))), samples=samples, holdout=list(wc.holdout),
         split=data.split, fill_missing=wc.fill_missing == "zero", warmup_mask_ratio=wc.mask_ratio,
         backbone=BackboneSource(source, wc.backbone, corpus=list(wc.corpus) if source == "corpus" else []), config=cfg,
-        training=data.record(state))
+        training=data.record(state), shift=_shift_reference(run, samples, key))
+
+
+def _shift_reference(run: Run, samples: list[str], key: str) -> ShiftReference | None:
+    """The training slides' statistics for generate's shift report; none (with a warning) if a slide has gone."""
+    try:
+        return ShiftReference({s: slide_stats(read_tiles(run.tiles(s)), run.embeddings(key, s)) for s in samples})
+    except HingeError as exc:
+        log.warning("no shift report for this model's predictions: %s", exc)
+        return None
 
 
 def pretrain_warmup(run: Run, cfg: HingeConfig, *, overwrite: bool = False, progress: Progress = SILENT) -> StageSummary:

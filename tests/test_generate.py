@@ -26,6 +26,7 @@ from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
+from hinge_cli.eval import evaluate
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
@@ -191,6 +192,19 @@ def test_view_writes_the_page_beside_the_prediction(trained: tuple[Run, Path], t
     generate(run, [Target("t1")], GenerateConfig(**{**FAST, "view": True}), out=out)
     page = out.with_suffix(".html")
     assert page.exists() and 'id="hinge-meta"' in page.read_text() and str(page) in run.stage("t1", "generate")["plots"]
+
+
+def test_the_shift_report_goes_from_the_card_to_the_prediction_and_eval(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    run, slide = trained
+    out = tmp_path / "t1.h5ad"
+    generate(run, [Target("t1")], GenerateConfig(**FAST), out=out)
+    shift = ad.read_h5ad(out).uns["hinge"]["shift"]
+    assert float(shift["score"]) == 0 and not bool(shift["outside"]) and int(shift["training_slides"]) == 2  # a training slide
+    result = evaluate([out], [Path(run.sample("t1")["expression"]["path"])], out=tmp_path / "eval")
+    assert result.slides[0].shift["outside"] is False
+    assert "shift from the training slides: inside what training saw. Feature score 0.000" in (tmp_path / "eval" / "report.md").read_text()
+    generate(run, [Target("new", slide)], GenerateConfig(**FAST), out=tmp_path / "new.h5ad")  # real features, unlike the stand-ins
+    assert float(ad.read_h5ad(tmp_path / "new.h5ad").uns["hinge"]["shift"]["score"]) > 0
 
 
 def test_refusals(trained: tuple[Run, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hinge_cli.eval.report import SlideResult, comparison, fmt
+from hinge_cli.eval.report import SlideResult, comparison, fmt, shift_summary
 from hinge_cli.eval.score import HEADLINE, METRICS
 from hinge_cli.figures import expression_unit
 
@@ -59,7 +59,8 @@ def slide_report_html(slide: SlideResult, folder: Path) -> str:
              "(gene-specific signal beyond sequencing depth).</p>",
              f"<p>Prediction <code>{html.escape(slide.pred)}</code>, truth <code>{html.escape(slide.truth)}</code>; "
              f"{a['n_matched']} spots matched by {html.escape(str(a['matched_by']))}; {g['n_evaluated']} of {g['n_panel']} genes scored, "
-             f"in {html.escape(expression_unit(**slide.transform))}. report.md beside this file defines every number.</p>"]
+             f"in {html.escape(expression_unit(**slide.transform))}. report.md beside this file defines every number.</p>",
+             f"<p>Shift from the training slides: {html.escape(shift_summary(slide.shift))}</p>"]
     if slide.baseline is not None:
         names = (slide.model, slide.baseline.model)
         parts += [f"<h3>{html.escape(names[0])} vs the {html.escape(names[1])} baseline</h3>",

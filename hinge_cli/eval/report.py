@@ -116,10 +116,13 @@ class SlideResult:
     pictures: Pictures
     model: str = "hinge"
     baseline: Baseline | None = None
+    shift: dict[str, Any] | None = None  # the prediction's shift report (uns['hinge']['shift']), where it has one
 
     def to_dict(self) -> dict[str, Any]:
         out = {"sample": self.sample, "pred": self.pred, "truth": self.truth, "alignment": self.alignment,
                "genes": self.genes, "transform": self.transform, "headline": HEADLINE.key, **self.metrics.to_dict()}
+        if self.shift is not None:
+            out["shift"] = self.shift
         if self.baseline is not None:
             b = self.baseline
             out["baseline"] = {"pred": b.pred, "model": b.model, "metrics": metric_table(b.metrics)}
@@ -304,6 +307,17 @@ def _spread_source(slide: SlideMetrics) -> str:
     return source + "; plain: the draws as predicted, without count noise (count units, or a file scored before 2026-12-07)"
 
 
+def shift_summary(shift: dict[str, Any] | None) -> str:
+    """One line of the prediction's shift report (README: "A new patient's slide")."""
+    if shift is None:
+        return "not reported (the prediction was made by a model or a version without the shift report)"
+    verdict = f"OUTSIDE what training saw: {shift['why']}" if shift["outside"] else "inside what training saw"
+    return (f"{verdict}. Feature score {fmt(float(shift['score']))} (0: inside the training slides' range; 1: a typical feature "
+            f"one spread, within and between slides, beyond it), {shift['features_outside']} of {shift['n_features']} features outside; tissue colour "
+            f"RGB {shift['colour']} against {shift['training_colour'][0]}-{shift['training_colour'][1]}; µm/px {shift['mpp']:.3g} against "
+            f"{shift['training_mpp'][0]:.3g}-{shift['training_mpp'][1]:.3g}; {shift['n_spots']} spots, {shift['area_mm2']:.1f} mm²")
+
+
 def slide_report(slide: SlideResult) -> str:
     """report.md of one slide: provenance, the metric table, best and worst genes, pictures, definitions."""
     a, g = slide.alignment, slide.genes
@@ -314,6 +328,7 @@ def slide_report(slide: SlideResult) -> str:
         f"- genes: {g['n_evaluated']} evaluated of a {g['n_panel']}-gene panel; model space {expression_unit(**slide.transform)}",
     ]
     lines.append(f"- predictive spread: {_spread_source(slide.metrics)}")
+    lines.append(f"- shift from the training slides: {shift_summary(slide.shift)}")
     for key, what in (("missing_from_truth", "missing from the truth"), ("dropped_nonfinite", "left out, non-finite predictions"),
                       ("not_in_prediction", "asked for but not in the panel")):
         if g[key]:

@@ -7,6 +7,7 @@ printed and reported side by side.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,16 @@ def _score_baseline(path: Path, pred: Prediction, truth: Expression, aligned: Al
     return Baseline(str(path), baseline.model, score_slide(scored, baseline.transform).metrics)
 
 
+def _shift_of(pred: Prediction) -> dict | None:
+    shift = pred.provenance.get("shift")
+    return None if shift is None else json.loads(json.dumps(dict(shift), default=_plain_value))
+
+
+def _plain_value(value: object) -> object:
+    """numpy values anndata hands back, as JSON's own."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
              progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
@@ -131,7 +142,8 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot, draw=maps)
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures, pred.model,
-                                None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)))
+                                None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)),
+                                _shift_of(pred))
             write_text_atomic(folder / "report.md", slide_report(slide))
             write_view(folder / "report.html", view_of(pred, truth, Path(truth_path)), slide_report_html(slide, folder), overwrite=True)
             write_slide_metrics(folder / "metrics.json", slide)  # last: it marks the slide's evaluation as done

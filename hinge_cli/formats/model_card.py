@@ -18,6 +18,7 @@ from hinge_cli import __version__
 from hinge_cli.config import DiffusionConfig, HingeConfig, ModelConfig, config_from_dict
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
+from hinge_cli.data.shift import ShiftReference
 from hinge_cli.errors import HingeError
 from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import EmbeddingAttrs
@@ -165,6 +166,7 @@ class ModelCard:
     calibration: SpreadCalibration | None = None  # `hinge train` fits it on the validation spots
     refit: TrainingRecord | None = None  # the refit on every training spot that made these weights, if any
     coupling: GeneCorrelation | None = None  # `hinge train` measures it on the spots these weights trained on
+    shift: ShiftReference | None = None  # the training slides' statistics, which generate's shift report compares a slide with
     weights: str = ""  # the weights file's name, beside this card
     sha256: str = ""  # of the weights file
     hinge_version: str = __version__
@@ -221,6 +223,7 @@ def card_from_dict(data: dict[str, Any], where: Path) -> ModelCard:
         calibration=_optional(SpreadCalibration, data.get("calibration"), where),
         coupling=_optional(GeneCorrelation, data.get("coupling"), where),
         refit=_optional(TrainingRecord, data.get("refit"), where),
+        shift=ShiftReference.from_dict(data["shift"]) if data.get("shift") is not None else None,
     )
 
 

@@ -1,0 +1,113 @@
+"""How far a new slide is from the slides a model was trained on: the shift report `generate` writes.
+
+Every user's slide comes from a new patient, a new stain batch, a new scanner. The card keeps, for each
+training slide, what the model saw of it: its features' mean and spread over its spots (before any
+standardisation), the mean colour of its tissue under the spots, its µm/px and its size. A new slide is
+compared with the range those span. The feature score is the root mean square, over features, of how far the
+slide's mean lies outside the training slides' range, in units of how much a feature varies (within a slide and
+between the training slides, together): 0 means inside what training saw, 1 that a typical feature sits one
+such spread beyond it. Thresholds are provisional until the shift benchmark calibrates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hinge_cli.data.features import SlideShift
+
+log = logging.getLogger(__name__)
+
+FEATURE_LIMIT = 1.0  # feature score above which a slide is called outside the training range
+COLOUR_LIMIT = 12.0  # RGB levels (of 255) outside the training slides' range of tissue colour
+MPP_LIMIT = 0.10  # relative distance of µm/px from the training slides' range
+TOP = 5
+WINDOW = 2  # half-width, in image px, of the patch of the low-resolution image averaged at each spot
+
+
+@dataclass(frozen=True)
+class SlideStats:
+    """What a model saw of one slide."""
+
+    feature_mean: list[float]
+    feature_std: list[float]
+    colour: list[float]  # mean RGB of the tissue under the spots (0-255), from the low-resolution slide image
+    mpp: float
+    n_spots: int
+    area_mm2: float  # the spots' footprint: their number times the area each stands for (pitch²)
+
+    @classmethod
+    def of(cls, features: SlideShift, image: np.ndarray, image_xy: np.ndarray, mpp: float, pitch_um: float) -> SlideStats:
+        """From a slide's feature moments and its image at the spots (`image_xy`: spot centres in that image's px)."""
+        return cls(features.mean.tolist(), features.std.tolist(), spot_colour(image, image_xy).tolist(), float(mpp),
+                   int(features.n_spots), float(features.n_spots * (pitch_um / 1000) ** 2))
+
+
+@dataclass(frozen=True)
+class ShiftReference:
+    """The training slides' statistics, kept in the model card."""
+
+    slides: dict[str, SlideStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"slides": {name: dataclasses.asdict(s) for name, s in self.slides.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShiftReference:
+        return cls({name: SlideStats(**s) for name, s in data["slides"].items()})
+
+
+def spot_colour(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Mean RGB over small windows of `image` centred on each spot, averaged over spots."""
+    h, w = image.shape[:2]
+    cols = np.clip(np.rint(xy[:, 0]).astype(int), WINDOW, w - WINDOW - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(int), WINDOW, h - WINDOW - 1)
+    offsets = np.arange(-WINDOW, WINDOW + 1)
+    patch = image[rows[:, None, None] + offsets[None, :, None], cols[:, None, None] + offsets[None, None, :], :3]
+    return patch.reshape(-1, 3).astype(np.float64).mean(0)
+
+
+def _outside(value: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, np.maximum(value - hi, lo - value))
+
+
+def shift_report(reference: ShiftReference, slide: SlideStats) -> dict[str, Any]:
+    """The slide against the training range: scores, the most-shifted features, colour, µm/px, size, and a verdict."""
+    train = list(reference.slides.values())
+    means = np.array([s.feature_mean for s in train])
+    within = np.mean([s.feature_std for s in train], axis=0)
+    between = means.std(0, ddof=1) if len(train) > 1 else np.zeros_like(within)
+    scale = np.maximum(np.sqrt(within**2 + between**2), 1e-6 * np.maximum(np.abs(means).max(0), 1.0))
+    distance = _outside(np.asarray(slide.feature_mean), means.min(0), means.max(0)) / scale
+    score = float(np.sqrt(np.mean(distance**2)))
+    top = np.argsort(-distance, kind="stable")[:TOP]
+    colours = np.array([s.colour for s in train])
+    colour_off = _outside(np.asarray(slide.colour), colours.min(0), colours.max(0))
+    mpps = np.array([s.mpp for s in train])
+    mpp_off = float(_outside(np.array(slide.mpp), mpps.min(), mpps.max()) / mpps.min())
+    reasons = []
+    if score > FEATURE_LIMIT:
+        reasons.append(f"its features lie outside the training slides' range (score {score:.2f}, above {FEATURE_LIMIT:g})")
+    if colour_off.max() > COLOUR_LIMIT:
+        reasons.append(f"its tissue colour is {colour_off.max():.0f} RGB levels outside the training slides' (stain or scanner)")
+    if mpp_off > MPP_LIMIT:
+        reasons.append(f"its µm/px ({slide.mpp:.3g}) is {100 * mpp_off:.0f}% outside the training slides' ({mpps.min():.3g}-{mpps.max():.3g})")
+    return {
+        "score": round(score, 4), "outside": bool(reasons), "why": "; ".join(reasons),
+        "features_outside": int((distance > 0).sum()), "n_features": int(distance.size),
+        "most_shifted": {f"feature {int(j)}": round(float(distance[j]), 3) for j in top if distance[j] > 0},
+        "colour": [round(c, 1) for c in slide.colour], "training_colour": [[round(c, 1) for c in colours.min(0)], [round(c, 1) for c in colours.max(0)]],
+        "mpp": slide.mpp, "training_mpp": [float(mpps.min()), float(mpps.max())],
+        "n_spots": slide.n_spots, "area_mm2": round(slide.area_mm2, 3), "training_slides": len(train),
+    }
+
+
+def warn_if_outside(sample: str, report: dict[str, Any]) -> None:
+    """One warning line when the slide is outside what training saw: what differs, and what it means."""
+    if report["outside"]:
+        log.warning("%s is outside what the model was trained on: %s. Expect the level and the spread to hold less well "
+                    "than on the training slides (uns['hinge']['shift'] has the details)", sample, report["why"])

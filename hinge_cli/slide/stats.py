@@ -1,0 +1,20 @@
+"""A tiled and embedded slide's statistics for the shift report (`hinge_cli.data.shift`): read once per slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hinge_cli.data.features import SlideShift
+from hinge_cli.data.shift import SlideStats
+from hinge_cli.formats.tiles import Tiles
+from hinge_cli.slide.reader import hires_image
+
+
+def slide_stats(tiles: Tiles, embeddings: Path, image: tuple[np.ndarray, float] | None = None) -> SlideStats:
+    """Feature moments over the slide's spots, its tissue colour under them, µm/px and size; `image` is the slide's
+    low-resolution image and scale when the caller already has them."""
+    picture, scale = image if image is not None else hires_image(tiles.attrs.slide, tiles.attrs.mpp_source)
+    return SlideStats.of(SlideShift.read(embeddings, tiles.attrs.slide.name), picture, tiles.coords * scale, tiles.attrs.mpp_source,
+                         tiles.attrs.pitch_um)

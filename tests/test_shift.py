@@ -1,0 +1,80 @@
+"""The shift report: a training slide is inside what training saw (score 0), and the score grows with the strength
+of a stain shift applied to a new slide, which is flagged once strong."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+
+from hinge_cli.config import EmbedConfig
+from hinge_cli.data.shift import ShiftReference, SlideStats, shift_report, warn_if_outside
+from hinge_cli.embed import embed_samples
+from hinge_cli.formats.tiles import read_tiles
+from hinge_cli.run import Run
+from hinge_cli.slide.stats import slide_stats
+from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.slide.writer import write_pyramidal_tiff
+from hinge_cli.synthetic import make_synthetic_sample
+
+MPP = 1.0
+
+
+def stained(rgb: np.ndarray, strength: float) -> np.ndarray:
+    """Every stain darker by `strength` (optical density scaled by 1 + strength), as a heavier staining run makes it."""
+    density = -np.log(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)
+    return np.clip(255.0 * np.exp(-density * (1.0 + strength)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShiftReference, dict[float, SlideStats]]:
+    root = tmp_path_factory.mktemp("shift")
+    run = Run(root / "run")
+    cfg = run.config("tiny")
+    cfg.tile.images = False
+    names = []
+    for i in range(3):
+        s = make_synthetic_sample(root / "data", f"t{i}", size_px=640, mpp=MPP, seed=60 + i, n_genes=20)
+        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+        names.append(s.sample_id)
+    new = make_synthetic_sample(root / "data", "new", size_px=640, mpp=MPP, seed=70, n_genes=20)
+    base = tifffile.imread(new.slide)
+    strengths = (0.0, 0.3, 0.6, 1.2)
+    for strength in strengths:
+        sample = f"new{int(strength * 10)}"
+        slide = write_pyramidal_tiff(root / "data" / f"{sample}.tif", stained(base, strength), MPP)
+        tile_sample(run, SampleSpec(sample, slide, new.spots), cfg.tile)
+        names.append(sample)
+    embed_samples(run, EmbedConfig(device="cpu"))
+    stats = {s: slide_stats(read_tiles(run.tiles(s)), run.embeddings("default", s)) for s in names}
+    reference = ShiftReference({s: stats[s] for s in names[:3]})
+    return reference, {strength: stats[f"new{int(strength * 10)}"] for strength in strengths}
+
+
+def test_a_training_slide_is_inside(slides) -> None:
+    reference, _ = slides
+    report = shift_report(reference, reference.slides["t1"])
+    assert report["score"] == 0 and report["features_outside"] == 0 and not report["outside"]
+
+
+def test_the_score_grows_with_the_stain_shift_and_a_strong_one_is_flagged(slides, caplog: pytest.LogCaptureFixture) -> None:
+    reference, shifted = slides
+    reports = {strength: shift_report(reference, stats) for strength, stats in shifted.items()}
+    scores = [reports[s]["score"] for s in sorted(reports)]
+    assert scores == sorted(scores) and scores[-1] > scores[0], scores
+    assert not reports[0.0]["outside"] and reports[1.2]["outside"]
+    with caplog.at_level(logging.WARNING):
+        warn_if_outside("new12", reports[1.2])
+        warn_if_outside("new0", reports[0.0])
+    assert caplog.text.count("is outside what the model was trained on") == 1 and "new12" in caplog.text
+
+
+def test_the_reference_survives_the_card() -> None:
+    stats = SlideStats([0.0, 1.0], [1.0, 1.0], [200.0, 150.0, 210.0], 0.5, 10, 0.1)
+    reference = ShiftReference({"a": stats})
+    assert ShiftReference.from_dict(reference.to_dict()) == reference
+    report = shift_report(reference, SlideStats([0.0, 4.0], [1.0, 1.0], [200.0, 150.0, 210.0], 0.56, 10, 0.1))
+    assert report["score"] == pytest.approx(np.sqrt(9 / 2), abs=1e-4) and report["most_shifted"] == {"feature 1": 3.0}
+    assert "µm/px" in report["why"] and "features" in report["why"]
