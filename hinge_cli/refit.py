@@ -67,7 +67,7 @@ def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> f
     Gaussian deflated by how much worse it predicts the validation spots; returns that factor for the refit."""
     card = read_checkpoint_card(selected)
     fitted, held_out = ((d.features[:, 0], d.targets.numpy()) for d in (data.train, data.val))
-    calibrate_checkpoint(selected, *held_out, cfg.generate, card.split)
+    calibrate_checkpoint(selected, *held_out, cfg.generate, card.split, data.val.depth)
     deflation = measure_optimism(load_checkpoint(selected).net, fitted, held_out, cfg.generate.seed)
     couple_checkpoint(selected, *fitted, cfg.generate.seed, card.samples, data.train.sample, deflation)
     return deflation

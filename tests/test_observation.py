@@ -80,3 +80,13 @@ def test_a_file_without_units_reads_as_log2_counts_with_a_note(tmp_path, caplog:
     with caplog.at_level(logging.WARNING):
         pred = read_prediction(tmp_path / "old.h5ad")
     assert pred.transform == Transform("none") and "does not record its units" in caplog.text
+
+
+@pytest.mark.parametrize(("value", "depth"), [(2.5, 800.0), (5.0, 10_000.0)])  # about 1 count expected (summed), 147 (delta method)
+def test_count_noise_variance_matches_poisson_counting(value: float, depth: float) -> None:
+    """The variance the spread calibration sets beside the spread, against simulated counting."""
+    rng = np.random.default_rng(3)
+    rate = np.expm1(value) / 1e4
+    counted = UNITS.apply(rng.poisson(rate * depth, (40000, 1)), np.full(40000, depth))
+    assert UNITS.count_noise_variance(np.array([[value]]), np.array([[depth]]))[0, 0] == pytest.approx(counted.var(), rel=0.05)
+    assert Transform.of("none").count_noise_variance(np.array([[value]]), np.array([[depth]]))[0, 0] == 0.0

@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 from scipy import sparse
+from scipy.stats import poisson
 
 from hinge_cli.data.counts import raw_counts
 from hinge_cli.errors import HingeError
@@ -24,7 +25,9 @@ from hinge_cli.errors import HingeError
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("none", "total")
-MODEL_SPACE_FLOOR = 0.0  # every transform is a log of (scaled) counts + 1, so no expression lies below it
+MODEL_SPACE_FLOOR = 0.0
+POISSON_EXACT_MAX = 30.0  # expected counts up to which count noise is summed exactly (the delta method errs below)
+POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected  # every transform is a log of (scaled) counts + 1, so no expression lies below it
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,28 @@ class Transform:
         values = sparse.csr_matrix(values, copy=True)
         values.data = self._log(values.data)
         return values
+
+    def count_noise_variance(self, values: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """The variance, in these units, that Poisson counting adds to a measured spot of `depth` UMI whose expression is
+        `values`: exact over the counts up to POISSON_EXACT_MAX expected, by the delta method beyond (where it holds).
+        Only normalised units have a rate to count at another depth: zero for count units."""
+        values = np.asarray(values, dtype=np.float64)
+        if self.normalize != "total":
+            return np.zeros(values.shape)
+        depth = np.broadcast_to(np.maximum(np.asarray(depth, dtype=np.float64), 1.0), values.shape)
+        grow = np.power(self.log_base, values)  # 1 + rate x target_sum
+        expected = np.maximum(grow - 1.0, 0.0) / self.target_sum * depth
+        slope = self.target_sum / depth / grow / np.log(self.log_base)  # units per count, at the expected count
+        out = expected * slope**2
+        low = np.flatnonzero(expected <= POISSON_EXACT_MAX)
+        counts = np.arange(POISSON_COUNTS)
+        for part in np.array_split(low, max(1, len(low) // 100_000)):
+            lam, scale = expected.flat[part][:, None], self.target_sum / depth.flat[part][:, None]
+            pmf = poisson.pmf(counts, lam)
+            level = np.log1p(counts * scale) / np.log(self.log_base)
+            mean = (pmf * level).sum(1, keepdims=True)
+            out.flat[part] = (pmf * (level - mean) ** 2).sum(1)
+        return out
 
     def _scale(self, totals: np.ndarray) -> np.ndarray:
         """Each spot's factor to `target_sum` counts; an empty spot is left unscaled rather than divided by zero."""

@@ -99,6 +99,7 @@ class SpreadCalibration:
     within_1std_raw: float  # coverage of point ± std on those spots, before and after
     within_1std: float
     sampler: str = "reverse"  # the sampler whose spread it scales (cards from before the coupled sampler: reverse)
+    observation: str = "plain"  # poisson: fitted with each validation spot's count noise beside the spread (normalised units)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli.config import GenerateConfig
-from hinge_cli.data.expression import MODEL_SPACE_FLOOR
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
 from hinge_cli.formats.model_card import GeneCorrelation, SpreadCalibration, ValidationSplit, write_card
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NOMINAL_1STD = 0.683  # a Gaussian's mass within one standard deviation
 SCALE_RANGE = (0.05, 50.0)
+SCALE_STEPS = 481  # scales tried with count noise: 1.5% apart over SCALE_RANGE
 BATCH = 256
 
 
@@ -133,8 +134,12 @@ def reverse_predictive(net: Hinge, image: Tensor, cfg: GenerateConfig, spot_inde
 
 
 @torch.no_grad()
-def fit_spread_scale(net: Hinge, image: Tensor, truth: np.ndarray, cfg: GenerateConfig) -> tuple[np.ndarray, float, float]:
-    """Per-gene scale making |truth - point| <= scale x std hold for 68.3% of the spots; coverage before and after."""
+def fit_spread_scale(net: Hinge, image: Tensor, truth: np.ndarray, cfg: GenerateConfig,
+                     counting: tuple[Transform, np.ndarray] | None = None) -> tuple[np.ndarray, float, float]:
+    """Per-gene scale making |truth - point| <= sqrt((scale x std)² + noise) hold for 68.3% of the spots; coverage before
+    and after. With `counting` (the units and each spot's depth), noise is the variance counting adds at the spot's depth
+    to the predicted expression (the observation model), so the scaled spread is the model's uncertainty about the
+    expression itself, not the validation sections' count noise; without, it is 0."""
     device = next(net.parameters()).device
     points, spreads = [], []
     for start in range(0, len(truth), BATCH):
@@ -142,7 +147,18 @@ def fit_spread_scale(net: Hinge, image: Tensor, truth: np.ndarray, cfg: Generate
         written = predictive(net, image[start:stop].to(device), cfg, torch.arange(start, stop)).batch(keep_draws=False)
         points.append(written.mean)
         spreads.append(written.std)
-    error, spread = np.abs(truth - np.concatenate(points)), np.concatenate(spreads)
+    point = np.concatenate(points)
+    error, spread = np.abs(truth - point), np.concatenate(spreads).astype(np.float64)
+    if counting is not None:
+        noise = counting[0].count_noise_variance(point, counting[1][:, None])
+
+        def covered(scale: np.ndarray | float) -> np.ndarray:
+            return error <= np.sqrt((spread * scale) ** 2 + noise)
+
+        grid = np.geomspace(*SCALE_RANGE, SCALE_STEPS)
+        reached = np.array([covered(s).mean(0) >= NOMINAL_1STD for s in grid])  # (steps, G), monotone in the scale
+        scale = np.where(reached.any(0), grid[np.argmax(reached, axis=0)], SCALE_RANGE[1])
+        return scale, float(np.mean(covered(1.0))), float(np.mean(covered(scale)))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(spread > 0, error / spread, np.where(error > 0, np.inf, 0.0))
     scale = np.clip(np.quantile(ratio, NOMINAL_1STD, axis=0, method="higher"), *SCALE_RANGE)
@@ -150,19 +166,22 @@ def fit_spread_scale(net: Hinge, image: Tensor, truth: np.ndarray, cfg: Generate
 
 
 def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: GenerateConfig,
-                         split: ValidationSplit | None) -> SpreadCalibration:
-    """Fit the spread scale of the checkpoint at `path` on the validation spots and record it in its card."""
+                         split: ValidationSplit | None, depth: np.ndarray | None = None) -> SpreadCalibration:
+    """Fit the spread scale of the checkpoint at `path` on the validation spots and record it in its card; with the spots'
+    `depth` and a model of normalised expression, through the observation model (count noise at each spot's depth)."""
     checkpoint = load_checkpoint(path)
     net = checkpoint.net
-    scale, raw, calibrated = fit_spread_scale(net, image, truth, cfg)
+    transform = checkpoint.card.transform
+    observed = depth is not None and transform is not None and transform.normalize == "total"
+    scale, raw, calibrated = fit_spread_scale(net, image, truth, cfg, (transform, np.asarray(depth, dtype=np.float64)) if observed else None)
     samples = list(split.val_samples) if split is not None else []
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,
                                     sampling_steps(cfg.steps, net.diffusion.steps), cfg.temperature, cfg.point, raw, calibrated,
-                                    sampler_of(net, cfg))
+                                    sampler_of(net, cfg), "poisson" if observed else "plain")
     write_card(sidecar_path(path), replace(checkpoint.card, calibration=calibration))
-    log.info("spread calibrated on %s: point ± std covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
-             ", ".join(samples) or "random spots of the training slides", 100 * raw, len(truth), 100 * calibrated,
-             float(np.median(scale)))
+    log.info("spread calibrated on %s: point ± std%s covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
+             ", ".join(samples) or "random spots of the training slides", " (with each spot's count noise)" if observed else "",
+             100 * raw, len(truth), 100 * calibrated, float(np.median(scale)))
     if not samples:
         log.warning("the spread was calibrated on spots of the training slides, so it will be too narrow on new slides; "
                     "train on 3 or more samples (or pass --val-samples) to calibrate on a held-out section")

@@ -21,7 +21,7 @@ import torch
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
-from hinge_cli.data.expression import MODEL_SPACE_FLOOR
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
@@ -107,20 +107,31 @@ def residual_source(search: PenaltySearch) -> str:
 
 
 def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder_key: str, seed: int = 0,
-              penalties: Sequence[float] = PENALTIES) -> RidgeModel:
+              penalties: Sequence[float] = PENALTIES, transform: Transform | None = None) -> RidgeModel:
     """Choose the penalty on `table`'s spots by inner CV, then solve on all of them.
 
     Each gene's predictive std is the root mean square of its out-of-fold residuals at that
-    penalty: in-sample residuals would understate the error on a new section.
+    penalty: in-sample residuals would understate the error on a new section. For normalised
+    units (`transform`), the count noise the training spots' own depth adds to those residuals is
+    taken out (its variance, at least RATE_SHARE_FLOOR of it kept), so the std is the uncertainty
+    about the expression, which the observation model counts again at a measured spot's depth.
     """
     z, y = design(table.features, norm), table.targets.astype(np.float64)
     search, mean_square = cross_validate(z, y, table.depth, np.asarray(table.sample, dtype=str), seed, penalties)
     penalty = best_penalty(search)
     fold = Fold(z, y)
     weights = fold.weights(penalty)
-    return RidgeModel(weights, fold.intercept(weights), norm, penalty, search, list(genes), encoder_key,
-                      sorted({str(s) for s in table.sample}), len(table),
-                      np.sqrt(mean_square[search.penalties.index(penalty)]), residual_source(search))
+    intercept = fold.intercept(weights)
+    variance, source = mean_square[search.penalties.index(penalty)], residual_source(search)
+    if transform is not None and transform.normalize == "total":
+        noise = transform.count_noise_variance(np.maximum(z @ weights + intercept, 0.0), table.depth[:, None]).mean(0)
+        variance = np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
+        source += ", less the count noise of each training spot's depth"
+    return RidgeModel(weights, intercept, norm, penalty, search, list(genes), encoder_key, sorted({str(s) for s in table.sample}),
+                      len(table), np.sqrt(variance), source)
+
+
+RATE_SHARE_FLOOR = 0.01  # of a gene's residual variance kept when its count noise would take it all
 
 
 def ridge_path(checkpoint: Path) -> Path:
@@ -130,7 +141,7 @@ def ridge_path(checkpoint: Path) -> Path:
 
 def fit_run_ridge(run: Run, card: ModelCard, train: SpotTable) -> RidgeModel:
     """Fit the ridge on `train`, the training spots of `card`'s split (`SplitData.train_rows`), and store it."""
-    ridge = fit_ridge(train, card.feature_norm, card.genes, str(card.encoder_key), card.split.seed)
+    ridge = fit_ridge(train, card.feature_norm, card.genes, str(card.encoder_key), card.split.seed, transform=card.transform)
     path = run.checkpoint(RIDGE)
     write_ridge_model(path, ridge)
     log.info("ridge baseline: λ = %.3g, inner-CV depth-partial Pearson %.3f, out-of-fold residual std %.3g (median "
