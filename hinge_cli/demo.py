@@ -41,7 +41,7 @@ SHOWN = {  # printed name -> metrics.json key
     "RVD": "variance.rvd",
     "MSE": "errors.mse",
     "CRPS (lower is better)": "calibration.crps",
-    "inside ± 1 std (0.683 if calibrated)": "calibration.within_1std",
+    "inside the central 68% (0.683 if calibrated)": "calibration.within_1std",
 }
 
 

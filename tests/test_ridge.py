@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from scipy.special import ndtr
-from stand_in import write_features
+from stand_in import tiled_synthetic, write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
@@ -27,8 +27,6 @@ from hinge_cli.generate import Target, generate
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.ridge import GAUSSIAN_Q95, PENALTIES, best_penalty, cross_validate, fit_ridge, inner_folds
 from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
 from hinge_cli.train import pretrain_warmup, train
 from hinge_cli.train_data import card_table, split_rows
 
@@ -39,16 +37,11 @@ FAST = GenerateConfig(n_samples=1, steps=2, device="cpu")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str, Path]]:
     """Two training samples, a one-epoch tiny model and its ridge; and each sample's measured spots."""
-    root = tmp_path_factory.mktemp("ridge")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images = False
-    truths = {}
-    for i in range(2):
-        s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=40 + i, n_genes=40)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+    run, samples = tiled_synthetic(tmp_path_factory.mktemp("ridge"), "t", 2, 40, size_px=384, mpp=2.0, n_genes=40)
+    for i, s in enumerate(samples):
         write_features(run, s.sample_id, i, views=2)
-        truths[s.sample_id] = s.spots
+    truths = {s.sample_id: s.spots for s in samples}
+    cfg = run.config("tiny")
     cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
     cfg.train.epochs = 1
     pretrain_warmup(run, cfg)

@@ -8,12 +8,12 @@ import logging
 import numpy as np
 import pytest
 import tifffile
+from stand_in import tiled_synthetic
 
 from hinge_cli.config import EmbedConfig
 from hinge_cli.data.shift import ShiftReference, SlideStats, shift_report, warn_if_outside
 from hinge_cli.embed import embed_samples
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.run import Run
 from hinge_cli.slide.stats import slide_stats
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
@@ -31,14 +31,10 @@ def stained(rgb: np.ndarray, strength: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShiftReference, dict[float, SlideStats]]:
     root = tmp_path_factory.mktemp("shift")
-    run = Run(root / "run")
+    run, training = tiled_synthetic(root, "t", 3, 60, size_px=640, mpp=MPP, n_genes=20)
+    names = [s.sample_id for s in training]
     cfg = run.config("tiny")
     cfg.tile.images = False
-    names = []
-    for i in range(3):
-        s = make_synthetic_sample(root / "data", f"t{i}", size_px=640, mpp=MPP, seed=60 + i, n_genes=20)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
-        names.append(s.sample_id)
     new = make_synthetic_sample(root / "data", "new", size_px=640, mpp=MPP, seed=70, n_genes=20)
     base = tifffile.imread(new.slide)
     strengths = (0.0, 0.3, 0.6, 1.2)

@@ -529,7 +529,7 @@ def markdown(summary: dict, s: Settings) -> str:
                     text += f" (seeds ±{c['seed_std']:.{digits}f})"
                 row.append(f"**{text}**" if best is not None and c["mean"] == best else text)
             if s.transform.normalize == "total":
-                label = label.replace("log2 counts", "log2 CP10k")
+                label = label.replace("log2 counts", "log2 CP10k" if s.transform.log_base == 2 else "ln CP10k")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines += ["", *paired_lines(summary[panel.name]), ""]
         lines += [f"- `{m}`: {HINGE_VARIANTS[m].what}" for m in methods if m in HINGE_VARIANTS] + [""]
