@@ -35,9 +35,8 @@ class GivenSource:
 
     def check_request(self, model: str, n_samples: int) -> None:
         """Refuse what completion cannot do: a model that cannot condition on genes, or one file for several slides."""
-        if model != "hinge":
-            raise HingeError(f"--model {model} cannot condition on --given genes without being refitted on them",
-                             "drop --given for the ridge baseline, or predict with --model hinge")
+        if model not in ("hinge", "ridge"):
+            raise HingeError(f"--model {model} cannot condition on --given genes", "predict with --model hinge (or ridge, the genes-only baseline)")
         if n_samples > 1:
             raise HingeError(f"--given {self.path} holds one slide's measurements but {n_samples} samples are asked for",
                              "generate one slide at a time with --given")

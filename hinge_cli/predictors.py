@@ -16,14 +16,17 @@ import torch
 
 from hinge_cli import devices
 from hinge_cli.config import GenerateConfig
-from hinge_cli.data.features import prediction_view
+from hinge_cli.data.dataset import SpotTable
+from hinge_cli.data.features import FeatureNorm, prediction_view
 from hinge_cli.files import sha256_file
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.given import GivenGenes
 from hinge_cli.model.calibration import gene_coupling, predictive, sampler_of
-from hinge_cli.model.ridge import load_ridge, predictive_batch, ridge_path
+from hinge_cli.model.ridge import fit_ridge, load_ridge, predictive_batch, ridge_path
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel
+from hinge_cli.run import Run
+from hinge_cli.train_data import card_table, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +106,57 @@ def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:
 
     return Predictor("ridge", provenance, predict, with_spread=spread, keep_draws=n_draws, map_titles=("ridge prediction",))
 
+
+
+def genes_ridge_predictor(run: Run, model: TrainedModel, cfg: GenerateConfig, given: GivenGenes) -> Predictor:
+    """Panel completion's genes-only baseline (`generate --model ridge --given`): a ridge from the given genes alone to
+    the panel, fitted on the training spots of the model's split (as the image ridge is) with no image. It says how much
+    of a completion the given genes carry by themselves. Spots the given file leaves out are predicted by the image ridge
+    stored beside the checkpoint; the given genes are held at their measured values, as HINGE holds them."""
+    table = card_table(run, model.card)
+    train_rows, _ = split_rows(model.card.split, table)
+    columns = [model.genes.index(g) for g in given.genes]
+    inputs = table.targets[:, columns]
+    genes_only = SpotTable(table.sample, table.barcodes, table.coords, inputs, table.targets, table.depth).subset(train_rows)
+    ridge = fit_ridge(genes_only, FeatureNorm.fit(genes_only.features), model.genes, "given genes", model.card.split.seed,
+                      transform=model.card.transform)
+    image = ridge_predictor(model, cfg)
+    n_draws = image.keep_draws
+    log.info("genes-only ridge from %d given genes: λ = %.3g, inner-CV depth-partial Pearson %.3f on %d training spots",
+             len(columns), ridge.penalty, ridge.score, ridge.n_spots)
+
+    def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
+        covered = given.mask[start:stop][:, columns].all(1)
+        batch = image.predict(rows, start, stop)
+        from_genes = predictive_batch(ridge, given.values[start:stop][:, columns], np.arange(start, stop), cfg.seed, n_draws)
+        return held_given(choose_spots(covered, from_genes, batch), given.mask[start:stop], given.values[start:stop])
+
+    provenance = {**image.provenance, "ridge_inputs": "the given genes alone (panel completion's genes-only baseline)",
+                  "penalty": ridge.penalty, "inner_cv_depth_partial": ridge.score, "ridge_samples": ridge.samples,
+                  "residual_std_source": ridge.residual_source, "image_ridge_for": "spots the given file leaves out",
+                  **given.provenance()}
+    return Predictor("ridge", provenance, predict, with_spread=image.with_spread, keep_draws=n_draws, map_titles=image.map_titles,
+                     given=given)
+
+
+def choose_spots(take: np.ndarray, first: PredictedBatch, second: PredictedBatch) -> PredictedBatch:
+    """Each spot's layers from `first` where `take`, else from `second`."""
+    def pick(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None or b is None else np.where(take.reshape(-1, *[1] * (a.ndim - 1)), a, b).astype(np.float32)
+
+    return PredictedBatch(pick(first.mean, second.mean), pick(first.std, second.std), pick(first.q05, second.q05),
+                          pick(first.q95, second.q95), pick(first.draws, second.draws))
+
+
+def held_given(batch: PredictedBatch, mask: np.ndarray, values: np.ndarray) -> PredictedBatch:
+    """The given genes at their measured values with no spread, in every layer and draw."""
+    def hold(layer: np.ndarray | None, value: np.ndarray) -> np.ndarray | None:
+        if layer is None:
+            return None
+        if layer.ndim == 3:  # draws (spots, draws, genes)
+            return np.where(mask[:, None], value[:, None], layer).astype(np.float32)
+        return np.where(mask, value, layer).astype(np.float32)
+
+    zero = np.zeros_like(values)
+    return PredictedBatch(hold(batch.mean, values), hold(batch.std, zero), hold(batch.q05, values), hold(batch.q95, values),
+                          hold(batch.draws, values))

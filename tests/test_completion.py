@@ -231,8 +231,30 @@ def test_given_warnings_and_refusals(trained, tmp_path, caplog):
         read_given(GivenSource(elsewhere), tiles, panel, transform)
     by_coordinates = _measured(measured, tmp_path / "coords.h5ad", barcodes=False)
     assert read_given(GivenSource(by_coordinates), tiles, panel, transform).alignment["matched_by"] == "coordinates"
-    result = _generate(run, tmp_path / "ridge.h5ad", "--given", str(renamed), "--model", "ridge")
-    assert result.exit_code != 0 and "cannot condition on --given genes" in result.output
+
+
+def test_the_genes_only_ridge_completes_from_the_given_genes_alone(trained, tmp_path):
+    run, measured = trained
+    panel = load_checkpoint(run.checkpoint("best")).card.genes
+    listed = tmp_path / "given.txt"
+    listed.write_text("\n".join(panel[:4]) + "\n")
+    half = _measured(measured, tmp_path / "half.h5ad", keep_spots=slice(0, None, 2))
+    out, image = tmp_path / "t0.ridge.h5ad", tmp_path / "image.ridge.h5ad"
+    result = _generate(run, out, "--given", str(half), "--given-genes", str(listed), "--model", "ridge")
+    assert result.exit_code == 0, result.output
+    assert _generate(run, image, "--model", "ridge").exit_code == 0
+    adata, image_only = ad.read_h5ad(out), ad.read_h5ad(image)
+    given = adata.var["given"].to_numpy(bool)
+    assert list(adata.var_names[given]) == panel[:4] and adata.uns["hinge"]["ridge_inputs"].startswith("the given genes alone")
+    rows = adata.obs_names.get_indexer(ad.read_h5ad(half).obs_names)
+    others = np.delete(np.arange(adata.n_obs), rows)
+    assert np.all(adata.layers["std"][rows][:, given] == 0) and np.all(adata.layers["std"][rows][:, ~given] > 0)
+    np.testing.assert_array_equal(adata.X[others], image_only.X[others])  # spots the file leaves out: the image ridge
+    # on the measured spots the rest of the panel is a linear function of the given genes alone
+    inputs = np.column_stack([adata.X[rows][:, given], np.ones(len(rows))])
+    target = adata.X[rows][:, ~given].astype(np.float64)
+    residual = target - inputs @ np.linalg.lstsq(inputs, target, rcond=None)[0]
+    assert np.abs(residual).max() < 1e-4 and not np.allclose(adata.X[rows][:, ~given], image_only.X[rows][:, ~given])
 
 
 def test_eval_refuses_a_prediction_whose_every_gene_was_given(tmp_path):
