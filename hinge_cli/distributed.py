@@ -42,7 +42,7 @@ class Dist:
             if devices.is_cuda(device):
                 torch.cuda.set_device(device)  # NCCL's collectives run on the current GPU: this rank's own
             tdist.init_process_group("nccl" if devices.is_cuda(device) else "gloo")
-        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(tdist.get_rank(), tdist.get_world_size(), devices.local_rank())
 
     def wrap(self, net: nn.Module, device: torch.device) -> nn.Module:
         """`net` under DistributedDataParallel when several processes train (on a GPU: this rank's), else `net`."""

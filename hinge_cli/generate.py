@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from hinge_cli import __version__
 from hinge_cli.config import GenerateConfig, TileConfig
+from hinge_cli.data.features import SlideShift
 from hinge_cli.data.shift import shift_report, warn_if_outside
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
@@ -156,13 +157,16 @@ def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> d
     }
 
 
-def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, image: np.ndarray, scalef: float) -> dict[str, Any]:
+def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, rows: Callable[[np.ndarray], np.ndarray],
+           image: np.ndarray, scalef: float) -> dict[str, Any]:
     """{"shift": the slide against the training slides} for uns['hinge'], with a warning when it lies outside them;
-    {} for a model whose card predates the shift report."""
+    {} for a model whose card predates the shift report. `rows` is what the model does to the slide's features: where
+    that is standardising by the slide's own moments, they are not read again."""
     if model.card.shift is None:
         log.info("%s: the model's card keeps no training-slide statistics (trained before the shift report), so no shift report", sample)
         return {}
-    report = shift_report(model.card.shift, slide_stats(spots, embeddings, (image, scalef)))
+    moments = rows if isinstance(rows, SlideShift) else SlideShift.read(embeddings, sample)
+    report = shift_report(model.card.shift, slide_stats(spots, moments, (image, scalef)))
     warn_if_outside(sample, report)
     return {"shift": report}
 
@@ -182,7 +186,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     with open_embeddings(emb_path) as src:
         weights_sha = [w or "none" for w in src.attrs.weights_sha256]
     model_rows = model.slide_features(emb_path, sample)
-    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, emb_path, image, scalef)}
+    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, emb_path, model_rows, image, scalef)}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
     given = predictor.given

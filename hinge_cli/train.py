@@ -25,6 +25,7 @@ from hinge_cli.config import HingeConfig, WarmupConfig
 from hinge_cli.data.corpus import load_corpus
 from hinge_cli.data.dataset import assemble, load_expression, training_samples
 from hinge_cli.data.expression import Transform
+from hinge_cli.data.features import SlideShift
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.data.shift import ShiftReference
 from hinge_cli.devices import resolve_device
@@ -252,7 +253,7 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
 def _shift_reference(run: Run, samples: list[str], key: str) -> ShiftReference | None:
     """The training slides' statistics for generate's shift report; none (with a warning) if a slide has gone."""
     try:
-        return ShiftReference({s: slide_stats(read_tiles(run.tiles(s)), run.embeddings(key, s)) for s in samples})
+        return ShiftReference({s: slide_stats(read_tiles(run.tiles(s)), SlideShift.read(run.embeddings(key, s), s)) for s in samples})
     except HingeError as exc:
         log.warning("no shift report for this model's predictions: %s", exc)
         return None

@@ -25,9 +25,9 @@ from hinge_cli.errors import HingeError
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("none", "total")
-MODEL_SPACE_FLOOR = 0.0
+MODEL_SPACE_FLOOR = 0.0  # every transform is a log of (scaled) counts + 1, so no expression lies below it
 POISSON_EXACT_MAX = 30.0  # expected counts up to which count noise is summed exactly (the delta method errs below)
-POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected  # every transform is a log of (scaled) counts + 1, so no expression lies below it
+POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class Transform:
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
             raise HingeError(f"unknown normalisation '{self.normalize}'", f"use one of {', '.join(NORMALIZE)}")
+
+    @property
+    def rates(self) -> bool:
+        """Whether values are normalised expression: rates a measured spot's own depth counts again (the observation
+        model); count units (log2(counts + 1) at the training data's depth) have no rate to take to another depth."""
+        return self.normalize == "total"
 
     @classmethod
     def of(cls, normalize: str) -> Transform:
@@ -70,7 +76,7 @@ class Transform:
         `values`: exact over the counts up to POISSON_EXACT_MAX expected, by the delta method beyond (where it holds).
         Only normalised units have a rate to count at another depth: zero for count units."""
         values = np.asarray(values, dtype=np.float64)
-        if self.normalize != "total":
+        if not self.rates:
             return np.zeros(values.shape)
         depth = np.broadcast_to(np.maximum(np.asarray(depth, dtype=np.float64), 1.0), values.shape)
         grow = np.power(self.log_base, values)  # 1 + rate x target_sum

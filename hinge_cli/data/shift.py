@@ -11,7 +11,6 @@ such spread beyond it. Thresholds are provisional until the shift benchmark cali
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,9 +51,6 @@ class ShiftReference:
     """The training slides' statistics, kept in the model card."""
 
     slides: dict[str, SlideStats] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"slides": {name: dataclasses.asdict(s) for name, s in self.slides.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShiftReference:

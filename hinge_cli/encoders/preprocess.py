@@ -35,11 +35,6 @@ class Preprocess:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
 
-    def describe(self) -> str:
-        resize = f"Resize({self.resize}, {self.interpolation})" if self.resize is not None else f"({self.interpolation} to {self.crop} if not {self.crop} px)"
-        crop = f" + CenterCrop({self.crop})" if self.resize is not None and self.resize != self.crop else ""
-        return resize + crop
-
     def __call__(self, patches: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on the CPU -> uint8 (B, 3, crop, crop), as the published PIL pipeline gives them."""
         h, w = patches.shape[-2:]

@@ -26,11 +26,6 @@ GAUSSIAN_DRAWS = 32  # draws taken from a file's mean ± std when it kept none
 SEED = 20261207  # the counting noise: a fixed seed (the same report on every run) of its own, apart from the PIT's tie-breaking draws
 
 
-def applies(transform: Transform) -> bool:
-    """Whether predictions in these units are rates that can be taken to a measured spot's depth."""
-    return transform.normalize == "total"
-
-
 def gaussian_draws(mean: np.ndarray, std: np.ndarray, rng: np.random.Generator, n: int = GAUSSIAN_DRAWS) -> np.ndarray:
     """(N, n, G) draws of N(mean, std²) censored at the floor of the units, for files that kept only a spread."""
     draws = mean[:, None, :] + std[:, None, :] * rng.standard_normal((mean.shape[0], n, mean.shape[1]))

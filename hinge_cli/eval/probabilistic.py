@@ -79,7 +79,7 @@ def score_calibration(aligned: Aligned, truth: np.ndarray, transform: Transform)
     std = aligned.std if aligned.std is not None or draws is None else draws.std(1, dtype=np.float64)
     if std is None:
         return None
-    if observation.applies(transform):
+    if transform.rates:
         observation.warn_if_not_counts(aligned.counts, aligned.sample)
         return _observed(aligned, truth, transform, std)
     rng = np.random.default_rng(PIT_SEED)

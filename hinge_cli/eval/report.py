@@ -169,12 +169,14 @@ def across_slides(slides: Sequence[SlideResult]) -> dict[str, Spread]:
 # ----------------------------------------------------------------------------- JSON
 
 
-def _json_ready(value: Any) -> Any:
-    """Plain JSON: numpy scalars to Python, NaN and infinities to null."""
+def json_ready(value: Any) -> Any:
+    """Plain JSON: numpy scalars and arrays to Python, NaN and infinities to null."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -184,7 +186,7 @@ def _json_ready(value: Any) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """JSON with NaN as null, written atomically."""
-    write_text_atomic(path, json.dumps(_json_ready(data), indent=1))
+    write_text_atomic(path, json.dumps(json_ready(data), indent=1))
 
 
 def write_slide_metrics(path: Path, slide: SlideResult) -> None:

@@ -7,7 +7,6 @@ printed and reported side by side.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from hinge_cli.eval.report import (
     across_slides,
     comparison_lines,
     fmt,
+    json_ready,
     slide_report,
     summary_report,
     write_slide_metrics,
@@ -89,16 +89,6 @@ def _score_baseline(path: Path, pred: Prediction, truth: Expression, aligned: Al
     return Baseline(str(path), baseline.model, score_slide(scored, baseline.transform).metrics)
 
 
-def _shift_of(pred: Prediction) -> dict | None:
-    shift = pred.provenance.get("shift")
-    return None if shift is None else json.loads(json.dumps(dict(shift), default=_plain_value))
-
-
-def _plain_value(value: object) -> object:
-    """numpy values anndata hands back, as JSON's own."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
              progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
@@ -143,7 +133,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures, pred.model,
                                 None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)),
-                                _shift_of(pred))
+                                json_ready(pred.provenance.get("shift")))
             write_text_atomic(folder / "report.md", slide_report(slide))
             write_view(folder / "report.html", view_of(pred, truth, Path(truth_path)), slide_report_html(slide, folder), overwrite=True)
             write_slide_metrics(folder / "metrics.json", slide)  # last: it marks the slide's evaluation as done

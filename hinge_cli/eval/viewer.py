@@ -2,8 +2,9 @@
 
 Everything is inline (the H&E as JPEG, the values, the plain JavaScript that draws them), so the file opens
 from a cluster's scp or an e-mail with no server and no network. Each layer's values are quantised per gene to
-uint8 over the gene's own range (255 marks a missing value), stored gene by gene, gzipped and base64-coded; the
-page unpacks them with the browser's own DecompressionStream. 5,000 spots x 300 genes x 4 layers is a few MB.
+uint8 over the gene's own range (255 marks a missing value), stored gene by gene as differences from the spot
+before, gzipped and base64-coded; the page unpacks them with the browser's own DecompressionStream
+(benchmarks/viewer_speed.py: 3.2 MB for 5,000 spots x 300 genes x 5 layers).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, match_spots, median_spacing, read_prediction
 from hinge_cli.figures import expression_unit
 from hinge_cli.files import write_text_atomic
+from hinge_cli.model.checkpoint import read_checkpoint_card, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +143,13 @@ def _model_facts(provenance: dict[str, Any], units: str, n_genes: int) -> dict[s
         if key in provenance:
             facts[key] = str(provenance[key])
     checkpoint = provenance.get("checkpoint")
-    card = Path(str(checkpoint)).with_suffix(".json") if checkpoint else None
-    if card is not None and card.is_file():
+    if checkpoint and sidecar_path(str(checkpoint)).is_file():
         try:
-            trained_on = json.loads(card.read_text()).get("samples")
-        except (OSError, ValueError):
-            trained_on = None
+            trained_on = read_checkpoint_card(str(checkpoint)).samples
+        except HingeError:  # a card this version cannot read: the page goes without the line
+            trained_on = []
         if trained_on:
-            facts["training data"] = f"{len(trained_on)} sections: {', '.join(map(str, trained_on))}"
+            facts["training data"] = f"{len(trained_on)} sections: {', '.join(trained_on)}"
     return facts
 
 

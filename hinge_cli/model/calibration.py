@@ -172,7 +172,7 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
     checkpoint = load_checkpoint(path)
     net = checkpoint.net
     transform = checkpoint.card.transform
-    observed = depth is not None and transform is not None and transform.normalize == "total"
+    observed = depth is not None and transform is not None and transform.rates
     scale, raw, calibrated = fit_spread_scale(net, image, truth, cfg, (transform, np.asarray(depth, dtype=np.float64)) if observed else None)
     samples = list(split.val_samples) if split is not None else []
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,

@@ -123,7 +123,7 @@ def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder
     weights = fold.weights(penalty)
     intercept = fold.intercept(weights)
     variance, source = mean_square[search.penalties.index(penalty)], residual_source(search)
-    if transform is not None and transform.normalize == "total":
+    if transform is not None and transform.rates:
         noise = transform.count_noise_variance(np.maximum(z @ weights + intercept, 0.0), table.depth[:, None]).mean(0)
         variance = np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
         source += ", less the count noise of each training spot's depth"
