@@ -37,7 +37,14 @@ from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.given import GivenSource, read_given
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.predictors import Predictor, generate_stage, genes_ridge_predictor, hinge_predictor, ridge_predictor
+from hinge_cli.predictors import (
+    Predictor,
+    completion_predictor,
+    generate_stage,
+    genes_ridge_predictor,
+    hinge_predictor,
+    ridge_predictor,
+)
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
 from hinge_cli.slide.reader import hires_image
@@ -334,8 +341,8 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
                 ensure_embeddings(run, sample, trained, encoders, retiled, overwrite, progress)
                 if given is not None:  # one sample: its spots are known once it is tiled
                     measured = read_given(given, read_tiles(run.tiles(sample)), trained.genes, trained.card.transform)
-                    predictor = (hinge_predictor(trained, cfg, measured) if model == "hinge"
-                                 else genes_ridge_predictor(run, trained, cfg, measured))
+                    predictor = (completion_predictor(trained, cfg, measured, run.embeddings(trained.key, sample), sample)
+                                 if model == "hinge" else genes_ridge_predictor(run, trained, cfg, measured))
                 predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)

@@ -51,6 +51,7 @@ class GivenGenes:
     mask: np.ndarray  # (spots, panel genes) bool
     values: np.ndarray  # (spots, panel genes) float32, model space; 0 where not given
     alignment: dict[str, Any]
+    depth: np.ndarray  # (spots,) the measured spot's total counts; 0 where none is matched
 
     @property
     def per_gene(self) -> np.ndarray:
@@ -108,5 +109,7 @@ def read_given(source: GivenSource, spots: Tiles, panel: list[str], transform: T
     values = np.zeros(mask.shape, np.float32)
     mask[np.ix_(rows, columns)] = True
     values[np.ix_(rows, columns)] = transform.apply(measured.columns(genes)[measured_rows], measured.totals[measured_rows])
+    depth = np.zeros(len(spots.barcodes))
+    depth[rows] = measured.totals[measured_rows]
     log.info("%d panel genes given on %d spots (matched by %s)", len(genes), len(rows), alignment["matched_by"])
-    return GivenGenes(source, genes, mask, values, alignment)
+    return GivenGenes(source, genes, mask, values, alignment, depth)

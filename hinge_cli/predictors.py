@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,12 @@ from hinge_cli.config import GenerateConfig
 from hinge_cli.data.dataset import SpotTable
 from hinge_cli.data.features import FeatureNorm, prediction_view
 from hinge_cli.files import sha256_file
+from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.given import GivenGenes
-from hinge_cli.model.calibration import gene_coupling, predictive, sampler_of
+from hinge_cli.model.calibration import gene_coupling, one_shot_predictions, predictive, sampler_of
+from hinge_cli.model.coupling import GeneCoupling
+from hinge_cli.model.joint import ImageTransfer, image_transfer
 from hinge_cli.model.ridge import fit_ridge, load_ridge, predictive_batch, ridge_path
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel
@@ -29,6 +33,8 @@ from hinge_cli.run import Run
 from hinge_cli.train_data import card_table, split_rows
 
 log = logging.getLogger(__name__)
+
+LOW_IMAGE_WEIGHT = 0.5  # below it, generate --given warns that the image transfers poorly to the slide
 
 
 @dataclass
@@ -54,9 +60,10 @@ def generate_stage(model: str) -> str:
     return "generate" if model == "hinge" else f"generate:{model}"
 
 
-def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None = None) -> Predictor:
+def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None = None,
+                    transfer: ImageTransfer | None = None) -> Predictor:
     """`cfg`'s sampler on the original view, `cfg.n_samples` draws a spot, the spread widened by the card's scale;
-    the `given` genes held at their measured values."""
+    the `given` genes held at their measured values, the image weighed against them by `transfer` (`completion_predictor`)."""
     sampler = sampler_of(model.net, cfg)
     if sampler != cfg.sampler:
         log.warning("this model predicts no spread (diffusion.likelihood: mse), so it samples with the reverse process: "
@@ -70,6 +77,8 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes 
     if sampler == "coupled" and coupling is None:
         log.warning("%s has no gene coupling (`hinge train` measures it; `hinge calibrate` adds it to a model trained before "
                     "it existed): genes are drawn independently and given genes do not inform the others", model.path.name)
+    if transfer is not None and coupling is not None and coupling.joint is not None:
+        coupling = GeneCoupling(coupling.correlation, coupling.joint.deflated(transfer.weight))
 
     def predict(rows: np.ndarray, start: int, stop: int) -> PredictedBatch:
         x = torch.from_numpy(model.norm(prediction_view(rows))).to(model.device)
@@ -83,8 +92,40 @@ def hinge_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes 
                   "fill": model.net.diffusion.fill, "temperature": cfg.temperature, "point": cfg.point,
                   "spread_scale": "validation" if scale is not None else "none",
                   "gene_coupling": "training spots" if sampler == "coupled" and coupling is not None else "none",
-                  **(given.provenance() if given else {})}
+                  **(given.provenance() if given else {}), **(transfer.to_dict() if transfer else {})}
     return Predictor("hinge", provenance, predict, keep_draws=cfg.n_samples if cfg.keep_samples else None, given=given)
+
+
+def completion_predictor(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes, embeddings: Path,
+                         sample: str) -> Predictor:
+    """HINGE completing the panel from `given`, with the image weighed by how well it predicts the given genes on this
+    slide (`model.joint.image_transfer`): one extra forward pass over the slide's spots."""
+    return hinge_predictor(model, cfg, given, measure_transfer(model, cfg, given, embeddings, sample))
+
+
+def measure_transfer(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes, embeddings: Path,
+                     sample: str) -> ImageTransfer | None:
+    """The image's weight on this slide; None for a model without a joint Gaussian (no weight to set)."""
+    card = model.card.coupling
+    if card is None or not card.joint_correlation or not model.net.has_spread:
+        return None
+    with open_embeddings(embeddings) as features:
+        rows = model.slide_features(embeddings, sample)(features.rows(0, features.shape[0]))
+    x = torch.from_numpy(model.norm(prediction_view(rows)))
+    with devices.autocast(model.device):
+        predicted, _ = one_shot_predictions(model.net, x, len(x), cfg.seed)
+    columns = given.per_gene
+    noise = np.zeros(given.values.shape)
+    noise[:, columns] = model.card.transform.count_noise_variance(given.values[:, columns], given.depth[:, None])
+    transfer = image_transfer(gene_coupling(card).joint, predicted, given.values, given.mask, noise)
+    words = (f"the image predicts the {transfer.n_genes} given genes on this slide with r {transfer.slide_r:.2f} (count noise "
+             f"removed), against {transfer.expected_r:.2f} expected from training: its weight against them is {transfer.weight:.2f}")
+    if transfer.weight < LOW_IMAGE_WEIGHT:
+        log.warning("%s: %s, so the completion leans on the given genes (the slide's images are unlike the training slides')",
+                    sample, words)
+    else:
+        log.info("%s: %s", sample, words)
+    return transfer
 
 
 def ridge_predictor(model: TrainedModel, cfg: GenerateConfig) -> Predictor:

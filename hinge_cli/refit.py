@@ -69,14 +69,14 @@ def calibrate_and_couple(cfg: HingeConfig, data: SplitData, selected: Path) -> f
     fitted, held_out = ((d.features[:, 0], d.targets.numpy()) for d in (data.train, data.val))
     calibrate_checkpoint(selected, *held_out, cfg.generate, card.split, data.val.depth)
     deflation = measure_optimism(load_checkpoint(selected).net, fitted, held_out, cfg.generate.seed)
-    couple_checkpoint(selected, *fitted, cfg.generate.seed, card.samples, data.train.sample, deflation)
+    couple_checkpoint(selected, *fitted, cfg.generate.seed, card.samples, data.train.sample, deflation, data.train.depth)
     return deflation
 
 
 def couple_on_all(everything: TrainingData, best: Path, seed: int, deflation: float) -> None:
     """The refit's gene coupling, on every training spot (the ones it trained on), deflated as the validated model's."""
     couple_checkpoint(best, everything.features[:, 0], everything.targets.numpy(), seed, read_checkpoint_card(best).samples,
-                      everything.sample, deflation)
+                      everything.sample, deflation, everything.depth)
 
 
 @dataclass

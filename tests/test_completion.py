@@ -28,7 +28,7 @@ from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, align
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.given import GivenSource, read_given
-from hinge_cli.model import MaskSchedule, sample
+from hinge_cli.model import MaskSchedule, joint, sample
 from hinge_cli.model.calibration import predictive
 from hinge_cli.model.checkpoint import load_checkpoint
 from hinge_cli.model.sampler import nearest_steps
@@ -165,8 +165,9 @@ def _generate(run: Run, out: Path, *extra: str) -> object:
                                "--steps", "4", "--device", "cpu", "--keep-samples", "-q", *extra])
 
 
-def test_generate_given_holds_the_measured_genes_and_eval_scores_only_the_others(trained, tmp_path):
+def test_generate_given_holds_the_measured_genes_and_eval_scores_only_the_others(trained, tmp_path, monkeypatch):
     run, measured = trained
+    monkeypatch.setattr(joint, "MIN_TRANSFER_SPOTS", 5)  # the tiny slide has too few spots to judge its image otherwise
     panel = load_checkpoint(run.checkpoint("best")).card.genes
     listed = tmp_path / "given.txt"
     listed.write_text("\n".join([*panel[:4], "NOT_A_GENE"]) + "\n")
@@ -192,6 +193,7 @@ def test_generate_given_holds_the_measured_genes_and_eval_scores_only_the_others
     np.testing.assert_array_equal(adata.obsm["samples"][rows][:, :, given], np.repeat(expected[:, None], 3, 1))
     hinge = adata.uns["hinge"]
     assert hinge["given"] == str(half.resolve()) and hinge["n_genes_given"] == 4 and len(hinge["given_sha256"]) == 64
+    assert 0.0 <= hinge["image_weight"] <= 1.0 and hinge["image_r_genes"] == 4  # the image weighed on this slide
     plain = tmp_path / "plain.h5ad"
     assert _generate(run, plain).exit_code == 0
     image_only = ad.read_h5ad(plain)

@@ -9,7 +9,7 @@ from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model import Hinge
 from hinge_cli.model.calibration import Predictive, fit_coupling, predictive
 from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
-from hinge_cli.model.joint import SHRINKAGES, JointGaussian, choose_joint, optimism_factor
+from hinge_cli.model.joint import MIN_TRANSFER_SPOTS, SHRINKAGES, JointGaussian, choose_joint, image_transfer, optimism_factor
 from hinge_cli.model.ridge import GAUSSIAN_Q95
 
 R3 = np.array([[1.0, 0.8, -0.3], [0.8, 1.0, -0.2], [-0.3, -0.2, 1.0]])
@@ -246,3 +246,50 @@ def test_draws_below_the_floor_are_censored_and_a_samples_mean_follows():
     floored = layers.censored(0.0)
     values = [float(a.ravel()[0]) for a in (floored.mean, floored.std, floored.q05, floored.q95, floored.draws)]
     assert values == [-0.2, 1.0, 0.0, 1.4, 0.0]  # the mean and std are the model's own
+
+
+def _image_and_truth(rng: np.random.Generator, n: int, g: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and an image prediction of it that tracks it with r ~ 0.7."""
+    truth = rng.standard_normal((n, g))
+    return truth, truth + rng.standard_normal((n, g))
+
+
+def test_the_image_keeps_its_weight_where_it_predicts_the_given_genes_as_in_training_and_loses_it_where_not():
+    rng = np.random.default_rng(0)
+    joint = JointGaussian.fit(*_image_and_truth(rng, 4000), 0.05)
+    truth, predicted = _image_and_truth(rng, 600)
+    mask = np.zeros(truth.shape, bool)
+    mask[:, :3] = True
+    kept = image_transfer(joint, predicted, truth, mask)
+    assert kept.weight > 0.9 and kept.n_genes == 3 and abs(kept.slide_r - kept.expected_r) < 0.1
+    lost = image_transfer(joint, predicted[rng.permutation(len(predicted))], truth, mask)  # the image says nothing here
+    assert lost.weight < 0.15
+    assert image_transfer(joint, predicted, truth, mask & (np.arange(600) < MIN_TRANSFER_SPOTS - 1)[:, None]).weight == 1.0
+
+
+def test_count_noise_on_a_shallow_slide_does_not_cost_the_image_its_weight():
+    rng = np.random.default_rng(1)
+    joint = JointGaussian.fit(*_image_and_truth(rng, 4000), 0.05)
+    truth, predicted = _image_and_truth(rng, 800)
+    noise = np.full(truth.shape, 1.5)
+    shallow = truth + np.sqrt(noise) * rng.standard_normal(truth.shape)
+    mask = np.ones(truth.shape, bool)
+    naive = image_transfer(joint, predicted, shallow, mask)
+    assert naive.weight < 0.8  # counting noise attenuates the correlation
+    assert image_transfer(joint, predicted, shallow, mask, noise).weight > 0.9
+
+
+def test_count_noise_comes_off_the_residual_correlation():
+    rng = np.random.default_rng(2)
+    rate = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 1.0]])
+    z = rng.multivariate_normal(np.zeros(3), rate, 60_000)
+    noise = np.tile([1.0, 3.0, 0.5], (len(z), 1))  # counting, independent across genes
+    observed = z + np.sqrt(noise) * rng.standard_normal(z.shape)
+    diluted = fit_correlation(observed, 0.0)
+    assert diluted[0, 1] < 0.35  # 0.6 / sqrt(2 x 4)
+    np.testing.assert_allclose(fit_correlation(observed, 0.0, noise), rate, atol=0.03)
+    everything_noise = fit_correlation(observed, 0.0, np.full(z.shape, 100.0))  # noise beyond the variance: floored, still a correlation
+    assert np.all(np.abs(everything_noise) <= 1.0) and np.allclose(np.diag(everything_noise), 1.0)
+    overshot = fit_correlation(np.c_[observed, observed[:, :1] + 0.01 * rng.standard_normal((len(z), 1))], 0.0,
+                               np.c_[noise, noise[:, :1]])  # two near-copies of a gene, noise taken out: no longer PSD unfixed
+    assert np.linalg.eigvalsh(overshot).min() > 0 and np.allclose(np.diag(overshot), 1.0)

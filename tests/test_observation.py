@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hinge_cli.data.expression import Transform
+from hinge_cli.data.expression import PLAIN, POISSON, Transform
 from hinge_cli.eval import observation
 from hinge_cli.eval.align import Aligned, read_prediction
 from hinge_cli.eval.probabilistic import Calibration, score_calibration
@@ -39,7 +39,7 @@ def model_world(depth: float, n: int = 1500, genes: int = 12, draws: int = 63, s
 def test_coverage_through_the_observation_model_holds_at_any_depth(depth: float) -> None:
     aligned, truth = model_world(depth)
     scored = score_calibration(aligned, truth, UNITS)
-    assert scored is not None and scored.calibration.observation == observation.POISSON
+    assert scored is not None and scored.calibration.observation == POISSON
     assert abs(scored.calibration.within_1std - 0.683) <= 0.03
     assert abs(scored.calibration.within_90_interval - 0.90) <= 0.03
     plain = coverage_std(aligned.pred, aligned.std, truth, 1.0)
@@ -50,8 +50,8 @@ def test_coverage_through_the_observation_model_holds_at_any_depth(depth: float)
 def test_count_units_are_scored_plainly() -> None:
     aligned, truth = model_world(10_000.0, n=200)
     scored = score_calibration(aligned, truth, Transform("none"))
-    assert scored is not None and scored.calibration.observation == observation.PLAIN
-    assert Calibration(0.5, 0.9).observation == observation.PLAIN  # metrics.json of earlier versions read as plain
+    assert scored is not None and scored.calibration.observation == PLAIN
+    assert Calibration(0.5, 0.9).observation == PLAIN  # metrics.json of earlier versions read as plain
 
 
 def test_normalised_units_round_trip_to_counts() -> None:

@@ -9,9 +9,12 @@ checkpoint never saw `<fold>`). For k = 5, 10 and 25 of the 50 panel genes, chos
 true values of those genes are given, and every method is scored by `hinge eval`'s alignment and
 metrics on the OTHER genes only (the predictions mark the given genes, which eval never scores):
 
-- HINGE with no gene given (image only), and HINGE given the k genes (`generate --given`'s path);
-- ridge on the image features, and ridge on the image features plus the k given genes, refitted
-  per k on the training sections (penalty by inner leave-one-section-out, as benchmark.py's ridge);
+- HINGE with no gene given (image only), and HINGE given the k genes (`generate --given`'s path, the
+  image weighed by how well it predicts the given genes on the section); beside it the same with the
+  image's weight from training alone (before the slide's own check);
+- ridge on the image features, ridge on the image features plus the k given genes, and ridge on
+  the k given genes alone (`generate --model ridge --given`'s genes-only baseline), refitted per k
+  on the training sections (penalty by inner leave-one-section-out, as benchmark.py's ridge);
 - kNN imputation: the mean of the training spots nearest in the given genes (standardised), the
   neighbours' profiles as its draws; k neighbours chosen by inner leave-one-section-out.
 
@@ -41,14 +44,15 @@ from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.given import GivenGenes, GivenSource, read_given
 from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.predictors import hinge_predictor
+from hinge_cli.predictors import completion_predictor, hinge_predictor
 from hinge_cli.run import Run
 
 KS = (5, 10, 25)
 CHOICES = ("random", "variable")
 NEIGHBOURS = (5, 10, 20, 50)
-METHODS = ("HINGE, image only", "HINGE + given", "ridge, image", "ridge, image + given", "kNN on given")
-COLUMNS = (("depth-partial", HEADLINE.key), ("CRPS", "calibration.crps"))
+METHODS = ("HINGE, image only", "HINGE + given", "HINGE + given, training weight", "ridge, image", "ridge, image + given",
+           "ridge, given genes only", "kNN on given")
+COLUMNS = (("depth-partial", HEADLINE.key), ("CRPS", "calibration.crps"), ("image weight", "image_weight"))
 
 
 def choose_genes(genes: list[str], train_targets: np.ndarray, k: int, choice: str, seed: int) -> list[str]:
@@ -68,10 +72,13 @@ def given_on_section(run: Run, fold: str, truth_path: Path, model: TrainedModel,
 
 
 def hinge_prediction(run: Run, fold: str, model: TrainedModel, cfg: GenerateConfig, given: GivenGenes | None,
-                     chosen: list[str]) -> Prediction:
-    """`generate`'s predictor on the held-out section's cached features, kept in memory; `chosen` marked as given."""
+                     chosen: list[str], weighed: bool = True) -> tuple[Prediction, dict]:
+    """`generate`'s predictor on the held-out section's cached features, kept in memory; `chosen` marked as given.
+    With `weighed` and given genes, the image weighed on the section as `generate --given` does; else as trained."""
     tiles = read_tiles(run.tiles(fold))
-    predict = hinge_predictor(model, cfg, given).predict
+    predictor = (completion_predictor(model, cfg, given, run.embeddings(model.key, fold), fold) if weighed and given
+                 else hinge_predictor(model, cfg, given))
+    predict = predictor.predict
     batches = []
     slide_rows = model.slide_features(run.embeddings(model.key, fold), fold)
     with open_embeddings(run.embeddings(model.key, fold)) as features:
@@ -81,13 +88,18 @@ def hinge_prediction(run: Run, fold: str, model: TrainedModel, cfg: GenerateConf
     stack = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("mean", "std", "q05", "q95", "draws")}
     return Prediction(Path(f"hinge:{fold}"), fold, tiles.barcodes, model.genes, stack["mean"], stack["std"],
                       tiles.coords.astype(np.float64), model.card.transform, q05=stack["q05"], q95=stack["q95"],
-                      draws=stack["draws"], given=chosen)
+                      draws=stack["draws"], given=chosen), predictor.provenance
 
 
 def with_given_features(inputs: BaselineInputs, columns: list[int], test_given: np.ndarray) -> BaselineInputs:
     """The same sections with the given genes' values appended to every spot's image features."""
     train = [(np.concatenate([x, y[:, columns]], 1), y, depth) for x, y, depth in inputs.train]
     return replace(inputs, train=train, features=np.concatenate([inputs.features, test_given], 1))
+
+
+def given_genes_only(inputs: BaselineInputs, columns: list[int], test_given: np.ndarray) -> BaselineInputs:
+    """The same sections with the given genes' values as the only features: no image."""
+    return replace(inputs, train=[(y[:, columns], y, depth) for _, y, depth in inputs.train], features=test_given)
 
 
 def _knn(train_given: np.ndarray, train_targets: np.ndarray, query: np.ndarray, n: int) -> np.ndarray:
@@ -138,8 +150,8 @@ def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: Ge
     truth = read_expression(truth_path)
     inputs = BaselineInputs.read(run, model.key, fold, genes, model.card.per_slide, model.card.transform)
     train_targets = np.concatenate([y for _, y, _ in inputs.train])
-    image_only = {METHODS[0]: hinge_prediction(run, fold, model, cfg, None, []),
-                  METHODS[2]: run_baseline("ridge", inputs, fold, genes, cfg.n_samples)[0]}
+    image_only = {"HINGE, image only": hinge_prediction(run, fold, model, cfg, None, [])[0],
+                  "ridge, image": run_baseline("ridge", inputs, fold, genes, cfg.n_samples)[0]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in ks:
@@ -149,15 +161,18 @@ def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: Ge
                 given = given_on_section(run, fold, truth_path, model, chosen, Path(tmp))
                 test_given = given.values[:, columns]
                 ridge_given, _ = run_baseline("ridge", with_given_features(inputs, columns, test_given), fold, genes, cfg.n_samples)
+                genes_only, _ = run_baseline("ridge", given_genes_only(inputs, columns, test_given), fold, genes, cfg.n_samples)
                 knn, neighbours = knn_prediction(inputs, columns, test_given, fold, genes, chosen)
+                weighed, provenance = hinge_prediction(run, fold, model, cfg, given, chosen)
                 preds = {**{method: replace(pred, given=chosen) for method, pred in image_only.items()},
-                         METHODS[1]: hinge_prediction(run, fold, model, cfg, given, chosen),
-                         METHODS[3]: replace(ridge_given, given=chosen), METHODS[4]: knn}
+                         "HINGE + given": weighed, "HINGE + given, training weight": hinge_prediction(run, fold, model, cfg, given, chosen, False)[0],
+                         "ridge, image + given": replace(ridge_given, given=chosen),
+                         "ridge, given genes only": replace(genes_only, given=chosen), "kNN on given": knn}
                 for method in METHODS:
                     pred = preds[method]
                     rows.append({"fold": fold, "k": k, "choice": choice, "method": method, "given": chosen,
                                  "spots_given": int(given.per_spot.astype(bool).sum()), "knn_neighbours": neighbours,
-                                 **scores_of(pred, truth, truth_path)})
+                                 "image_weight": provenance.get("image_weight"), **scores_of(pred, truth, truth_path)})
                     print(json.dumps({key: rows[-1][key] for key in ("fold", "k", "choice", "method", HEADLINE.key)}), flush=True)
     return rows
 

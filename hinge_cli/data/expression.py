@@ -28,6 +28,8 @@ NORMALIZE = ("none", "total")
 MODEL_SPACE_FLOOR = 0.0  # every transform is a log of (scaled) counts + 1, so no expression lies below it
 POISSON_EXACT_MAX = 30.0  # expected counts up to which count noise is summed exactly (the delta method errs below)
 POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected
+POISSON, PLAIN = "poisson", "plain"  # how a fit or a score met measured counts: through the observation model, or not
+RATE_SHARE_FLOOR = 0.01  # of a residual variance kept when taking the count noise out would leave nothing
 
 
 @dataclass(frozen=True)

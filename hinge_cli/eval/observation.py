@@ -21,7 +21,6 @@ from hinge_cli.data.expression import Transform
 
 log = logging.getLogger(__name__)
 
-POISSON, PLAIN = "poisson", "plain"
 GAUSSIAN_DRAWS = 32  # draws taken from a file's mean ± std when it kept none
 SEED = 20261207  # the counting noise: a fixed seed (the same report on every run) of its own, apart from the PIT's tie-breaking draws
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hinge_cli import proper_scores
-from hinge_cli.data.expression import Transform
+from hinge_cli.data.expression import PLAIN, POISSON, Transform
 from hinge_cli.eval import observation
 from hinge_cli.eval.align import Aligned
 
@@ -39,7 +39,7 @@ class Calibration:
     n_draws: int = 0
     crps_from: str = "gaussian"  # "samples" (the draws) or "gaussian" (mean ± std)
     fair: bool = False  # draws' spread term over distinct pairs (scored since 2026-12-01), not all pairs (older files)
-    observation: str = observation.PLAIN  # poisson: draws taken to counts at the measured depth (since 2026-12-07); plain: as predicted
+    observation: str = PLAIN  # poisson: draws taken to counts at the measured depth (since 2026-12-07); plain: as predicted
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _observed(aligned: Aligned, truth: np.ndarray, transform: Transform, std: np
         within_1std=float(central(pit, GAUSSIAN_COVERAGE["within_1std"])), within_2std=float(central(pit, GAUSSIAN_COVERAGE["within_2std"])),
         within_90_interval=float(central(pit, INTERVAL_COVERAGE)), crps=float(per_gene_crps.mean()),
         energy_score=float(proper_scores.energy_score(draws, truth).mean()), pit_histogram=proper_scores.pit_histogram(pit).tolist(),
-        n_draws=draws.shape[1], crps_from="samples" if aligned.draws is not None else "gaussian", fair=True, observation=observation.POISSON,
+        n_draws=draws.shape[1], crps_from="samples" if aligned.draws is not None else "gaussian", fair=True, observation=POISSON,
     )
     return CalibrationScore(calibration, {"within_1std": central(pit, GAUSSIAN_COVERAGE["within_1std"], axis=0), "crps": per_gene_crps})
 

@@ -116,6 +116,7 @@ class GeneCorrelation:
     joint_correlation: list[list[float]] = field(default_factory=list)
     joint_shrinkage: float | None = None  # chosen by cross-validation over the training samples
     joint_deflation: float = 1.0  # truth-prediction correlations scaled by it (`model.joint.optimism_factor`)
+    observation: str = "plain"  # poisson: the residuals' count noise taken out of the correlation (normalised units)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli.config import GenerateConfig
-from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, PLAIN, POISSON, Transform
 from hinge_cli.formats.model_card import GeneCorrelation, SpreadCalibration, ValidationSplit, write_card
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.checkpoint import load_checkpoint, sidecar_path
@@ -177,7 +177,7 @@ def calibrate_checkpoint(path: Path, image: Tensor, truth: np.ndarray, cfg: Gene
     samples = list(split.val_samples) if split is not None else []
     calibration = SpreadCalibration([round(float(v), 5) for v in scale], samples, len(truth), cfg.n_samples,
                                     sampling_steps(cfg.steps, net.diffusion.steps), cfg.temperature, cfg.point, raw, calibrated,
-                                    sampler_of(net, cfg), "poisson" if observed else "plain")
+                                    sampler_of(net, cfg), POISSON if observed else PLAIN)
     write_card(sidecar_path(path), replace(checkpoint.card, calibration=calibration))
     log.info("spread calibrated on %s: point ± std%s covered %.1f%% of %d spots, %.1f%% after a per-gene scale (median %.2f)",
              ", ".join(samples) or "random spots of the training slides", " (with each spot's count noise)" if observed else "",
@@ -216,15 +216,18 @@ def measure_optimism(net: Hinge, fitted: tuple[Tensor, np.ndarray], held_out: tu
 
 
 def fit_coupling(net: Hinge, image: Tensor, truth: np.ndarray, seed: int, spot_samples: np.ndarray,
-                 deflation: float = 1.0) -> GeneCorrelation:
+                 deflation: float = 1.0, counting: tuple[Transform, np.ndarray] | None = None) -> GeneCorrelation:
     """The correlation of the spots' one-shot residuals, each over its predicted std, and the joint Gaussian of truth
-    and prediction, deflated by `deflation` (`samples` and `n_spots` left for the caller)."""
+    and prediction, deflated by `deflation` (`samples` and `n_spots` left for the caller). With `counting` (the units
+    and each spot's depth) the count noise of the spots' own depth is taken out of the residuals' correlation (the
+    observation model), so it couples the draws of the expression, which eval counts again at the measured depth."""
     mean, std = one_shot_predictions(net, image, len(truth), seed)
-    correlation = np.round(fit_correlation((truth - mean) / std), 5)  # the shrinkage dwarfs the rounding
+    noise = None if counting is None else counting[0].count_noise_variance(mean, counting[1][:, None]) / std.astype(np.float64) ** 2
+    correlation = np.round(fit_correlation((truth - mean) / std, SHRINKAGE, noise), 5)  # the shrinkage dwarfs the rounding
     joint = choose_joint(truth, mean, spot_samples, seed).deflated(deflation)
     return GeneCorrelation(correlation.tolist(), [], len(truth), SHRINKAGE, np.round(joint.mean, 5).tolist(),
                            np.round(joint.std, 5).tolist(), np.round(joint.correlation, 5).tolist(), joint.shrinkage,
-                           round(deflation, 5))
+                           round(deflation, 5), POISSON if counting is not None else PLAIN)
 
 
 def gene_coupling(card: GeneCorrelation) -> GeneCoupling:
@@ -237,12 +240,15 @@ def gene_coupling(card: GeneCorrelation) -> GeneCoupling:
 
 
 def couple_checkpoint(path: Path, image: Tensor, truth: np.ndarray, seed: int, samples: list[str],
-                      spot_samples: np.ndarray, deflation: float = 1.0) -> GeneCorrelation | None:
-    """Measure the gene coupling of the checkpoint at `path` on the spots it trained on and record it in its card."""
+                      spot_samples: np.ndarray, deflation: float = 1.0, depth: np.ndarray | None = None) -> GeneCorrelation | None:
+    """Measure the gene coupling of the checkpoint at `path` on the spots it trained on and record it in its card; with
+    the spots' `depth` and a model of normalised expression, without their count noise (the observation model)."""
     checkpoint = load_checkpoint(path)
     if not checkpoint.net.has_spread:
         return None
-    coupling = replace(fit_coupling(checkpoint.net, image, truth, seed, spot_samples, deflation), samples=list(samples))
+    transform = checkpoint.card.transform
+    counting = (transform, np.asarray(depth, dtype=np.float64)) if depth is not None and transform is not None and transform.rates else None
+    coupling = replace(fit_coupling(checkpoint.net, image, truth, seed, spot_samples, deflation, counting), samples=list(samples))
     write_card(sidecar_path(path), replace(checkpoint.card, coupling=coupling))
     correlation = np.asarray(coupling.correlation)
     off = np.abs(correlation[~np.eye(len(correlation), dtype=bool)])

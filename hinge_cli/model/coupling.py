@@ -19,20 +19,48 @@ import torch
 from torch import Tensor
 
 from hinge_cli import metrics
+from hinge_cli.data.expression import RATE_SHARE_FLOOR
 
 if TYPE_CHECKING:
     from hinge_cli.model.joint import JointGaussian
 
 SHRINKAGE = 0.05  # pull toward the identity: keeps the matrix well conditioned when genes outnumber spots
 MIN_CONDITIONAL_VARIANCE = 1e-6
+EIGEN_FLOOR = 1e-3  # the least eigenvalue of a correlation with the count noise taken out
 
 
-def fit_correlation(standardised: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
-    """The genes' correlation over spots (rows), shrunk toward the identity; a gene that never varies is uncorrelated."""
+def fit_correlation(standardised: np.ndarray, shrinkage: float = SHRINKAGE, noise: np.ndarray | None = None) -> np.ndarray:
+    """The genes' correlation over spots (rows), shrunk toward the identity; a gene that never varies is uncorrelated.
+
+    `noise` (same shape, in the same standardised units) is the variance counting adds to each value (the observation
+    model): independent across genes, it only dilutes the correlations, so its mean comes off the covariance's diagonal
+    first (at least RATE_SHARE_FLOOR of each gene's variance kept) and the correlation is that of the expression itself.
+    """
     z = np.asarray(standardised, dtype=np.float64)
-    correlation = np.nan_to_num(metrics.correlation_matrix(z[np.isfinite(z).all(1)]))
+    finite = np.isfinite(z).all(1)
+    if noise is None:
+        correlation = np.nan_to_num(metrics.correlation_matrix(z[finite]))
+    else:
+        covariance = np.atleast_2d(np.cov(z[finite], rowvar=False))
+        variance = np.diag(covariance)
+        rate = np.maximum(variance - np.asarray(noise, dtype=np.float64)[finite].mean(0), RATE_SHARE_FLOOR * variance)
+        scale = np.sqrt(rate)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            correlation = np.nan_to_num(covariance / np.outer(scale, scale))
+        np.fill_diagonal(correlation, 1.0)
+        correlation = positive_definite(correlation)
     np.fill_diagonal(correlation, 1.0)
     return (1 - shrinkage) * correlation + shrinkage * np.eye(len(correlation))
+
+
+def positive_definite(matrix: np.ndarray, floor: float = EIGEN_FLOOR) -> np.ndarray:
+    """The correlation matrix nearest `matrix` in one step: its eigenvalues raised to `floor`, its diagonal back to 1.
+
+    Taking each gene's count noise off the diagonal can leave a matrix that no Gaussian has."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    fixed = (vectors * np.maximum(values, floor)) @ vectors.T
+    scale = np.sqrt(np.diag(fixed))
+    return fixed / np.outer(scale, scale)
 
 
 @dataclass

@@ -107,3 +107,53 @@ def optimism_factor(fitted: tuple[np.ndarray, np.ndarray], held_out: tuple[np.nd
     if not np.isfinite(inside) or inside <= 0 or not np.isfinite(outside):
         return 1.0
     return float(np.clip(outside / inside, 0.0, 1.0))
+
+
+MIN_TRANSFER_SPOTS = 20  # fewer spots with a given gene: its Pearson is too noisy to judge the image by
+TRUSTED = 0.05  # an expected image-truth correlation below this leaves nothing to deflate
+RELIABILITY_FLOOR = 0.1  # at most a ~3x disattenuation of a very shallow slide's correlation
+
+
+@dataclass(frozen=True)
+class ImageTransfer:
+    """How well the image predicts the given genes on this slide, against what the joint Gaussian expects of it."""
+
+    weight: float  # the joint's truth-prediction correlations are scaled by it on this slide, in [0, 1]
+    slide_r: float  # mean Pearson over given genes of one-shot mean and measured value, count noise removed
+    expected_r: float  # the joint Gaussian's mean truth-prediction correlation of the same genes
+    n_genes: int  # given genes judged (measured on at least MIN_TRANSFER_SPOTS spots)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"image_weight": round(self.weight, 4), "image_r_given_genes": round(self.slide_r, 4),
+                "image_r_expected": round(self.expected_r, 4), "image_r_genes": self.n_genes}
+
+
+def image_transfer(joint: JointGaussian, predicted: np.ndarray, values: np.ndarray, mask: np.ndarray,
+                   noise_variance: np.ndarray | None = None) -> ImageTransfer:
+    """The weight of the image against the given genes on one slide: how well its predictions of the given genes
+    (N, G) track their measured `values` where `mask`, over the correlation the joint Gaussian assumes for them.
+
+    The given genes are measured, so this is checked on the slide itself without touching the genes predicted. On a
+    new patient whose image features do not carry the training patient's gene patterns the weight falls toward 0 and
+    the completion toward what the given genes alone say. `noise_variance` (N, G), the count noise of each measured
+    value, removes the attenuation counting causes on a shallow slide (the correlation over the square root of the
+    values' reliability), so a shallow slide's image is not distrusted for its depth alone. Never above 1.
+    """
+    g = joint.n_genes
+    slide, expected = [], []
+    for j in np.flatnonzero(mask.sum(0) >= MIN_TRANSFER_SPOTS):
+        rows = mask[:, j]
+        p, v = predicted[rows, j].astype(np.float64), values[rows, j].astype(np.float64)
+        r = float(metrics.pearson_per_gene(p[:, None], v[:, None])[0])
+        if not np.isfinite(r):
+            continue
+        if noise_variance is not None and v.var() > 0:
+            reliability = 1.0 - float(noise_variance[rows, j].mean()) / float(v.var())
+            r /= np.sqrt(np.clip(reliability, RELIABILITY_FLOOR, 1.0))
+        slide.append(r)
+        expected.append(float(joint.correlation[j, g + j]))
+    if not slide:
+        return ImageTransfer(1.0, float("nan"), float("nan"), 0)
+    slide_r, expected_r = float(np.mean(slide)), float(np.mean(expected))
+    weight = 1.0 if expected_r < TRUSTED else float(np.clip(slide_r / expected_r, 0.0, 1.0))
+    return ImageTransfer(weight, slide_r, expected_r, len(slide))

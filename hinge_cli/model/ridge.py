@@ -21,7 +21,7 @@ import torch
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
-from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, RATE_SHARE_FLOOR, Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
@@ -130,8 +130,6 @@ def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder
     return RidgeModel(weights, intercept, norm, penalty, search, list(genes), encoder_key, sorted({str(s) for s in table.sample}),
                       len(table), np.sqrt(variance), source)
 
-
-RATE_SHARE_FLOOR = 0.01  # of a gene's residual variance kept when its count noise would take it all
 
 
 def ridge_path(checkpoint: Path) -> Path:
