@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
+from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
-from hinge_cli.eval import evaluate
+from hinge_cli.eval import evaluate, read_prediction
 from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
@@ -402,3 +403,49 @@ def test_slide_standardised_features_undo_a_slide_wide_stain_shift(trained: tupl
     assert slide["original"].uns["hinge"]["feature_norm"] == "slide"
     assert old["original"].uns["hinge"]["feature_norm"] == "training"
     assert np.abs(old["shifted"].X - old["original"].X).max() > 0.1
+
+
+def test_thinning_the_measured_counts_leaves_the_prediction_bit_identical(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    """A prediction never sees the slide's counts: a section sequenced 10x shallower gets the same file's values."""
+    run, slide = trained
+    spots = make_synthetic_sample(tmp_path / "data", "deep", size_px=256, mpp=2.0, seed=30, n_genes=40).spots
+    deep = ad.read_h5ad(spots)
+    shallow = deep.copy()
+    counts = np.asarray(deep.X.toarray() if hasattr(deep.X, "toarray") else deep.X)
+    shallow.X = np.random.default_rng(0).binomial(counts.astype(np.int64), 0.1).astype(np.float32)
+    assert shallow.X.sum() < 0.2 * counts.sum()
+    shallow.write_h5ad(tmp_path / "shallow.h5ad")
+    layers = {}
+    for name, path in (("deep", spots), ("shallow", tmp_path / "shallow.h5ad")):
+        out = tmp_path / "out" / f"{name}.h5ad"
+        result = runner.invoke(app, ["generate", "--slide", str(slide), "--spots", str(path), "--sample-id", name, "--out", str(out),
+                                     "--run", str(run.root), "--n-samples", "3", "--keep-samples", "--device", "cpu", "-q"])
+        assert result.exit_code == 0, result.output
+        adata = ad.read_h5ad(out)
+        layers[name] = [adata.X, *(adata.layers[k] for k in ("std", "q05", "q95")), adata.obsm["samples"]]
+    for a, b in zip(*layers.values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_old_card_predicts_in_its_own_units_bit_for_bit(predicted: tuple[Run, Path, Path], tmp_path: Path) -> None:
+    """A card from before normalised units (log2 counts, no shift statistics) predicts what its weights predict, in
+    log2(counts + 1), and eval reads the file in those units."""
+    run, slide, new = predicted
+    old = tmp_path / "old" / "best.safetensors"
+    old.parent.mkdir()
+    shutil.copy(run.checkpoint("best"), old)
+    card = json.loads(sidecar_path(run.checkpoint("best")).read_text())
+    assert card["transform"]["normalize"] == "total"  # this run's model is of the new kind
+    card["transform"] = {"normalize": "none", "target_sum": 10000.0, "log_base": 2.0}
+    card.pop("shift")
+    sidecar_path(old).write_text(json.dumps(card))
+    out = tmp_path / "old.h5ad"
+    result = runner.invoke(app, ["generate", "--slide", str(slide), "--sample-id", "new", "--out", str(out), "--run", str(run.root),
+                                 "--checkpoint", str(old), "--n-samples", "3", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    before, after = ad.read_h5ad(new), ad.read_h5ad(out)
+    for layer in ("std", "q05", "q95"):
+        np.testing.assert_array_equal(before.layers[layer], after.layers[layer])
+    np.testing.assert_array_equal(before.X, after.X)
+    assert dict(after.uns["hinge"]["transform"]) == card["transform"] and "shift" not in after.uns["hinge"]
+    assert read_prediction(out).transform == Transform("none", 1e4, 2.0)

@@ -290,14 +290,17 @@ class BaselineInputs:
 
 def run_baseline(method: str, inputs: BaselineInputs, test: str, genes: list[str], n_draws: int) -> tuple[Prediction, dict]:
     """A baseline's prediction; one with a `residual_std` (ridge) gets its per-gene Gaussian, censored at the model space's
-    floor as `generate` writes it: std, q05/q95 and draws."""
+    floor as `generate` writes it: std, q05/q95 and draws. In normalised units its variance sheds the training spots'
+    count noise first, as the ridge `hinge train` stores does, since eval counts it again at the measured depth."""
     values, info = BASELINES[method](inputs.train, inputs.features)
     pred = Prediction(path=Path(f"{method}:{test}"), sample=test, barcodes=inputs.barcodes, genes=genes,
                       values=values.astype(np.float32), std=None, coords=inputs.coords, transform=inputs.transform)
     if "residual_std" not in info:
         return pred, info
+    targets, depth = (np.concatenate([section[i] for section in inputs.train]) for i in (1, 2))
+    std = np.sqrt(inputs.transform.less_count_noise(np.square(info["residual_std"]), targets, depth))
     noise = np.random.default_rng(0).standard_normal((len(values), n_draws, values.shape[1]))
-    gaussian = gaussian_batch(pred.values, np.asarray(info["residual_std"], np.float32), noise)
+    gaussian = gaussian_batch(pred.values, std.astype(np.float32), noise)
     return replace(pred, std=gaussian.std, q05=gaussian.q05, q95=gaussian.q95, draws=gaussian.draws), info
 
 

@@ -95,6 +95,15 @@ class Transform:
             out.flat[part] = (pmf * (level - mean) ** 2).sum(1)
         return out
 
+    def less_count_noise(self, variance: np.ndarray, values: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """A per-gene residual variance without the count noise of spots whose expression is `values` (N, G) at `depth`
+        (N,): the uncertainty about the expression, which the observation model counts again at a measured spot's
+        depth (at least RATE_SHARE_FLOOR of it kept). Unchanged in count units."""
+        if not self.rates:
+            return variance
+        noise = self.count_noise_variance(values, np.asarray(depth)[:, None]).mean(0)
+        return np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
+
     def _scale(self, totals: np.ndarray) -> np.ndarray:
         """Each spot's factor to `target_sum` counts; an empty spot is left unscaled rather than divided by zero."""
         return self.target_sum / np.maximum(totals, 1.0)

@@ -21,7 +21,7 @@ import torch
 
 from hinge_cli import metrics
 from hinge_cli.data.dataset import SpotTable
-from hinge_cli.data.expression import MODEL_SPACE_FLOOR, RATE_SHARE_FLOOR, Transform
+from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.model_card import ModelCard
@@ -113,7 +113,7 @@ def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder
     Each gene's predictive std is the root mean square of its out-of-fold residuals at that
     penalty: in-sample residuals would understate the error on a new section. For normalised
     units (`transform`), the count noise the training spots' own depth adds to those residuals is
-    taken out (its variance, at least RATE_SHARE_FLOOR of it kept), so the std is the uncertainty
+    taken out (`Transform.less_count_noise`), so the std is the uncertainty
     about the expression, which the observation model counts again at a measured spot's depth.
     """
     z, y = design(table.features, norm), table.targets.astype(np.float64)
@@ -124,8 +124,7 @@ def fit_ridge(table: SpotTable, norm: FeatureNorm, genes: Sequence[str], encoder
     intercept = fold.intercept(weights)
     variance, source = mean_square[search.penalties.index(penalty)], residual_source(search)
     if transform is not None and transform.rates:
-        noise = transform.count_noise_variance(np.maximum(z @ weights + intercept, 0.0), table.depth[:, None]).mean(0)
-        variance = np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
+        variance = transform.less_count_noise(variance, np.maximum(z @ weights + intercept, 0.0), table.depth)
         source += ", less the count noise of each training spot's depth"
     return RidgeModel(weights, intercept, norm, penalty, search, list(genes), encoder_key, sorted({str(s) for s in table.sample}),
                       len(table), np.sqrt(variance), source)
