@@ -247,10 +247,10 @@ def _warmup_card(run: Run, cfg: HingeConfig, samples: list[str], panel: list[str
         embedding=EmbedSettings.of(read_embedding_attrs(run.embeddings(key, samples[0]))), samples=samples, holdout=list(wc.holdout),
         split=data.split, fill_missing=wc.fill_missing == "zero", warmup_mask_ratio=wc.mask_ratio,
         backbone=BackboneSource(source, wc.backbone, corpus=list(wc.corpus) if source == "corpus" else []), config=cfg,
-        training=data.record(state), shift=_shift_reference(run, samples, key))
+        training=data.record(state), shift=shift_reference(run, samples, key))
 
 
-def _shift_reference(run: Run, samples: list[str], key: str) -> ShiftReference | None:
+def shift_reference(run: Run, samples: list[str], key: str) -> ShiftReference | None:
     """The training slides' statistics for generate's shift report; none (with a warning) if a slide has gone."""
     try:
         return ShiftReference({s: slide_stats(read_tiles(run.tiles(s)), SlideShift.read(run.embeddings(key, s), s)) for s in samples})

@@ -1,5 +1,5 @@
-"""The shift report: a training slide is inside what training saw (score 0), and the score grows with the strength
-of a stain shift applied to a new slide, which is flagged once strong."""
+"""The shift report: a training slide is inside what training saw (score 0), the score grows with the strength
+of a stain shift applied to a new slide, which is flagged once strong, and a blurred scan is flagged by its focus."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image, ImageFilter
 from stand_in import tiled_synthetic
 
 from hinge_cli.config import EmbedConfig
@@ -40,15 +41,15 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShiftReference, di
     new = make_synthetic_sample(root / "data", "new", size_px=640, mpp=MPP, seed=70, n_genes=20)
     base = tifffile.imread(new.slide)
     strengths = (0.0, 0.3, 0.6, 1.2)
-    for strength in strengths:
-        sample = f"new{int(strength * 10)}"
-        slide = write_pyramidal_tiff(root / "data" / f"{sample}.tif", stained(base, strength), MPP)
+    blurred = np.asarray(Image.fromarray(base[..., :3]).filter(ImageFilter.GaussianBlur(1.5)))
+    for sample, rgb in [(f"new{int(strength * 10)}", stained(base, strength)) for strength in strengths] + [("blurred", blurred)]:
+        slide = write_pyramidal_tiff(root / "data" / f"{sample}.tif", rgb, MPP)
         tile_sample(run, SampleSpec(sample, slide, new.spots), cfg.tile)
         names.append(sample)
     embed_samples(run, EmbedConfig(device="cpu"))
     stats = {s: slide_stats(read_tiles(run.tiles(s)), SlideShift.read(run.embeddings("default", s), s)) for s in names}
     reference = ShiftReference({s: stats[s] for s in names[:3]})
-    return reference, {strength: stats[f"new{int(strength * 10)}"] for strength in strengths}
+    return reference, {**{strength: stats[f"new{int(strength * 10)}"] for strength in strengths}, "blurred": stats["blurred"]}
 
 
 def test_a_training_slide_is_inside(slides) -> None:
@@ -59,7 +60,7 @@ def test_a_training_slide_is_inside(slides) -> None:
 
 def test_the_score_grows_with_the_stain_shift_and_a_strong_one_is_flagged(slides, caplog: pytest.LogCaptureFixture) -> None:
     reference, shifted = slides
-    reports = {strength: shift_report(reference, stats) for strength, stats in shifted.items()}
+    reports = {strength: shift_report(reference, stats) for strength, stats in shifted.items() if strength != "blurred"}
     scores = [reports[s]["score"] for s in sorted(reports)]
     assert scores == sorted(scores) and scores[-1] > scores[0], scores
     assert not reports[0.0]["outside"] and reports[1.2]["outside"]
@@ -67,6 +68,23 @@ def test_the_score_grows_with_the_stain_shift_and_a_strong_one_is_flagged(slides
         warn_if_outside("new12", reports[1.2])
         warn_if_outside("new0", reports[0.0])
     assert caplog.text.count("is outside what the model was trained on") == 1 and "new12" in caplog.text
+
+
+def test_a_blurred_scan_is_flagged_by_its_focus_which_a_stain_hardly_moves(slides) -> None:
+    reference, shifted = slides
+    blurred = shift_report(reference, shifted["blurred"])
+    assert blurred["outside"] and "blurrier" in blurred["why"]
+    assert blurred["sharpness"] < 0.75 * blurred["training_sharpness"][0]
+    plain, stained_ = shifted[0.0].sharpness, shifted[1.2].sharpness
+    assert abs(stained_ - plain) < 0.15 * plain
+    assert "blurrier" not in shift_report(reference, shifted[0.0])["why"]
+
+
+def test_a_card_without_focus_reports_no_focus(slides) -> None:
+    reference, shifted = slides
+    older = ShiftReference({name: dataclasses.replace(stats, sharpness=None) for name, stats in reference.slides.items()})
+    report = shift_report(older, shifted["blurred"])
+    assert "sharpness" not in report and "blurrier" not in report["why"]
 
 
 def test_the_reference_survives_the_card() -> None:

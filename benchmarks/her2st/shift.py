@@ -54,6 +54,7 @@ from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec
 from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.tile import tile_samples
+from hinge_cli.train import shift_reference
 
 log = logging.getLogger("bench-shift")
 Image.MAX_IMAGE_PIXELS = None  # whole slides: HER2ST's are ~92 Mpx
@@ -154,6 +155,13 @@ def predictions(run: Run, sample: str, model: TrainedModel, s: benchmark.Setting
     return out
 
 
+def fold_model(root: Path) -> TrainedModel:
+    """A fold run's trained model, its training slides' statistics measured again as `hinge train` measures them now
+    (fold runs trained before the focus measure keep no focus in their cards)."""
+    model = load_trained_model(root / "checkpoints" / "best.safetensors", "cpu")
+    return replace(model, card=replace(model.card, shift=shift_reference(Run(root), model.card.samples, model.key)))
+
+
 def scored(pred: Prediction, truth: Expression, truth_path: Path) -> dict:
     """`hinge eval`'s metric table of `pred`, with the shift report's score and verdict."""
     shift = pred.provenance.get("shift", {})
@@ -178,7 +186,7 @@ def fold_shift_scores(s: benchmark.Settings, base: Run, test: str, seeds: tuple[
                 out.setdefault(shift, {})[seed] = json.loads(path.read_text())
                 continue
             truth = truth or read_expression(truth_path)
-            model = model or load_trained_model(fold_root / "checkpoints" / "best.safetensors", "cpu")
+            model = model or fold_model(fold_root)
             if shift in IMAGE_SHIFTS:
                 runs[shift] = runs.get(shift) or shifted_run(s, spec, shift, fold)
                 preds = predictions(runs[shift], test, model, s, seed, runs[shift].root.parent)

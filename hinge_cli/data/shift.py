@@ -2,11 +2,13 @@
 
 Every user's slide comes from a new patient, a new stain batch, a new scanner. The card keeps, for each
 training slide, what the model saw of it: its features' mean and spread over its spots (before any
-standardisation), the mean colour of its tissue under the spots, its µm/px and its size. A new slide is
-compared with the range those span. The feature score is the root mean square, over features, of how far the
-slide's mean lies outside the training slides' range, in units of how much a feature varies (within a slide and
-between the training slides, together): 0 means inside what training saw, 1 that a typical feature sits one
-such spread beyond it. Thresholds are provisional until the shift benchmark calibrates them.
+standardisation), the mean colour of its tissue under the spots, its focus (`slide.stats.sharpness`), its
+µm/px and its size. A new slide is compared with the range those span. The feature score is the root mean
+square, over features, of how far the slide's mean lies outside the training slides' range, in units of how
+much a feature varies (within a slide and between the training slides, together): 0 means inside what
+training saw, 1 that a typical feature sits one such spread beyond it. The weight-free encoder's features
+standardise away much of a blur, so focus has a check of its own. The limits were set before the shift
+benchmark (docs/her2st_shift.md) and are what it measures.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 FEATURE_LIMIT = 1.0  # feature score above which a slide is called outside the training range
 COLOUR_LIMIT = 12.0  # RGB levels (of 255) outside the training slides' range of tissue colour
 MPP_LIMIT = 0.10  # relative distance of µm/px from the training slides' range
+SHARPNESS_LIMIT = 0.25  # distance of the focus measure outside the training slides' range, over their median
 TOP = 5
 WINDOW = 2  # half-width, in image px, of the patch of the low-resolution image averaged at each spot
 
@@ -38,12 +41,14 @@ class SlideStats:
     mpp: float
     n_spots: int
     area_mm2: float  # the spots' footprint: their number times the area each stands for (pitch²)
+    sharpness: float | None = None  # the tissue's focus (`slide.stats.sharpness`); cards from before it lack it
 
     @classmethod
-    def of(cls, features: SlideShift, image: np.ndarray, image_xy: np.ndarray, mpp: float, pitch_um: float) -> SlideStats:
+    def of(cls, features: SlideShift, image: np.ndarray, image_xy: np.ndarray, mpp: float, pitch_um: float,
+           sharpness: float | None = None) -> SlideStats:
         """From a slide's feature moments and its image at the spots (`image_xy`: spot centres in that image's px)."""
         return cls(features.mean.tolist(), features.std.tolist(), spot_colour(image, image_xy).tolist(), float(mpp),
-                   int(features.n_spots), float(features.n_spots * (pitch_um / 1000) ** 2))
+                   int(features.n_spots), float(features.n_spots * (pitch_um / 1000) ** 2), sharpness)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,10 @@ def shift_report(reference: ShiftReference, slide: SlideStats) -> dict[str, Any]
     colour_off = _outside(np.asarray(slide.colour), colours.min(0), colours.max(0))
     mpps = np.array([s.mpp for s in train])
     mpp_off = float(_outside(np.array(slide.mpp), mpps.min(), mpps.max()) / mpps.min())
-    reasons = []
+    sharp = _sharpness(train, slide)
+    reasons = [] if sharp is None or sharp["off"] <= SHARPNESS_LIMIT else [
+        f"its tissue is {100 * sharp['off']:.0f}% {sharp['side']} than the training slides' (focus {sharp['value']:.3g} against "
+        f"{sharp['range'][0]:.3g}-{sharp['range'][1]:.3g}: {'a blurred or more compressed scan' if sharp['side'] == 'blurrier' else 'a sharper scanner'})"]
     if score > FEATURE_LIMIT:
         reasons.append(f"its features lie outside the training slides' range (score {score:.2f}, above {FEATURE_LIMIT:g})")
     if colour_off.max() > COLOUR_LIMIT:
@@ -99,7 +107,18 @@ def shift_report(reference: ShiftReference, slide: SlideStats) -> dict[str, Any]
         "colour": [round(c, 1) for c in slide.colour], "training_colour": [[round(c, 1) for c in colours.min(0)], [round(c, 1) for c in colours.max(0)]],
         "mpp": slide.mpp, "training_mpp": [float(mpps.min()), float(mpps.max())],
         "n_spots": slide.n_spots, "area_mm2": round(slide.area_mm2, 3), "training_slides": len(train),
+        **({} if sharp is None else {"sharpness": round(sharp["value"], 4), "training_sharpness": [round(v, 4) for v in sharp["range"]]}),
     }
+
+
+def _sharpness(train: list[SlideStats], slide: SlideStats) -> dict[str, Any] | None:
+    """The slide's focus against the training slides' range (None where a card or the slide has no focus measure)."""
+    values = [s.sharpness for s in train]
+    if slide.sharpness is None or any(v is None for v in values) or not np.isfinite([slide.sharpness, *values]).all():
+        return None
+    lo, hi = min(values), max(values)
+    off = float(_outside(np.array(slide.sharpness), lo, hi) / np.median(values))
+    return {"value": slide.sharpness, "range": [lo, hi], "off": off, "side": "blurrier" if slide.sharpness < lo else "sharper"}
 
 
 def warn_if_outside(sample: str, report: dict[str, Any]) -> None:
