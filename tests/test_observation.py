@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-from hinge_cli.data.expression import PLAIN, POISSON, Transform
-from hinge_cli.eval import observation
-from hinge_cli.eval.align import Aligned, read_prediction
+from hinge_cli.data.expression import NO_COUNTS, PLAIN, POISSON, Transform, read_truth
+from hinge_cli.errors import HingeError
+from hinge_cli.eval import observation, score_slide
+from hinge_cli.eval.align import Aligned, Prediction, align, read_prediction
 from hinge_cli.eval.probabilistic import Calibration, score_calibration
 from hinge_cli.figures import expression_unit
 from hinge_cli.proper_scores import coverage_std
@@ -90,3 +92,61 @@ def test_count_noise_variance_matches_poisson_counting(value: float, depth: floa
     counted = UNITS.apply(rng.poisson(rate * depth, (40000, 1)), np.full(40000, depth))
     assert UNITS.count_noise_variance(np.array([[value]]), np.array([[depth]]))[0, 0] == pytest.approx(counted.var(), rel=0.05)
     assert Transform.of("none").count_noise_variance(np.array([[value]]), np.array([[depth]]))[0, 0] == 0.0
+
+
+def _section(n: int = 80, genes: int = 30, seed: int = 5) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Raw counts of a measured section (spot depths 300-6000), its spot and gene names."""
+    rng = np.random.default_rng(seed)
+    rates = rng.dirichlet(np.full(genes, 0.5), n)
+    counts = rng.poisson(rates * rng.uniform(300, 6000, (n, 1))).astype(np.float32)
+    return counts, pd.DataFrame(index=[f"s{i}" for i in range(n)]), pd.DataFrame(index=[f"G{j}" for j in range(genes)])
+
+
+def _write(path, x: np.ndarray, obs: pd.DataFrame, var: pd.DataFrame):
+    adata = ad.AnnData(X=x.astype(np.float32), obs=obs, var=var)
+    adata.obsm["spatial"] = np.c_[np.arange(len(obs)) * 100.0, np.zeros(len(obs))]
+    adata.write_h5ad(path)
+    return path
+
+
+def _predicting(obs: pd.DataFrame, var: pd.DataFrame, transform: Transform, seed: int = 6) -> Prediction:
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(0.5, 6.0, (len(obs), len(var))).astype(np.float32)
+    return Prediction(Path("pred.h5ad"), "s", list(obs.index), list(var.index), values, np.full(values.shape, 0.8, np.float32),
+                      np.c_[np.arange(len(obs)) * 100.0, np.zeros(len(obs))], transform, spot_diameter=50.0)
+
+
+def test_a_truth_of_normalised_expression_is_scored_plainly_with_a_warning(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    counts, obs, var = _section()
+    normalised = UNITS.apply(counts, counts.sum(1))  # what scanpy's normalize_total + log1p writes
+    path = _write(tmp_path / "normalised.h5ad", normalised, obs, var)
+    with caplog.at_level(logging.WARNING):
+        truth = read_truth(path)
+    assert not truth.raw and np.allclose(truth.totals, 1e4) and "holds normalised expression (ln" in caplog.text
+    scored = score_slide(align(_predicting(obs, var, UNITS), truth, truth_path=path), UNITS)
+    np.testing.assert_allclose(scored.truth, normalised, atol=1e-4)  # the truth in the prediction's units is the file's values
+    assert scored.metrics.calibration.observation == NO_COUNTS
+    correlation = scored.metrics.correlation
+    assert correlation.depth_partial.pearson.mean == pytest.approx(correlation.model.pearson.mean, abs=1e-9)  # no depth to partial out
+    with pytest.raises(HingeError, match="holds normalised expression but .* log counts at the training data's depth"):
+        align(_predicting(obs, var, Transform.of("none")), truth, truth_path=path)
+
+
+def test_counts_that_are_not_whole_numbers_are_warned_and_counted(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    counts, obs, var = _section()
+    corrected = counts * 0.93 + 0.01  # ambient RNA taken out: fractional counts
+    path = _write(tmp_path / "corrected.h5ad", corrected, obs, var)
+    with caplog.at_level(logging.WARNING):
+        truth = read_truth(path)
+    assert truth.raw and "not whole numbers" in caplog.text
+    np.testing.assert_allclose(truth.totals, corrected.sum(1), rtol=1e-5)
+    assert score_slide(align(_predicting(obs, var, UNITS), truth, truth_path=path), UNITS).metrics.calibration.observation == POISSON
+
+
+def test_a_truth_that_is_neither_counts_nor_normalised_expression_is_refused(tmp_path) -> None:
+    counts, obs, var = _section()
+    with pytest.raises(HingeError, match="neither raw counts nor ln or log2 of counts per 10,000"):
+        read_truth(_write(tmp_path / "log.h5ad", np.log1p(counts), obs, var))  # log counts, not normalised first
+    with pytest.raises(HingeError, match="negative or non-finite values"):
+        read_truth(_write(tmp_path / "scaled.h5ad", counts - counts.mean(0), obs, var))
+    assert read_truth(_write(tmp_path / "raw.h5ad", counts, obs, var)).raw

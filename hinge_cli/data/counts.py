@@ -19,6 +19,8 @@ from hinge_cli.errors import HingeError
 log = logging.getLogger(__name__)
 
 SCANPY_COUNTS_LAYER = "counts"
+LOG_CEILING = 30.0  # a log of counts per 10,000 never exceeds log2(10,001) = 13.3: larger fractional values are counts
+COUNTS, FRACTIONAL, NORMALISED = "counts", "fractional counts", "normalised"
 
 
 def looks_like_counts(matrix: object) -> bool:
@@ -63,3 +65,21 @@ def raw_counts(adata: ad.AnnData, layer: str | None = None, source: str = "the e
         f"X of {source} does not look like raw counts (negative or fractional values, e.g. normalised or log-transformed)",
         f"store raw UMI counts in X, or pass --layer NAME with the layer that holds them (layers: {_layer_list(adata)})",
     )
+
+
+def measured_values(adata: ad.AnnData, layer: str | None = None,
+                    source: str = "the expression file") -> tuple[sparse.csr_matrix, str, str]:
+    """A measured section's values for eval, and what they are: raw counts as `raw_counts` finds them (COUNTS); else the
+    non-negative values of X (or `layer`), read as FRACTIONAL counts where some exceed any log of counts per 10,000
+    (corrected or averaged counts), else as NORMALISED expression, which the caller must recognise."""
+    try:
+        return (*raw_counts(adata, layer, source), COUNTS)
+    except HingeError:
+        if layer is not None and layer not in adata.layers:
+            raise
+    where, matrix = (f"layers['{layer}']", adata.layers[layer]) if layer is not None else ("X", adata.X)
+    values = sparse.csr_matrix(matrix, dtype=np.float32)
+    if values.data.size and (not np.isfinite(values.data).all() or values.data.min() < 0):
+        raise HingeError(f"{where} of {source} holds negative or non-finite values (scaled or centred data), not counts",
+                         f"give the raw UMI counts in X or with --layer (layers: {_layer_list(adata)})")
+    return values, where, FRACTIONAL if values.data.size and values.data.max() > LOG_CEILING else NORMALISED

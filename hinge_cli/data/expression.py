@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -19,7 +19,7 @@ import numpy as np
 from scipy import sparse
 from scipy.stats import poisson
 
-from hinge_cli.data.counts import raw_counts
+from hinge_cli.data.counts import COUNTS, FRACTIONAL, measured_values, raw_counts
 from hinge_cli.errors import HingeError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ NORMALIZE = ("none", "total")
 MODEL_SPACE_FLOOR = 0.0  # every transform is a log of (scaled) counts + 1, so no expression lies below it
 POISSON_EXACT_MAX = 30.0  # expected counts up to which count noise is summed exactly (the delta method errs below)
 POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected
-POISSON, PLAIN = "poisson", "plain"  # how a fit or a score met measured counts: through the observation model, or not
+# how a fit or a score met measured counts: through the observation model, or not, or not for want of raw counts
+POISSON, PLAIN, NO_COUNTS = "poisson", "plain", "no counts"
+NORMALISED_SUM = 1e4  # the per-spot total a normalised truth file is recognised by (scanpy's target_sum)
 RATE_SHARE_FLOOR = 0.01  # of a residual variance kept when taking the count noise out would leave nothing
 
 
@@ -128,11 +130,12 @@ class Expression:
     counts: sparse.csr_matrix
     totals: np.ndarray
     coords: np.ndarray | None
+    raw: bool = True  # False: the file held normalised expression; counts are per `totals` (10,000), no depth is known
 
     def restrict(self, genes: set[str]) -> Expression:
         """The same spots with only the genes in `genes` (totals still count every gene)."""
         keep = [i for i, g in enumerate(self.genes) if g in genes]
-        return Expression(self.barcodes, [self.genes[i] for i in keep], self.counts[:, keep], self.totals, self.coords)
+        return Expression(self.barcodes, [self.genes[i] for i in keep], self.counts[:, keep], self.totals, self.coords, self.raw)
 
     def columns(self, genes: list[str], fill_missing: bool = False) -> np.ndarray:
         """Dense counts for `genes` in that order; absent genes are an error unless filled with 0."""
@@ -165,6 +168,38 @@ def read_h5ad(path: Path, what: str, fix: str, backed: bool = False) -> ad.AnnDa
 
 def read_expression(path: Path, layer: str | None = None) -> Expression:
     """Raw counts from an .h5ad: `layers[layer]`, or as found by `raw_counts` (X, else layers['counts'])."""
+    adata = _read_spots(path)
+    counts, _ = raw_counts(adata, layer, str(path))
+    return _expression(adata, counts)
+
+
+def read_truth(path: Path, layer: str | None = None) -> Expression:
+    """A measured section for eval: raw counts where the file has them. Else, each with a warning: counts that are not
+    whole numbers (corrected or averaged), read as counts; or normalised expression, ln or log2 of counts per 10,000
+    + 1 of every gene as scanpy's normalize_total + log1p writes it, read as counts per 10,000 with no depth
+    (`raw` False: no observation model, and depth-partial scores are plain ones). Anything else is refused."""
+    adata = _read_spots(path)
+    values, where, kind = measured_values(adata, layer, str(path))
+    if kind == COUNTS:
+        return _expression(adata, values)
+    if kind == FRACTIONAL:
+        log.warning("%s: %s holds counts that are not whole numbers; the observation model assumes raw UMI counts, so "
+                    "calibration figures are approximate (give raw counts, e.g. --layer counts)", path, where)
+        return _expression(adata, values)
+    for base, name in ((math.e, "ln"), (2.0, "log2")):
+        rates = values.copy()
+        rates.data = np.power(base, rates.data.astype(np.float64)) - 1.0
+        sums = np.asarray(rates.sum(1)).ravel()
+        if len(sums) and np.allclose(sums, NORMALISED_SUM, rtol=0.01):
+            log.warning("%s: %s holds normalised expression (%s(counts per 10,000 + 1)), not raw counts: eval scores it with "
+                        "no depth, so calibration is plain (no observation model) and depth-partial equals plain Pearson "
+                        "(give raw counts, e.g. --layer counts, for both)", path, where, name)
+            return replace(_expression(adata, rates.astype(np.float32)), totals=np.full(len(sums), NORMALISED_SUM), raw=False)
+    raise HingeError(f"{where} of {path} holds neither raw counts nor ln or log2 of counts per 10,000 + 1 over every gene",
+                     f"give the raw UMI counts in X or with --layer (layers: {', '.join(adata.layers.keys()) or 'none'})")
+
+
+def _read_spots(path: Path) -> ad.AnnData:
     path = Path(path)
     adata = read_h5ad(path, "expression file", "point --spots at an .h5ad written by anndata, with raw counts")
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -175,7 +210,10 @@ def read_expression(path: Path, layer: str | None = None) -> Expression:
         log.warning("%s names %d genes more than once (%s): the repeats are kept as GENE-1, GENE-2, ... "
                     "(sum them and save the file again to count them as one gene)", path, len(repeated), ", ".join(repeated[:5]))
         adata.var_names_make_unique()
-    counts, _ = raw_counts(adata, layer, str(path))
+    return adata
+
+
+def _expression(adata: ad.AnnData, counts: sparse.csr_matrix) -> Expression:
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None
     totals = np.asarray(counts.sum(axis=1)).ravel()
     return Expression([str(b) for b in adata.obs_names], [str(g) for g in adata.var_names], counts, totals, coords)

@@ -147,6 +147,7 @@ class Aligned:
     q05: np.ndarray | None = None
     q95: np.ndarray | None = None
     draws: np.ndarray | None = None  # (spots, draws, genes)
+    raw: bool = True  # False: the truth held normalised expression, so no depth is known (`read_truth`)
 
 
 def _spacing(truth: Expression) -> float | None:
@@ -179,6 +180,10 @@ def match_spots(barcodes: list[str], coords: np.ndarray | None, spot_diameter: f
 def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = None, truth_path: Path | None = None) -> Aligned:
     """Match spots (barcodes, else coordinates within half a spot) and genes (the panel ∩ the truth ∩ `genes`, less
     the genes the prediction was given: completion is never credited for copying its input)."""
+    if not truth.raw and not pred.transform.rates:
+        raise HingeError(f"the truth {truth_path or ''} holds normalised expression but {pred.path} predicts log counts "
+                         "at the training data's depth, which a spot's depth is needed to compare with",
+                         "give the truth's raw UMI counts (X or --layer)")
     diameter = pred.spot_diameter or _spacing(truth)
     rows_p, rows_t, alignment = match_spots(pred.barcodes, pred.coords, diameter, truth, f"prediction {pred.path}", truth_path)
     if len(rows_p) < MIN_SPOTS:
@@ -235,5 +240,5 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
         gene_report={"n_panel": len(pred.genes), "n_evaluated": len(kept), "missing_from_truth": missing,
                      "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction, "given": list(pred.given)},
         q05=spread.get("q05"), q95=spread.get("q95"),
-        draws=draws[:, :, finite] if draws is not None else None,
+        draws=draws[:, :, finite] if draws is not None else None, raw=truth.raw,
     )

@@ -13,13 +13,9 @@ to take to another depth: they are scored plainly, and metrics.json says which w
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from hinge_cli.data.expression import Transform
-
-log = logging.getLogger(__name__)
 
 GAUSSIAN_DRAWS = 32  # draws taken from a file's mean ± std when it kept none
 SEED = 20261207  # the counting noise: a fixed seed (the same report on every run) of its own, apart from the PIT's tie-breaking draws
@@ -39,10 +35,3 @@ def observed_draws(draws: np.ndarray, transform: Transform, totals: np.ndarray, 
     totals = np.asarray(totals, dtype=np.float64)
     counts = rng.poisson(rate * totals[:, None, None])
     return transform.apply(counts.reshape(n * s, g), np.repeat(totals, s)).reshape(n, s, g)
-
-
-def warn_if_not_counts(counts: np.ndarray, where: str) -> None:
-    """The observation model counts UMIs: say so when the truth's values are not whole numbers."""
-    if counts.size and not np.allclose(counts, np.rint(counts)):
-        log.warning("%s: the truth's counts are not whole numbers; the observation model assumes raw UMI counts, "
-                    "so its calibration figures are approximate (give raw counts, e.g. --layer counts)", where)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hinge_cli import proper_scores
-from hinge_cli.data.expression import PLAIN, POISSON, Transform
+from hinge_cli.data.expression import NO_COUNTS, PLAIN, POISSON, Transform
 from hinge_cli.eval import observation
 from hinge_cli.eval.align import Aligned
 
@@ -39,7 +39,8 @@ class Calibration:
     n_draws: int = 0
     crps_from: str = "gaussian"  # "samples" (the draws) or "gaussian" (mean ± std)
     fair: bool = False  # draws' spread term over distinct pairs (scored since 2026-12-01), not all pairs (older files)
-    observation: str = PLAIN  # poisson: draws taken to counts at the measured depth (since 2026-12-07); plain: as predicted
+    observation: str = PLAIN  # poisson: draws taken to counts at the measured depth (since 2026-12-07); plain: as predicted;
+    # no counts: as predicted, because the truth held normalised expression and no depth
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def score_calibration(aligned: Aligned, truth: np.ndarray, transform: Transform)
     std = aligned.std if aligned.std is not None or draws is None else draws.std(1, dtype=np.float64)
     if std is None:
         return None
-    if transform.rates:
-        observation.warn_if_not_counts(aligned.counts, aligned.sample)
+    if transform.rates and aligned.raw:
         return _observed(aligned, truth, transform, std)
     rng = np.random.default_rng(PIT_SEED)
     if draws is not None:
@@ -96,7 +96,7 @@ def score_calibration(aligned: Aligned, truth: np.ndarray, transform: Transform)
         within_1std=proper_scores.coverage_std(mean, std, truth, 1.0), within_2std=proper_scores.coverage_std(mean, std, truth, 2.0),
         within_90_interval=interval, crps=float(per_gene_crps.mean()), energy_score=energy,
         pit_histogram=proper_scores.pit_histogram(pit).tolist(), n_draws=0 if draws is None else draws.shape[1],
-        crps_from="gaussian" if draws is None else "samples", fair=True,
+        crps_from="gaussian" if draws is None else "samples", fair=True, observation=PLAIN if aligned.raw else NO_COUNTS,
     )
     return CalibrationScore(calibration, {"within_1std": proper_scores.coverage_std(mean, std, truth, 1.0, axis=0),
                                           "crps": per_gene_crps})

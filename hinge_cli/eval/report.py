@@ -306,6 +306,8 @@ def _spread_source(slide: SlideMetrics) -> str:
         return "mean ± std only (CRPS and PIT of that Gaussian; no energy score without draws)"
     if calibration.observation == "poisson":
         return source + "; through the observation model: each draw counted at the measured spot's depth (Poisson)"
+    if calibration.observation == "no counts":
+        return source + "; plain: the truth held normalised expression, no raw counts, so no depth to count the draws at"
     return source + "; plain: the draws as predicted, without count noise (count units, or a file scored before 2026-12-07)"
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hinge_cli import metrics
-from hinge_cli.data.expression import Expression, read_expression
+from hinge_cli.data.expression import Expression, read_truth
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Aligned, Prediction, align, read_gene_list, read_prediction
 from hinge_cli.eval.html_report import slide_report_html
@@ -122,7 +122,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder, baseline in zip(loaded, truths, folders, paired, strict=True):
-            truth = read_expression(truth_path, layer)
+            truth = read_truth(truth_path, layer)
             aligned = align(pred, truth, wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:

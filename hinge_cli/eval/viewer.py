@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from hinge_cli.data.expression import Expression, read_expression
+from hinge_cli.data.expression import Expression, read_truth
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, match_spots, median_spacing, read_prediction
 from hinge_cli.figures import expression_unit
@@ -105,7 +105,7 @@ def _truth_layers(pred: Prediction, truth: Expression, truth_path: Path, facts: 
 def build_view(pred_path: Path, truth_path: Path | None = None, truth_layer: str | None = None) -> View:
     """Read a prediction (and its truth) into what the page shows."""
     pred = read_prediction(pred_path)
-    return view_of(pred, None if truth_path is None else read_expression(truth_path, truth_layer), truth_path)
+    return view_of(pred, None if truth_path is None else read_truth(truth_path, truth_layer), truth_path)
 
 
 def view_of(pred: Prediction, truth: Expression | None = None, truth_path: Path | None = None) -> View:
