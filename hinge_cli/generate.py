@@ -23,8 +23,8 @@ import numpy as np
 
 from hinge_cli import __version__
 from hinge_cli.config import GenerateConfig, TileConfig
-from hinge_cli.data.features import SlideShift
-from hinge_cli.data.shift import shift_report, warn_if_outside
+from hinge_cli.data.features import SlideShift, prediction_view
+from hinge_cli.data.shift import ExtremeFeatures, shift_report, warn_if_outside
 from hinge_cli.encoders import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
@@ -199,6 +199,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     given = predictor.given
     sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot)
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
+    extreme = ExtremeFeatures()
     with output_lock(out):
         remove_stale_temporaries(out)
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
@@ -210,11 +211,14 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
                 stop = min(n, start + cfg.batch_size)
-                batch = predictor.predict(model_rows(features.rows(start, stop)), start, stop)
+                rows = model_rows(features.rows(start, stop))
+                extreme.add(model.norm(prediction_view(rows)))
+                batch = predictor.predict(rows, start, stop)
                 writer.write(start, stop, batch)
                 for i, part in enumerate((batch.mean, batch.std)[: len(maps)]):
                     maps[i, start:stop] = part[:, plot_cols]
                 advance(stop - start)
+        extreme.warn(sample)
         plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, predictor.map_titles, image, coords * scalef,
                                         spot_diameter * scalef, expression_unit(**provenance["transform"]))]
         if cfg.view:

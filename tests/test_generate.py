@@ -449,3 +449,20 @@ def test_an_old_card_predicts_in_its_own_units_bit_for_bit(predicted: tuple[Run,
     np.testing.assert_array_equal(before.X, after.X)
     assert dict(after.uns["hinge"]["transform"]) == card["transform"] and "shift" not in after.uns["hinge"]
     assert read_prediction(out).transform == Transform("none", 1e4, 2.0)
+
+
+def test_a_slide_with_extreme_standardised_features_is_warned_and_still_predicted(trained: tuple[Run, Path], tmp_path: Path,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    run, _ = trained
+    card = json.loads(sidecar_path(run.checkpoint("best")).read_text())
+    training_only = _tampered(run, tmp_path, "training-only", feature_norm={**card["feature_norm"], "per_slide": False})
+    far = Run(shutil.copytree(run.root, tmp_path / "run"))
+    with h5py.File(far.embeddings("default", "t1"), "r+") as h5:
+        h5["features"][...] = h5["features"][()] * 40.0 + 25.0  # another scanner's features, beyond anything trained on
+    cfg = GenerateConfig(**{**FAST, "n_samples": 1})
+    for name, r in (("near", run), ("far", far)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            generate(r, [Target("t1")], cfg, checkpoint=training_only, out=tmp_path / f"{name}.h5ad")
+        assert ("lie beyond ±8 training stds" in caplog.text) == (name == "far")
+        assert np.isfinite(ad.read_h5ad(tmp_path / f"{name}.h5ad").X).all()

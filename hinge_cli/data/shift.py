@@ -27,6 +27,8 @@ FEATURE_LIMIT = 1.0  # feature score above which a slide is called outside the t
 COLOUR_LIMIT = 12.0  # RGB levels (of 255) outside the training slides' range of tissue colour
 MPP_LIMIT = 0.10  # relative distance of µm/px from the training slides' range
 SHARPNESS_LIMIT = 0.25  # distance of the focus measure outside the training slides' range, over their median
+EXTREME_Z = 8.0  # a standardised feature value this many training stds out: nothing in training looked like it
+EXTREME_SHARE = 0.01  # of a slide's standardised values beyond EXTREME_Z, above which generate warns
 TOP = 5
 WINDOW = 2  # half-width, in image px, of the patch of the low-resolution image averaged at each spot
 
@@ -126,3 +128,27 @@ def warn_if_outside(sample: str, report: dict[str, Any]) -> None:
     if report["outside"]:
         log.warning("%s is outside what the model was trained on: %s. Expect the level and the spread to hold less well "
                     "than on the training slides (uns['hinge']['shift'] has the details)", sample, report["why"])
+
+
+@dataclass
+class ExtremeFeatures:
+    """Counts, batch by batch, the standardised feature values the model is given that lie beyond EXTREME_Z training
+    stds: a slide whose features the model cannot have learned anything about (the shift report says how it differs)."""
+
+    extreme: int = 0
+    total: int = 0
+
+    def add(self, standardised: np.ndarray) -> None:
+        self.extreme += int(np.count_nonzero(~(np.abs(standardised) <= EXTREME_Z)))
+        self.total += int(standardised.size)
+
+    @property
+    def share(self) -> float:
+        return self.extreme / self.total if self.total else 0.0
+
+    def warn(self, sample: str) -> None:
+        """One warning line when more than EXTREME_SHARE of the values were extreme; the prediction stands."""
+        if self.share > EXTREME_SHARE:
+            log.warning("%s: %.1f%% of the standardised image features given to the model lie beyond ±%g training stds, so "
+                        "the slide is far outside what the model learned from; the prediction is written, but do not trust "
+                        "it without a check (uns['hinge']['shift'] says how the slide differs)", sample, 100 * self.share, EXTREME_Z)
