@@ -148,6 +148,8 @@ def predictions(run: Run, sample: str, model: TrainedModel, s: benchmark.Setting
     out = {}
     for method in METHODS:
         path = where / f"{method}-seed{seed}.h5ad"
+        if s.overwrite:
+            path.unlink(missing_ok=True)
         if not path.exists():
             predictor = ridge_predictor(model, cfg) if method == "ridge" else hinge_predictor(model, cfg)
             predict_sample(run, sample, model, path, cfg, progress=SILENT, predictor=predictor)
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="HINGE fold runs of seeds 0..N-1")
     parser.add_argument("--folds", default=",".join(benchmark.SECTIONS))
     parser.add_argument("--quick", action="store_true", help="folds C2,C3, one seed, short training")
-    parser.add_argument("--overwrite", action="store_true", help="score again what shift/scores holds")
+    parser.add_argument("--overwrite", action="store_true", help="predict and score again what shift/ holds (after `hinge calibrate`)")
     args = parser.parse_args(argv)
     out = args.out or Path("bench-out/her2st-quick" if args.quick else "bench-out/her2st")
     settings_args = ["--data", str(args.data), "--out", str(out), "--methods", ",".join(METHODS), "--seeds", str(args.seeds),
