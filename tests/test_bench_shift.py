@@ -14,6 +14,7 @@ import shift  # noqa: E402
 
 from hinge_cli.data.expression import Expression  # noqa: E402
 from hinge_cli.eval import HEADLINE  # noqa: E402
+from hinge_cli.slide.stats import focus  # noqa: E402
 
 
 def tissue(seed: int = 0) -> np.ndarray:
@@ -26,21 +27,16 @@ def tissue(seed: int = 0) -> np.ndarray:
     return rgb
 
 
-def detail(rgb: np.ndarray) -> float:
-    grey = rgb.astype(np.float64).mean(2)
-    return float(np.mean((4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]) ** 2))
-
-
 def test_hed_jitter_moves_the_colours_further_the_stronger_it_is_and_not_at_all_at_zero():
     rgb = tissue()
     moved = [np.abs(shift.hed_jitter(rgb, sigma, seed=3).astype(float) - rgb).mean() for sigma in (0.0, 0.05, 0.2)]
     assert moved[0] < 0.6 and moved[0] < moved[1] < moved[2]  # at 0 only the round trip's rounding
-    assert abs(detail(shift.hed_jitter(rgb, 0.2, seed=3)) / detail(rgb) - 1) < 0.5  # a stain keeps the detail
+    assert abs(focus(shift.hed_jitter(rgb, 0.2, seed=3)) / focus(rgb) - 1) < 0.5  # a stain keeps the detail
 
 
 def test_blur_and_jpeg_take_the_fine_detail_away():
     rgb = tissue()
-    assert detail(shift.blurred_jpeg(rgb)) < 0.5 * detail(rgb)
+    assert focus(shift.blurred_jpeg(rgb)) < 0.5 * focus(rgb)
 
 
 def test_thinning_brings_the_median_depth_to_660_and_never_adds_a_count():

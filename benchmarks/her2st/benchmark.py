@@ -14,7 +14,8 @@ HINGE as the paper describes it, HINGE's default, and ablations of the default t
 flip one switch each. Every HINGE method runs with several seeds. HINGE selects its
 epoch on one of the four training sections (held out of its training); the tested
 section is never seen. Every prediction is scored by `hinge eval`'s own alignment and
-metrics against the held-out section's counts, in the model's space (log2(counts + 1)).
+metrics against the held-out section's counts, in the model's space (ln(CP10k + 1), the default; log2(counts + 1)
+with --normalize none), calibration through the observation model.
 
 Writes `results.md` and `results.json` (mean ± std over folds of every metric, the
 spread over seeds, and each method's wall time) under --out; per-fold scores are kept

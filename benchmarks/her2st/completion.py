@@ -52,7 +52,8 @@ CHOICES = ("random", "variable")
 NEIGHBOURS = (5, 10, 20, 50)
 METHODS = ("HINGE, image only", "HINGE + given", "HINGE + given, training weight", "ridge, image", "ridge, image + given",
            "ridge, given genes only", "kNN on given")
-COLUMNS = (("depth-partial", HEADLINE.key), ("CRPS", "calibration.crps"), ("image weight", "image_weight"))
+METRIC_COLUMNS = (("depth-partial", HEADLINE.key), ("CRPS", "calibration.crps"))
+COLUMNS = (*METRIC_COLUMNS, ("image weight", "image_weight"))  # the weight `generate --given` gave the image (HINGE + given)
 
 
 def choose_genes(genes: list[str], train_targets: np.ndarray, k: int, choice: str, seed: int) -> list[str]:
@@ -139,7 +140,7 @@ def knn_prediction(inputs: BaselineInputs, columns: list[int], test_given: np.nd
 def scores_of(pred: Prediction, truth: Expression, truth_path: Path) -> dict[str, float]:
     """The remaining genes' metrics (eval leaves out the genes `pred` marks as given)."""
     table = metric_table(score_slide(align(pred, truth, truth_path=truth_path), pred.transform).metrics)
-    return {key: table[key] for _, key in COLUMNS}
+    return {key: table[key] for _, key in METRIC_COLUMNS}
 
 
 def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: GenerateConfig, seed: int) -> list[dict]:

@@ -11,8 +11,10 @@ Each held-out section is then predicted and scored under one shift at a time:
 - thin-660: its counts binomially thinned to a median of 660 UMI per spot (a shallow section of another
   lab). The predictions are the unshifted ones: nothing in `generate` reads the section's counts.
 - stain-weak, stain-strong: HED stain jitter (Tellez et al. 2018) of the whole slide: the haematoxylin,
-  eosin and residual optical densities scaled by 1 + σu and shifted by σv, with one (u, v) in [-1, 1]³
-  per fold, σ 0.05 and 0.2 (the same direction, four times as far).
+  eosin and residual optical densities scaled by 1 + σu and shifted by σv, σ 0.05 and 0.2 (the same
+  direction, four times as far). Tellez draws u and v uniform in [-1, 1]; here each is ±1 with a sign
+  drawn per fold, so a strong jitter is strong on every fold (a uniform draw left one fold's strong
+  jitter 0.6 RGB levels from the original).
 - jpeg50-blur1: the slide blurred (Gaussian, σ = 1 px), then JPEG-compressed at quality 50.
 - mpp+10%: the slide's µm/px stated 10% too large, so every patch covers 10% more tissue than it says.
 
@@ -84,8 +86,8 @@ COLUMNS = (  # (label, key in a score)
 
 
 def hed_jitter(rgb: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    """The slide's stain optical densities scaled by 1 + σu and shifted by σv (u, v uniform in [-1, 1]³, from `seed`)."""
-    u, v = np.random.default_rng(seed).uniform(-1.0, 1.0, (2, 3))
+    """The slide's stain optical densities scaled by 1 + σu and shifted by σv (u, v in {-1, 1}³, signs from `seed`)."""
+    u, v = np.random.default_rng(seed).choice([-1.0, 1.0], (2, 3))
     out = np.empty_like(rgb)
     for top in range(0, rgb.shape[0], BAND):
         band = rgb[top : top + BAND].astype(np.float32)

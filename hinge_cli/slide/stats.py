@@ -21,16 +21,20 @@ def slide_stats(tiles: Tiles, moments: SlideShift, image: tuple[np.ndarray, floa
 
 
 def sharpness(tiles: Tiles) -> float:
-    """How sharp the tissue is at the spots: the mean square of the grey patch's Laplacian over the patch's variance,
-    the median over patches read as the encoders read them (the model's µm/px and patch size). Blur and lossy
-    compression take away the fine detail it measures; a stain change, which scales contrast, hardly moves it."""
+    """How sharp the tissue is at the spots: the median `focus` of patches read as the encoders read them (the model's
+    µm/px and patch size). Blur and lossy compression take away the fine detail it measures; a stain change, which
+    scales contrast, hardly moves it."""
     pick = np.unique(np.linspace(0, len(tiles.coords) - 1, min(SHARPNESS_SPOTS, len(tiles.coords))).round().astype(int))
-    ratios = []
     with open_slide(tiles.attrs.slide, tiles.attrs.mpp_source) as slide:
         geometry = PatchGeometry.plan(slide, tiles.attrs.mpp_target, tiles.attrs.patch_px)
-        for x, y in tiles.coords[pick].astype(np.float64):
-            grey = read_patch(slide, geometry, x, y).astype(np.float64).mean(2)
-            laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
-            if grey.var() > 0:
-                ratios.append(float(np.mean(laplacian**2) / grey.var()))
+        ratios = [focus(read_patch(slide, geometry, x, y)) for x, y in tiles.coords[pick].astype(np.float64)]
+    ratios = [r for r in ratios if np.isfinite(r)]
     return float(np.median(ratios)) if ratios else float("nan")
+
+
+def focus(rgb: np.ndarray) -> float:
+    """One patch's fine detail: the mean square of its grey image's Laplacian over the grey image's variance (NaN for a
+    flat patch). Dividing by the variance leaves out contrast, which a stain changes."""
+    grey = rgb.astype(np.float64).mean(2)
+    laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return float(np.mean(laplacian**2) / grey.var()) if grey.var() > 0 else float("nan")
