@@ -173,7 +173,8 @@ def fold_results(run: Run, fold: str, ks: list[int], choices: list[str], cfg: Ge
                     pred = preds[method]
                     rows.append({"fold": fold, "k": k, "choice": choice, "method": method, "given": chosen,
                                  "spots_given": int(given.per_spot.astype(bool).sum()), "knn_neighbours": neighbours,
-                                 "image_weight": provenance.get("image_weight"), **scores_of(pred, truth, truth_path)})
+                                 "image_weight": provenance.get("image_weight") if method == "HINGE + given" else None,
+                                 **scores_of(pred, truth, truth_path)})
                     print(json.dumps({key: rows[-1][key] for key in ("fold", "k", "choice", "method", HEADLINE.key)}), flush=True)
     return rows
 
