@@ -255,8 +255,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise HingeError(f"config file {path} does not exist", "check the path given to --config") from None
-    except yaml.YAMLError as exc:
-        raise HingeError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix its syntax") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise HingeError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): damaged or mistyped",
+                         "fix its syntax, or restore it from a copy (a run's hinge.yaml: or delete it to start from the preset again)") from None
     if not isinstance(data, dict):
         raise HingeError(f"config file {path} must hold a mapping of sections", "see configs/default.yaml for the layout")
     return data

@@ -122,6 +122,28 @@ def user_os_error(exc: OSError) -> HingeError | None:
     return HingeError(f"{problem}" + (f" at {exc.filename}" if exc.filename else ""), fix)
 
 
+@contextlib.contextmanager
+def reading(path: Path | str, fix: str) -> Iterator[None]:
+    """Reading a file hinge wrote. Any failure but a missing file or a user OS error (a full disk, permissions) means
+    the file is damaged (cut short by a quota, overwritten, half-copied): one line that names it and says `fix`."""
+    try:
+        yield
+    except (HingeError, FileNotFoundError):
+        raise
+    except OSError as exc:
+        if user_os_error(exc) is not None:
+            raise
+        raise damaged(path, exc, fix) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in whichever way its reader happens to
+        raise damaged(path, exc, fix) from None
+
+
+def damaged(path: Path | str, exc: BaseException, fix: str) -> HingeError:
+    """The one-line error for a damaged file: which file, that it is damaged, the reader's own words, and `fix`."""
+    words = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return HingeError(f"{path} is damaged ({type(exc).__name__}{': ' + words if words else ''})", fix)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -35,6 +35,7 @@ from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
 from hinge_cli.given import GivenSource, read_given
+from hinge_cli.lineage import require_panel
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.model.trained import TrainedModel, load_trained_model
 from hinge_cli.predictors import (
@@ -326,6 +327,8 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     checkpoint = Path(checkpoint) if checkpoint is not None else run.checkpoint("best")
     if not checkpoint.exists():
         raise HingeError(f"no trained model at {checkpoint}", "run `hinge train` first, or pass --checkpoint PATH")
+    if checkpoint.resolve().parent == run.checkpoint("best").resolve().parent:  # the run's own model: its panel is genes.txt's
+        require_panel(run, [checkpoint])
     trained = load_trained_model(checkpoint, cfg.device)
     unknown = [gene for gene in genes_to_plot if gene not in trained.genes]
     if unknown:

@@ -1,9 +1,10 @@
 """The chain of inputs behind each output, and the refusal when a link has changed since it was made.
 
 tiles <- slide (+ spots); embeddings <- tiles; the warm-up (panel, feature scaling) and every later
-checkpoint <- embeddings + expression. Each stage records what it was made from in the manifest; a
-consumer compares that with what is on disk now and names the stage to redo when they differ.
-Records written before this existed carry no such facts and are trusted.
+checkpoint <- embeddings + expression, and <- the panel in genes.txt. Each stage records what it was
+made from (the manifest; a checkpoint's card its panel); a consumer compares that with what is on disk
+now and names the stage to redo when they differ. Records written before this existed carry no such
+facts and are trusted.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 from hinge_cli.errors import HingeError
 from hinge_cli.files import describe_input
+from hinge_cli.formats.genes import panel_sha256, read_gene_list
+from hinge_cli.model.checkpoint import read_checkpoint_card
 from hinge_cli.run import Run
 
 WARMUP = "pretrain-warmup"
+GENES_FILE = "genes.txt"  # the run's panel, written by pretrain-warmup
 
 
 def require_current_tiles(run: Run, sample: str) -> None:
@@ -90,3 +94,24 @@ def changed_settings(recorded: dict[str, Any] | None, now: dict[str, Any], ignor
         elif recorded[key] != value:
             out.append(f"{key} {recorded[key]} (now {value})")
     return out
+
+
+def require_panel(run: Run, checkpoints: Sequence[Path]) -> None:
+    """Refuse checkpoints of the run trained on another gene panel than its genes.txt (edited, or written again by a
+    second warm-up), before any work: each would otherwise be consumed with the new panel until a shape mismatch."""
+    listed = run.root / GENES_FILE
+    if not listed.exists():
+        return
+    panel = read_gene_list(listed)
+    now = panel_sha256(panel)
+    for path in checkpoints:
+        card = read_checkpoint_card(path) if Path(path).exists() else None
+        if card is None or not card.genes:
+            continue
+        recorded = card.panel_sha256 or panel_sha256(card.genes)
+        if recorded != now:
+            fix = ("run `hinge pretrain-warmup --overwrite` to warm up on genes.txt's panel, or restore genes.txt" if Path(path).stem == "warmup"
+                   else "pass --overwrite to `hinge train` to train again from a warm-up on genes.txt's panel (`hinge pretrain-warmup "
+                        "--overwrite` first if the warm-up is on the old one), or restore genes.txt")
+            raise HingeError(f"{path} was trained on another gene panel than {listed} ({len(card.genes)} genes, sha256 "
+                             f"{recorded[:12]}; {GENES_FILE}: {len(panel)} genes, {now[:12]})", fix)

@@ -30,7 +30,7 @@ from hinge_cli.distributed import Dist
 from hinge_cli.errors import HingeError
 from hinge_cli.fit import LoopSettings, fit
 from hinge_cli.formats.model_card import TrainingRecord, write_card
-from hinge_cli.lineage import require_unchanged_since_warmup
+from hinge_cli.lineage import require_panel, require_unchanged_since_warmup
 from hinge_cli.losses import hinge_losses
 from hinge_cli.model.calibration import calibrate_checkpoint, couple_checkpoint, measure_optimism
 from hinge_cli.model.checkpoint import checkpoint_unit, load_checkpoint, read_checkpoint_card, sidecar_path, write_checkpoint
@@ -104,6 +104,7 @@ def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
     best, selected = run.checkpoint("best"), run.checkpoint("selected")
     if not best.exists():
         raise HingeError(f"{best} does not exist", "run `hinge train` first")
+    require_panel(run, [selected, best])
     refit = selected.exists()
     selected = selected if refit else best
     card = read_checkpoint_card(selected)

@@ -39,7 +39,14 @@ from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.model_card import BackboneSource, EmbedSettings, ModelCard, TileSettings, TrainingRecord
 from hinge_cli.formats.tiles import read_tile_attrs, read_tiles
 from hinge_cli.formats.train_state import read_train_state, write_train_state
-from hinge_cli.lineage import WARMUP, changed_settings, require_ready_for_training, require_unchanged_since_warmup, training_inputs
+from hinge_cli.lineage import (
+    WARMUP,
+    changed_settings,
+    require_panel,
+    require_ready_for_training,
+    require_unchanged_since_warmup,
+    training_inputs,
+)
 from hinge_cli.losses import hinge_losses, pretrain_losses
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
 from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
@@ -319,6 +326,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     device = resolve_device(tc.device)
     dist = Dist.from_env(device)
     resume = last_path.exists() and state_path.exists() and not overwrite
+    require_panel(run, [warmup_path, last_path, run.checkpoint("selected"), best_path] if resume else [warmup_path])
     source = last_path if resume else warmup_path
     if not source.exists():
         raise HingeError(f"{warmup_path} does not exist", "run `hinge pretrain-warmup` first")

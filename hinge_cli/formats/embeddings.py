@@ -8,6 +8,7 @@ are `EmbeddingAttrs`; its list fields are stored as JSON strings, which only thi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,9 +20,11 @@ import h5py
 import numpy as np
 
 from hinge_cli.errors import HingeError
+from hinge_cli.files import reading
 from hinge_cli.formats.hdf5 import decode_strings, write_strings
 
 CHUNK_ROWS = 256
+REEMBED = "re-run `hinge embed --overwrite` for this sample, or delete the file and run `hinge embed` again"
 FEATURE_NAMES = ("features", "embeddings")  # the first is written, with the second as a hard link to it
 _JSON_FIELDS = ("encoders", "dims", "weights_sha256", "weights")
 
@@ -65,34 +68,45 @@ class Embeddings:
 class EmbeddingReader:
     """An open embeddings file whose features are read a range of spots at a time."""
 
-    def __init__(self, h5: h5py.File):
-        self._h5 = h5
-        self.attrs = EmbeddingAttrs.from_h5(h5.attrs)
-        names = [name for name in FEATURE_NAMES if name in h5]
-        if not names:
-            raise HingeError(f"{h5.filename} holds no `features` or `embeddings` dataset", "re-run `hinge embed --overwrite`")
-        self._features = h5[names[0]]
+    def __init__(self, h5: h5py.File, path: Path):
+        self._h5, self.path = h5, path
+        with self._reading():
+            self.attrs = EmbeddingAttrs.from_h5(h5.attrs)
+            names = [name for name in FEATURE_NAMES if name in h5]
+            if not names:
+                raise HingeError(f"{path} holds no `features` or `embeddings` dataset", REEMBED)
+            self._features = h5[names[0]]
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        return reading(self.path, REEMBED)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self._features.shape)
 
     def barcodes(self) -> list[str]:
-        return decode_strings(self._h5["barcodes"][()])
+        with self._reading():
+            return decode_strings(self._h5["barcodes"][()])
 
     def coords(self) -> np.ndarray:
-        return self._h5["coords"][()]
+        with self._reading():
+            return self._h5["coords"][()]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return self._features[start:stop]
+        with self._reading():
+            return self._features[start:stop]
 
 
 @contextmanager
 def open_embeddings(path: Path) -> Iterator[EmbeddingReader]:
-    if not Path(path).exists():
+    """The embeddings file at `path`, open for reading; a damaged one is a one-line error that names it."""
+    path = Path(path)
+    if not path.exists():
         raise HingeError(f"embeddings {path} do not exist", "run `hinge embed` with the same encoder first")
-    with h5py.File(path, "r") as h5:
-        yield EmbeddingReader(h5)
+    with reading(path, REEMBED):
+        h5 = h5py.File(path, "r")
+    with h5:
+        yield EmbeddingReader(h5, path)
 
 
 def read_embedding_attrs(path: Path) -> EmbeddingAttrs:

@@ -8,6 +8,7 @@ gene twice.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,11 @@ def read_gene_list(path: Path) -> list[str]:
     genes = [line.strip() for line in lines if line.strip() and not line.strip().startswith(COMMENT)]
     _check(genes, f"gene list {path}")
     return genes
+
+
+def panel_sha256(genes: Sequence[str]) -> str:
+    """A panel's fingerprint: the sha256 of its genes one a line, in order (the order is the model's)."""
+    return hashlib.sha256("".join(f"{g}\n" for g in genes).encode()).hexdigest()
 
 
 def write_gene_list(path: Path, genes: Sequence[str]) -> None:

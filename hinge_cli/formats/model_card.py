@@ -20,7 +20,7 @@ from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.data.shift import ShiftReference
 from hinge_cli.errors import HingeError
-from hinge_cli.files import write_text_atomic
+from hinge_cli.files import reading, write_text_atomic
 from hinge_cli.formats.embeddings import EmbeddingAttrs
 from hinge_cli.formats.tiles import TileAttrs
 
@@ -150,6 +150,7 @@ class ModelCard:
     kind: str = ""  # hinge | backbone
     architecture: Architecture | None = None
     genes: list[str] | None = None  # the panel a HINGE model predicts
+    panel_sha256: str | None = None  # `formats.genes.panel_sha256` of `genes`, written with the weights (older cards: none)
     vocab: list[str] | None = None  # the backbone's gene symbols: entry i has id i + 1
     transform: Transform | None = None  # counts -> the model's expression space
     encoders: list[str] = field(default_factory=list)  # patch encoders, features concatenated in this order
@@ -262,18 +263,31 @@ def write_card(path: Path, card: ModelCard) -> None:
     write_text_atomic(Path(path), json.dumps(card_to_dict(card), indent=1))
 
 
+# What writes each of a run's checkpoints again, by name: the fix for a damaged one.
+REWRITTEN_BY = {
+    "pretrain": "re-run `hinge pretrain-warmup --overwrite` (it pre-trains again)",
+    "warmup": "re-run `hinge pretrain-warmup --overwrite`",
+    "last": "training cannot resume from it: pass `hinge train --overwrite` to train again from the warm-up",
+    "selected": "re-run `hinge train --overwrite`",
+    "best": "re-run `hinge train --overwrite`",
+}
+
+
+def rewrite_fix(path: Path | str) -> str:
+    """What to do about a damaged checkpoint file (weights, card or resume state) at `path`."""
+    return REWRITTEN_BY.get(Path(path).name.split(".")[0], "re-create the checkpoint") + ", or restore the file from a copy"
+
+
 def read_card(path: Path) -> ModelCard:
     """The card at `path`, of this version or converted from version 1."""
     path = Path(path)
-    try:
+    if not path.exists():
+        raise HingeError(f"checkpoint sidecar {path} does not exist", "keep the .json next to the weights")
+    with reading(path, rewrite_fix(path)):
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HingeError(f"checkpoint sidecar {path} does not exist", "keep the .json next to the weights") from None
-    except json.JSONDecodeError:
-        raise HingeError(f"checkpoint sidecar {path} is not valid JSON", "re-create the checkpoint") from None
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt not in (FORMAT, LEGACY_FORMAT):
-        raise HingeError(f"{path} is not a {FORMAT} model card (format {fmt!r})", "re-create the checkpoint")
+        raise HingeError(f"{path} is not a {FORMAT} model card (format {fmt!r})", rewrite_fix(path))
     if not data.get("sha256"):
         raise HingeError(f"checkpoint sidecar {path} records no sha256 of its weights, so they cannot be verified",
                          "use the sidecar written with the weights (or re-create the checkpoint)")

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hinge_cli.files import atomic_path, write_text_atomic
+from hinge_cli.files import atomic_path, reading, write_text_atomic
 from hinge_cli.fit import LoopState
+from hinge_cli.formats.model_card import rewrite_fix
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -44,5 +45,8 @@ def write_train_state(path: Path, opt: torch.optim.Optimizer, state: LoopState) 
 
 def read_train_state(path: Path) -> tuple[dict[str, Any], LoopState]:
     """The optimiser's state dict and the loop state, as written by `write_train_state`."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    return optimizer_state(load_file(str(path)), meta["optimizer"]), LoopState.from_dict(meta["loop"])
+    with reading(path.with_suffix(".json"), rewrite_fix(path)):
+        meta = json.loads(path.with_suffix(".json").read_text())
+        loop = LoopState.from_dict(meta["loop"])
+    with reading(path, rewrite_fix(path)):
+        return optimizer_state(load_file(str(path)), meta["optimizer"]), loop

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hinge_cli import __version__
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, sha256_file, write_text_atomic
-from hinge_cli.formats.model_card import FORMAT, Architecture, ModelCard, read_card, write_card
+from hinge_cli.files import atomic_path, reading, sha256_file, write_text_atomic
+from hinge_cli.formats.genes import panel_sha256
+from hinge_cli.formats.model_card import FORMAT, Architecture, ModelCard, read_card, rewrite_fix, write_card
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.hinge import Hinge
 
@@ -104,7 +104,8 @@ def write_checkpoint(path: Path, net: Hinge | Backbone, card: ModelCard) -> Mode
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
     card = dataclasses.replace(card, kind="hinge" if isinstance(net, Hinge) else "backbone", architecture=architecture(net),
-                               weights=path.name, sha256=sha256_file(path), hinge_version=__version__, format=FORMAT)
+                               weights=path.name, sha256=sha256_file(path), hinge_version=__version__, format=FORMAT,
+                               panel_sha256=panel_sha256(card.genes) if card.genes else None)
     write_card(sidecar_path(path), card)
     return card
 
@@ -123,17 +124,16 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu", verify
         raise HingeError(f"checkpoint {path} does not exist", "check the path (or run the stage that writes it)")
     card = read_checkpoint_card(path)
     if verify and sha256_file(path) != card.sha256:
-        raise HingeError(f"checkpoint {path} does not match the sha256 in its sidecar", "re-copy both files together")
+        raise HingeError(f"checkpoint {path} does not match the sha256 in its sidecar: it is damaged, or was not copied with it",
+                         f"{rewrite_fix(path)}; copy the .safetensors and its .json together")
     arch = card.architecture
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         backbone = Backbone(arch.backbone, arch.vocab_size)
         net: nn.Module = backbone
         if card.kind == "hinge":
             net = Hinge(backbone, arch.gene_ids, arch.image_dim, arch.model, arch.diffusion)
-    try:
+    with reading(path, rewrite_fix(path)):
         state = load_file(str(path), device=str(device))
-    except SafetensorError as exc:
-        raise HingeError(f"checkpoint {path} is not a readable safetensors file ({exc})", "re-create it") from None
     missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise HingeError(f"checkpoint {path} does not fit its own config (missing {missing[:3]}, unexpected {unexpected[:3]})",
