@@ -17,6 +17,8 @@ from stand_in import write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
+from hinge_cli.config import GenerateConfig
+from hinge_cli.generate import Target, generate
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import make_synthetic_sample
@@ -42,6 +44,8 @@ CONSUMERS = [
     ("manifest.json", GENERATE),
     ("hinge.yaml", GENERATE),
     ("genes.txt", GENERATE),
+    ("predictions/t1.h5ad", ("eval", "--pred", "{run}/predictions/t1.h5ad", "--truth", "{truth}", "--no-maps")),
+    ("predictions/t1.h5ad", ("view", "{run}/predictions/t1.h5ad")),
 ]
 
 
@@ -59,6 +63,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Run:
     cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
     pretrain_warmup(run, cfg)
     train(run, cfg)
+    generate(run, [Target("t1")], GenerateConfig(n_samples=2, device="cpu"))
     return run
 
 
@@ -71,11 +76,14 @@ def damage(path: Path, how: str) -> None:
 
 
 def invoke(run: Path, *args: str) -> object:
-    return runner.invoke(app, [args[0], "--run", str(run), *args[1:]])
+    """The command on the run at `run` ({run} and {truth} in its arguments: that run, and t1's measured counts)."""
+    truth = Run(run).sample("t1")["expression"]["path"] if "{truth}" in args else None
+    args = tuple(a.format(run=run, truth=truth) for a in args)
+    return runner.invoke(app, [args[0], *([] if args[0] == "view" else ["--run", str(run)]), *args[1:]])
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
-@pytest.mark.parametrize(("name", "command"), CONSUMERS, ids=[name for name, _ in CONSUMERS])
+@pytest.mark.parametrize(("name", "command"), CONSUMERS, ids=[f"{name}-{command[0]}" for name, command in CONSUMERS])
 def test_a_damaged_file_is_one_line_that_names_it(trained: Run, tmp_path: Path, name: str, command: tuple[str, ...], how: str) -> None:
     run = Path(shutil.copytree(trained.root, tmp_path / "run"))
     damage(run / name, how)
