@@ -68,6 +68,22 @@ def test_tampered_or_incomplete_checkpoints_are_user_errors(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda card: card["architecture"].__setitem__("image_dim", 6), r"card and its weights disagree: \S+ is \(\S+ 5\) in the weights"),
+    (lambda card: card.__setitem__("genes", ["A", "B", "C"]), "lists 3 genes but its architecture 4"),
+    (lambda card: [card["architecture"][part].__setitem__("d_model", 2 * card["architecture"][part]["d_model"])
+                   for part in ("backbone", "model")], "card and its weights disagree"),  # a backbone twice as wide
+])
+def test_a_card_that_disagrees_with_its_weights_is_one_line_naming_the_tensor(tmp_path, edit, says):
+    path = tmp_path / "best.safetensors"
+    save_checkpoint(path, hinge_model(), ModelCard("train", genes=["A", "B", "C", "D"], transform=Transform()))
+    card = json.loads(sidecar_path(path).read_text())
+    edit(card)
+    sidecar_path(path).write_text(json.dumps(card))
+    with pytest.raises(HingeError, match=says):
+        load_checkpoint(path)
+
+
 def test_a_version_1_sidecar_still_loads(tmp_path):
     """Checkpoints written before the model card kept the stage's facts in an untyped `extra` dict."""
     model = hinge_model()

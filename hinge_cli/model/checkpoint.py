@@ -110,6 +110,21 @@ def write_checkpoint(path: Path, net: Hinge | Backbone, card: ModelCard) -> Mode
     return card
 
 
+def require_card_fits(path: Path, card: ModelCard, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a card whose architecture (or panel) disagrees with the weights beside it, naming the first tensor that
+    differs, before loading: an edited or mismatched card would otherwise end in a state-dict traceback."""
+    ids = card.architecture.gene_ids
+    if card.genes is not None and ids is not None and len(card.genes) != len(ids):
+        raise HingeError(f"checkpoint {path}: its card lists {len(card.genes)} genes but its architecture {len(ids)}",
+                         f"use the card written with these weights; {rewrite_fix(path)}")
+    expected = net.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise HingeError(f"checkpoint {path}: its card and its weights disagree: {name} is {tuple(tensor.shape)} in the "
+                             f"weights but {tuple(expected[name].shape)} by the card's architecture",
+                             f"use the card written with these weights; {rewrite_fix(path)}")
+
+
 def read_checkpoint_card(path: Path | str) -> ModelCard:
     """The card of the checkpoint at `path` (weights not read)."""
     return read_card(sidecar_path(path))
@@ -134,6 +149,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu", verify
             net = Hinge(backbone, arch.gene_ids, arch.image_dim, arch.model, arch.diffusion)
     with reading(path, rewrite_fix(path)):
         state = load_file(str(path), device=str(device))
+    require_card_fits(path, card, net, state)
     missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise HingeError(f"checkpoint {path} does not fit its own config (missing {missing[:3]}, unexpected {unexpected[:3]})",
