@@ -24,7 +24,7 @@ from typer._click.exceptions import BadOptionUsage, BadParameter, MissingParamet
 from typer.core import TyperCommand, TyperGroup
 
 from hinge_cli.api import flag_messages
-from hinge_cli.config import field_default
+from hinge_cli.config import field_default, field_rule
 from hinge_cli.devices import resolve_device
 from hinge_cli.errors import HingeError
 from hinge_cli.files import user_os_error
@@ -105,9 +105,10 @@ class HingeGroup(TyperGroup):
 
 
 def default(section: type, name: str, none: str = "none") -> str:
-    """'(default: X)' from the config dataclass, so help cannot drift from the code (Rich would swallow '[X]')."""
-    value = field_default(section, name)
-    return f"(default: {none if value is None else value})"
+    """'(default: X; its valid range)' from the config dataclass, so help cannot drift from the code (Rich would swallow
+    '[X]')."""
+    value, rule = field_default(section, name), field_rule(section, name)
+    return f"(default: {none if value is None else value}{'; ' + rule.text if rule is not None else ''})"
 
 
 def setting(section: type, name: str, text: str, none: str = "none") -> Any:

@@ -135,7 +135,7 @@ class TrainConfig(Checked):
     weight_decay: float = checked(0.01, NON_NEGATIVE)
     grad_clip: float = checked(1.0, NON_NEGATIVE)
     patience: int = checked(10, AT_LEAST_1)
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     device: str = "auto"
     schedule: str = "cosine"  # cosine (after a linear warm-up) | constant learning rate
     refit: bool = True  # after validation chose the epochs, fit again on every training spot (validation's too)
@@ -189,7 +189,7 @@ class GenerateConfig(Checked):
     temperature: float = checked(1.0, NON_NEGATIVE)  # scales the spread of the draws; 0: every draw is the mean
     point: str = "one-shot"  # X: one-shot (the mean from every gene hidden) | samples (the mean over samples)
     calibrated: bool = True  # widen the spread by the per-gene scale `hinge train` fitted on the validation spots
-    seed: int = 0  # the same seed gives the same predictions
+    seed: int = checked(0, NON_NEGATIVE)  # the same seed gives the same predictions
     batch_size: int = checked(64, AT_LEAST_1)  # spots per batch of the reverse process
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
     keep_samples: bool = True  # also store every sample in obsm['samples'] (N, S, G): eval's CRPS and energy score
@@ -359,6 +359,12 @@ def field_default(section: type, name: str) -> Any:
     """A config field's default as its dataclass declares it: help texts show it, so they cannot drift."""
     (found,) = [f for f in dataclasses.fields(section) if f.name == name]
     return found.default_factory() if found.default is dataclasses.MISSING else found.default
+
+
+def field_rule(section: type, name: str) -> Rule | None:
+    """A config field's rule (its valid range), for the help text beside its default."""
+    (found,) = [f for f in dataclasses.fields(section) if f.name == name]
+    return found.metadata.get("rule")
 
 
 def dump_config(cfg: HingeConfig) -> str:

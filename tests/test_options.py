@@ -69,7 +69,7 @@ def test_help_shows_switches_without_a_type_and_hides_aliases(command: str) -> N
     assert "--log-format" in result.output and "--verbose" in result.output
     if command == "generate":
         text = " ".join(result.output.split())
-        assert "--n-samples" in text and "(default: 8)" in text and "--genes-to-plot" in text and "--keep-going" in text
+        assert "--n-samples" in text and "(default: 8; must be at least 1)" in text and "--genes-to-plot" in text and "--keep-going" in text
         assert not re.search(r"--samples\b|--plot\b|--slide\b", text)
 
 
@@ -113,3 +113,12 @@ def test_old_spellings_still_work_with_a_warning(tmp_path: Path) -> None:
     assert result.exit_code == 2  # no trained model: but both old flags were understood
     assert "--samples is deprecated; use --n-samples" in result.output and "--plot is deprecated" in result.output
     assert "no trained model" in result.output
+
+
+def test_a_numeric_setting_shows_its_range_in_help_and_refuses_a_value_outside_it(tmp_path: Path) -> None:
+    ranged = {(command, max(param.opts, key=len)): param.help for command, _, param in options()}
+    assert ranged["pretrain-warmup", "--seed"].endswith("(default: 0; must be a finite number, 0 or more).")
+    assert "(default: 50; must be at least 1)" in ranged["train", "--epochs"]
+    result = runner.invoke(app, ["pretrain-warmup", "--seed", "-1", "--run", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "train.seed = -1 must be a finite number, 0 or more" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "checkpoints").exists()
