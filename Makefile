@@ -33,7 +33,7 @@ bench-her2st: install
 	$(PY) benchmarks/her2st/benchmark.py $(ARGS)
 
 # HER2ST folds under simulated shifts of a new patient (thinned counts, stain jitter, blur + JPEG, a wrong µm/px): ridge and
-# HINGE, reusing bench-her2st's fold runs where present (~30 min from nothing on 2 cores; ARGS=--quick: ~8 min).
+# HINGE, reusing bench-her2st's fold runs where present (15 min from nothing on 2 cores, one seed; ARGS=--quick: 3 min).
 bench-shift: install
 	$(PY) benchmarks/her2st/shift.py $(ARGS)
 
