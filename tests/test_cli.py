@@ -24,7 +24,7 @@ def ok(args: list[str]) -> None:
 def test_help_shows_the_config_dataclass_default() -> None:
     result = runner.invoke(app, ["tile", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
     assert result.exit_code == 0
-    assert f"(default: {TileConfig().target_mpp})" in " ".join(result.output.split())
+    assert f"(default: {TileConfig().target_mpp}; must be a finite number above 0)" in " ".join(result.output.split())
 
 
 def test_stage_flags_are_recorded_with_resolved_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

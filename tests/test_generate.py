@@ -218,7 +218,7 @@ def test_refusals(trained: tuple[Run, Path], tmp_path: Path, monkeypatch: pytest
     assert out.read_bytes() == before
     meta = json.loads(sidecar_path(run.checkpoint("best")).read_text())
     bad_panel = _tampered(run, tmp_path, "panel", genes=meta["genes"][:-1])
-    with pytest.raises(HingeError, match="panel genes"):
+    with pytest.raises(HingeError, match="its card lists 11 genes but its architecture 12"):
         generate(run, [Target("t1")], GenerateConfig(**FAST), checkpoint=bad_panel, out=tmp_path / "x.h5ad")
     bad_encoder = _tampered(run, tmp_path, "encoder", encoders=["conch"], encoder_key="conch")
     with pytest.raises(HingeError, match="512-dim features"):
