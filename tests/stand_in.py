@@ -14,6 +14,7 @@ from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
+from hinge_cli.train import pretrain_warmup, train
 
 
 def tiled_synthetic(root: Path, prefix: str, n: int, seed: int, **sample: Any) -> tuple[Run, list[SyntheticSample]]:
@@ -40,3 +41,23 @@ def write_features(run: Run, sample: str, seed: int, views: int = 1) -> None:
     with write_embeddings(path, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
         out.write(features)
     run.record_output(sample, "embed:default", path)
+
+
+def trained_tiny(root: Path, **tile: Any) -> tuple[Run, list[SyntheticSample]]:
+    """A run with synthetic samples t0 and t1 (384 px at 2 µm/px, 40 genes, stand-in features) and a tiny model trained
+    briefly on them (a 12-gene panel, one warm-up epoch, two training epochs); `tile` overrides tile settings."""
+    run = Run(root / "run")
+    cfg = run.config("tiny")
+    cfg.tile.images, cfg.train.epochs = False, 2
+    for key, value in tile.items():
+        setattr(cfg.tile, key, value)
+    made = []
+    for i in range(2):
+        s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40)
+        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
+        write_features(run, s.sample_id, i)
+        made.append(s)
+    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
+    pretrain_warmup(run, cfg)
+    train(run, cfg)
+    return run, made

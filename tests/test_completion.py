@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import sparse
-from stand_in import write_features
+from stand_in import trained_tiny
 from test_model_sampler import G as MODEL_GENES
 from test_model_sampler import tiny_model
 from typer.testing import CliRunner
@@ -33,9 +33,6 @@ from hinge_cli.model.calibration import predictive
 from hinge_cli.model.checkpoint import load_checkpoint
 from hinge_cli.model.sampler import nearest_steps
 from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()
 G = 12
@@ -131,20 +128,7 @@ def test_completion_is_batch_size_independent_and_its_one_shot_point_sees_the_gi
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     """A briefly trained tiny model on two synthetic samples; t0's measured counts as the given file."""
-    root = tmp_path_factory.mktemp("completion")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images = False
-    cfg.train.epochs = 2
-    made = []
-    for i in range(2):
-        s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
-        write_features(run, s.sample_id, i)
-        made.append(s)
-    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
-    pretrain_warmup(run, cfg)
-    train(run, cfg)
+    run, made = trained_tiny(tmp_path_factory.mktemp("completion"))
     return run, made[0].spots
 
 

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stand_in import write_features
+from stand_in import trained_tiny
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.generate import Target, generate
 from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()
 TRAIN_MORE = ("train", "--epochs", "3", "--device", "cpu")
@@ -51,18 +48,8 @@ CONSUMERS = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A briefly trained tiny run on two synthetic samples (stand-in features)."""
-    root = tmp_path_factory.mktemp("damaged")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images, cfg.train.epochs = False, 2
-    for i in range(2):
-        s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
-        write_features(run, s.sample_id, i)
-    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
-    pretrain_warmup(run, cfg)
-    train(run, cfg)
+    """A briefly trained tiny run on two synthetic samples (stand-in features), and t1 predicted."""
+    run, _ = trained_tiny(tmp_path_factory.mktemp("damaged"))
     generate(run, [Target("t1")], GenerateConfig(n_samples=2, device="cpu"))
     return run
 

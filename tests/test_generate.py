@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from kills import Killed, count_writes, kill_at
 from PIL import Image
-from stand_in import write_features
+from stand_in import trained_tiny, write_features
 from typer.testing import CliRunner
 
 from hinge_cli.cli import app
@@ -36,7 +36,6 @@ from hinge_cli.run import Run, Shard
 from hinge_cli.slide.tiling import SampleSpec, tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.train import pretrain_warmup, train
 
 runner = CliRunner()
 FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
@@ -46,17 +45,7 @@ FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     """A run with two training samples and a briefly trained tiny model; and a new slide (2 µm/px: cheap to embed)."""
     root = tmp_path_factory.mktemp("generate")
-    run = Run(root / "run")
-    cfg = run.config("tiny")
-    cfg.tile.images, cfg.tile.pitch_um = False, 150.0  # the grid of new slides: few spots
-    cfg.train.epochs = 2
-    for i in range(2):
-        s = make_synthetic_sample(root / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40)
-        tile_sample(run, SampleSpec(s.sample_id, s.slide, s.spots), cfg.tile)
-        write_features(run, s.sample_id, i)
-    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
-    pretrain_warmup(run, cfg)
-    train(run, cfg)
+    run, _ = trained_tiny(root, pitch_um=150.0)  # the grid of new slides: few spots
     new = make_synthetic_sample(root / "data", "new", size_px=256, mpp=2.0, seed=30, n_genes=40)
     return run, new.slide
 
