@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -45,13 +46,22 @@ def describe_input(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only on success."""
+    """Yield a temporary path beside `final`; rename it into place only on success. A full disk, an exceeded quota, a
+    read-only folder or missing permissions while writing it is the one-line error that names `final`, whatever the
+    writer (safetensors and HDF5 keep only the words of the system's error, or none)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, final)
+    except HingeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each writer words a full disk its own way
+        user = user_os_error(exc, final) or full_disk(exc, final)
+        if user is None:
+            raise
+        raise user from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -109,17 +119,34 @@ OS_ERRORS = {  # errno -> (what happened, what to do): the system errors a user 
     errno.EACCES: ("permission denied", "fix the permissions of that path, or use a --run / --out folder you can write to"),
     errno.EPERM: ("operation not permitted", "fix the permissions of that path, or use a --run / --out folder you can write to"),
 }
-OS_ERROR_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}  # h5py keeps only the text
+OS_ERROR_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,  # h5py and safetensors
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}  # keep only the text
+FULL_DISK_BYTES = 2**20  # a write that fails with less than this free beside it failed for want of space
 
 
-def user_os_error(exc: OSError) -> HingeError | None:
-    """The one-line user error for a full disk, a read-only folder or missing permissions; None for anything else."""
-    code = exc.errno if exc.errno in OS_ERRORS else next((c for t, c in OS_ERROR_TEXTS.items() if t in str(exc)), None)
+def user_os_error(exc: BaseException, path: Path | None = None) -> HingeError | None:
+    """The one-line user error for a full disk, a read-only folder or missing permissions (by errno, or by the system's
+    words where a writer kept only those); None for anything else. `path`: where, when the error does not say."""
+    errno_code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    code = errno_code if errno_code in OS_ERRORS else next((c for t, c in OS_ERROR_TEXTS.items() if t in str(exc)), None)
     if code is None:
         return None
     problem, fix = OS_ERRORS[code]
-    return HingeError(f"{problem}" + (f" at {exc.filename}" if exc.filename else ""), fix)
+    where = getattr(exc, "filename", None) or path
+    return HingeError(f"{problem}" + (f" at {where}" if where else ""), fix)
+
+
+def full_disk(exc: BaseException, path: Path) -> HingeError | None:
+    """ENOSPC's error for a write that failed in words that do not say why (HDF5's "write request failed") while the
+    disk holding `path` is full; None otherwise."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return None
+    if free >= FULL_DISK_BYTES or not isinstance(exc, (OSError, RuntimeError, ValueError)):
+        return None
+    problem, fix = OS_ERRORS[errno.ENOSPC]
+    return HingeError(f"{problem} at {path} ({free} bytes free)", fix)
 
 
 @contextlib.contextmanager

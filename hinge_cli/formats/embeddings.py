@@ -21,7 +21,7 @@ import numpy as np
 
 from hinge_cli.errors import HingeError
 from hinge_cli.files import reading
-from hinge_cli.formats.hdf5 import decode_strings, write_strings
+from hinge_cli.formats.hdf5 import decode_strings, open_for_writing, write_strings
 
 CHUNK_ROWS = 256
 REEMBED = "re-run `hinge embed --overwrite` for this sample, or delete the file and run `hinge embed` again"
@@ -135,7 +135,7 @@ def write_embeddings(path: Path, attrs: EmbeddingAttrs, barcodes: Sequence[str],
                      shape: tuple[int, ...]) -> Iterator[EmbeddingWriter]:
     """Create the file with an empty `embeddings` of `shape`; the attributes are written once the caller is done."""
     n = shape[0]
-    with h5py.File(path, "w") as h5:
+    with open_for_writing(path) as h5:
         dataset = h5.create_dataset(FEATURE_NAMES[0], shape=shape, dtype=np.float32,
                                     chunks=(max(1, min(n, CHUNK_ROWS)), *shape[1:]) if n else None)
         h5[FEATURE_NAMES[1]] = dataset

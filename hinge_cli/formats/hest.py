@@ -24,6 +24,7 @@ import numpy as np
 
 from hinge_cli.errors import HingeError
 from hinge_cli.files import atomic_path
+from hinge_cli.formats.hdf5 import open_for_writing
 
 MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")  # in order of trust
 SLIDE_PREFERENCE = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".btf", ".jpg", ".png")
@@ -214,7 +215,7 @@ def write_patch_file(path: Path, patches: PatchFile, features_name: str = "featu
     """
     if features_name not in FEATURE_NAMES:
         raise ValueError(f"features_name must be one of {FEATURE_NAMES}")
-    with atomic_path(Path(path)) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(Path(path)) as tmp, open_for_writing(tmp) as h5:
         coords = h5.create_dataset("coords", data=np.round(patches.topleft).astype(np.int64))
         coords.attrs.update({**patches.attrs, "patch_size_level0": patches.patch_size_level0})
         if patches.features is not None:

@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from hinge_cli.formats.hdf5 import open_for_writing
+
 CHUNK_ROWS = 256
 IN_TISSUE_FRACTION = 0.5  # a spot is in tissue (Visium's in_tissue == 1) when at least half its disc is
 
@@ -114,7 +116,7 @@ def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Seq
                      given: np.ndarray | None = None) -> Iterator[PredictionWriter]:
     """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
     write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance, given)
-    with h5py.File(path, "r+") as h5:
+    with open_for_writing(path, "r+") as h5:
         yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_spread)
 
 

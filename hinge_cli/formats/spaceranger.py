@@ -23,6 +23,7 @@ from scipy import sparse
 
 from hinge_cli.errors import HingeError
 from hinge_cli.files import atomic_path, write_text_atomic
+from hinge_cli.formats.hdf5 import open_for_writing
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def write_matrix(path: Path, counts: ad.AnnData, genome: str = "GRCh38") -> None
     matrix = sparse.csr_matrix(counts.X).astype(np.int32)
     gene_ids = counts.var.get("gene_ids", counts.var_names)
     n = counts.n_vars
-    with atomic_path(Path(path)) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(Path(path)) as tmp, open_for_writing(tmp) as h5:
         group = h5.create_group("matrix")
         group["data"], group["indices"], group["indptr"] = matrix.data, matrix.indices.astype(np.int64), matrix.indptr.astype(np.int64)
         group["shape"] = np.array([n, counts.n_obs], np.int32)

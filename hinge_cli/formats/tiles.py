@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.hdf5 import decode_strings, write_strings
+from hinge_cli.formats.hdf5 import decode_strings, open_for_writing, write_strings
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def write_tiles(path: Path, attrs: TileAttrs, barcodes: Sequence[str], coords: n
                 tissue_frac: np.ndarray) -> Iterator[TilesWriter]:
     """Write the per-spot datasets and attributes; with `attrs.images`, the caller then fills in the patches."""
     centres = np.rint(coords).astype(np.int64)
-    with h5py.File(path, "w") as h5:
+    with open_for_writing(path) as h5:
         h5.create_dataset("coords", data=centres)
         h5.create_dataset("coords_topleft", data=centres - int(round(attrs.patch_size_level0 / 2)))
         write_strings(h5, "barcode", barcodes, column=True)
