@@ -49,7 +49,7 @@ from hinge_cli.lineage import (
 )
 from hinge_cli.losses import hinge_losses, pretrain_losses
 from hinge_cli.model import Backbone, Hinge, import_cellfm, load_checkpoint, read_vocab, save_checkpoint
-from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, write_checkpoint
+from hinge_cli.model.checkpoint import checkpoint_unit, finish_pending, read_checkpoint_card, write_checkpoint
 from hinge_cli.model.ridge import start_direct_path_at_ridge
 from hinge_cli.model_selection import choose_split
 from hinge_cli.progress import SILENT, Progress
@@ -284,7 +284,10 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     warmup_path = run.checkpoint("warmup")
     finish_pending(warmup_path.parent)
     if warmup_path.exists() and not overwrite:
-        raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
+        if _warmup_finished(run, warmup_path):
+            raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
+        log.info("%s was left by a pretrain-warmup that did not finish (killed before it was recorded): warming up again",
+                 warmup_path)
     device = resolve_device(cfg.train.device)
     dist = Dist.from_env(device)
     key, encoders = _encoder_key(cfg)
@@ -308,14 +311,24 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
         start_direct_path_at_ridge(net.direct, table.subset(data.train_rows), data.norm, panel, key, seed)
     state = _warmup_curriculum(run, cfg, net, data, dist, device, progress)
     if dist.main:
-        save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
+        saved = save_checkpoint(warmup_path, net.cpu(), _warmup_card(run, cfg, samples, panel, vocab, source, data, state))
         run.record_run_stage(WARMUP, "ok", seconds=round(time.time() - started, 1), samples=samples, n_genes=len(panel),
-                             backbone=source, epochs=wc.epochs, inputs=training_inputs(run, samples, key))
+                             backbone=source, epochs=wc.epochs, inputs=training_inputs(run, samples, key),
+                             checkpoint_sha256=saved.sha256)
     dist.close()
     files = {"genes": str(run.root / "genes.txt"), "warmup": str(warmup_path), "log": str(run.log("warmup"))}
     if source == "corpus":
         files["pretrain"] = str(run.checkpoint("pretrain"))
     return StageSummary("warmup", state.best_epoch, state.best_val, state.epoch, time.time() - started, files)
+
+
+def _warmup_finished(run: Run, path: Path) -> bool:
+    """Whether the warm-up checkpoint at `path` is the one a finished pretrain-warmup recorded (a record from before
+    the checkpoint's hash was kept is trusted)."""
+    record = run.manifest().get("stages", {}).get(WARMUP, {})
+    if record.get("status") != "ok":
+        return False
+    return record.get("checkpoint_sha256") in (None, read_checkpoint_card(path).sha256)
 
 
 def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> StageSummary:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 from kills import Killed, count_writes, h5_content, kill_at
+from stand_in import tiled_synthetic, write_features
 
 from hinge_cli import encoders as enc
 from hinge_cli.config import EmbedConfig, load_config
 from hinge_cli.embed import embed_samples
 from hinge_cli.encoders import REGISTRY
+from hinge_cli.errors import HingeError
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec
 from hinge_cli.tile import tile_samples
+from hinge_cli.train import pretrain_warmup
 
 
 @pytest.fixture
@@ -178,3 +182,32 @@ def test_a_copied_run_keeps_its_finished_samples(tmp_path: Path, synth) -> None:
         fh.seek(-1, 2)
         fh.write(bytes([last[0] ^ 1]))
     assert not copy.is_done("s0", "tile", copy.tiles("s0"))
+
+
+def _warmup_base(root: Path) -> tuple[Run, object]:
+    """Two tiled synthetic samples with stand-in features, ready for the warm-up, and its config."""
+    run, samples = tiled_synthetic(root, "w", 2, 40, size_px=384, mpp=2.0, n_genes=40)
+    for i, s in enumerate(samples):
+        write_features(run, s.sample_id, i)
+    cfg = run.config("tiny")
+    cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
+    return run, cfg
+
+
+def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path: Path) -> None:
+    """Never "exists, pass --overwrite" after a kill: a warm-up the manifest does not record as finished is redone,
+    and the re-run ends with the uninterrupted run's checkpoint, panel and record."""
+    base, cfg = _warmup_base(tmp_path / "base")
+    ref = Run(shutil.copytree(base.root, tmp_path / "ref"))
+    writes = count_writes(lambda: pretrain_warmup(ref, cfg))
+    assert writes >= 4
+    for n in range(writes):
+        run = Run(shutil.copytree(base.root, tmp_path / f"killed{n}"))
+        with kill_at(n), pytest.raises(Killed):
+            pretrain_warmup(run, cfg)
+        pretrain_warmup(run, cfg)  # the same command again, no --overwrite
+        for name in ("checkpoints/warmup.safetensors", "genes.txt"):
+            assert (run.root / name).read_bytes() == (ref.root / name).read_bytes(), (n, name)
+        assert run.manifest()["stages"]["pretrain-warmup"]["status"] == "ok"
+    with pytest.raises(HingeError, match="warmup.safetensors exists"):
+        pretrain_warmup(ref, cfg)  # a finished warm-up still needs --overwrite
