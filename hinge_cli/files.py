@@ -206,6 +206,31 @@ def _is_stale(lock: Path, owner: dict[str, Any] | None, host: str) -> bool:
     return owner == {} or (owner.get("host") == host and not _pid_alive(int(owner["pid"])))
 
 
+LEFTOVER_AGE_S = 3600.0  # a temporary untouched this long by a process not alive here: no writer on any node is behind it
+
+
+def sweep_leftovers(root: Path) -> list[Path]:
+    """Remove what killed writers left under `root` that no live process owns: temporaries `.NAME.tmp-PID` whose pid is
+    not alive on this host and which nobody touched for LEFTOVER_AGE_S (so a writer on another node of a cluster keeps
+    its own), and lock files of dead owners (as `output_lock` would take them over). A staged checkpoint is its unit's
+    next writer's to finish or discard. Returns what was removed; what cannot be removed (a read-only run) stays."""
+    removed, host, now = [], socket.gethostname(), time.time()
+    for path in Path(root).rglob(".*.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and not _pid_alive(int(pid)) and now - path.stat().st_mtime > LEFTOVER_AGE_S:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(path)
+    for lock in Path(root).rglob("*.lock"):
+        if lock.name.startswith("."):  # flock files (.manifest.lock) are permanent and hold no owner
+            continue
+        with contextlib.suppress(OSError):
+            if _is_stale(lock, _read_owner(lock), host):
+                lock.unlink()
+                removed.append(lock)
+    return removed
+
+
 @contextlib.contextmanager
 def output_lock(final: Path, what: str | None = None) -> Iterator[None]:
     """Hold `<final>.lock` while writing `final`; a lock of a dead process on this host is taken over.

@@ -25,7 +25,7 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, same_file, write_text_atomic
+from hinge_cli.files import OutputFinished, OutputLocked, fingerprint, output_lock, same_file, sweep_leftovers, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class Run:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else default_run_dir()
         self._warned_read_only = False
+        self._swept = False
 
     # layout -----------------------------------------------------------------
     @property
@@ -208,6 +209,12 @@ class Run:
             yield self.manifest()
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self._swept:  # the first record of a stage: what killed jobs left behind goes
+            self._swept = True
+            removed = sweep_leftovers(self.root)
+            if removed:
+                log.debug("removed %d files left by killed jobs in %s: %s", len(removed), self.root,
+                          ", ".join(str(p.relative_to(self.root)) for p in removed[:10]))
         with open(self.root / ".manifest.lock", "a") as lockfile:
             fcntl.flock(lockfile, fcntl.LOCK_EX)
             data = self.manifest()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from hinge_cli.config import EmbedConfig, load_config
 from hinge_cli.embed import embed_samples
 from hinge_cli.encoders import REGISTRY
 from hinge_cli.errors import HingeError
+from hinge_cli.files import LEFTOVER_AGE_S, atomic_path, output_lock
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec
 from hinge_cli.tile import tile_samples
@@ -122,8 +127,6 @@ def test_an_empty_lock_file_is_explained_then_taken_over(tmp_path: Path) -> None
 def test_embed_refuses_embeddings_of_replaced_tiles_until_told_to_redo_them(tmp_path: Path, synth, small_default: None) -> None:
     import anndata as ad
 
-    from hinge_cli.errors import HingeError
-
     run = Run(tmp_path / "run")
     _tile(run, synth)
     cfg = EmbedConfig(device="cpu", batch_size=64, workers=1)
@@ -211,3 +214,32 @@ def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path:
         assert run.manifest()["stages"]["pretrain-warmup"]["status"] == "ok"
     with pytest.raises(HingeError, match="warmup.safetensors exists"):
         pretrain_warmup(ref, cfg)  # a finished warm-up still needs --overwrite
+
+
+def _die_while_writing(final: Path) -> None:
+    """A writer killed mid-write (a child process that exits at once: no finally runs), as a job at its time limit."""
+    with output_lock(final), atomic_path(final) as tmp:
+        tmp.write_bytes(b"half a file")
+        os._exit(9)
+
+
+def test_leftovers_of_killed_jobs_go_at_the_next_stage_and_a_live_writers_stay(tmp_path: Path, synth,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    run = Run(tmp_path / "run")
+    final = run.root / "tiles" / "gone.h5"
+    child = multiprocessing.get_context("fork").Process(target=_die_while_writing, args=(final,))
+    child.start()
+    child.join()
+    temporary, lock = final.with_name(f".gone.h5.tmp-{child.pid}"), final.with_name("gone.h5.lock")
+    assert temporary.exists() and lock.exists()
+    long_ago = time.time() - 2 * LEFTOVER_AGE_S
+    os.utime(temporary, (long_ago, long_ago))
+    fresh = final.with_name(f".fresh.h5.tmp-{child.pid}")  # a dead pid here, but touched just now: perhaps another node's
+    mine = final.with_name(f".mine.h5.tmp-{os.getpid()}")  # a live process's, however old
+    for path in (fresh, mine):
+        path.write_bytes(b"in progress")
+    os.utime(mine, (long_ago, long_ago))
+    with caplog.at_level(logging.DEBUG, logger="hinge_cli.run"):
+        _tile(run, synth)  # any stage that records its work
+    assert not temporary.exists() and not lock.exists() and fresh.exists() and mine.exists()
+    assert "removed 2 files left by killed jobs" in caplog.text
