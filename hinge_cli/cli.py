@@ -34,12 +34,13 @@ from hinge_cli.commandline import (
     device_setting,
     ids,
     path_option,
+    ranged_option,
     run_command,
     setting,
     switch,
     text_option,
 )
-from hinge_cli.config import EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig
+from hinge_cli.config import POSITIVE, EmbedConfig, GenerateConfig, TileConfig, TissueConfig, TrainConfig, WarmupConfig
 from hinge_cli.errors import HingeError
 from hinge_cli.run import Run, Shard
 from hinge_cli.terminal import say, setup_output
@@ -126,8 +127,8 @@ def embed(
     list_encoders: switch("--list", "List encoders, dimensions and whether weights were found.") = False,
     import_features: path_option("TRIDENT/HEST feature .h5 files (a folder of <sample>.h5) to use instead of embedding; "
                                  "--encoder names their model.", "either", "--import-features") = None,
-    patch_size_level0: Annotated[Optional[float], typer.Option(
-        help="With --import-features: patch side in level-0 px, when the files do not say.")] = None,
+    patch_size_level0: ranged_option(POSITIVE, "--patch-size-level0",
+                                     "With --import-features: patch side in level-0 px, when the files do not say") = None,
     shard: ShardOpt = None,
     keep_going: KeepGoing = False,
     overwrite: Overwrite = False,

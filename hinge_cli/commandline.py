@@ -24,7 +24,7 @@ from typer._click.exceptions import BadOptionUsage, BadParameter, MissingParamet
 from typer.core import TyperCommand, TyperGroup
 
 from hinge_cli.api import flag_messages
-from hinge_cli.config import field_default, field_rule
+from hinge_cli.config import POSITIVE, Rule, field_default, field_rule
 from hinge_cli.devices import resolve_device
 from hinge_cli.errors import HingeError
 from hinge_cli.files import user_os_error
@@ -157,7 +157,18 @@ SampleIds = Annotated[Optional[list[str]], typer.Option(
     "--sample-id", help="Sample id, comma-separated or repeated: the id of the one slide given (default: its file stem), "
     "or for generate without a slide, samples already in the run.")]
 Spots = path_option("Spot .h5ad (obsm['spatial'] in level-0 px): one patch per spot instead of a grid.", "file", "--spots")
-Mpp = Annotated[Optional[float], typer.Option("--mpp", help="µm/px of level 0, when the slide does not say.")]
+def ranged_option(rule: Rule, name: str, text: str) -> Any:
+    """A numeric flag outside the config (a slide's or a file's own fact), checked against `rule` at parse time, with its
+    range in the help as the config's settings have theirs."""
+    def check(value: float | None) -> float | None:
+        if value is not None and not rule.holds(value):
+            raise HingeError(f"{name} {value!r} {rule.text}", f"give a valid {name}, or leave it out")
+        return value
+
+    return Annotated[Optional[float], typer.Option(name, help=f"{text} ({rule.text}).", callback=check)]
+
+
+Mpp = ranged_option(POSITIVE, "--mpp", "µm/px of level 0, when the slide does not say")
 Visium = path_option("A Space Ranger outs/ folder: its image, spots and scale factors.", "folder", "--visium")
 Image = text_option("With --visium: the full-resolution image file, or hires|lowres from outs/spatial (default: hires).",
                     "--image")

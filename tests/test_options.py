@@ -122,3 +122,11 @@ def test_a_numeric_setting_shows_its_range_in_help_and_refuses_a_value_outside_i
     result = runner.invoke(app, ["pretrain-warmup", "--seed", "-1", "--run", str(tmp_path / "run")])
     assert result.exit_code == 2 and "train.seed = -1 must be a finite number, 0 or more" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5"])
+@pytest.mark.parametrize("args", [["tile", "slide.tif", "--mpp"], ["generate", "slide.tif", "--mpp"], ["embed", "--patch-size-level0"]])
+def test_a_slide_fact_outside_its_range_is_refused_at_parse_time(tmp_path: Path, args: list[str], value: str) -> None:
+    line = one_line_error([*args, value, "--run", str(tmp_path / "run")])
+    assert f"{args[-1]} " in line and "must be a finite number above 0" in line
+    assert not (tmp_path / "run").exists()  # refused before any work
