@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 from kills import Killed, count_writes, h5_content, kill_at
-from stand_in import tiled_synthetic, write_features
+from stand_in import tiled_synthetic, trained_tiny, write_features
 
 from hinge_cli import encoders as enc
-from hinge_cli.config import EmbedConfig, load_config
+from hinge_cli.config import EmbedConfig, GenerateConfig, load_config
 from hinge_cli.embed import embed_samples
 from hinge_cli.encoders import REGISTRY
 from hinge_cli.errors import HingeError
+from hinge_cli.eval import evaluate
 from hinge_cli.files import LEFTOVER_AGE_S, atomic_path, output_lock
+from hinge_cli.generate import Target, generate
+from hinge_cli.model.checkpoint import read_checkpoint_card
+from hinge_cli.refit import recalibrate
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec
 from hinge_cli.tile import tile_samples
@@ -243,3 +247,38 @@ def test_leftovers_of_killed_jobs_go_at_the_next_stage_and_a_live_writers_stay(t
         _tile(run, synth)  # any stage that records its work
     assert not temporary.exists() and not lock.exists() and fresh.exists() and mine.exists()
     assert "removed 2 files left by killed jobs" in caplog.text
+
+
+def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A kill at any write of `hinge calibrate` or `hinge eval`, then the same command again (no --overwrite), ends with
+    the uninterrupted run's spread scale, gene coupling, metrics and report."""
+    base, _ = trained_tiny(tmp_path / "base")
+    generate(base, [Target("t1")], GenerateConfig(n_samples=2, device="cpu"))
+    cfg = base.config()
+
+    def fitted(run: Run) -> list[object]:
+        return [(card.calibration, card.coupling) for card in (read_checkpoint_card(run.checkpoint(n)) for n in ("selected", "best"))]
+
+    ref = Run(shutil.copytree(base.root, tmp_path / "ref"))
+    writes = count_writes(lambda: recalibrate(ref, cfg))
+    assert writes >= 2
+    for n in range(writes):
+        run = Run(shutil.copytree(base.root, tmp_path / f"calibrate{n}"))
+        with kill_at(n), pytest.raises(Killed):
+            recalibrate(run, cfg)
+        recalibrate(run, cfg)
+        assert fitted(run) == fitted(ref), n
+
+    pred, truth = base.prediction("t1"), Path(base.sample("t1")["expression"]["path"])
+    outputs = ("metrics.json", "report.md")
+
+    def scored(out: Path) -> dict[str, str]:
+        return {name: (out / name).read_text().replace(str(out), "OUT") for name in outputs}
+
+    writes = count_writes(lambda: evaluate([pred], [truth], out=tmp_path / "eval-ref", maps=False))
+    for n in range(writes):
+        out = tmp_path / f"eval{n}"
+        with kill_at(n), pytest.raises(Killed):
+            evaluate([pred], [truth], out=out, maps=False)
+        evaluate([pred], [truth], out=out, maps=False)
+        assert scored(out) == scored(tmp_path / "eval-ref"), n

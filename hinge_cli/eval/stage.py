@@ -144,6 +144,6 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     if not several:
         return EvalSummary(slides, folders)
     summary = across_slides(slides)
-    write_summary_metrics(summary_dir / "metrics.json", slides, summary)
     write_text_atomic(summary_dir / "report.md", summary_report(slides, summary))
+    write_summary_metrics(summary_dir / "metrics.json", slides, summary)  # last: it marks the evaluation as done
     return EvalSummary(slides, folders, summary_dir)
