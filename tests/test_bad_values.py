@@ -38,8 +38,21 @@ def _checked_fields(cls: type, path: tuple[str, ...]) -> list[tuple[tuple[str, .
 CASES = _checked_fields(HingeConfig, ())
 
 
+def _numeric_fields(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str, bool]]:
+    """(section path, name, has a rule) of every int or float setting of the config."""
+    out = []
+    for fld in dataclasses.fields(cls):
+        hint = config_mod.typing.get_type_hints(cls)[fld.name]
+        if dataclasses.is_dataclass(hint):
+            out += _numeric_fields(hint, (*path, fld.name))
+        elif {int, float} & {hint, *config_mod.typing.get_args(hint)}:
+            out.append((path, fld.name, "rule" in fld.metadata))
+    return out
+
+
 def test_every_numeric_setting_has_a_rule() -> None:
-    assert len({(p, n) for p, n, _ in CASES}) >= 40
+    fields = _numeric_fields(HingeConfig)
+    assert len(fields) >= 40 and [f"{'.'.join(p)}.{n}" for p, n, ruled in fields if not ruled] == []
 
 
 @pytest.mark.parametrize(("path", "name", "value"), CASES, ids=[f"{'.'.join(p)}.{n}={v}" for p, n, v in CASES])
