@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
+
+from hinge_cli.run import Run
 
 
 class Killed(BaseException):
@@ -38,6 +42,20 @@ def count_writes(action) -> int:
     with kill_at(-1) as seen:
         action()
     return seen[0]
+
+
+def rerun_after_each_kill(base: Path, root: Path, stage: Callable[[Run], object]) -> Iterator[tuple[int, Run, Run]]:
+    """A copy of the run at `base` taken through `stage` uninterrupted (the reference); then, for each of its atomic
+    writes, another copy killed at that write and given the same stage again: yields (write, that re-run, reference)."""
+    ref = Run(shutil.copytree(base, root / "ref"))
+    writes = count_writes(lambda: stage(ref))
+    assert writes >= 2, "a stage with one write or none would prove nothing here"
+    for n in range(writes):
+        run = Run(shutil.copytree(base, root / f"killed{n}"))
+        with kill_at(n), pytest.raises(Killed):
+            stage(run)
+        stage(run)  # the same command again, no --overwrite
+        yield n, run, ref
 
 
 def _exact(array: np.ndarray) -> object:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kills import Killed, count_writes, h5_content, kill_at
+from kills import Killed, count_writes, h5_content, kill_at, rerun_after_each_kill
 from stand_in import tiled_synthetic, trained_tiny, write_features
 
 from hinge_cli import encoders as enc
@@ -176,7 +176,6 @@ def test_a_full_disk_while_taking_a_lock_leaves_no_lock(tmp_path: Path, monkeypa
 
 
 def test_a_copied_run_keeps_its_finished_samples(tmp_path: Path, synth) -> None:
-    import shutil
 
     run = Run(tmp_path / "run")
     _tile(run, synth)
@@ -205,14 +204,7 @@ def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path:
     """Never "exists, pass --overwrite" after a kill: a warm-up the manifest does not record as finished is redone,
     and the re-run ends with the uninterrupted run's checkpoint, panel and record."""
     base, cfg = _warmup_base(tmp_path / "base")
-    ref = Run(shutil.copytree(base.root, tmp_path / "ref"))
-    writes = count_writes(lambda: pretrain_warmup(ref, cfg))
-    assert writes >= 4
-    for n in range(writes):
-        run = Run(shutil.copytree(base.root, tmp_path / f"killed{n}"))
-        with kill_at(n), pytest.raises(Killed):
-            pretrain_warmup(run, cfg)
-        pretrain_warmup(run, cfg)  # the same command again, no --overwrite
+    for n, run, ref in rerun_after_each_kill(base.root, tmp_path, lambda r: pretrain_warmup(r, cfg)):
         for name in ("checkpoints/warmup.safetensors", "genes.txt"):
             assert (run.root / name).read_bytes() == (ref.root / name).read_bytes(), (n, name)
         assert run.manifest()["stages"]["pretrain-warmup"]["status"] == "ok"
@@ -259,14 +251,7 @@ def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tm
     def fitted(run: Run) -> list[object]:
         return [(card.calibration, card.coupling) for card in (read_checkpoint_card(run.checkpoint(n)) for n in ("selected", "best"))]
 
-    ref = Run(shutil.copytree(base.root, tmp_path / "ref"))
-    writes = count_writes(lambda: recalibrate(ref, cfg))
-    assert writes >= 2
-    for n in range(writes):
-        run = Run(shutil.copytree(base.root, tmp_path / f"calibrate{n}"))
-        with kill_at(n), pytest.raises(Killed):
-            recalibrate(run, cfg)
-        recalibrate(run, cfg)
+    for n, run, ref in rerun_after_each_kill(base.root, tmp_path / "calibrate", lambda r: recalibrate(r, cfg)):
         assert fitted(run) == fitted(ref), n
 
     pred, truth = base.prediction("t1"), Path(base.sample("t1")["expression"]["path"])
