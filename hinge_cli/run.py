@@ -111,8 +111,10 @@ class Shard:
             i, n = (int(part) for part in text.split("/"))
         except ValueError:
             raise HingeError(f"--shard '{text}' is not of the form I/N", "give e.g. --shard 0/4 (I counts from 0)") from None
-        if not (n >= 1 and 0 <= i < n):
-            raise HingeError(f"--shard {text} is out of range", f"I must be between 0 and {max(n, 1) - 1}")
+        if n < 1:
+            raise HingeError(f"--shard {text} has no shards (N = {n})", "give N of 1 or more, e.g. --shard 0/4")
+        if not 0 <= i < n:
+            raise HingeError(f"--shard {text} is out of range", f"I must be between 0 and {n - 1}")
         return cls(i, n)
 
     def select(self, names: Sequence[str]) -> list[str]:

@@ -130,3 +130,9 @@ def test_a_slide_fact_outside_its_range_is_refused_at_parse_time(tmp_path: Path,
     line = one_line_error([*args, value, "--run", str(tmp_path / "run")])
     assert f"{args[-1]} " in line and "must be a finite number above 0" in line
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(("shard", "says"), [("0/0", "has no shards (N = 0)"), ("3/2", "I must be between 0 and 1"),
+                                             ("-1/2", "I must be between 0 and 1"), ("a/b", "is not of the form I/N")])
+def test_a_shard_outside_its_range_is_one_line(tmp_path: Path, shard: str, says: str) -> None:
+    assert says in one_line_error(["embed", "--shard", shard, "--run", str(tmp_path / "run")])
