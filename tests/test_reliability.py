@@ -190,22 +190,27 @@ def test_a_copied_run_keeps_its_finished_samples(tmp_path: Path, synth) -> None:
     assert not copy.is_done("s0", "tile", copy.tiles("s0"))
 
 
-def _warmup_base(root: Path) -> tuple[Run, object]:
-    """Two tiled synthetic samples with stand-in features, ready for the warm-up, and its config."""
+def _warmup_base(root: Path, corpus: bool) -> tuple[Run, object]:
+    """Two tiled synthetic samples with stand-in features, ready for the warm-up, and its config (with `corpus`, a
+    backbone pre-trained first on their expression as an expression-only corpus)."""
     run, samples = tiled_synthetic(root, "w", 2, 40, size_px=384, mpp=2.0, n_genes=40)
     for i, s in enumerate(samples):
         write_features(run, s.sample_id, i)
     cfg = run.config("tiny")
     cfg.warmup.n_genes, cfg.warmup.epochs, cfg.warmup.val_fraction = 12, 1, 0.2
+    if corpus:
+        cfg.warmup.corpus, cfg.pretrain.epochs = [str(s.spots) for s in samples], 1
     return run, cfg
 
 
-def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("corpus", [False, True], ids=["random backbone", "pre-trained on a corpus"])
+def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path: Path, corpus: bool) -> None:
     """Never "exists, pass --overwrite" after a kill: a warm-up the manifest does not record as finished is redone,
-    and the re-run ends with the uninterrupted run's checkpoint, panel and record."""
-    base, cfg = _warmup_base(tmp_path / "base")
+    and the re-run ends with the uninterrupted run's pre-trained backbone, warm-up checkpoint, panel and record."""
+    base, cfg = _warmup_base(tmp_path / "base", corpus)
+    kept = ("checkpoints/warmup.safetensors", "genes.txt", *(("checkpoints/pretrain.safetensors",) if corpus else ()))
     for n, run, ref in rerun_after_each_kill(base.root, tmp_path, lambda r: pretrain_warmup(r, cfg)):
-        for name in ("checkpoints/warmup.safetensors", "genes.txt"):
+        for name in kept:
             assert (run.root / name).read_bytes() == (ref.root / name).read_bytes(), (n, name)
         assert run.manifest()["stages"]["pretrain-warmup"]["status"] == "ok"
     with pytest.raises(HingeError, match="warmup.safetensors exists"):
