@@ -84,3 +84,20 @@ def test_a_full_disk_is_one_line_that_says_so_and_where(made: tuple[Run, Path], 
         return  # the stage needed less than that: it finished
     assert result.exit_code == 2, (result.output, result.exception)
     assert "no space left on the device at " + str(disk) in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(("stage", "command"), [s for s in STAGES if s[0] != "generate"], ids=[s for s, _ in STAGES if s != "generate"])
+def test_a_read_only_run_is_one_line_that_says_so(made: tuple[Run, Path], disk: Path, stage: str, command: tuple[str, ...]) -> None:
+    """The same writers on a file system remounted read-only (`generate` instead predicts elsewhere: test_generate.py)."""
+    run, slide = made
+    copy = Path(shutil.copytree(run.root, disk / "run"))
+    spots = slide.with_suffix(".h5ad")
+    if stage == "embed":
+        assert runner.invoke(app, ["tile", str(slide), "--spots", str(spots), "--sample-id", "t9", "--run", str(copy)]).exit_code == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    values = {"slide": slide, "spots": spots, "pred": copy / "predictions" / "t1.h5ad",
+              "spots1": Run(copy).sample("t1")["expression"]["path"]}
+    args = [a.format(**values) for a in command]
+    result = runner.invoke(app, [args[0], "--run", str(copy), *args[1:]])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "the file system is read-only at " + str(disk) in result.output and "Traceback" not in result.output, result.output
