@@ -250,6 +250,9 @@ def output_paths(run: Run, samples: Sequence[str], out: Path | None, model: str 
 
     The ridge baseline's default names are `<sample>.ridge.h5ad` beside them, so it never replaces HINGE's.
     """
+    if out is not None and Path(out).suffix == ".h5ad" and Path(out).is_dir():
+        raise HingeError(f"--out {out} is a folder, though named like a prediction file",
+                         f"give a file path that is not a folder, or a folder without the .h5ad ending (or remove {out})")
     if out is None or Path(out).suffix != ".h5ad":
         paths = _hinge_paths(run, samples, out)
         return paths if model == "hinge" else {s: ridge_prediction_path(p) for s, p in paths.items()}

@@ -201,3 +201,25 @@ def test_spots_at_the_wrong_scale_are_warned_about(tmp_path: Path, synth, caplog
     with caplog.at_level(logging.WARNING, logger="hinge_cli"):
         tile_sample(Run(tmp_path / "right"), SampleSpec("s0", synth.slide, synth.spots), cfg)
     assert not any("apart" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_imported_features_that_are_not_finite_are_refused(tmp_path: Path, synth, bad: float) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+    from hinge_cli.encoders import get_spec
+    from hinge_cli.formats.fixtures import make_trident_features
+    from hinge_cli.formats.hest import write_patch_file
+
+    run = Run(tmp_path / "run")
+    hinge("tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run.root), "--config", "tiny", "--no-images")
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    made = make_trident_features(folder / "s0.h5", synth.spots, 0.5, dim=get_spec("uni").dim, hest_barcodes=False)
+    made.features[[1, 4], 3] = bad
+    (folder / "s0.h5").unlink()
+    write_patch_file(folder / "s0.h5", made, "features", False)
+    result = CliRunner().invoke(app, ["embed", "--import-features", str(folder), "--encoder", "uni", "--run", str(run.root)])
+    assert result.exit_code == 2 and "2 of the" in result.output and "hold NaN or infinite values" in result.output, result.output
+    assert not run.embeddings("uni", "s0").exists()

@@ -455,3 +455,13 @@ def test_a_slide_with_extreme_standardised_features_is_warned_and_still_predicte
             generate(r, [Target("t1")], cfg, checkpoint=training_only, out=tmp_path / f"{name}.h5ad")
         assert ("lie beyond ±8 training stds" in caplog.text) == (name == "far")
         assert np.isfinite(ad.read_h5ad(tmp_path / f"{name}.h5ad").X).all()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_out_folder_named_like_a_prediction_is_one_line(trained: tuple[Run, Path], tmp_path: Path, overwrite: bool) -> None:
+    run, _ = trained
+    folder = tmp_path / "pred.h5ad"
+    folder.mkdir()
+    with pytest.raises(HingeError, match="is a folder, though named like a prediction file"):
+        generate(run, [Target("t1")], GenerateConfig(**FAST), out=folder, overwrite=overwrite)
+    assert folder.is_dir() and not any(folder.iterdir())

@@ -63,6 +63,11 @@ def import_features(run: Run, sample: str, source: Path, encoder: str, patch_siz
                          "name the encoder that made them with --encoder (see `hinge embed --list`)")
     started = time.time()
     rows = match_rows(tiles, patches)
+    bad = ~np.isfinite(patches.features[rows]).all(axis=1)
+    if bad.any():
+        raise HingeError(f"{path}: {int(bad.sum())} of the {len(rows)} feature rows matched to {sample}'s spots hold NaN or "
+                         "infinite values, which would train a model to a NaN loss",
+                         "re-extract the features (check the encoder's input patches), or leave those spots out of the spot file")
     final = run.embeddings(spec.name, sample)
     stage = f"embed:{spec.name}"
     with output_lock(final):
