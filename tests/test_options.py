@@ -136,3 +136,22 @@ def test_a_slide_fact_outside_its_range_is_refused_at_parse_time(tmp_path: Path,
                                              ("-1/2", "I must be between 0 and 1"), ("a/b", "is not of the form I/N")])
 def test_a_shard_outside_its_range_is_one_line(tmp_path: Path, shard: str, says: str) -> None:
     assert says in one_line_error(["embed", "--shard", shard, "--run", str(tmp_path / "run")])
+
+
+ELSEWHERE = {"--array": "sbatch's, in the SLURM hint", "--flag": "a placeholder in a docstring", "--size": "hinge_cli.synthetic's own script",
+             "--version": "the group's option, not a command's"}
+
+
+def test_every_flag_a_message_names_exists() -> None:
+    """An error or a hint that names a flag names one a command has (issue 36: --threshold, --d-model ... did not)."""
+    import ast
+
+    flags = {o for _, _, param in options() for o in (*param.opts, *getattr(param, "secondary_opts", ())) if o.startswith("--")}
+    named = {}
+    for path in (Path(__file__).resolve().parents[1] / "hinge_cli").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    named.setdefault(flag, f"{path.name}:{node.lineno}")
+    assert len(named) > 40  # the scan sees the messages
+    assert {flag: where for flag, where in named.items() if flag not in flags and flag not in ELSEWHERE} == {}

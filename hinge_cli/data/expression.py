@@ -201,10 +201,10 @@ def read_truth(path: Path, layer: str | None = None) -> Expression:
 
 def _read_spots(path: Path) -> ad.AnnData:
     path = Path(path)
-    adata = read_h5ad(path, "expression file", "point --spots at an .h5ad written by anndata, with raw counts")
+    adata = read_h5ad(path, "expression file", "give an .h5ad written by anndata, with raw counts")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise HingeError(f"expression file {path} is empty ({adata.n_obs} spots x {adata.n_vars} genes)",
-                         "point --spots at the sample's full .h5ad")
+                         "give the sample's full .h5ad")
     if not adata.var_names.is_unique:
         repeated = sorted(set(adata.var_names[adata.var_names.duplicated()]))
         log.warning("%s names %d genes more than once (%s): the repeats are kept as GENE-1, GENE-2, ... "
