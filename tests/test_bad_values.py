@@ -7,6 +7,7 @@ import errno
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -212,3 +213,17 @@ def test_samples_with_no_shared_gene_names_are_told_so() -> None:
     with pytest.raises(HingeError, match="share no gene names .*ENSG0001.*ERBB2") as info:
         select_panel([sample(["ENSG0001", "ENSG0002"]), sample(["ERBB2", "ESR1"])], 1, "hvg", Transform())
     assert "fewer genes" not in str(info.value)
+
+
+def test_a_sample_naming_genes_in_another_namespace_is_told_so_not_to_fill_zeros() -> None:
+    from scipy import sparse
+
+    from hinge_cli.data.expression import Expression
+
+    ensembl = Expression(["a", "b"], ["ENSG00000141510", "ENSG00000146648", "ENSG00000012048"], sparse.csr_matrix(np.ones((2, 3))),
+                         np.full(2, 3.0), None)
+    with pytest.raises(HingeError, match="names its genes as Ensembl ids .* where the panel has symbols") as caught:
+        ensembl.columns(["TP53", "EGFR"])
+    assert "--fill-missing zero would leave this sample with no expression" in str(caught.value)
+    with pytest.raises(HingeError, match="pass --fill-missing zero"):  # symbols missing from symbols: the plain advice
+        Expression(["a"], ["TP53"], sparse.csr_matrix(np.ones((1, 1))), np.ones(1), None).columns(["TP53", "EGFR"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -143,6 +145,12 @@ class Expression:
         missing = [g for g in genes if g not in index]
         if missing and not fill_missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            mine, theirs = gene_namespace(self.genes), gene_namespace(missing)
+            if mine != theirs:
+                raise HingeError(f"{len(missing)} panel genes are missing from this sample, which names its genes as {mine} "
+                                 f"(e.g. {', '.join(self.genes[:2])}) where the panel has {theirs} ({shown})",
+                                 "name genes the same way in every sample (map Ensembl ids to symbols, or the reverse): "
+                                 "--fill-missing zero would leave this sample with no expression at all")
             raise HingeError(
                 f"{len(missing)} panel genes are missing from this sample: {shown}",
                 "pass --fill-missing zero to treat them as unexpressed, or choose a panel the samples share",
@@ -153,6 +161,16 @@ class Expression:
             cols, src = zip(*present, strict=True)
             out[:, list(cols)] = self.counts[:, list(src)].toarray()
         return out
+
+
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
+
+
+def gene_namespace(genes: Sequence[str]) -> str:
+    """'Ensembl ids' when most of `genes` are (ENSG00000141510, ENSMUSG...), else 'symbols': two samples that differ
+    here share no gene, whatever the panel."""
+    ids = sum(bool(ENSEMBL_ID.match(g)) for g in genes)
+    return "Ensembl ids" if ids > len(genes) / 2 else "symbols"
 
 
 def read_h5ad(path: Path, what: str, fix: str, backed: bool = False) -> ad.AnnData:
