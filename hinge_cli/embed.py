@@ -45,6 +45,16 @@ def tiled_samples(run: Run) -> list[str]:
     return [s for s in run.samples() if run.is_done(s, "tile", run.tiles(s))]
 
 
+def fail_altered_tiles(run: Run, shard: Shard, summary: SampleReport, stage: str, keep_going: bool) -> None:
+    """Count as failed, in one line each, the samples whose finished tiling is recorded for another tiles file than the
+    one now on disk (damaged, or replaced outside hinge): leaving them out in silence would lose them from training."""
+    for sample in shard.select([s for s in run.samples() if run.stage(s, "tile").get("status") == "ok"
+                                and not run.is_done(s, "tile", run.tiles(s))]):
+        with summary.attempt(run, sample, stage, keep_going):
+            raise HingeError(f"its tiles file {run.tiles(sample)} is not the one `hinge tile` recorded (damaged, "
+                             "replaced or removed)", f"re-run `hinge tile --overwrite` for {sample}, then embed again")
+
+
 def embed_samples(
     run: Run,
     cfg: EmbedConfig,
@@ -72,6 +82,7 @@ def embed_samples(
         raise HingeError(f"no tiled samples in {run.root}", "run hinge tile first (or point --run at the right folder)")
     key = encoder_key(specs)
     summary = SampleReport(f"embed ({key})")
+    fail_altered_tiles(run, shard, summary, f"embed:{key}", keep_going)
     todo = []
     for sample in shard.select(samples):
         final = run.embeddings(key, sample)
@@ -115,6 +126,7 @@ def import_samples(
                          "give the folder of TRIDENT feature files, one <sample>.h5 each")
     name = get_spec(encoder).name
     summary = SampleReport(f"embed ({name}, imported)")
+    fail_altered_tiles(run, shard, summary, f"embed:{name}", keep_going)
     with progress.task("samples", len(shard.select(samples))) as advance:
         for sample in shard.select(samples):
             require_current_tiles(run, sample)

@@ -272,3 +272,19 @@ def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tm
             evaluate([pred], [truth], out=out, maps=False)
         evaluate([pred], [truth], out=out, maps=False)
         assert scored(out) == scored(tmp_path / "eval-ref"), n
+
+
+def test_embed_counts_a_sample_with_damaged_tiles_as_failed_not_left_out(tmp_path: Path, small_default: None) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    run, samples = tiled_synthetic(tmp_path, "d", 2, 50, size_px=384, mpp=2.0, n_genes=20)
+    damaged = run.tiles("d1")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    embed = ["embed", "--run", str(run.root), "--device", "cpu"]
+    stopped = CliRunner().invoke(app, embed)
+    assert stopped.exit_code == 2 and "d1.h5 is not the one `hinge tile` recorded" in stopped.output, stopped.output
+    went_on = CliRunner().invoke(app, [*embed, "--keep-going"])
+    assert went_on.exit_code == 3 and "1 failed" in went_on.output, went_on.output
+    assert run.embeddings("default", "d0").exists() and not run.embeddings("default", "d1").exists()
