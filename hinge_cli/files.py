@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -51,7 +52,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     writer (safetensors and HDF5 keep only the words of the system's error, or none)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # whose it is, for `sweep_leftovers`
     try:
         yield tmp
         os.replace(tmp, final)
@@ -206,19 +207,23 @@ def _is_stale(lock: Path, owner: dict[str, Any] | None, host: str) -> bool:
     return owner == {} or (owner.get("host") == host and not _pid_alive(int(owner["pid"])))
 
 
-LEFTOVER_AGE_S = 3600.0  # a temporary untouched this long by a process not alive here: no writer on any node is behind it
+LEFTOVER_AGE_S = 3600.0  # another node's temporary (or one named before hosts were) untouched this long is abandoned
+TEMPORARY = re.compile(r"^\..+\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")  # `atomic_path`'s names: .NAME.tmp-HOST-PID
 
 
 def sweep_leftovers(root: Path) -> list[Path]:
-    """Remove what killed writers left under `root` that no live process owns: temporaries `.NAME.tmp-PID` whose pid is
-    not alive on this host and which nobody touched for LEFTOVER_AGE_S (so a writer on another node of a cluster keeps
-    its own), and lock files of dead owners (as `output_lock` would take them over). A staged checkpoint is its unit's
-    next writer's to finish or discard. Returns what was removed; what cannot be removed (a read-only run) stays."""
+    """Remove what killed writers left under `root` that no live process owns: temporaries of a dead process of this
+    host at once, and those of another node (whose processes cannot be asked) once nobody touched them for
+    LEFTOVER_AGE_S; lock files of dead owners (as `output_lock` would take them over). A staged checkpoint is its
+    unit's next writer's to finish or discard. Returns what was removed; what cannot be removed (a read-only run) stays."""
     removed, host, now = [], socket.gethostname(), time.time()
     for path in Path(root).rglob(".*.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
+        named = TEMPORARY.match(path.name)
         with contextlib.suppress(OSError):
-            if pid.isdigit() and not _pid_alive(int(pid)) and now - path.stat().st_mtime > LEFTOVER_AGE_S:
+            if named is None:
+                continue
+            owner, dead, old = named["host"], not _pid_alive(int(named["pid"])), now - path.stat().st_mtime > LEFTOVER_AGE_S
+            if dead if owner == host else (old and (dead or owner is not None)):  # no host in the name: this host's, older
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
     for lock in Path(root).rglob("*.lock"):

@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -231,19 +232,22 @@ def test_leftovers_of_killed_jobs_go_at_the_next_stage_and_a_live_writers_stay(t
     child = multiprocessing.get_context("fork").Process(target=_die_while_writing, args=(final,))
     child.start()
     child.join()
-    temporary, lock = final.with_name(f".gone.h5.tmp-{child.pid}"), final.with_name("gone.h5.lock")
-    assert temporary.exists() and lock.exists()
+    host = socket.gethostname()
+    temporary, lock = final.with_name(f".gone.h5.tmp-{host}-{child.pid}"), final.with_name("gone.h5.lock")
+    assert temporary.exists() and lock.exists()  # a dead process of this host: its leftovers go at once
     long_ago = time.time() - 2 * LEFTOVER_AGE_S
-    os.utime(temporary, (long_ago, long_ago))
-    fresh = final.with_name(f".fresh.h5.tmp-{child.pid}")  # a dead pid here, but touched just now: perhaps another node's
-    mine = final.with_name(f".mine.h5.tmp-{os.getpid()}")  # a live process's, however old
-    for path in (fresh, mine):
+    elsewhere = final.with_name(f".far.h5.tmp-node17-{child.pid}")  # another node's, touched just now: its writer may live
+    abandoned = final.with_name(f".old.h5.tmp-node17-{os.getpid()}")  # another node's, untouched for two hours
+    mine = final.with_name(f".mine.h5.tmp-{host}-{os.getpid()}")  # a live process's, however old
+    for path in (elsewhere, abandoned, mine):
         path.write_bytes(b"in progress")
-    os.utime(mine, (long_ago, long_ago))
+    for path in (abandoned, mine):
+        os.utime(path, (long_ago, long_ago))
     with caplog.at_level(logging.DEBUG, logger="hinge_cli.run"):
         _tile(run, synth)  # any stage that records its work
-    assert not temporary.exists() and not lock.exists() and fresh.exists() and mine.exists()
-    assert "removed 2 files left by killed jobs" in caplog.text
+    assert not temporary.exists() and not lock.exists() and not abandoned.exists()
+    assert elsewhere.exists() and mine.exists()
+    assert "removed 3 files left by killed jobs" in caplog.text
 
 
 def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tmp_path: Path) -> None:
