@@ -103,10 +103,11 @@ def _python_api(fn: Callable[..., Result]) -> Callable[..., Result]:
 def run_configured(run: Run, config: str | Path | None, overrides: Settings | None,
                    stage: Callable[[HingeConfig], Result]) -> Result:
     """Resolve the config (preset < hinge.yaml < overrides), run the stage, and record the config only once it
-    succeeded and made something: a re-run that skipped every sample did not use its settings."""
+    succeeded and made something (a re-run that skipped every sample did not use its settings), or where no hinge.yaml
+    was recorded at all (the first run was killed before it)."""
     cfg = run.config(config, {section: dict(values) for section, values in (overrides or {}).items()}, record=False)
     result = stage(cfg)
-    if not isinstance(result, SampleReport) or result.done:
+    if not isinstance(result, SampleReport) or result.done or not run.config_path.exists():  # a kill may have come before it
         run.record_config(cfg)
     return result
 

@@ -343,7 +343,9 @@ def load_config(
     """
     recorded = _migrate(read_yaml(run_yaml)) if run_yaml is not None and Path(run_yaml).exists() else None
     chosen = _preset_name(preset if preset is not None else (recorded or {}).get("preset", "default"))
-    data = merge(_preset_data(chosen), {"preset": chosen})
+    gone = preset is None and recorded is not None and chosen.endswith((".yaml", ".yml")) and not Path(chosen).exists()
+    # a run is self-contained: its hinge.yaml holds every resolved setting, so the YAML it started from may go
+    data = merge(_preset_data("default" if gone else chosen), {"preset": chosen})
     if recorded is not None and _preset_name(recorded.get("preset", "default")) == chosen:
         data = merge(data, recorded)
     data = merge(data, overrides or {})

@@ -227,3 +227,21 @@ def test_a_sample_naming_genes_in_another_namespace_is_told_so_not_to_fill_zeros
     assert "--fill-missing zero would leave this sample with no expression" in str(caught.value)
     with pytest.raises(HingeError, match="pass --fill-missing zero"):  # symbols missing from symbols: the plain advice
         Expression(["a"], ["TP53"], sparse.csr_matrix(np.ones((1, 1))), np.ones(1), None).columns(["TP53", "EGFR"])
+
+
+def test_a_run_keeps_its_settings_when_the_config_file_it_started_from_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("train:\n  epochs: 3\nmodel:\n  d_model: 64\n")
+    first = Run(tmp_path / "run").config(str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").unlink()
+    cfg = Run(tmp_path / "run").config()  # no --config: the run's hinge.yaml is enough
+    assert cfg == first and cfg.train.epochs == 3 and cfg.model.d_model == 64
+
+
+def test_a_rerun_that_skipped_everything_still_records_a_missing_hinge_yaml(tmp_path: Path, synth) -> None:
+    from hinge_cli import api
+
+    run = Run(tmp_path / "run")
+    api.tile([synth.slide], spots=synth.spots, run=run.root, config="tiny", settings={"tile": {"images": False}})
+    run.config_path.unlink()  # as a kill just before hinge.yaml was renamed into place leaves it
+    again = api.tile([synth.slide], spots=synth.spots, run=run.root, config="tiny", settings={"tile": {"images": False}})
+    assert not again.done and run.config_path.exists() and Run(run.root).config().tile.patch_px == load_config("tiny").tile.patch_px
