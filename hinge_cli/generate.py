@@ -30,7 +30,7 @@ from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.viewer import build_view, write_view
 from hinge_cli.figures import MapPanel, expression_unit, spot_maps
-from hinge_cli.files import atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.files import OutputFinished, atomic_path, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
@@ -180,8 +180,10 @@ def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, row
 
 
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
-                   genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None) -> dict:
-    """Predict one embedded sample (default: HINGE's reverse process) in batches and write `out`; returns the manifest record."""
+                   genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None,
+                   overwrite: bool = True) -> dict:
+    """Predict one embedded sample (default: HINGE's reverse process) in batches and write `out`; returns the manifest
+    record. Without `overwrite`, an `out` another job finished and recorded while this one waited is kept (OutputFinished)."""
     started = time.time()
     predictor = predictor or hinge_predictor(model, cfg)
     spots = read_tiles(run.tiles(sample))
@@ -202,6 +204,8 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
     extreme = ExtremeFeatures()
     with output_lock(out):
+        if not overwrite and out.exists() and run.is_done(sample, predictor.stage, out.resolve()):
+            raise OutputFinished(sample)
         remove_stale_temporaries(out)
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
@@ -353,7 +357,7 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
                     measured = read_given(given, read_tiles(run.tiles(sample)), trained.genes, trained.card.transform)
                     predictor = (completion_predictor(trained, cfg, measured, run.embeddings(trained.key, sample), sample)
                                  if model == "hinge" else genes_ridge_predictor(run, trained, cfg, measured))
-                predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor)
+                predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

@@ -465,3 +465,21 @@ def test_an_out_folder_named_like_a_prediction_is_one_line(trained: tuple[Run, P
     with pytest.raises(HingeError, match="is a folder, though named like a prediction file"):
         generate(run, [Target("t1")], GenerateConfig(**FAST), out=folder, overwrite=overwrite)
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_a_second_job_keeps_the_prediction_another_job_finished_while_it_waited(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    """Two `generate` jobs for one output: the one that takes the lock second finds it finished and recorded, and keeps it."""
+    from hinge_cli.files import OutputFinished
+    from hinge_cli.generate import predict_sample
+    from hinge_cli.model.trained import load_trained_model
+
+    run, _ = trained
+    model = load_trained_model(run.checkpoint("best"), "cpu")
+    out = tmp_path / "t1.h5ad"
+    predict_sample(run, "t1", model, out, GenerateConfig(**{**FAST, "seed": 1}), overwrite=False)
+    first = out.read_bytes()
+    with pytest.raises(OutputFinished):
+        predict_sample(run, "t1", model, out, GenerateConfig(**{**FAST, "seed": 2}), overwrite=False)
+    assert out.read_bytes() == first
+    predict_sample(run, "t1", model, out, GenerateConfig(**{**FAST, "seed": 2}), overwrite=True)  # --overwrite replaces it
+    assert out.read_bytes() != first
