@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from pathlib import Path
 
 from hinge_cli.config import TileConfig
+from hinge_cli.errors import HingeError
 from hinge_cli.lineage import changed_settings
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run, SampleReport, Shard
@@ -22,6 +24,19 @@ log = logging.getLogger(__name__)
 def _stale_params(run: Run, sample: str, cfg: TileConfig) -> list[str]:
     """Settings that differ from those the existing tiles were made with."""
     return changed_settings(run.stage(sample, "tile").get("params"), asdict(cfg), ignore=("workers",))
+
+
+def _require_same_files(run: Run, spec: SampleSpec) -> None:
+    """Refuse to skip a tiled sample asked for with another slide or spot file: its tiles, and the expression the run
+    registered for it, come from the files it was tiled with."""
+    recorded = run.stage(spec.sample_id, "tile").get("inputs", {})
+    for name, given in (("slide", spec.slide), ("spots", spec.spots)):
+        was = recorded.get(name, {}).get("path")
+        now = str(Path(given).resolve()) if given is not None else None
+        if name in recorded and was != now:
+            raise HingeError(f"{spec.sample_id} was tiled from the {name} file {was}, not {now or 'none'}",
+                             f"pass --overwrite to tile {spec.sample_id} again from the new file (its tiles and registered "
+                             "expression are replaced), or give it another --sample-id")
 
 
 def tile_samples(
@@ -41,6 +56,7 @@ def tile_samples(
         for sample in mine:
             spec = by_id[sample]
             if not overwrite and run.is_done(sample, "tile", run.tiles(sample)):
+                _require_same_files(run, spec)
                 stale = _stale_params(run, sample, cfg)
                 if stale:
                     log.warning("%s: existing tiles were made with %s; pass --overwrite to redo", sample, ", ".join(stale))

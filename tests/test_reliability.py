@@ -292,3 +292,19 @@ def test_embed_counts_a_sample_with_damaged_tiles_as_failed_not_left_out(tmp_pat
     went_on = CliRunner().invoke(app, [*embed, "--keep-going"])
     assert went_on.exit_code == 3 and "1 failed" in went_on.output, went_on.output
     assert run.embeddings("default", "d0").exists() and not run.embeddings("default", "d1").exists()
+
+
+def test_tile_again_with_other_spots_is_refused_until_overwrite(tmp_path: Path, synth) -> None:
+    import anndata as ad
+
+    run = Run(tmp_path / "run")
+    _tile(run, synth)
+    fewer = tmp_path / "fewer.h5ad"
+    ad.read_h5ad(synth.spots)[::2].copy().write_h5ad(fewer)
+    cfg = load_config("tiny").tile
+    cfg.patch_px = 16
+    with pytest.raises(HingeError, match=r"s0 was tiled from the spots file .* not .*fewer.h5ad"):
+        tile_samples(run, [SampleSpec("s0", synth.slide, fewer)], cfg)
+    assert run.sample("s0")["expression"]["path"] == str(Path(synth.spots).resolve())  # the old counts, untouched
+    tile_samples(run, [SampleSpec("s0", synth.slide, fewer)], cfg, overwrite=True)
+    assert run.sample("s0")["expression"]["path"] == str(fewer.resolve())
