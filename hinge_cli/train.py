@@ -73,14 +73,19 @@ class TrainingLog:
         self.run, self.stage, self.drawn_at, self.drawn_epochs = run, stage, time.monotonic(), 0
 
     def epoch_end(self, state: LoopState) -> None:
-        write_text_atomic(self.run.log(self.stage), "".join(json.dumps(r) + "\n" for r in state.history))
+        self._write(state)
         if time.monotonic() - self.drawn_at >= PLOT_INTERVAL_S:
             self._draw(state)
 
     def finish(self, state: LoopState) -> None:
-        """Draw the epochs the plot lacks (the log is already current: `epoch_end` wrote it)."""
+        """The log again (a kill between an epoch's checkpoint and its log line leaves the re-run no epoch to write it)
+        and the epochs the plot lacks."""
+        self._write(state)
         if len(state.history) != self.drawn_epochs:
             self._draw(state)
+
+    def _write(self, state: LoopState) -> None:
+        write_text_atomic(self.run.log(self.stage), "".join(json.dumps(r) + "\n" for r in state.history))
 
     def _draw(self, state: LoopState) -> None:
         series = {"train": [r["train_loss"] for r in state.history], "validation": [r["val_loss"] for r in state.history]}

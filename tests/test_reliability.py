@@ -28,7 +28,7 @@ from hinge_cli.refit import recalibrate
 from hinge_cli.run import Run
 from hinge_cli.slide.tiling import SampleSpec
 from hinge_cli.tile import tile_samples
-from hinge_cli.train import pretrain_warmup
+from hinge_cli.train import pretrain_warmup, train
 
 
 @pytest.fixture
@@ -308,3 +308,16 @@ def test_tile_again_with_other_spots_is_refused_until_overwrite(tmp_path: Path, 
     assert run.sample("s0")["expression"]["path"] == str(Path(synth.spots).resolve())  # the old counts, untouched
     tile_samples(run, [SampleSpec("s0", synth.slide, fewer)], cfg, overwrite=True)
     assert run.sample("s0")["expression"]["path"] == str(fewer.resolve())
+
+
+def test_a_training_log_cut_short_by_a_kill_is_whole_again_after_the_rerun(tmp_path: Path) -> None:
+    """Killed after the last epoch's checkpoint landed but before its log line: the re-run has no epoch left to train,
+    and still leaves the log with every epoch."""
+    run, _ = trained_tiny(tmp_path)
+    log_file = run.log("train")
+    whole = log_file.read_text()
+    log_file.write_text(whole.splitlines(keepends=True)[0])
+    cfg = run.config()
+    cfg.train.epochs = 2  # as trained_tiny trained it: the same command again, with nothing left to train
+    train(run, cfg)
+    assert log_file.read_text() == whole
