@@ -89,8 +89,12 @@ def _tile_differences(run: Run, target: Target, cfg: TileConfig) -> list[str]:
 
 
 def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, progress: Progress = SILENT) -> bool:
-    """Tile a new slide with the checkpoint's settings unless matching tiles are cached; True if tiled now."""
-    if run.tiles(target.sample_id).exists():
+    """Tile a new slide with the checkpoint's settings unless matching, finished tiles are cached; True if tiled now.
+    Tiles a killed job left without their record are unfinished work: tiled again."""
+    if run.tiles(target.sample_id).exists() and not run.is_done(target.sample_id, "tile", run.tiles(target.sample_id)) \
+            and target.slide is not None:
+        log.info("%s: its tiles were left by a job that did not finish: tiling again", target.sample_id)
+    elif run.tiles(target.sample_id).exists():
         diffs = _tile_differences(run, target, cfg)
         if not diffs:
             return False
@@ -138,7 +142,10 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
                       progress: Progress = SILENT) -> Path:
     """The sample's features under the checkpoint's encoder key, computed unless cached and matching the tiles."""
     path = run.embeddings(model.key, sample)
-    if path.exists() and not retiled:
+    unfinished = path.exists() and not run.is_done(sample, f"embed:{model.key}", path)
+    if unfinished:
+        log.info("%s: its features were left by a job that did not finish: embedding again", sample)
+    if path.exists() and not retiled and not unfinished:
         tiles = read_tiles(run.tiles(sample))
         with open_embeddings(path) as src:
             shape, barcodes = src.shape, src.barcodes()

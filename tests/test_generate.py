@@ -483,3 +483,16 @@ def test_a_second_job_keeps_the_prediction_another_job_finished_while_it_waited(
     assert out.read_bytes() == first
     predict_sample(run, "t1", model, out, GenerateConfig(**{**FAST, "seed": 2}), overwrite=True)  # --overwrite replaces it
     assert out.read_bytes() != first
+
+
+def test_generate_of_a_new_slide_killed_at_every_write_ends_as_an_uninterrupted_run(trained: tuple[Run, Path], tmp_path: Path) -> None:
+    """Tiles and features a killed job left without their records are redone, not reused; nothing stays 'running'."""
+    from kills import rerun_after_each_kill
+
+    run, slide = trained
+    cfg = GenerateConfig(**{**FAST, "n_samples": 1, "steps": 2})
+    for n, again, ref in rerun_after_each_kill(run.root, tmp_path, lambda r: generate(r, [Target("fresh", slide)], cfg)):
+        assert again.is_done("fresh", "tile", again.tiles("fresh")) and again.is_done("fresh", "embed:default", again.embeddings("default", "fresh"))
+        assert {s["status"] for s in again.sample("fresh")["stages"].values()} == {"ok"}, n
+        assert again.tiles("fresh").with_suffix(".png").exists(), n  # the thumbnail too
+        np.testing.assert_array_equal(ad.read_h5ad(again.prediction("fresh")).X, ad.read_h5ad(ref.prediction("fresh")).X)
