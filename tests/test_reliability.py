@@ -321,3 +321,30 @@ def test_a_training_log_cut_short_by_a_kill_is_whole_again_after_the_rerun(tmp_p
     cfg.train.epochs = 2  # as trained_tiny trained it: the same command again, with nothing left to train
     train(run, cfg)
     assert log_file.read_text() == whole
+
+
+def test_an_eval_of_several_slides_killed_at_every_write_finishes_when_run_again(tmp_path: Path) -> None:
+    """Killed after some slides' results landed but before the summary: the same command scores them again (the same
+    figures) instead of "results already exist"; results of another evaluation are still kept without --overwrite."""
+    run, _ = trained_tiny(tmp_path / "base")
+    generate(run, [Target("t0"), Target("t1")], GenerateConfig(n_samples=2, device="cpu"))
+    preds = [run.prediction(s) for s in ("t0", "t1")]
+    truths = [Path(run.sample(s)["expression"]["path"]) for s in ("t0", "t1")]
+
+    def evaluated(out: Path) -> dict[str, str]:
+        return {str(p.relative_to(out)): p.read_text().replace(str(out), "OUT") for p in sorted(out.rglob("*.json"))}
+
+    writes = count_writes(lambda: evaluate(preds, truths, out=tmp_path / "ref", maps=False))
+    for n in range(writes):
+        out = tmp_path / f"eval{n}"
+        with kill_at(n), pytest.raises(Killed):
+            evaluate(preds, truths, out=out, maps=False)
+        evaluate(preds, truths, out=out, maps=False)
+        assert evaluated(out) == evaluated(tmp_path / "ref"), n
+    with pytest.raises(HingeError, match="evaluation results already exist"):
+        evaluate(preds, truths, out=tmp_path / "ref", maps=False)  # finished: kept
+    other, reseeded = tmp_path / "other", tmp_path / "seed7" / "t0.h5ad"
+    generate(run, [Target("t0")], GenerateConfig(n_samples=2, device="cpu", seed=7), out=reseeded)
+    evaluate([reseeded], truths[:1], out=other / "t0", maps=False)  # another prediction's result where this one would go
+    with pytest.raises(HingeError, match="evaluation results already exist"):
+        evaluate(preds, truths, out=other, maps=False)

@@ -7,6 +7,8 @@ printed and reported side by side.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,12 @@ from hinge_cli.eval.report import (
 )
 from hinge_cli.eval.score import HEADLINE, score_slide
 from hinge_cli.eval.viewer import view_of, write_view
-from hinge_cli.files import write_text_atomic
+from hinge_cli.files import reading, write_text_atomic
 from hinge_cli.formats.prediction import ridge_prediction_path
 from hinge_cli.progress import SILENT, Progress
 from hinge_cli.run import Run
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("hinge-eval")
 
@@ -89,6 +93,20 @@ def _score_baseline(path: Path, pred: Prediction, truth: Expression, aligned: Al
     return Baseline(str(path), baseline.model, score_slide(scored, baseline.transform).metrics)
 
 
+def _unfinished(existing: Sequence[Path], summary_dir: Path, preds: Sequence[Path], truths: Sequence[Path]) -> bool:
+    """Whether the slides' metrics.json found are those of this same evaluation, killed before its summary: no summary,
+    and each made from one of these predictions with its truth (scoring them again gives the same figures)."""
+    if (summary_dir / "metrics.json").exists():
+        return False
+    pairs = {(str(p), str(t)) for p, t in zip(preds, truths, strict=True)}
+    for path in existing:
+        with reading(path, "pass --overwrite to evaluate again"):
+            made = json.loads(path.read_text())
+        if (str(made.get("pred")), str(made.get("truth"))) not in pairs:
+            return False
+    return True
+
+
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
              progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
@@ -117,8 +135,12 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     folders, summary_dir = _folders(samples, out, run)
     existing = [f / "metrics.json" for f in [*folders, *([summary_dir] if several else [])] if (f / "metrics.json").exists()]
     if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
+        if several and _unfinished(existing, summary_dir, preds, truths):
+            log.info("an earlier `hinge eval` of these predictions did not finish (no %s): evaluating them again",
+                     summary_dir / "metrics.json")
+        else:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder, baseline in zip(loaded, truths, folders, paired, strict=True):
