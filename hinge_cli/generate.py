@@ -297,6 +297,19 @@ def _interrupted(run: Run, sample: str, path: Path, stage: str) -> bool:
     return entry.get("status") in ("running", "failed") and entry.get("params", {}).get("output") == str(Path(path).resolve())
 
 
+WORKSPACE = ".hinge-work"  # beside the outputs: new slides' tiles and features when the run cannot be written
+
+
+def workspace(run: Run, targets: Sequence[Target], paths: dict[str, Path]) -> Run:
+    """Where new slides are tiled and embedded: the run, or for new slides on a read-only run (a shared, published
+    model) a work folder beside the outputs, so that it still predicts them and writes only where it was told to."""
+    if not run.read_only or not targets or any(t.slide is None or run.tiles(t.sample_id).exists() for t in targets):
+        return run
+    folder = Path(next(iter(paths.values()))).parent / WORKSPACE
+    log.warning("run %s is read-only: the new slides' tiles and features go to %s", run.root, folder)
+    return Run(folder)
+
+
 def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkpoint: Path | None = None,
              weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), out: Path | None = None, shard: Shard = Shard(),
              overwrite: bool = False, keep_going: bool = False, model: str = "hinge", given: GivenSource | None = None,
@@ -354,17 +367,18 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     if any(not run.embeddings(trained.key, s).exists() for s in todo):
         encoders.check_available()  # before any tiling: a missing download is the likeliest failure
     tile_cfg = trained.tile_config()
+    work = workspace(run, [by_id[s] for s in todo], paths)
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
-            with summary.attempt(run, sample, predictor.stage, keep_going):
-                retiled = ensure_tiles(run, by_id[sample], tile_cfg, overwrite, progress)
-                _check_mpp(run, sample, trained)
-                ensure_embeddings(run, sample, trained, encoders, retiled, overwrite, progress)
+            with summary.attempt(work, sample, predictor.stage, keep_going):
+                retiled = ensure_tiles(work, by_id[sample], tile_cfg, overwrite, progress)
+                _check_mpp(work, sample, trained)
+                ensure_embeddings(work, sample, trained, encoders, retiled, overwrite, progress)
                 if given is not None:  # one sample: its spots are known once it is tiled
-                    measured = read_given(given, read_tiles(run.tiles(sample)), trained.genes, trained.card.transform)
-                    predictor = (completion_predictor(trained, cfg, measured, run.embeddings(trained.key, sample), sample)
+                    measured = read_given(given, read_tiles(work.tiles(sample)), trained.genes, trained.card.transform)
+                    predictor = (completion_predictor(trained, cfg, measured, work.embeddings(trained.key, sample), sample)
                                  if model == "hinge" else genes_ridge_predictor(run, trained, cfg, measured))
-                predict_sample(run, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite)
+                predict_sample(work, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

@@ -496,3 +496,16 @@ def test_generate_of_a_new_slide_killed_at_every_write_ends_as_an_uninterrupted_
         assert {s["status"] for s in again.sample("fresh")["stages"].values()} == {"ok"}, n
         assert again.tiles("fresh").with_suffix(".png").exists(), n  # the thumbnail too
         np.testing.assert_array_equal(ad.read_h5ad(again.prediction("fresh")).X, ad.read_h5ad(ref.prediction("fresh")).X)
+
+
+def test_a_read_only_run_predicts_a_new_slide_with_its_work_beside_the_output(trained: tuple[Run, Path], tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    run, slide = trained
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    monkeypatch.setattr(Run, "read_only", property(lambda self: self.root == run.root))  # root cannot chmod it read-only
+    out = tmp_path / "mine" / "brand.h5ad"
+    result = runner.invoke(app, ["generate", str(slide), "--sample-id", "brand", "--run", str(run.root), "--out", str(out),
+                                 "--n-samples", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and (out.parent / ".hinge-work" / "tiles" / "brand.h5").exists()
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before  # nothing written into the run
