@@ -300,6 +300,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict):
+            if out.get(key) is not None and not isinstance(out[key], dict):  # `train: 5`: not to be replaced by flags in silence
+                raise HingeError(f"config section '{key}' must be a mapping, not {type(out[key]).__name__}", "fix the YAML file")
             out[key] = merge(out[key] if isinstance(out.get(key), dict) else {}, value)
         elif value is not None:
             out[key] = value

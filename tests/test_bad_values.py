@@ -245,3 +245,15 @@ def test_a_rerun_that_skipped_everything_still_records_a_missing_hinge_yaml(tmp_
     run.config_path.unlink()  # as a kill just before hinge.yaml was renamed into place leaves it
     again = api.tile([synth.slide], spots=synth.spots, run=run.root, config="tiny", settings={"tile": {"images": False}})
     assert not again.done and run.config_path.exists() and Run(run.root).config().tile.patch_px == load_config("tiny").tile.patch_px
+
+
+@pytest.mark.parametrize(("text", "says"), [(b"train: 5\n", "config section 'train' must be a mapping, not int"),
+                                            (b"train:\n  epochs: 3\n\xff\xfe\n", "is not valid YAML (UnicodeDecodeError)")])
+def test_a_config_file_that_cannot_be_a_config_is_one_line(tmp_path: Path, text: bytes, says: str) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli import app
+
+    (tmp_path / "bad.yaml").write_bytes(text)
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "bad.yaml"), "--run", str(tmp_path / "run")])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
