@@ -90,8 +90,9 @@ def _tile_differences(run: Run, target: Target, cfg: TileConfig) -> list[str]:
 
 def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, progress: Progress = SILENT) -> bool:
     """Tile a new slide with the checkpoint's settings unless matching, finished tiles are cached; True if tiled now.
-    Tiles a killed job left without their record are unfinished work: tiled again."""
-    if run.tiles(target.sample_id).exists() and not run.is_done(target.sample_id, "tile", run.tiles(target.sample_id)) \
+    Tiles a killed job left without their record are unfinished work: tiled again (damaged or altered recorded ones are
+    the readers' to refuse)."""
+    if run.tiles(target.sample_id).exists() and run.stage(target.sample_id, "tile").get("status") != "ok" \
             and target.slide is not None:
         log.info("%s: its tiles were left by a job that did not finish: tiling again", target.sample_id)
     elif run.tiles(target.sample_id).exists():
@@ -142,7 +143,7 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
                       progress: Progress = SILENT) -> Path:
     """The sample's features under the checkpoint's encoder key, computed unless cached and matching the tiles."""
     path = run.embeddings(model.key, sample)
-    unfinished = path.exists() and not run.is_done(sample, f"embed:{model.key}", path)
+    unfinished = path.exists() and run.stage(sample, f"embed:{model.key}").get("status") != "ok"
     if unfinished:
         log.info("%s: its features were left by a job that did not finish: embedding again", sample)
     if path.exists() and not retiled and not unfinished:
