@@ -217,22 +217,18 @@ def sweep_leftovers(root: Path) -> list[Path]:
     LEFTOVER_AGE_S; lock files of dead owners (as `output_lock` would take them over). A staged checkpoint is its
     unit's next writer's to finish or discard. Returns what was removed; what cannot be removed (a read-only run) stays."""
     removed, host, now = [], socket.gethostname(), time.time()
-    for path in Path(root).rglob(".*.tmp-*"):
-        named = TEMPORARY.match(path.name)
+    for path in Path(root).rglob("*"):  # one walk of the run for both kinds
         with contextlib.suppress(OSError):
-            if named is None:
+            if path.name.endswith(".lock") and not path.name.startswith("."):  # dot-locks (.manifest.lock) are flock files
+                gone = _is_stale(path, _read_owner(path), host)
+            elif named := TEMPORARY.match(path.name):
+                owner, dead, old = named["host"], not _pid_alive(int(named["pid"])), now - path.stat().st_mtime > LEFTOVER_AGE_S
+                gone = dead if owner == host else (old and (dead or owner is not None))  # no host in the name: this host's
+            else:
                 continue
-            owner, dead, old = named["host"], not _pid_alive(int(named["pid"])), now - path.stat().st_mtime > LEFTOVER_AGE_S
-            if dead if owner == host else (old and (dead or owner is not None)):  # no host in the name: this host's, older
+            if gone:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
-    for lock in Path(root).rglob("*.lock"):
-        if lock.name.startswith("."):  # flock files (.manifest.lock) are permanent and hold no owner
-            continue
-        with contextlib.suppress(OSError):
-            if _is_stale(lock, _read_owner(lock), host):
-                lock.unlink()
-                removed.append(lock)
     return removed
 
 

@@ -92,10 +92,10 @@ def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, pro
     """Tile a new slide with the checkpoint's settings unless matching, finished tiles are cached; True if tiled now.
     Tiles a killed job left without their record are unfinished work: tiled again (damaged or altered recorded ones are
     the readers' to refuse)."""
-    if run.tiles(target.sample_id).exists() and run.stage(target.sample_id, "tile").get("status") != "ok" \
-            and target.slide is not None:
+    cached = run.tiles(target.sample_id).exists()
+    if cached and target.slide is not None and run.stage(target.sample_id, "tile").get("status") != "ok":
         log.info("%s: its tiles were left by a job that did not finish: tiling again", target.sample_id)
-    elif run.tiles(target.sample_id).exists():
+    elif cached:
         diffs = _tile_differences(run, target, cfg)
         if not diffs:
             return False

@@ -36,6 +36,11 @@ NORMALISED_SUM = 1e4  # the per-spot total a normalised truth file is recognised
 RATE_SHARE_FLOOR = 0.01  # of a residual variance kept when taking the count noise out would leave nothing
 
 
+def less_noise(variance: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """A variance without the (mean) count noise in it, at least RATE_SHARE_FLOOR of it kept: one rule for every fit."""
+    return np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
+
+
 @dataclass(frozen=True)
 class Transform:
     """counts -> model space. `normalize='total'` scales each spot to `target_sum` first."""
@@ -105,8 +110,7 @@ class Transform:
         depth (at least RATE_SHARE_FLOOR of it kept). Unchanged in count units."""
         if not self.rates:
             return variance
-        noise = self.count_noise_variance(values, np.asarray(depth)[:, None]).mean(0)
-        return np.maximum(variance - noise, RATE_SHARE_FLOOR * variance)
+        return less_noise(variance, self.count_noise_variance(values, np.asarray(depth)[:, None]).mean(0))
 
     def _scale(self, totals: np.ndarray) -> np.ndarray:
         """Each spot's factor to `target_sum` counts; an empty spot is left unscaled rather than divided by zero."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli import metrics
-from hinge_cli.data.expression import RATE_SHARE_FLOOR
+from hinge_cli.data.expression import less_noise
 
 if TYPE_CHECKING:
     from hinge_cli.model.joint import JointGaussian
@@ -34,7 +34,7 @@ def fit_correlation(standardised: np.ndarray, shrinkage: float = SHRINKAGE, nois
 
     `noise` (same shape, in the same standardised units) is the variance counting adds to each value (the observation
     model): independent across genes, it only dilutes the correlations, so its mean comes off the covariance's diagonal
-    first (at least RATE_SHARE_FLOOR of each gene's variance kept) and the correlation is that of the expression itself.
+    first (`data.expression.less_noise`) and the correlation is that of the expression itself.
     """
     z = np.asarray(standardised, dtype=np.float64)
     finite = np.isfinite(z).all(1)
@@ -43,7 +43,7 @@ def fit_correlation(standardised: np.ndarray, shrinkage: float = SHRINKAGE, nois
     else:
         covariance = np.atleast_2d(np.cov(z[finite], rowvar=False))
         variance = np.diag(covariance)
-        rate = np.maximum(variance - np.asarray(noise, dtype=np.float64)[finite].mean(0), RATE_SHARE_FLOOR * variance)
+        rate = less_noise(variance, np.asarray(noise, dtype=np.float64)[finite].mean(0))
         scale = np.sqrt(rate)
         with np.errstate(divide="ignore", invalid="ignore"):
             correlation = np.nan_to_num(covariance / np.outer(scale, scale))
