@@ -106,6 +106,7 @@ def run_configured(run: Run, config: str | Path | None, overrides: Settings | No
     succeeded and made something (a re-run that skipped every sample did not use its settings), or where no hinge.yaml
     was recorded at all (the first run was killed before it)."""
     cfg = run.config(config, {section: dict(values) for section, values in (overrides or {}).items()}, record=False)
+    run.settings = cfg  # recorded with the stage's first `ok`, before it
     result = stage(cfg)
     if not isinstance(result, SampleReport) or result.done or not run.config_path.exists():  # a kill may have come before it
         run.record_config(cfg)

@@ -129,6 +129,7 @@ class Run:
         self.root = Path(root) if root is not None else default_run_dir()
         self._warned_read_only = False
         self._swept = False
+        self.settings: HingeConfig | None = None  # the config this command runs with: see `_commit_settings`
 
     # layout -----------------------------------------------------------------
     @property
@@ -242,8 +243,16 @@ class Run:
         with self._manifest() as data:
             data["samples"].setdefault(sample, {}).update(fields)
 
+    def _commit_settings(self, status: str) -> None:
+        """hinge.yaml lands before the first `ok` record of a command, so that outputs, settings and record commit
+        together: a kill between them leaves work unrecorded, and the same command redoes it, instead of leaving a
+        recorded stage whose settings later stages never see."""
+        if status == "ok" and self.settings is not None:
+            self.record_config(self.settings)
+
     def record_stage(self, sample: str, stage: str, status: str, **fields: Any) -> None:
         """Record one stage of one sample: status ok|failed|running plus whatever the stage reports."""
+        self._commit_settings(status)
         entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}
         if status == "running":
             entry["versions"] = package_versions()
@@ -256,6 +265,7 @@ class Run:
 
     def record_run_stage(self, stage: str, status: str, **fields: Any) -> None:
         """Record a stage that concerns the whole run (training), not one sample."""
+        self._commit_settings(status)
         entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                  "versions": package_versions(), "argv": sys.argv, **fields}
         with self._manifest() as data:

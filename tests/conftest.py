@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,17 @@ from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
 torch.set_num_threads(1)  # tiny models: a second OpenMP thread costs more in synchronisation than it saves
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _logging_after_the_cli() -> Iterator[None]:
+    """A command run in the test runner points hinge's log at the runner's stream, closed once it returns: hand logging
+    back to pytest after each test, so the next one's log is captured instead of written to a closed file."""
+    yield
+    logger = logging.getLogger("hinge_cli")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")
