@@ -26,7 +26,7 @@ test: install
 
 # The whole pipeline on synthetic data with the tiny config, through the real CLI.
 demo: install
-	$(PY) -m hinge_cli.demo --out demo
+	$(PY) -m hinge_cli.synthetic.demo --out demo
 
 # HER2ST patient C, baselines and HINGE variants, leave-one-section-out (~72 min of compute on 2 cores; ARGS=--quick: a short smoke run).
 bench-her2st: install

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hinge_cli.devices import resolve_device
-from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, Field, build_encoder
+from hinge_cli.core.devices import resolve_device
 from hinge_cli.encoders.embedding import read_plan_tiles
+from hinge_cli.encoders.registry import ARCHS, REGISTRY, Encoder, Field, build_encoder
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 VIT_B16 = ARCHS["uni"].scaled(embed_dim=768, depth=12, num_heads=12)
 

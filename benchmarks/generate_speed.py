@@ -32,17 +32,18 @@ import torch
 from hinge_cli.config import GenerateConfig, load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
-from hinge_cli.encoders import get_spec
+from hinge_cli.data.sources import SampleSpec
+from hinge_cli.encoders.registry import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
-from hinge_cli.formats.model_card import EmbedSettings, GeneCorrelation, ModelCard, TileSettings
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, save_checkpoint
+from hinge_cli.model.card import EmbedSettings, GeneCorrelation, ModelCard, TileSettings
 from hinge_cli.model.sampler import sampling_steps
-from hinge_cli.model.trained import load_trained_model
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.predict.trained import load_trained_model
+from hinge_cli.run.directory import Run
+from hinge_cli.slide.tiling import tile_sample
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 MPP = 0.5
 SPEED_GRID = [("reverse", 50, 1), ("reverse", 50, 8), ("reverse", 10, 8), ("reverse", 5, 8), ("reverse", 1, 16),

@@ -21,10 +21,11 @@ import openslide
 from PIL import Image
 
 from hinge_cli.config import load_config
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.data.sources import SampleSpec
+from hinge_cli.run.directory import Run
+from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
-from hinge_cli.synthetic import _class_map, _render
+from hinge_cli.synthetic.slides import _class_map, _render
 
 MPP, TARGET, PATCH = 0.25, 0.5, 224
 

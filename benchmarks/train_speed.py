@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from hinge_cli.data.sources import read_sample_sheet
-from hinge_cli.embed import embed_samples
-from hinge_cli.run import Run
-from hinge_cli.tile import tile_samples
-from hinge_cli.train import pretrain_warmup, train
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.stages.tile import tile_samples
+from hinge_cli.stages.train import pretrain_warmup, train
 
 
 def main() -> None:

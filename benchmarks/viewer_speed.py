@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from browser import chromium, console_errors, open_page  # noqa: E402
 
 from hinge_cli.eval.viewer import build_view, write_view  # noqa: E402
-from hinge_cli.synthetic import make_synthetic_prediction  # noqa: E402
+from hinge_cli.synthetic.slides import make_synthetic_prediction  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """`python -m hinge_cli`: the same CLI, for launchers such as `torchrun -m`."""
 
-from hinge_cli.cli import main
+from hinge_cli.cli.app import main
 
 main()

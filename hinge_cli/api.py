@@ -15,7 +15,7 @@ Outputs are written atomically and skipped when they exist unless `overwrite=Tru
 `settings` holds config overrides by section, with the keys of hinge.yaml:
 `{"train": {"epochs": 20, "device": "cpu"}}`. Problems you can fix raise `HingeError`,
 worded with these functions' argument names. Progress is silent unless you pass a
-`progress` (see `hinge_cli.progress`); log records go to the `hinge_cli` logger.
+`progress` (see `hinge_cli.core.progress`); log records go to the `hinge_cli` logger.
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.errors import HingeError
-from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run, SampleReport, Shard
+from hinge_cli.run.directory import Run, SampleReport, Shard
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from hinge_cli.config import HingeConfig
     from hinge_cli.eval import EvalSummary
-    from hinge_cli.generate import Target
-    from hinge_cli.refit import Recalibrated
-    from hinge_cli.train import StageSummary
+    from hinge_cli.stages.calibrate import Recalibrated
+    from hinge_cli.stages.generate import Target
+    from hinge_cli.stages.train import StageSummary
 
 PathLike = str | Path
 Settings = Mapping[str, Mapping[str, Any]]
@@ -162,7 +162,7 @@ def warmup_paths(warmup: Mapping[str, Any]) -> dict[str, Any]:
 def targets(run: Run, slides: Sequence[PathLike] = (), sample_ids: Sequence[str] = (), spots: PathLike | None = None,
             mpp: float | None = None, visium: PathLike | None = None, image: str = "hires") -> list[Target]:
     """What to predict: new slides, a Space Ranger folder, or samples already tiled in the run."""
-    from hinge_cli.generate import Target
+    from hinge_cli.stages.generate import Target
 
     slides, sample_ids = [Path(s) for s in _listed(slides)], _listed(sample_ids)
     if visium is not None:
@@ -202,7 +202,7 @@ def tile(slides: Sequence[PathLike] = (), *, run: PathLike | None = None, spots:
     patch_px, grid, ...). Returns what was done, skipped and (with keep_going) failed.
     """
     from hinge_cli.data.sources import sample_specs
-    from hinge_cli.tile import tile_samples
+    from hinge_cli.stages.tile import tile_samples
 
     the_run = Run(run)
     specs = sample_specs(the_run, slides=[Path(s) for s in _listed(slides)], spots=None if spots is None else Path(spots),
@@ -224,7 +224,7 @@ def embed(run: PathLike | None = None, *, weights: Sequence[str] = (), import_fe
     `import_features` (TRIDENT/HEST .h5 files, or their folder), the features are taken from
     there instead; settings["embed"]["encoder"] names the model that made them.
     """
-    from hinge_cli.embed import embed_samples, import_samples
+    from hinge_cli.stages.embed import embed_samples, import_samples
 
     the_run = Run(run)
     encoder = (settings or {}).get("embed", {}).get("encoder")
@@ -251,7 +251,7 @@ def pretrain_warmup(run: PathLike | None = None, *, config: str | Path | None = 
     val_fraction or val_samples, epochs, mask_ratio; `settings["train"]` seed, batch_size, lr, device.
     File paths are recorded absolute.
     """
-    from hinge_cli.train import pretrain_warmup as stage
+    from hinge_cli.stages.train import pretrain_warmup as stage
 
     the_run = Run(run)
     overrides = dict(settings or {})
@@ -268,7 +268,7 @@ def train(run: PathLike | None = None, *, config: str | Path | None = None, sett
     `overwrite`), so one call goes from embeddings to a trained model; `warmup=False` needs an
     earlier `pretrain_warmup`. `settings["train"]` sets epochs, batch_size, lr, patience, device.
     """
-    from hinge_cli.train import train as stage
+    from hinge_cli.stages.train import train as stage
 
     the_run = Run(run)
     if warmup and (overwrite or not the_run.checkpoint("warmup").exists()):
@@ -284,7 +284,7 @@ def calibrate(run: PathLike | None = None, *, settings: Settings | None = None, 
     What `train` does after its loop, for a model trained by an older hinge or to calibrate another
     sampler; the weights are untouched. `.models` lists the checkpoints whose cards were updated.
     """
-    from hinge_cli.refit import recalibrate
+    from hinge_cli.stages.calibrate import recalibrate
 
     the_run = Run(run)
     return run_configured(the_run, None, settings, lambda cfg: recalibrate(the_run, cfg))
@@ -306,8 +306,8 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
     the rest of the panel is generated (optionally only the genes listed in `given_genes`, counts from `given_layer`).
     Returns what was done, skipped and failed.
     """
-    from hinge_cli.generate import generate as stage
-    from hinge_cli.given import GivenSource
+    from hinge_cli.predict.given import GivenSource
+    from hinge_cli.stages.generate import generate as stage
 
     the_run = Run(run)
     wanted = targets(the_run, slides, sample_ids, spots, mpp, visium, image)
@@ -338,7 +338,7 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     """
     import anndata
 
-    from hinge_cli.generate import output_paths
+    from hinge_cli.stages.generate import output_paths
 
     the_run = Run(run)
     (target,) = targets(the_run, [] if slide is None else [slide], [] if sample_id is None else [sample_id], spots, mpp,

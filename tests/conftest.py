@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
+from hinge_cli.synthetic.slides import SyntheticSample, make_synthetic_sample
 
 torch.set_num_threads(1)  # tiny models: a second OpenMP thread costs more in synchronisation than it saves
 

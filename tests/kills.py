@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from hinge_cli.files import same_file
-from hinge_cli.run import Run
+from hinge_cli.core.files import same_file
+from hinge_cli.run.directory import Run
 
 
 class Killed(BaseException):

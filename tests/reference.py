@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from hinge_cli.encoders import ARCHS, REGISTRY, EncoderSpec
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
+from hinge_cli.encoders.registry import ARCHS, REGISTRY, EncoderSpec
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 
 REDUCED = {"embed_dim": 96, "depth": 2, "num_heads": 4}  # 96 keeps every family's MLP width an even integer

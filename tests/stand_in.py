@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from hinge_cli.encoders import get_spec
+from hinge_cli.data.sources import SampleSpec
+from hinge_cli.encoders.registry import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
-from hinge_cli.train import pretrain_warmup, train
+from hinge_cli.run.directory import Run
+from hinge_cli.slide.tiling import tile_sample
+from hinge_cli.stages.train import pretrain_warmup, train
+from hinge_cli.synthetic.slides import SyntheticSample, make_synthetic_sample
 
 
 def tiled_synthetic(root: Path, prefix: str, n: int, seed: int, **sample: Any) -> tuple[Run, list[SyntheticSample]]:

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from hinge_cli import config as config_mod
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import HingeConfig, load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Run, Shard
+from hinge_cli.run.directory import Run, Shard
 
 runner = CliRunner()
 BAD = {config_mod.POSITIVE: [0, -1.0, math.nan, math.inf], config_mod.NON_NEGATIVE: [-1, math.nan],
@@ -98,12 +98,12 @@ def test_a_bad_flag_fails_before_any_work(tmp_path: Path, command: list[str], fl
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_os_errors_a_user_can_fix_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
-    import hinge_cli.tile
+    import hinge_cli.stages.tile
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(code, errno.errorcode[code], str(tmp_path / "run" / "tiles" / "s.h5"))
 
-    monkeypatch.setattr(hinge_cli.tile, "tile_samples", fail)
+    monkeypatch.setattr(hinge_cli.stages.tile, "tile_samples", fail)
     slide = tmp_path / "s.svs"
     slide.write_bytes(b"x")
     result = runner.invoke(app, ["tile", str(slide), "--run", str(tmp_path / "run")])
@@ -171,7 +171,7 @@ def test_spot_and_expression_files_that_cannot_work(tmp_path: Path) -> None:
 def test_a_sidecar_without_its_hash_is_refused(tmp_path: Path) -> None:
     import json
 
-    from hinge_cli.formats.model_card import FORMAT, read_card
+    from hinge_cli.model.card import FORMAT, read_card
 
     (tmp_path / "m.json").write_text(json.dumps({"format": FORMAT, "architecture": {}}))
     with pytest.raises(HingeError, match="no sha256"):
@@ -252,7 +252,7 @@ def test_a_rerun_that_skipped_everything_still_records_a_missing_hinge_yaml(tmp_
 def test_a_config_file_that_cannot_be_a_config_is_one_line(tmp_path: Path, text: bytes, says: str) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     (tmp_path / "bad.yaml").write_bytes(text)
     result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "bad.yaml"), "--run", str(tmp_path / "run")])

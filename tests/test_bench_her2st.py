@@ -18,7 +18,7 @@ import machine  # noqa: E402
 import ridge  # noqa: E402
 
 from hinge_cli.data.expression import Transform  # noqa: E402
-from hinge_cli.model.ridge import GAUSSIAN_Q95  # noqa: E402
+from hinge_cli.predict.ridge import GAUSSIAN_Q95  # noqa: E402
 
 
 def sections(n_sections: int = 3, n: int = 120, d: int = 6, g: int = 4, nonlinear: bool = False, seed: int = 0):

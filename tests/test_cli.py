@@ -9,9 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import TileConfig
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 runner = CliRunner()
 

@@ -21,18 +21,19 @@ from test_model_sampler import G as MODEL_GENES
 from test_model_sampler import tiny_model
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Expression, Transform
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, align
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.given import GivenSource, read_given
-from hinge_cli.model import MaskSchedule, joint, sample
-from hinge_cli.model.calibration import predictive
+from hinge_cli.model import MaskSchedule, sample
 from hinge_cli.model.checkpoint import load_checkpoint
 from hinge_cli.model.sampler import nearest_steps
-from hinge_cli.run import Run
+from hinge_cli.predict import coupling as joint
+from hinge_cli.predict.given import GivenSource, read_given
+from hinge_cli.predict.predictive import predictive
+from hinge_cli.run.directory import Run
 
 runner = CliRunner()
 G = 12

@@ -9,7 +9,7 @@ import yaml
 
 from hinge_cli.config import load_config
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 
 def test_presets_differ_and_flags_win() -> None:
@@ -54,7 +54,7 @@ def test_unset_flags_never_replace_values() -> None:
 def test_later_commands_keep_the_runs_preset(tmp_path: Path, synth) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     runner = CliRunner()
     run_dir = str(tmp_path / "run")
@@ -66,7 +66,7 @@ def test_later_commands_keep_the_runs_preset(tmp_path: Path, synth) -> None:
 def test_a_failed_command_does_not_record_its_flags(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     run = Run(tmp_path / "run")
     run.config("tiny")

@@ -6,14 +6,14 @@ patched to True (tensors stay on the CPU), `torch.cuda.is_available`, `device_co
 is then really constructed (disabled by torch on a CPU-only build), so a misspelt helper or a wrong keyword
 fails here instead of on a user's GPU. The branches, as `file::function: test`:
 
-- `hinge_cli/devices.py::is_cuda`: test_training_and_generation_take_every_cuda_branch
-- `hinge_cli/devices.py::resolve_device`: test_resolve_device_picks_this_process_gpu_and_names_the_ones_that_exist
-- `hinge_cli/devices.py::autocast`: test_autocast_is_bf16_on_a_gpu_and_fp32_with_one_warning_without_bf16
-- `hinge_cli/devices.py::images_layout`: test_encoder_on_a_gpu_is_channels_last_and_autocast
-- `hinge_cli/devices.py::place_module`: test_encoder_on_a_gpu_is_channels_last_and_autocast
-- `hinge_cli/devices.py::peak_memory_mb`: test_training_and_generation_take_every_cuda_branch
-- `hinge_cli/distributed.py::Dist.from_env`: test_torchrun_on_gpus_joins_nccl_on_this_rank_gpu
-- `hinge_cli/distributed.py::Dist.wrap`: test_ddp_wraps_on_this_rank_gpu
+- `hinge_cli/core/devices.py::is_cuda`: test_training_and_generation_take_every_cuda_branch
+- `hinge_cli/core/devices.py::resolve_device`: test_resolve_device_picks_this_process_gpu_and_names_the_ones_that_exist
+- `hinge_cli/core/devices.py::autocast`: test_autocast_is_bf16_on_a_gpu_and_fp32_with_one_warning_without_bf16
+- `hinge_cli/core/devices.py::images_layout`: test_encoder_on_a_gpu_is_channels_last_and_autocast
+- `hinge_cli/core/devices.py::place_module`: test_encoder_on_a_gpu_is_channels_last_and_autocast
+- `hinge_cli/core/devices.py::peak_memory_mb`: test_training_and_generation_take_every_cuda_branch
+- `hinge_cli/core/distributed.py::Dist.from_env`: test_torchrun_on_gpus_joins_nccl_on_this_rank_gpu
+- `hinge_cli/core/distributed.py::Dist.wrap`: test_ddp_wraps_on_this_rank_gpu
 
 `test_every_cuda_branch_is_listed` reads this list and fails when a branch is added without a test.
 """
@@ -35,16 +35,16 @@ import torch
 from stand_in import tiled_synthetic, write_features
 from typer.testing import CliRunner
 
-from hinge_cli import devices, distributed
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.distributed import Dist
-from hinge_cli.encoders import REGISTRY, Encoder, Field
+from hinge_cli.core import devices, distributed
+from hinge_cli.core.distributed import Dist
+from hinge_cli.encoders.registry import REGISTRY, Encoder, Field
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.errors import HingeError
-from hinge_cli.generate import Target, generate
-from hinge_cli.run import Run
-from hinge_cli.train import pretrain_warmup, train
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.stages.train import pretrain_warmup, train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hinge_cli"
 BRANCH_LINE = re.compile(r"^- `(hinge_cli/[\w/]+\.py)::([\w.]+)`: (test_\w+)$", re.M)
@@ -151,7 +151,7 @@ def test_autocast_is_bf16_on_a_gpu_and_fp32_with_one_warning_without_bf16(
     monkeypatch.setattr(devices, "_warned_no_bf16", set())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla V100")
-    with caplog.at_level(logging.WARNING, logger="hinge_cli.devices"):
+    with caplog.at_level(logging.WARNING, logger="hinge_cli.core.devices"):
         first, second = devices.autocast(gpu), devices.autocast(gpu)
     assert not first._enabled and not second._enabled
     assert [r.getMessage() for r in caplog.records] == ["GPU 0 (Tesla V100) has no bf16: running in fp32, the same results but slower"]

@@ -16,10 +16,10 @@ import pytest
 from stand_in import trained_tiny
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.generate import Target, generate
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import Target, generate
 
 runner = CliRunner()
 TRAIN_MORE = ("train", "--epochs", "3", "--device", "cpu")

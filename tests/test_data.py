@@ -14,7 +14,7 @@ from hinge_cli.data.dataset import assemble, training_samples
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.panel import select_panel
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 
 def expression(counts: np.ndarray, genes: list[str], prefix: str = "b") -> Expression:

@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from hinge_cli.config import load_config
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
 from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, write_skeleton
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.run.directory import Run
+from hinge_cli.slide.tiling import tile_sample
 
 
 def test_a_blank_image_is_refused_and_its_thumbnail_written(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_in_tissue_is_visiums_zero_or_one(tmp_path: Path) -> None:
 def hinge(*args: str) -> str:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     result = CliRunner().invoke(app, [*args, "-q"])
     assert result.exit_code == 0, result.output
@@ -82,8 +83,8 @@ def hinge(*args: str) -> str:
 
 @pytest.mark.parametrize(("legacy", "image"), [(False, "fullres"), (True, "hires")])
 def test_visium_outs_tile_in_one_command(tmp_path: Path, legacy: bool, image: str) -> None:
-    from hinge_cli.formats.fixtures import make_spaceranger_outs
     from hinge_cli.formats.tiles import read_tiles
+    from hinge_cli.synthetic.fixtures import make_spaceranger_outs
 
     sample = tmp_path / "slide1"
     visium = make_spaceranger_outs(sample / "outs", legacy_positions=legacy, seed=2,
@@ -102,8 +103,8 @@ def test_visium_outs_tile_in_one_command(tmp_path: Path, legacy: bool, image: st
 
 
 def test_hest_folder_tiles_with_the_metadata_mpp(tmp_path: Path) -> None:
-    from hinge_cli.formats.fixtures import make_hest_folder
     from hinge_cli.formats.tiles import read_tile_attrs
+    from hinge_cli.synthetic.fixtures import make_hest_folder
 
     hest = make_hest_folder(tmp_path / "hest")
     run = Run(tmp_path / "run")
@@ -113,9 +114,9 @@ def test_hest_folder_tiles_with_the_metadata_mpp(tmp_path: Path) -> None:
 
 
 def test_trident_features_import_and_train(tmp_path: Path, synth) -> None:
-    from hinge_cli.encoders import get_spec
+    from hinge_cli.encoders.registry import get_spec
     from hinge_cli.formats.embeddings import read_embeddings
-    from hinge_cli.formats.fixtures import make_trident_features
+    from hinge_cli.synthetic.fixtures import make_trident_features
 
     run = Run(tmp_path / "run")
     hinge("tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run.root), "--config", "tiny", "--no-images")
@@ -145,7 +146,7 @@ def test_counts_in_a_named_layer(tmp_path: Path, synth) -> None:
     path = _logged_counts(tmp_path, synth)
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     args = ["tile", str(synth.slide), "--spots", str(path), "--run", str(tmp_path / "run"), "--config", "tiny", "--no-images"]
     refused = CliRunner().invoke(app, args)
@@ -180,7 +181,7 @@ def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
 
 def test_a_hest_folder_given_as_a_sample_sheet_is_pointed_to_hest(tmp_path: Path) -> None:
     from hinge_cli.data.sources import read_sample_sheet
-    from hinge_cli.formats.fixtures import make_hest_folder
+    from hinge_cli.synthetic.fixtures import make_hest_folder
 
     hest = make_hest_folder(tmp_path / "hest", side_px=256)
     with pytest.raises(HingeError, match="--hest"):
@@ -207,10 +208,10 @@ def test_spots_at_the_wrong_scale_are_warned_about(tmp_path: Path, synth, caplog
 def test_imported_features_that_are_not_finite_are_refused(tmp_path: Path, synth, bad: float) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
-    from hinge_cli.encoders import get_spec
-    from hinge_cli.formats.fixtures import make_trident_features
+    from hinge_cli.cli.app import app
+    from hinge_cli.encoders.registry import get_spec
     from hinge_cli.formats.hest import write_patch_file
+    from hinge_cli.synthetic.fixtures import make_trident_features
 
     run = Run(tmp_path / "run")
     hinge("tile", str(synth.slide), "--spots", str(synth.spots), "--run", str(run.root), "--config", "tiny", "--no-images")

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from hinge_cli import encoders as enc
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import EmbedConfig, load_config
-from hinge_cli.embed import embed_samples
-from hinge_cli.encoders import ARCHS, REGISTRY, build_encoder, get_spec, parse_encoders
+from hinge_cli.data.sources import SampleSpec
+from hinge_cli.encoders import registry as enc
 from hinge_cli.encoders.embedding import parse_weights, read_plan_tiles
+from hinge_cli.encoders.registry import ARCHS, REGISTRY, build_encoder, get_spec, parse_encoders
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Run, Shard
+from hinge_cli.run.directory import Run, Shard
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.slide.tiling import SampleSpec
-from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.tile import tile_samples
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.stages.tile import tile_samples
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 runner = CliRunner()
 

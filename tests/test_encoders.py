@@ -11,17 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hinge_cli import encoders as enc
-from hinge_cli.encoders import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
+from hinge_cli.encoders import registry as enc
 from hinge_cli.encoders.conch import CONCH_TRUNK, ConchVision
 from hinge_cli.encoders.embedding import read_plan_tiles
 from hinge_cli.encoders.handcrafted import CHANNELS, MAPS, SPREAD_MAPS, TISSUE_MAPS, HandcraftedEncoder
+from hinge_cli.encoders.registry import ARCHS, REGISTRY, Encoder, build_encoder, dihedral_views, get_spec, parse_encoders
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, read_state_dict, select_keys
 from hinge_cli.errors import HingeError
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.synthetic import SyntheticSample, make_synthetic_sample
+from hinge_cli.synthetic.slides import SyntheticSample, make_synthetic_sample
 
 
 def vit_keys(d: int, depth: int, patch: int, n_pos: int, fc1: int, fc2_in: int, reg: int = 0, layer_scale: bool = True,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.data.expression import Transform, read_expression
 from hinge_cli.errors import HingeError
 from hinge_cli.eval import (
@@ -25,7 +25,7 @@ from hinge_cli.eval import (
     read_slide_metrics,
     write_json,
 )
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 PITCH = 100.0  # px between spot centres
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hinge_cli.data.expression import Transform
 from hinge_cli.eval import evaluate, metric_table, read_slide_metrics
-from hinge_cli.proper_scores import crps_gaussian
+from hinge_cli.eval.proper_scores import crps_gaussian
 
 GENES = ["G0", "G1", "G2"]
 N_SPOTS = 8

@@ -14,7 +14,7 @@ from hinge_cli.data.dataset import assemble
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import CHUNK_SPOTS, FeatureNorm, SlideShift
 from hinge_cli.errors import HingeError
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 
 def _direct(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hinge_cli import figures
+from hinge_cli.core import figures
+from hinge_cli.data.expression import expression_unit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,14 +32,14 @@ def hex_grid(n: int = 6, pitch: float = 20.0) -> np.ndarray:
 
 
 def test_importing_the_package_does_not_import_matplotlib() -> None:
-    code = "import hinge_cli, hinge_cli.eval, hinge_cli.figures, sys; print('matplotlib' in sys.modules)"
+    code = "import hinge_cli, hinge_cli.eval, hinge_cli.core.figures, sys; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_expression_unit_names_the_transform() -> None:
-    assert figures.expression_unit("none", 1e4, 2.0) == "log2(counts + 1)"
-    assert figures.expression_unit("total", 1e4, 2.0) == "log2(counts per 10000 + 1)"
+    assert expression_unit("none", 1e4, 2.0) == "log2(counts + 1)"
+    assert expression_unit("total", 1e4, 2.0) == "log2(counts per 10000 + 1)"
 
 
 @pytest.mark.parametrize("with_image", [False, True])

@@ -16,11 +16,11 @@ import pytest
 from stand_in import trained_tiny
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.generate import Target, generate
-from hinge_cli.run import Run
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 runner = CliRunner()
 FREE = (8 * 1024, 40 * 1024, 160 * 1024)  # bytes left on the disk before the stage runs: each stage fails at another write

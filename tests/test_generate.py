@@ -22,20 +22,21 @@ from PIL import Image
 from stand_in import trained_tiny, write_features
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.eval import evaluate, read_prediction
-from hinge_cli.generate import Target, generate
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint
 from hinge_cli.model.checkpoint import sidecar_path
-from hinge_cli.model.trained import load_trained_model
-from hinge_cli.run import Run, Shard
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.predict.trained import load_trained_model
+from hinge_cli.run.directory import Run, Shard
+from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 runner = CliRunner()
 FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
@@ -269,7 +270,7 @@ def test_far_mpp_warns_and_shards_split_samples(trained: tuple[Run, Path], tmp_p
 
 
 def test_visium_outs_are_predicted_at_their_spots(trained: tuple[Run, Path], tmp_path: Path) -> None:
-    from hinge_cli.formats.fixtures import make_spaceranger_outs
+    from hinge_cli.synthetic.fixtures import make_spaceranger_outs
 
     run, _ = trained
     visium = make_spaceranger_outs(tmp_path / "v1" / "outs", side_px=600, seed=5)
@@ -469,9 +470,9 @@ def test_an_out_folder_named_like_a_prediction_is_one_line(trained: tuple[Run, P
 
 def test_a_second_job_keeps_the_prediction_another_job_finished_while_it_waited(trained: tuple[Run, Path], tmp_path: Path) -> None:
     """Two `generate` jobs for one output: the one that takes the lock second finds it finished and recorded, and keeps it."""
-    from hinge_cli.files import OutputFinished
-    from hinge_cli.generate import predict_sample
-    from hinge_cli.model.trained import load_trained_model
+    from hinge_cli.core.files import OutputFinished
+    from hinge_cli.predict.trained import load_trained_model
+    from hinge_cli.stages.generate import predict_sample
 
     run, _ = trained
     model = load_trained_model(run.checkpoint("best"), "cpu")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.fixtures import SyntheticHest, make_hest_folder, make_trident_features
 from hinge_cli.formats.hest import hest_ids, read_hest, read_patch_file, write_hest_metadata
 from hinge_cli.slide.reader import open_slide
+from hinge_cli.synthetic.fixtures import SyntheticHest, make_hest_folder, make_trident_features
 
 
 @pytest.fixture(scope="module")

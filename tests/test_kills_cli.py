@@ -11,12 +11,12 @@ from kills import differences, folder_record, kill_every_write
 from stand_in import tiled_synthetic, trained_tiny, write_features
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
-from hinge_cli.generate import Target, generate
-from hinge_cli.run import Run
-from hinge_cli.synthetic import make_synthetic_sample
-from hinge_cli.train import pretrain_warmup
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.stages.train import pretrain_warmup
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 
 def _hinge(argv: list[str]) -> None:

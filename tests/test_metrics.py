@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hinge_cli import metrics, proper_scores
+from hinge_cli.eval import metrics, proper_scores
 
 
 def test_pearson_hand_values_constant_and_nan_genes() -> None:

@@ -10,8 +10,8 @@ import torch
 from hinge_cli.config import DiffusionConfig, load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.model_card import ModelCard, TrainingRecord, read_card
 from hinge_cli.model import Backbone, Hinge, load_checkpoint, save_checkpoint, sidecar_path
+from hinge_cli.model.card import ModelCard, TrainingRecord, read_card
 
 
 def hinge_model():

@@ -7,10 +7,10 @@ import torch
 from hinge_cli.config import DiffusionConfig, GenerateConfig, load_config
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model import Hinge
-from hinge_cli.model.calibration import Predictive, fit_coupling, predictive
-from hinge_cli.model.coupling import SHRINKAGE, GeneCoupling, fit_correlation
-from hinge_cli.model.joint import MIN_TRANSFER_SPOTS, SHRINKAGES, JointGaussian, choose_joint, image_transfer, optimism_factor
-from hinge_cli.model.ridge import GAUSSIAN_Q95
+from hinge_cli.predict.coupling import MIN_TRANSFER_SPOTS, SHRINKAGE, SHRINKAGES, GeneCoupling, JointGaussian, choose_joint, fit_correlation, image_transfer, optimism_factor
+from hinge_cli.predict.predictive import Predictive, predictive
+from hinge_cli.predict.ridge import GAUSSIAN_Q95
+from hinge_cli.training.calibration import fit_coupling
 
 R3 = np.array([[1.0, 0.8, -0.3], [0.8, 1.0, -0.2], [-0.3, -0.2, 1.0]])
 
@@ -222,7 +222,8 @@ def test_fit_coupling_deflates_the_joint_gaussians_cross_correlations():
 
 
 def test_optimism_is_measured_on_the_networks_one_shot_means_and_is_1_for_a_mean_only_network():
-    from hinge_cli.model.calibration import measure_optimism, one_shot_predictions
+    from hinge_cli.predict.predictive import one_shot_predictions
+    from hinge_cli.training.calibration import measure_optimism
 
     image = torch.randn(60, 4)
     model = spread_model()

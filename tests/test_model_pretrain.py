@@ -83,8 +83,8 @@ def test_pretraining_reduces_the_loss():
 
 def test_a_stored_pretraining_is_reused_only_for_its_panel_transform_and_corpus():
     from hinge_cli.data.expression import Transform
-    from hinge_cli.formats.model_card import BackboneSource, ModelCard
-    from hinge_cli.train import stale_pretraining
+    from hinge_cli.model.card import BackboneSource, ModelCard
+    from hinge_cli.stages.train import stale_pretraining
 
     card = ModelCard("pretrain", vocab=["a", "b", "c"], transform=Transform("none"),
                      backbone=BackboneSource("corpus", corpus=["/x/1.h5ad", "/x/2.h5ad"]))

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from hinge_cli.config import load_config
+from hinge_cli.core.distributed import Dist
 from hinge_cli.data.dataset import SpotTable
-from hinge_cli.distributed import Dist
-from hinge_cli.losses import hinge_losses
 from hinge_cli.model import Hinge
-from hinge_cli.model.ridge import start_direct_path_at_ridge
-from hinge_cli.model_selection import choose_split, generated_depth_partial
-from hinge_cli.train_data import SplitData
+from hinge_cli.predict.ridge import start_direct_path_at_ridge
+from hinge_cli.training.data import SplitData
+from hinge_cli.training.losses import hinge_losses
+from hinge_cli.training.selection import choose_split, generated_depth_partial
 
 G, D = 6, 8
 

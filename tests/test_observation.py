@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hinge_cli.data.expression import NO_COUNTS, PLAIN, POISSON, Transform, read_truth
+from hinge_cli.data.expression import NO_COUNTS, PLAIN, POISSON, Transform, expression_unit, read_truth
 from hinge_cli.errors import HingeError
 from hinge_cli.eval import observation, score_slide
 from hinge_cli.eval.align import Aligned, Prediction, align, read_prediction
 from hinge_cli.eval.probabilistic import Calibration, score_calibration
-from hinge_cli.figures import expression_unit
-from hinge_cli.proper_scores import coverage_std
+from hinge_cli.eval.proper_scores import coverage_std
 
 UNITS = Transform.of("total")
 

@@ -9,7 +9,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
@@ -138,7 +138,7 @@ def test_a_shard_outside_its_range_is_one_line(tmp_path: Path, shard: str, says:
     assert says in one_line_error(["embed", "--shard", shard, "--run", str(tmp_path / "run")])
 
 
-ELSEWHERE = {"--array": "sbatch's, in the SLURM hint", "--flag": "a placeholder in a docstring", "--size": "hinge_cli.synthetic's own script",
+ELSEWHERE = {"--array": "sbatch's, in the SLURM hint", "--flag": "a placeholder in a docstring", "--size": "hinge_cli.synthetic.slides's own script",
              "--version": "the group's option, not a command's"}
 
 

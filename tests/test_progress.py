@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hinge_cli import terminal
-from hinge_cli.terminal import Meter, PlainProgress, clock, setup_output
+from hinge_cli.cli import terminal
+from hinge_cli.cli.terminal import Meter, PlainProgress, clock, setup_output
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d ")
 

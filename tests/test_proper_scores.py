@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hinge_cli import proper_scores
-from hinge_cli.proper_scores import (
+from hinge_cli.eval import proper_scores
+from hinge_cli.eval.proper_scores import (
     coverage_interval,
     coverage_std,
     crps_from_samples,

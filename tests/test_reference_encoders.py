@@ -22,14 +22,15 @@ from reference import reduced_spec, reference, reference_features, reference_mod
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
-from hinge_cli.encoders import REGISTRY
+from hinge_cli.cli.app import app
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.encoders.preprocess import Preprocess
+from hinge_cli.encoders.registry import REGISTRY
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.formats.tiles import read_tile_images
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.run.directory import Run
+from hinge_cli.slide.tiling import tile_sample
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 ENCODERS = ("uni", "uni2-h", "h-optimus-0", "virchow2", "gigapath", "conch")
 COSINE, MAX_ABS = 0.99999, 1e-4

@@ -15,20 +15,20 @@ import pytest
 from kills import Killed, count_writes, h5_content, kill_at, rerun_after_each_kill
 from stand_in import tiled_synthetic, trained_tiny, write_features
 
-from hinge_cli import encoders as enc
 from hinge_cli.config import EmbedConfig, GenerateConfig, load_config
-from hinge_cli.embed import embed_samples
-from hinge_cli.encoders import REGISTRY
+from hinge_cli.core.files import LEFTOVER_AGE_S, atomic_path, output_lock
+from hinge_cli.data.sources import SampleSpec
+from hinge_cli.encoders import registry as enc
+from hinge_cli.encoders.registry import REGISTRY
 from hinge_cli.errors import HingeError
 from hinge_cli.eval import evaluate
-from hinge_cli.files import LEFTOVER_AGE_S, atomic_path, output_lock
-from hinge_cli.generate import Target, generate
 from hinge_cli.model.checkpoint import read_checkpoint_card
-from hinge_cli.refit import recalibrate
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec
-from hinge_cli.tile import tile_samples
-from hinge_cli.train import pretrain_warmup, train
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.calibrate import recalibrate
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.stages.tile import tile_samples
+from hinge_cli.stages.train import pretrain_warmup, train
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_embed_rechecks_under_the_lock_and_keeps_a_finished_output(tmp_path: Pat
 def test_an_empty_lock_file_is_explained_then_taken_over(tmp_path: Path) -> None:
     import os
 
-    from hinge_cli.files import EMPTY_LOCK_GRACE_S, OutputLocked, output_lock
+    from hinge_cli.core.files import EMPTY_LOCK_GRACE_S, OutputLocked, output_lock
 
     target = tmp_path / "x.h5"
     lock = tmp_path / "x.h5.lock"
@@ -164,7 +164,7 @@ def test_a_rerun_with_other_settings_says_which_differ(tmp_path: Path, synth, ca
 def test_a_full_disk_while_taking_a_lock_leaves_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import hinge_cli.files as files
+    import hinge_cli.core.files as files
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -243,7 +243,7 @@ def test_leftovers_of_killed_jobs_go_at_the_next_stage_and_a_live_writers_stay(t
         path.write_bytes(b"in progress")
     for path in (abandoned, mine):
         os.utime(path, (long_ago, long_ago))
-    with caplog.at_level(logging.DEBUG, logger="hinge_cli.run"):
+    with caplog.at_level(logging.DEBUG, logger="hinge_cli.run.directory"):
         _tile(run, synth)  # any stage that records its work
     assert not temporary.exists() and not lock.exists() and not abandoned.exists()
     assert elsewhere.exists() and mine.exists()
@@ -281,7 +281,7 @@ def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tm
 def test_embed_counts_a_sample_with_damaged_tiles_as_failed_not_left_out(tmp_path: Path, small_default: None) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     run, samples = tiled_synthetic(tmp_path, "d", 2, 50, size_px=384, mpp=2.0, n_genes=20)
     damaged = run.tiles("d1")

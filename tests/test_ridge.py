@@ -16,19 +16,19 @@ from scipy.special import ndtr
 from stand_in import tiled_synthetic, write_features
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.dataset import SpotTable
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import read_embeddings
-from hinge_cli.formats.ridge_model import METADATA_KEY, read_ridge_model
-from hinge_cli.generate import Target, generate
 from hinge_cli.model import load_checkpoint
-from hinge_cli.model.ridge import GAUSSIAN_Q95, PENALTIES, best_penalty, cross_validate, fit_ridge, inner_folds
-from hinge_cli.run import Run
-from hinge_cli.train import pretrain_warmup, train
-from hinge_cli.train_data import card_table, split_rows
+from hinge_cli.predict.ridge import GAUSSIAN_Q95, PENALTIES, best_penalty, cross_validate, fit_ridge, inner_folds
+from hinge_cli.predict.ridge_model import METADATA_KEY, read_ridge_model
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import Target, generate
+from hinge_cli.stages.train import pretrain_warmup, train
+from hinge_cli.training.data import card_table, split_rows
 
 runner = CliRunner()
 FAST = GenerateConfig(n_samples=1, steps=2, device="cpu")

@@ -15,12 +15,13 @@ from stand_in import tiled_synthetic
 from hinge_cli.config import EmbedConfig
 from hinge_cli.data.features import SlideShift
 from hinge_cli.data.shift import ShiftReference, SlideStats, shift_report, warn_if_outside
-from hinge_cli.embed import embed_samples
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.slide.stats import slide_stats
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
+from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff
-from hinge_cli.synthetic import make_synthetic_sample
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.synthetic.slides import make_synthetic_sample
 
 MPP = 1.0
 

@@ -12,11 +12,11 @@ import tifffile
 from PIL import Image
 from scipy import sparse
 
+from hinge_cli.core.files import atomic_path
 from hinge_cli.data.expression import read_expression
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path
-from hinge_cli.formats.fixtures import SyntheticVisium, make_spaceranger_outs
 from hinge_cli.formats.spaceranger import read_positions, read_spaceranger, spot_expression, visium_image
+from hinge_cli.synthetic.fixtures import SyntheticVisium, make_spaceranger_outs
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.config import TileConfig, load_config
-from hinge_cli.data.sources import read_sample_sheet
+from hinge_cli.core.files import OutputLocked, output_lock
+from hinge_cli.data.sources import SampleSpec, read_sample_sheet
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputLocked, output_lock
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 from hinge_cli.slide.reader import open_slide
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.tile import tile_samples
+from hinge_cli.slide.tiling import tile_sample
+from hinge_cli.stages.tile import tile_samples
 
 runner = CliRunner()
 
@@ -251,7 +251,7 @@ def test_sample_sheet_and_shards(tmp_path: Path, synth) -> None:
 
 @pytest.mark.parametrize("spec, count", [("0/3", 3), ("1/3", 3), ("2/3", 2)])
 def test_shards_partition_the_samples(spec: str, count: int) -> None:
-    from hinge_cli.run import Shard
+    from hinge_cli.run.directory import Shard
 
     names = [f"s{i}" for i in range(8)]
     assert len(Shard.parse(spec).select(names)) == count
@@ -260,7 +260,7 @@ def test_shards_partition_the_samples(spec: str, count: int) -> None:
 
 
 def test_shard_defaults_to_the_slurm_array(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hinge_cli.run import Shard
+    from hinge_cli.run.directory import Shard
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")

@@ -22,17 +22,18 @@ import torch
 from safetensors.torch import load_file
 from stand_in import tiled_synthetic
 
-from hinge_cli import train as train_module
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.errors import HingeError
-from hinge_cli.fit import LoopSettings, LoopState, fit
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
-from hinge_cli.lineage import tiles_made_from
 from hinge_cli.model import load_checkpoint
 from hinge_cli.model.diffusion import MaskSchedule
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec, tile_sample
-from hinge_cli.synthetic import CLASSES, make_synthetic_sample
-from hinge_cli.train import pretrain_warmup, train
+from hinge_cli.run.directory import Run
+from hinge_cli.run.lineage import tiles_made_from
+from hinge_cli.slide.tiling import tile_sample
+from hinge_cli.stages import train as train_module
+from hinge_cli.stages.train import pretrain_warmup, train
+from hinge_cli.synthetic.slides import CLASSES, make_synthetic_sample
+from hinge_cli.training.fit import LoopSettings, LoopState, fit
 
 ENCODER = "default"
 
@@ -341,7 +342,7 @@ def test_train_killed_at_every_write_resumes_bit_identically(trained: Run, tmp_p
 def test_a_second_training_process_is_refused(trained: Run, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from hinge_cli.cli import app
+    from hinge_cli.cli.app import app
 
     run = copy_run(trained.root.parent / "warm", tmp_path / "run")
     (run.root / "training.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live job

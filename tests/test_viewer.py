@@ -16,10 +16,10 @@ from browser import chromium, console_errors, open_page
 from matplotlib import colormaps
 from typer.testing import CliRunner
 
-from hinge_cli.cli import app
+from hinge_cli.cli.app import app
 from hinge_cli.data.expression import Transform
 from hinge_cli.eval.viewer import MISSING, quantise
-from hinge_cli.synthetic import make_synthetic_prediction
+from hinge_cli.synthetic.slides import make_synthetic_prediction
 
 runner = CliRunner()
 

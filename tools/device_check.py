@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hinge_cli import devices
+from hinge_cli.core import devices
 from hinge_cli.config import GenerateConfig
-from hinge_cli.encoders import ARCHS, build_encoder
+from hinge_cli.encoders.registry import ARCHS, build_encoder
 from hinge_cli.encoders.vit import VisionTransformer
 from hinge_cli.formats.embeddings import read_embeddings
 from hinge_cli.formats.tiles import read_tile_images
-from hinge_cli.model.trained import load_trained_model
-from hinge_cli.predictors import hinge_predictor
-from hinge_cli.run import Run
-from hinge_cli.synthetic import make_synthetic_dataset, make_synthetic_sample
+from hinge_cli.predict.trained import load_trained_model
+from hinge_cli.stages.predictors import hinge_predictor
+from hinge_cli.run.directory import Run
+from hinge_cli.synthetic.slides import make_synthetic_dataset, make_synthetic_sample
 
 HELD_OUT = "synth2"
 

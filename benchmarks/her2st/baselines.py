@@ -16,7 +16,7 @@ import torch
 from ridge import choose_lambda, fit_ridge, out_of_fold_residual_std, predict_ridge
 from torch import nn
 
-from hinge_cli import metrics
+from hinge_cli.eval import metrics
 
 Section = tuple[np.ndarray, np.ndarray, np.ndarray]  # features (N, D), targets (N, G), total counts (N,)
 

@@ -39,15 +39,16 @@ from baselines import BASELINES
 from machine import CpuSnapshot, load_line, mean_busy, others_busy, reads_high
 
 from hinge_cli.config import FEATURE_NORMS, SAMPLERS, GenerateConfig, HingeConfig, WarmupConfig, load_config, merge
+from hinge_cli.core.devices import resolve_device
+from hinge_cli.core.distributed import Dist
+from hinge_cli.core.files import write_text_atomic
+from hinge_cli.core.progress import SILENT
 from hinge_cli.data.dataset import assemble, load_expression
 from hinge_cli.data.expression import MODEL_SPACE_FLOOR, NORMALIZE, Expression, Transform, read_expression
 from hinge_cli.data.features import SlideShift, views
 from hinge_cli.data.panel import select_panel
 from hinge_cli.data.sources import read_sample_sheet
-from hinge_cli.devices import resolve_device
-from hinge_cli.distributed import Dist
-from hinge_cli.embed import embed_samples
-from hinge_cli.encoders import encoder_key, parse_encoders
+from hinge_cli.encoders.registry import encoder_key, parse_encoders
 from hinge_cli.eval import (
     METRICS,
     Prediction,
@@ -57,18 +58,17 @@ from hinge_cli.eval import (
     score_slide,
     write_json,
 )
-from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.embeddings import read_embeddings
-from hinge_cli.generate import predict_sample
 from hinge_cli.model.checkpoint import read_checkpoint_card
-from hinge_cli.model.ridge import gaussian_batch
 from hinge_cli.model.sampler import DEFAULT_STEPS
-from hinge_cli.model.trained import load_trained_model
-from hinge_cli.progress import SILENT
-from hinge_cli.refit import recalibrate
-from hinge_cli.run import Run
-from hinge_cli.tile import tile_samples
-from hinge_cli.train import pretrain_backbone, pretrain_warmup, train
+from hinge_cli.predict.ridge import gaussian_batch
+from hinge_cli.predict.trained import load_trained_model
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.calibrate import recalibrate
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.stages.generate import predict_sample
+from hinge_cli.stages.tile import tile_samples
+from hinge_cli.stages.train import pretrain_backbone, pretrain_warmup, train
 
 log = logging.getLogger("bench-her2st")
 

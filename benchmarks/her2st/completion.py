@@ -36,16 +36,15 @@ from benchmark import SECTIONS, BaselineInputs, run_baseline
 from sampling_grid import write_results
 from scipy.spatial import cKDTree
 
-from hinge_cli import metrics
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Expression, read_expression
-from hinge_cli.eval import HEADLINE, Prediction, align, metric_table, score_slide
+from hinge_cli.eval import HEADLINE, Prediction, align, metric_table, metrics, score_slide
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.given import GivenGenes, GivenSource, read_given
-from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.predictors import completion_predictor, hinge_predictor
-from hinge_cli.run import Run
+from hinge_cli.predict.given import GivenGenes, GivenSource, read_given
+from hinge_cli.predict.trained import TrainedModel, load_trained_model
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.predictors import completion_predictor, hinge_predictor
 
 KS = (5, 10, 25)
 CHOICES = ("random", "variable")

@@ -30,11 +30,10 @@ from benchmark import SECTIONS, BaselineInputs, _table, run_baseline
 from ridge import choose_lambda, fit_ridge, predict_ridge
 from sampling_grid import write_results
 
-from hinge_cli import metrics
 from hinge_cli.data.expression import Transform, read_expression
-from hinge_cli.eval import Prediction, read_prediction
+from hinge_cli.eval import Prediction, metrics, read_prediction
 from hinge_cli.model.checkpoint import read_checkpoint_card
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 COUNTS, TOTAL = Transform("none"), Transform("total")
 HEADLINE, RAW = "correlation.depth_partial.pearson.mean", "correlation.model.pearson.mean"

@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 from scipy import sparse
 
-from hinge_cli.files import atomic_path
+from hinge_cli.core.files import atomic_path
 from hinge_cli.slide.writer import write_pyramidal_tiff
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "her2st"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hinge_cli import metrics
+from hinge_cli.eval import metrics
 
 LAMBDAS = tuple(float(v) for v in np.logspace(-3, 3, 13))
 
@@ -130,7 +130,7 @@ def load_run(run_dir: Path, encoder: str, samples: list[str]) -> dict[str, Secti
     import anndata as ad
     import h5py
 
-    from hinge_cli.run import Run
+    from hinge_cli.run.directory import Run
 
     run = Run(run_dir)
     loaded = {}

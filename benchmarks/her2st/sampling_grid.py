@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from hinge_cli.config import GenerateConfig
+from hinge_cli.core.files import write_text_atomic
+from hinge_cli.core.progress import SILENT
 from hinge_cli.data.expression import read_expression
 from hinge_cli.eval import align, metric_table, read_prediction, score_slide
-from hinge_cli.files import write_text_atomic
 from hinge_cli.formats.tiles import read_tiles
-from hinge_cli.generate import predict_sample
-from hinge_cli.model.trained import load_trained_model
-from hinge_cli.progress import SILENT
-from hinge_cli.run import Run
+from hinge_cli.predict.trained import load_trained_model
+from hinge_cli.run.directory import Run
+from hinge_cli.stages.generate import predict_sample
 
 STEPS = (1, 5, 10, 25, 50)
 SAMPLES = (1, 4, 16)

@@ -43,20 +43,19 @@ import tifffile
 from PIL import Image, ImageFilter
 from scipy import sparse
 
+from hinge_cli.core.files import atomic_path, write_text_atomic
+from hinge_cli.core.progress import SILENT
 from hinge_cli.data.expression import Expression, read_expression
-from hinge_cli.data.sources import read_sample_sheet
-from hinge_cli.embed import embed_samples
+from hinge_cli.data.sources import SampleSpec, read_sample_sheet
 from hinge_cli.eval import HEADLINE, Prediction, read_prediction, write_json
-from hinge_cli.files import atomic_path, write_text_atomic
-from hinge_cli.generate import predict_sample
-from hinge_cli.model.trained import TrainedModel, load_trained_model
-from hinge_cli.predictors import hinge_predictor, ridge_predictor
-from hinge_cli.progress import SILENT
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec
+from hinge_cli.predict.trained import TrainedModel, load_trained_model
+from hinge_cli.run.directory import Run
 from hinge_cli.slide.writer import write_pyramidal_tiff
-from hinge_cli.tile import tile_samples
-from hinge_cli.train import shift_reference
+from hinge_cli.stages.embed import embed_samples
+from hinge_cli.stages.generate import predict_sample
+from hinge_cli.stages.predictors import hinge_predictor, ridge_predictor
+from hinge_cli.stages.tile import tile_samples
+from hinge_cli.stages.train import shift_reference
 
 log = logging.getLogger("bench-shift")
 Image.MAX_IMAGE_PIXELS = None  # whole slides: HER2ST's are ~92 Mpx

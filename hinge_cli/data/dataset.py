@@ -17,7 +17,7 @@ from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import SlideShift
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import Embeddings, read_embeddings
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 log = logging.getLogger(__name__)
 

@@ -239,3 +239,11 @@ def _expression(adata: ad.AnnData, counts: sparse.csr_matrix) -> Expression:
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] if "spatial" in adata.obsm else None
     totals = np.asarray(counts.sum(axis=1)).ravel()
     return Expression([str(b) for b in adata.obs_names], [str(g) for g in adata.var_names], counts, totals, coords)
+
+
+def expression_unit(normalize: str, target_sum: float, log_base: float) -> str:
+    """The unit of model-space values (a Transform's fields): e.g. log2(counts + 1), ln(counts per 10000 + 1)."""
+    log = "ln" if abs(log_base - math.e) < 1e-9 else f"log{log_base:g}"
+    if normalize == "none":
+        return f"{log}(counts + 1)"
+    return f"{log}(counts per {target_sum:g} + 1)"

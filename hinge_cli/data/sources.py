@@ -12,15 +12,26 @@ import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+from hinge_cli.core.files import atomic_path
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path
 from hinge_cli.formats.hest import read_hest
 from hinge_cli.formats.spaceranger import read_spaceranger, spot_expression, visium_image
-from hinge_cli.run import Run
-from hinge_cli.slide.tiling import SampleSpec
+from hinge_cli.run.directory import Run
 
 log = logging.getLogger(__name__)
+
+
+
+class SampleSpec(NamedTuple):
+    """One sample to tile: its slide, spot file and µm/px, however it came in."""
+
+    sample_id: str
+    slide: Path
+    spots: Path | None = None
+    mpp: float | None = None
+    layer: str | None = None  # the spot file's layer with raw counts; None: X, or scanpy's layers['counts']
 
 
 def read_sample_sheet(path: Path) -> list[SampleSpec]:

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from hinge_cli.config import EmbedConfig
-from hinge_cli.encoders import Encoder, EncoderSpec, Field, TilePlan, encoder_key
+from hinge_cli.core.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.core.progress import SILENT, Progress
+from hinge_cli.encoders.registry import Encoder, EncoderSpec, Field, TilePlan, encoder_key
 from hinge_cli.errors import HingeError
-from hinge_cli.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import Tiles, read_tile_images, read_tiles
-from hinge_cli.lineage import tiles_made_from
-from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
+from hinge_cli.run.lineage import tiles_made_from
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 

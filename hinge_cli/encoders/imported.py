@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from hinge_cli.encoders import get_spec
+from hinge_cli.core.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.encoders.registry import get_spec
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.hest import PatchFile, read_patch_file
 from hinge_cli.formats.tiles import Tiles, read_tiles
-from hinge_cli.lineage import tiles_made_from
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
+from hinge_cli.run.lineage import tiles_made_from
 
 MAX_UNMATCHED = 0.05  # more spots than this without a patch means the file belongs to another slide
 

@@ -103,17 +103,6 @@ def read_prediction(path: Path) -> Prediction:
     return pred
 
 
-def read_gene_list(path: Path) -> list[str]:
-    """One symbol per line; blank lines and '#' comments ignored."""
-    path = Path(path)
-    if not path.exists():
-        raise HingeError(f"gene list {path} does not exist", "give a text file with one gene symbol per line")
-    genes = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not genes:
-        raise HingeError(f"gene list {path} is empty", "list the genes to evaluate, one per line")
-    return list(dict.fromkeys(genes))
-
-
 def median_spacing(coords: np.ndarray) -> float:
     """Median distance from each spot to its nearest neighbour (the grid pitch)."""
     dist, _ = cKDTree(coords).query(coords, k=2)

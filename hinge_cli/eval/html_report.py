@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hinge_cli.data.expression import expression_unit
 from hinge_cli.eval.report import SlideResult, comparison, fmt, shift_summary
 from hinge_cli.eval.score import HEADLINE, METRICS
-from hinge_cli.figures import expression_unit
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css: str = "", row_genes: Sequence[str] | None = None) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
-from hinge_cli import figures
+from hinge_cli.core import figures
+from hinge_cli.data.expression import expression_unit
 from hinge_cli.eval.align import Aligned, Prediction
 from hinge_cli.eval.report import GenePicks, Pictures
 from hinge_cli.eval.score import VIEWS, SlideScore
@@ -43,7 +44,7 @@ def draw_pictures(aligned: Aligned, pred: Prediction, result: SlideScore, maps_d
     chosen = pick_genes(aligned.genes, result.pearson, genes_to_plot)
     if not draw:
         return Pictures(maps={}, figures={}, chosen=chosen)
-    unit = figures.expression_unit(**pred.transform.to_dict())
+    unit = expression_unit(**pred.transform.to_dict())
     column = {g: j for j, g in enumerate(aligned.genes)}
     xy, diameter = aligned.coords * pred.image_scale, aligned.spot_diameter * pred.image_scale
     maps: dict[str, str] = {}

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hinge_cli import proper_scores
 from hinge_cli.data.expression import NO_COUNTS, PLAIN, POISSON, Transform
-from hinge_cli.eval import observation
+from hinge_cli.eval import observation, proper_scores
 from hinge_cli.eval.align import Aligned
 
 GAUSSIAN_COVERAGE = {"within_1std": 0.683, "within_2std": 0.954}

@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from hinge_cli.core.files import write_text_atomic
+from hinge_cli.data.expression import expression_unit
+from hinge_cli.eval.metrics import finite_mean
 from hinge_cli.eval.probabilistic import GAUSSIAN_COVERAGE, INTERVAL_COVERAGE
 from hinge_cli.eval.score import (
     CORRELATION_ROWS,
@@ -23,9 +26,6 @@ from hinge_cli.eval.score import (
     SlideMetrics,
     metric_table,
 )
-from hinge_cli.figures import expression_unit
-from hinge_cli.files import write_text_atomic
-from hinge_cli.metrics import finite_mean
 
 NOTES = {
     "model space": "prediction and truth after the model's own transform (uns['hinge']['transform']).",

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hinge_cli import metrics
 from hinge_cli.data.expression import Transform
+from hinge_cli.eval import metrics
 from hinge_cli.eval.align import Aligned
 from hinge_cli.eval.probabilistic import Calibration, score_calibration
 

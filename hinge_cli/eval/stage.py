@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hinge_cli import metrics
+from hinge_cli.core.files import reading, write_text_atomic
+from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import Expression, read_truth
 from hinge_cli.errors import HingeError
-from hinge_cli.eval.align import Aligned, Prediction, align, read_gene_list, read_prediction
+from hinge_cli.eval import metrics
+from hinge_cli.eval.align import Aligned, Prediction, align, read_prediction
 from hinge_cli.eval.html_report import slide_report_html
 from hinge_cli.eval.pictures import draw_pictures
 from hinge_cli.eval.report import (
@@ -33,10 +35,9 @@ from hinge_cli.eval.report import (
 )
 from hinge_cli.eval.score import HEADLINE, score_slide
 from hinge_cli.eval.viewer import view_of, write_view
-from hinge_cli.files import reading, write_text_atomic
+from hinge_cli.formats.genes import read_gene_list
 from hinge_cli.formats.prediction import ridge_prediction_path
-from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 
 log = logging.getLogger(__name__)
 

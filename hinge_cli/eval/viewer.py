@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from hinge_cli.data.expression import Expression, read_truth
+from hinge_cli.core.files import write_text_atomic
+from hinge_cli.data.expression import Expression, expression_unit, read_truth
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Prediction, match_spots, median_spacing, read_prediction
-from hinge_cli.figures import expression_unit
-from hinge_cli.files import write_text_atomic
 from hinge_cli.model.checkpoint import read_checkpoint_card, sidecar_path
 
 log = logging.getLogger(__name__)

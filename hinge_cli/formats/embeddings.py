@@ -19,8 +19,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hinge_cli.core.files import reading
 from hinge_cli.errors import HingeError
-from hinge_cli.files import reading
 from hinge_cli.formats.hdf5 import decode_strings, open_for_writing, write_strings
 
 CHUNK_ROWS = 256

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from hinge_cli.core.files import write_text_atomic
 from hinge_cli.errors import HingeError
-from hinge_cli.files import write_text_atomic
 
 COMMENT = "#"
 SHOWN = 10  # symbols named in an error message

@@ -22,8 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hinge_cli.core.files import atomic_path
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path
 from hinge_cli.formats.hdf5 import open_for_writing
 
 MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")  # in order of trust

@@ -21,8 +21,8 @@ import pandas as pd
 from PIL import Image
 from scipy import sparse
 
+from hinge_cli.core.files import atomic_path, write_text_atomic
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, write_text_atomic
 from hinge_cli.formats.hdf5 import open_for_writing
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from hinge_cli.config import ModelConfig
 from hinge_cli.errors import HingeError
-from hinge_cli.formats.model_card import BackboneSource, ModelCard
 from hinge_cli.model.backbone import Backbone
+from hinge_cli.model.card import BackboneSource, ModelCard
 from hinge_cli.model.checkpoint import save_checkpoint
 from hinge_cli.model.hinge import check_architecture
 

@@ -26,11 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hinge_cli import __version__
+from hinge_cli.core.files import atomic_path, reading, sha256_file, write_text_atomic
 from hinge_cli.errors import HingeError
-from hinge_cli.files import atomic_path, reading, sha256_file, write_text_atomic
 from hinge_cli.formats.genes import panel_sha256
-from hinge_cli.formats.model_card import FORMAT, Architecture, ModelCard, read_card, rewrite_fix, write_card
 from hinge_cli.model.backbone import Backbone
+from hinge_cli.model.card import FORMAT, Architecture, ModelCard, read_card, rewrite_fix, write_card
 from hinge_cli.model.hinge import Hinge
 
 

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from hinge_cli.config import DiffusionConfig, ModelConfig
+from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.errors import HingeError
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN, SpreadHead
 from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_likelihood, check_loss_target, diffusion_loss
 from hinge_cli.model.lora import apply_policy
 from hinge_cli.model.sampler import Samples, one_shot, sample
-from hinge_cli.progress import SILENT, Progress
 
 ARCHITECTURE = ("d_model", "n_layers", "n_heads", "ffn_dim", "n_bins")
 

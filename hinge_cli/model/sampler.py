@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.errors import HingeError
 from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_hidden
 from hinge_cli.model.randomness import FILL_STREAM, normals, spot_randomness
-from hinge_cli.progress import SILENT, Progress
 
 DEFAULT_STEPS = 5  # reverse-process steps unless asked: on the HER2ST steps x samples grid 1-50 steps scored the same
 

@@ -12,19 +12,19 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from hinge_cli.config import TileConfig
+from hinge_cli.core.figures import slide_thumbnail
+from hinge_cli.core.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import read_expression, read_h5ad
+from hinge_cli.data.sources import SampleSpec
 from hinge_cli.errors import HingeError
-from hinge_cli.figures import slide_thumbnail
-from hinge_cli.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
-from hinge_cli.progress import SILENT, Progress
-from hinge_cli.run import Run
+from hinge_cli.run.directory import Run
 from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 from hinge_cli.slide.tissue import TissueMask, detect_tissue
@@ -38,14 +38,6 @@ OFF_TISSUE_WARNING = 0.2  # more spots than this off the tissue (but not most): 
 PITCH_TOLERANCE = 0.2  # spots this much closer than --pitch-um suggest a wrong µm/px or scale factor
 MAX_UPSAMPLING = 2.0  # patches magnified more than this from level 0 are blurred: worth a warning
 BLANK_RANGE = 8  # a thumbnail whose every channel spans fewer grey levels than this holds no image
-
-
-class SampleSpec(NamedTuple):
-    sample_id: str
-    slide: Path
-    spots: Path | None = None
-    mpp: float | None = None
-    layer: str | None = None  # the spot file's layer with raw counts; None: X, or scanpy's layers['counts']
 
 
 def read_spots(path: Path) -> tuple[list[str], np.ndarray]:

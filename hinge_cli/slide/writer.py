@@ -8,7 +8,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from hinge_cli.files import atomic_path
+from hinge_cli.core.files import atomic_path
 
 
 def write_pyramidal_tiff(

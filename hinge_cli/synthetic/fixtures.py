@@ -1,0 +1,208 @@
+"""Small synthetic datasets in other tools' layouts (Space Ranger, HEST-1k, TRIDENT), for tests and demos.
+
+Each is drawn so that a reader's mistakes show: the tissue is a disc on a white background,
+so spot coordinates that were scaled wrongly land on white; the count matrix lists its spots
+in a different order from the positions file; two genes share a symbol; and only the spots
+on the tissue have counts, as in Space Ranger's filtered matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import sparse
+
+from hinge_cli.core.files import atomic_path
+from hinge_cli.formats.hest import PatchFile, write_hest_metadata, write_patch_file
+from hinge_cli.formats.spaceranger import (
+    ScaleFactors,
+    SpaceRangerOuts,
+    SpotPositions,
+    write_spaceranger,
+)
+from hinge_cli.slide.writer import write_pyramidal_tiff
+
+BACKGROUND = (244, 242, 246)
+TISSUE = (205, 120, 175)
+PITCH_UM = 100.0  # Visium's centre-to-centre spot distance
+SPOT_UM = 55.0
+
+
+@dataclass(frozen=True)
+class SyntheticTissue:
+    """Where the drawn tissue is, in the pixels of the image it was drawn in."""
+
+    centre: tuple[float, float]  # x, y
+    radius: float
+
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        return np.hypot(xy[:, 0] - self.centre[0], xy[:, 1] - self.centre[1]) < self.radius
+
+
+@dataclass(frozen=True)
+class SyntheticVisium:
+    outs: Path
+    fullres: Path | None  # the full-resolution image, when one was written
+    mpp_fullres: float
+    n_spots: int
+    n_in_tissue: int
+    tissue: SyntheticTissue  # in full-resolution pixels
+
+
+def _tissue_image(rng: np.random.Generator, side: int, tissue: SyntheticTissue, grain: int = 4) -> np.ndarray:
+    """A pink disc with blotchy texture (`grain`-pixel blocks) on a white background, side x side RGB."""
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    inside = np.hypot(xx - tissue.centre[0], yy - tissue.centre[1]) < tissue.radius
+    blocks = -(-side // grain)
+    texture = np.kron(rng.normal(0, 18, (blocks, blocks)), np.ones((grain, grain), np.float32))[:side, :side]
+    image = np.where(inside[..., None], np.asarray(TISSUE, np.float32) + texture[..., None], np.asarray(BACKGROUND, np.float32))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Distinct Visium-like barcodes: 16 bases and the '-1' suffix."""
+    seen: set[str] = set()
+    while len(seen) < n:
+        seen.add("".join(rng.choice(list("ACGT"), 16)) + "-1")
+    return rng.permutation(sorted(seen)).astype(object)
+
+
+def _visium_lattice(side: int, pitch: float) -> tuple[np.ndarray, np.ndarray]:
+    """Visium's hexagonal spot grid: array (row, col) with row + col even, and x, y centres."""
+    row_step = pitch * math.sqrt(3) / 2
+    cells = [
+        (row, col)
+        for row in range(int((side - pitch) / row_step) + 1)
+        for col in range(int(2 * (side - pitch) / pitch) + 1)
+        if (row + col) % 2 == 0
+    ]
+    array_rc = np.array(cells, np.int64)
+    centres = np.stack([pitch / 2 + array_rc[:, 1] * pitch / 2, pitch / 2 + array_rc[:, 0] * row_step], axis=1)
+    return array_rc, centres
+
+
+def _counts(rng: np.random.Generator, centres: np.ndarray, side: int, n_genes: int) -> sparse.csr_matrix:
+    """Poisson counts whose rates follow position, so that neighbouring spots are alike."""
+    programme = rng.gamma(1.0, 2.0, (3, n_genes))
+    weights = np.stack([centres[:, 0] / side, centres[:, 1] / side, np.ones(len(centres))], axis=1)
+    return sparse.csr_matrix(rng.poisson(weights @ programme).astype(np.int32))
+
+
+def _resized(image: np.ndarray, scale: float) -> np.ndarray:
+    side = max(round(image.shape[0] * scale), 1)
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BOX))
+
+
+def make_spaceranger_outs(
+    outs: Path,
+    side_px: int = 1200,
+    mpp: float = 2.0,
+    hires_scalef: float = 0.5,
+    lowres_scalef: float = 0.15,
+    legacy_positions: bool = False,
+    fullres: Path | None = None,
+    n_genes: int = 20,
+    seed: int = 0,
+) -> SyntheticVisium:
+    """An outs/ folder in Space Ranger's layout; `fullres` also writes the full-resolution image there.
+
+    The hires and lowres PNGs are the full-resolution drawing scaled by their scale factors, and
+    the full-resolution image is a pyramidal TIFF carrying `mpp` in its tags.
+    """
+    rng = np.random.default_rng(seed)
+    tissue = SyntheticTissue((side_px * 0.5, side_px * 0.45), side_px * 0.3)
+    drawing = _tissue_image(rng, side_px, tissue)
+    array_rc, centres = _visium_lattice(side_px, PITCH_UM / mpp)
+    in_tissue = tissue.contains(centres).astype(np.int8)
+    barcodes = _barcodes(rng, len(centres))
+    on = np.flatnonzero(in_tissue)
+    order = on[np.argsort(barcodes[on])]  # the matrix lists spots sorted by barcode
+    genes = [f"GENE{i}" for i in range(n_genes - 1)] + ["GENE0"]  # one symbol twice, as in real references
+    with warnings.catch_warnings():  # the duplicated symbol is deliberate
+        warnings.simplefilter("ignore", UserWarning)
+        counts = ad.AnnData(
+            X=_counts(rng, centres[order], side_px, n_genes),
+            obs=pd.DataFrame(index=pd.Index(barcodes[order].astype(str))),
+            var=pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=pd.Index(genes)),
+        )
+    factors = ScaleFactors(SPOT_UM / mpp, hires_scalef, lowres_scalef, 1.6 * SPOT_UM / mpp)
+    data = SpaceRangerOuts(counts, SpotPositions(barcodes, in_tissue, array_rc, centres), factors)
+    images = {"hires": _resized(drawing, hires_scalef), "lowres": _resized(drawing, lowres_scalef)}
+    write_spaceranger(outs, data, images, legacy_positions)
+    if fullres is not None:
+        write_pyramidal_tiff(fullres, drawing, mpp)
+    return SyntheticVisium(Path(outs), fullres, mpp, len(barcodes), len(on), tissue)
+
+
+@dataclass(frozen=True)
+class SyntheticHest:
+    root: Path
+    ids: list[str]
+    mpps: dict[str, float]  # the metadata's pixel_size_um_estimated per id
+    n_spots: dict[str, int]
+
+
+def make_hest_folder(root: Path, ids: tuple[str, ...] = ("TENX001", "MEND002"), side_px: int = 512, seed: int = 0) -> SyntheticHest:
+    """A HEST-1k-like folder: wsis/<id>.tif, st/<id>.h5ad and metadata/<id>.json per id.
+
+    Each slide's TIFF tags carry a slightly wrong µm/px (`pixel_size_um_embedded`), as often in
+    HEST-1k; the metadata's `pixel_size_um_estimated` is the true one.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    mpps, n_spots = {}, {}
+    for i, sample_id in enumerate(ids):
+        mpp = 0.5 + 0.25 * i
+        tissue = SyntheticTissue((side_px / 2, side_px / 2), side_px * 0.4)
+        write_pyramidal_tiff(root / "wsis" / f"{sample_id}.tif", _tissue_image(rng, side_px, tissue), mpp * 1.1)
+        _, centres = _visium_lattice(side_px, PITCH_UM / mpp)
+        centres = centres[tissue.contains(centres)]
+        adata = ad.AnnData(X=_counts(rng, centres, side_px, 12), obs=pd.DataFrame(index=[f"{sample_id}_{k}" for k in range(len(centres))]))
+        adata.obsm["spatial"] = centres
+        with atomic_path(root / "st" / f"{sample_id}.h5ad") as tmp:
+            adata.write_h5ad(tmp)
+        metadata = {
+            "id": sample_id,
+            "st_technology": "Visium",
+            "pixel_size_um_estimated": mpp,
+            "pixel_size_um_embedded": mpp * 1.1,
+            "spots_under_tissue": len(centres),
+            "fullres_px_width": side_px,
+            "fullres_px_height": side_px,
+        }
+        write_hest_metadata(root, sample_id, metadata)
+        mpps[sample_id], n_spots[sample_id] = mpp, len(centres)
+    return SyntheticHest(root, list(ids), mpps, n_spots)
+
+
+def make_trident_features(
+    path: Path,
+    spots: Path,
+    mpp: float,
+    dim: int = 16,
+    patch_px: int = 224,
+    target_mpp: float = 0.5,
+    features_name: str = "features",
+    hest_barcodes: bool = True,
+    seed: int = 0,
+) -> PatchFile:
+    """Patch features of a spot file's spots in TRIDENT's layout (top-left coords, magnification attrs)."""
+    adata = ad.read_h5ad(spots)
+    size_level0 = patch_px * target_mpp / mpp
+    level0_mag = 10.0 / mpp
+    patches = PatchFile(
+        barcodes=[str(b) for b in adata.obs_names],
+        centres=np.asarray(adata.obsm["spatial"], np.float64)[:, :2],
+        patch_size_level0=size_level0,
+        features=np.random.default_rng(seed).normal(size=(adata.n_obs, dim)).astype(np.float32),
+        attrs={"patch_size": patch_px, "level0_magnification": level0_mag, "target_magnification": 10.0 / target_mpp},
+    )
+    write_patch_file(path, patches, features_name, hest_barcodes)
+    return patches
