@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hinge_cli.config import EmbedConfig
-from hinge_cli.core.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.encoders.registry import Encoder, EncoderSpec, Field, TilePlan, encoder_key
 from hinge_cli.errors import HingeError
@@ -29,6 +29,7 @@ from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import Tiles, read_tile_images, read_tiles
 from hinge_cli.run.directory import Run
 from hinge_cli.run.lineage import tiles_made_from
+from hinge_cli.run.output import sample_output
 from hinge_cli.slide.patches import iter_patch_batches
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 
@@ -112,10 +113,7 @@ def embed_sample(
     final = run.embeddings(key, sample)
     stage = f"embed:{key}"
     started = time.time()
-    with output_lock(final):
-        if not overwrite and run.is_done(sample, stage, final):
-            raise OutputFinished(sample)
-        remove_stale_temporaries(final)
+    with sample_output(run, sample, stage, final, overwrite=overwrite) as record:
         tiles = read_tiles(run.tiles(sample))
         run.record_stage(sample, stage, "running", inputs={"tiles": describe_input(tiles.path)}, params=asdict(cfg))
         n, views = len(tiles.barcodes), cfg.views
@@ -146,10 +144,9 @@ def embed_sample(
                             out.write(feats, rows=slice(start, start + len(feats)), columns=columns)
                             advance(len(feats))
                 offset += enc.dim
-        record = {"encoder": key, "tiles_file": tiles_made_from(run, sample), "n_spots": n, "dim": sum(dims), "views": views, "views_kept": keep_views,
-                  "weights_sha256": attrs.weights_sha256, "device": str(encoders[0].device),
-                  "seconds": round(time.time() - started, 2)}
-        run.record_output(sample, stage, final, **record)
+        record.update({"encoder": key, "tiles_file": tiles_made_from(run, sample), "n_spots": n, "dim": sum(dims), "views": views,
+                       "views_kept": keep_views, "weights_sha256": attrs.weights_sha256, "device": str(encoders[0].device),
+                       "seconds": round(time.time() - started, 2)})
     log.info("%s: %d spots -> %s in %.1fs", sample, n, key, record["seconds"])
     return {**record, "output": str(final)}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from hinge_cli.core.files import atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.encoders.registry import get_spec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
@@ -22,6 +22,7 @@ from hinge_cli.formats.hest import PatchFile, read_patch_file
 from hinge_cli.formats.tiles import Tiles, read_tiles
 from hinge_cli.run.directory import Run
 from hinge_cli.run.lineage import tiles_made_from
+from hinge_cli.run.output import sample_output
 
 MAX_UNMATCHED = 0.05  # more spots than this without a patch means the file belongs to another slide
 
@@ -70,14 +71,13 @@ def import_features(run: Run, sample: str, source: Path, encoder: str, patch_siz
                          "re-extract the features (check the encoder's input patches), or leave those spots out of the spot file")
     final = run.embeddings(spec.name, sample)
     stage = f"embed:{spec.name}"
-    with output_lock(final):
-        remove_stale_temporaries(final)
+    with sample_output(run, sample, stage, final, overwrite=True) as record:
         run.record_stage(sample, stage, "running", inputs={"tiles": describe_input(tiles.path), "features": describe_input(path)})
         attrs = EmbeddingAttrs(encoder=spec.name, encoders=[spec.name], dims=[spec.dim], weights_sha256=[None],
                                weights=[str(path.resolve())], views=1, views_kept=False, sample_id=sample, tiles=str(tiles.path))
         features = patches.features[rows]
         with atomic_path(final) as tmp, write_embeddings(tmp, attrs, tiles.barcodes, tiles.coords, features.shape) as out:
             out.write(features)
-        record = {"tiles_file": tiles_made_from(run, sample), "n_spots": len(rows), "imported_from": str(path.resolve()), "seconds": round(time.time() - started, 2)}
-        run.record_output(sample, stage, final, **record)
+        record.update({"tiles_file": tiles_made_from(run, sample), "n_spots": len(rows), "imported_from": str(path.resolve()),
+                       "seconds": round(time.time() - started, 2)})
     return record

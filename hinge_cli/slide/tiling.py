@@ -18,13 +18,14 @@ from scipy.spatial import cKDTree
 
 from hinge_cli.config import TileConfig
 from hinge_cli.core.figures import slide_thumbnail
-from hinge_cli.core.files import OutputFinished, atomic_path, describe_input, output_lock, remove_stale_temporaries
+from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import read_expression, read_h5ad
 from hinge_cli.data.sources import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
 from hinge_cli.run.directory import Run
+from hinge_cli.run.output import sample_output
 from hinge_cli.slide.patches import LATTICES, PatchGeometry, iter_patch_batches, lattice
 from hinge_cli.slide.reader import Slide, open_slide, require_mpp
 from hinge_cli.slide.tissue import TissueMask, detect_tissue
@@ -168,10 +169,7 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
     """
     final = run.tiles(spec.sample_id)
     started = time.time()
-    with output_lock(final):
-        if not overwrite and run.is_done(spec.sample_id, "tile", final):
-            raise OutputFinished(spec.sample_id)
-        remove_stale_temporaries(final)
+    with sample_output(run, spec.sample_id, "tile", final, overwrite=overwrite) as record:
         with open_slide(spec.slide, spec.mpp) as slide:
             if spec.spots is not None and not Path(spec.spots).exists():
                 raise HingeError(f"spot file {spec.spots} does not exist", "check the path given to --spots")
@@ -209,11 +207,10 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
         if spec.spots is not None and register_expression:
             sample["expression"] = {**describe_input(spec.spots), "layer": spec.layer}
         run.register_sample(spec.sample_id, **sample)
-        record = {
+        record.update({
             "n_spots": len(barcodes), **counts, "mpp_source": mpp, "mpp_origin": slide.mpp_source, "level": geom.level,
             "seconds": round(time.time() - started, 2),
-        }
-        run.record_output(spec.sample_id, "tile", final, **record)
+        })
     log.info("%s: %d patches (%s mode) in %.1fs", spec.sample_id, len(barcodes), counts["mode"], record["seconds"])
     return {**record, "output": str(final)}
 

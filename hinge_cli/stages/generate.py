@@ -24,7 +24,7 @@ import numpy as np
 from hinge_cli import __version__
 from hinge_cli.config import GenerateConfig, TileConfig
 from hinge_cli.core.figures import MapPanel, spot_maps
-from hinge_cli.core.files import OutputFinished, atomic_path, output_lock, remove_stale_temporaries
+from hinge_cli.core.files import atomic_path
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import expression_unit
 from hinge_cli.data.features import SlideShift, prediction_view
@@ -41,6 +41,7 @@ from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.predict.given import GivenSource, read_given
 from hinge_cli.predict.trained import TrainedModel, load_trained_model, require_panel
 from hinge_cli.run.directory import Run, SampleReport, Shard
+from hinge_cli.run.output import sample_output
 from hinge_cli.slide.reader import hires_image
 from hinge_cli.slide.stats import slide_stats
 from hinge_cli.slide.tiling import tile_sample
@@ -212,10 +213,7 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
     sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot)
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
     extreme = ExtremeFeatures()
-    with output_lock(out):
-        if not overwrite and out.exists() and run.is_done(sample, predictor.stage, out.resolve()):
-            raise OutputFinished(sample)
-        remove_stale_temporaries(out)
+    with sample_output(run, sample, predictor.stage, out.resolve(), overwrite=overwrite) as record:
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
@@ -237,9 +235,8 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
                                         spot_diameter * scalef, expression_unit(**provenance["transform"]))]
         if cfg.view:
             plots.append(str(write_view(out.with_suffix(".html"), build_view(out), overwrite=True)))
-        record = {"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
-                  "checkpoint_sha256": model.card.sha256, "plots": plots}
-        run.record_output(sample, predictor.stage, out.resolve(), **record)  # last: a file without it is unfinished work
+        record.update({"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
+                       "checkpoint_sha256": model.card.sha256, "plots": plots})
     log.info("%s: %d spots x %d genes -> %s in %.1fs", sample, n, g, out, record["seconds"])
     return {"output": str(out.resolve()), **record}
 
