@@ -1,4 +1,4 @@
-"""The Python API: the README's notebook example runs as written, messages use argument names, the import stays light."""
+"""The Python API: the notebook example of docs/python-api.md runs as written, messages use argument names, the import stays light."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import hinge_cli
 from hinge_cli import api
 from hinge_cli.api import python_words
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 def readme_example() -> str:
-    """The first python block of the README's "Python API" section."""
-    section = README.read_text().split("\n## Python API", 1)[1]
+    """The first python block of docs/python-api.md."""
+    section = API_PAGE.read_text().split("# Python API", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
 
 
@@ -27,7 +27,7 @@ def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.Mo
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(readme_example(), "docs/python-api.md", "exec"), namespace)  # noqa: S102 - the page's own code
     adata, result = namespace["adata"], namespace["result"]
     assert adata.n_obs > 0 and "std" in adata.layers and adata.obsm["spatial"].shape == (adata.n_obs, 2)
     assert result.slides[0].sample == "synth2"

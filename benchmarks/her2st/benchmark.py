@@ -103,7 +103,7 @@ HINGE_VARIANTS = {
 }
 HINGE_METHODS = tuple(HINGE_VARIANTS)
 MAIN_HINGE = ("hinge", "hinge-paper")
-# Run on request only (--methods): the mean-only head is compared in docs/her2st_benchmark_training_norm.md, and its
+# Run on request only (--methods): the mean-only head is compared in docs/benchmarks/archive/her2st-inpatient-training-feature-norm.md, and its
 # 15 fold runs would take the full grid past 90 minutes
 OPT_IN = ("hinge-mse",)
 METHODS = (*BASELINES, *HINGE_METHODS)

@@ -8,7 +8,7 @@ square, over features, of how far the slide's mean lies outside the training sli
 much a feature varies (within a slide and between the training slides, together): 0 means inside what
 training saw, 1 that a typical feature sits one such spread beyond it. The weight-free encoder's features
 standardise away much of a blur, so focus has a check of its own. The limits were set before the shift
-benchmark (docs/her2st_shift.md) and are what it measures.
+benchmark (docs/benchmarks/her2st-shift.md) and are what it measures.
 """
 
 from __future__ import annotations

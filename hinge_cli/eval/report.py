@@ -312,7 +312,7 @@ def _spread_source(slide: SlideMetrics) -> str:
 
 
 def shift_summary(shift: dict[str, Any] | None) -> str:
-    """One line of the prediction's shift report (README: "A new patient's slide")."""
+    """One line of the prediction's shift report (docs/generate.md: "A new patient's slide")."""
     if shift is None:
         return "not reported (the prediction was made by a model or a version without the shift report)"
     verdict = f"OUTSIDE what training saw: {shift['why']}" if shift["outside"] else "inside what training saw"
