@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench-her2st bench-shift device-check device-wheels clean
+.PHONY: install lint test test-fast demo bench-her2st bench-shift device-check device-wheels clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ lint: install
 # One worker per core (pytest-xdist): the suite's models use one thread each, so two cores halve the wait.
 test: install
 	$(PY) -m pytest -q -n auto --dist worksteal
+
+# The suite less the tests marked slow (subprocesses, torchrun, retraining, a kill at every write): under a minute.
+test-fast: install
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow and not published"
 
 # The whole pipeline on synthetic data with the tiny config, through the real CLI.
 demo: install

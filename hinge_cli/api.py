@@ -327,7 +327,8 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
              given_layer: str | None = None, progress: Progress = SILENT) -> AnnData:
     """Predict one slide (or a sample already in the run) and return the AnnData of predicted expression.
 
-    X is the mean over samples in the model's space, layers["std"] their spread; obsm["spatial"]
+    X is the point prediction in the model's space (`settings["generate"]["point"]`: the one-shot mean by default, or
+    the mean over samples), layers["std"] the predictive spread; obsm["spatial"]
     and uns["spatial"] make it plottable with scanpy. The slide is tiled and embedded as the
     checkpoint (default: the run's best) was trained. The prediction is also written, as the
     command writes it: to `out` if given, else `<run>/predictions/<sample>.h5ad` (the run keeps

@@ -125,7 +125,7 @@ class Hinge(nn.Module):
         generator: torch.Generator | None = None,
         max_hidden_fraction: float | None = None,
     ) -> Tensor:
-        """Masked-diffusion loss on a batch of clean panels; pass rho for the warm-start curriculum."""
+        """Masked-diffusion loss on a batch of clean panels; `max_hidden_fraction` caps the share of genes hidden (the warm-start curriculum)."""
         return diffusion_loss(self, x0, image, self.schedule, self.diffusion, generator, max_hidden_fraction)
 
     @contextlib.contextmanager

@@ -126,7 +126,7 @@ def sample(
     """
     check_fill(fill)
     if n_samples < 1:
-        raise HingeError(f"n_samples must be at least 1, not {n_samples}", "pass --samples 1 or more")
+        raise HingeError(f"n_samples must be at least 1, not {n_samples}", "pass --n-samples 1 or more")
     b, g, device = image.shape[0], schedule.n_genes, image.device
     spot_index = torch.arange(b) if spot_index is None else torch.as_tensor(spot_index).cpu()
     if spot_index.shape != (b,) or (spot_index < 0).any():

@@ -192,7 +192,7 @@ def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, row
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
                    genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None,
                    overwrite: bool = True) -> dict:
-    """Predict one embedded sample (default: HINGE's reverse process) in batches and write `out`; returns the manifest
+    """Predict one embedded sample (default: HINGE with its configured sampler, coupled unless set) in batches and write `out`; returns the manifest
     record. Without `overwrite`, an `out` another job finished and recorded while this one waited is kept (OutputFinished)."""
     started = time.time()
     predictor = predictor or hinge_predictor(model, cfg)

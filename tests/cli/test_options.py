@@ -148,7 +148,7 @@ def test_every_flag_a_message_names_exists() -> None:
 
     flags = {o for _, _, param in options() for o in (*param.opts, *getattr(param, "secondary_opts", ())) if o.startswith("--")}
     named = {}
-    for path in (Path(__file__).resolve().parents[1] / "hinge_cli").rglob("*.py"):
+    for path in (Path(__file__).resolve().parents[2] / "hinge_cli").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):

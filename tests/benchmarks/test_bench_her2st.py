@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "her2st"))
 
 import baselines  # noqa: E402
 import benchmark  # noqa: E402

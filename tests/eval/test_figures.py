@@ -31,6 +31,7 @@ def hex_grid(n: int = 6, pitch: float = 20.0) -> np.ndarray:
     return np.column_stack([(cols * pitch + (rows % 2) * pitch / 2 + 30).ravel(), (rows * pitch * 0.87 + 30).ravel()])
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_matplotlib() -> None:
     code = "import hinge_cli, hinge_cli.eval, hinge_cli.core.figures, sys; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -56,6 +57,30 @@ def test_spot_maps_give_each_panel_its_own_scale(tmp_path: Path, with_image: boo
     third = pixels.shape[1] // 3
     middle = pixels[:, third:2 * third].reshape(-1, 3).astype(int)
     assert np.ptp(middle[:, 1]) > 150
+
+
+def test_each_colour_bar_spans_its_panels_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale a reader reads off each colour bar is the 1st-99th percentile of that panel's values (± the 99th
+    |percentile| for a diverging one), not only a PNG that exists."""
+    drawn = []
+    real_save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
+    xy = hex_grid()
+    truth = np.sin(xy[:, 0] / 30)
+    error = np.append(truth[1:] - truth[:-1], np.nan)
+    panels = [figures.MapPanel("true", truth, "u"), figures.MapPanel("predicted", 100 + 0.01 * truth, "u"),
+              figures.MapPanel("error", error, "u", diverging=True)]
+    figures.spot_maps(tmp_path / "map.png", xy, 18.0, panels, "G1", None)
+    bars = [ax for ax in drawn[0].axes if getattr(ax, "_colorbar", None) is not None]  # matplotlib marks a colour bar's axes
+    assert len(bars) == 3
+    for bar, panel in zip(bars, panels, strict=True):
+        values = panel.values[np.isfinite(panel.values)]
+        if panel.diverging:
+            bound = np.percentile(np.abs(values), 99)
+            expected = (-bound, bound)
+        else:
+            expected = tuple(np.percentile(values, [1, 99]))
+        np.testing.assert_allclose(sorted(bar.get_ylim()), expected, rtol=1e-9, err_msg=panel.title)
 
 
 def test_generate_maps_put_the_he_first(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ tiles file then go through `hinge embed` (the command line, weights loaded throu
 through the published PIL/torchvision transform plus the reference model. They must agree to cosine
 >= 0.99999 and max abs <= 1e-4 in fp32. The models run at reduced depth and width (2 layers of 96: the
 registry's entry is swapped for the same architecture at that size); one published-size check per family
-(ViT-L/16 GELU, the SwiGLU ViTs with registers, CONCH) runs with `-m slow`. Skipped where the reference
+(ViT-L/16 GELU, the SwiGLU ViTs with registers, CONCH) runs with `-m published`. Skipped where the reference
 extras (`pip install -e '.[reference]'`) are not installed.
 """
 
@@ -31,6 +31,8 @@ from hinge_cli.formats.tiles import read_tile_images
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.synthetic.slides import make_synthetic_sample
+
+pytestmark = pytest.mark.slow  # reference implementations of the foundation encoders
 
 ENCODERS = ("uni", "uni2-h", "h-optimus-0", "virchow2", "gigapath", "conch")
 COSINE, MAX_ABS = 0.99999, 1e-4
@@ -97,7 +99,7 @@ def test_the_check_sees_the_old_resize(tiled: Run, name: str, tmp_path: Path, mo
     assert worst > 10 * MAX_ABS
 
 
-@pytest.mark.slow
+@pytest.mark.published
 @pytest.mark.parametrize("name", ["uni", "virchow2", "conch"])
 def test_published_size(tiled: Run, name: str, tmp_path: Path) -> None:
     check_against_reference(tiled, name, reference_model(name, reduced=False), tmp_path)

@@ -18,6 +18,8 @@ from hinge_cli.stages.generate import Target, generate
 from hinge_cli.stages.train import pretrain_warmup
 from hinge_cli.synthetic.slides import make_synthetic_sample
 
+pytestmark = pytest.mark.slow
+
 
 def _hinge(argv: list[str]) -> None:
     """One command as a user types it; a kill goes through (it is no Exception), a failure is the test's."""

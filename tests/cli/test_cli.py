@@ -27,6 +27,7 @@ def test_help_shows_the_config_dataclass_default() -> None:
     assert f"(default: {TileConfig().target_mpp}; must be a finite number above 0)" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_stage_flags_are_recorded_with_resolved_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     samples = [make_synthetic_sample(tmp_path / "data", f"t{i}", size_px=384, mpp=2.0, seed=20 + i, n_genes=40) for i in range(2)]

@@ -144,6 +144,7 @@ def test_negative_temperature_is_refused():
         tiny_model().generate(torch.randn(2, 6), temperature=-1.0)
 
 
+@pytest.mark.slow
 def test_a_trained_spread_head_draws_calibrated_samples_on_a_gaussian_toy():
     """Features -> a known mean and a feature-dependent std: after NLL training, sampled mean ± std covers ~68% of new data."""
     torch.manual_seed(0)

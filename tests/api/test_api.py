@@ -14,7 +14,7 @@ import hinge_cli
 from hinge_cli import api
 from hinge_cli.api import python_words
 
-API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
+API_PAGE = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
 
 
 def readme_example() -> str:
@@ -23,6 +23,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
 
 
+@pytest.mark.slow
 def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)

@@ -46,7 +46,7 @@ from hinge_cli.run.directory import Run
 from hinge_cli.stages.generate import Target, generate
 from hinge_cli.stages.train import pretrain_warmup, train
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hinge_cli"
+PACKAGE = Path(__file__).resolve().parents[2] / "hinge_cli"
 BRANCH_LINE = re.compile(r"^- `(hinge_cli/[\w/]+\.py)::([\w.]+)`: (test_\w+)$", re.M)
 
 

@@ -30,6 +30,8 @@ from hinge_cli.stages.generate import Target, generate
 from hinge_cli.stages.train import pretrain_warmup, train
 from hinge_cli.training.data import card_table, split_rows
 
+pytestmark = pytest.mark.slow  # each trains a model
+
 runner = CliRunner()
 FAST = GenerateConfig(n_samples=1, steps=2, device="cpu")
 

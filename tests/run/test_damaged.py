@@ -21,6 +21,8 @@ from hinge_cli.config import GenerateConfig
 from hinge_cli.run.directory import Run
 from hinge_cli.stages.generate import Target, generate
 
+pytestmark = pytest.mark.slow  # trains a model, then damages each file
+
 runner = CliRunner()
 TRAIN_MORE = ("train", "--epochs", "3", "--device", "cpu")
 GENERATE = ("generate", "--sample-id", "t1", "--n-samples", "2", "--device", "cpu", "--overwrite")

@@ -21,6 +21,8 @@ from hinge_cli.data.expression import Transform
 from hinge_cli.eval.viewer import MISSING, quantise
 from hinge_cli.synthetic.slides import make_synthetic_prediction
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

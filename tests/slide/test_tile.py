@@ -270,9 +270,10 @@ def test_shard_defaults_to_the_slurm_array(monkeypatch: pytest.MonkeyPatch) -> N
         Shard.parse("three")
 
 
+@pytest.mark.slow
 def test_her2st_section_tiles_every_selected_spot(tmp_path: Path, her2st: Path) -> None:
     """Real data through the plain-JPEG reader: all 187 selected C2 spots, on tissue."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "her2st"))
     from prepare import section
 
     adata = section(her2st, "C2")

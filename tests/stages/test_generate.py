@@ -38,6 +38,8 @@ from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.stages.generate import Target, generate
 from hinge_cli.synthetic.slides import make_synthetic_sample
 
+pytestmark = pytest.mark.slow  # trains a model to predict with
+
 runner = CliRunner()
 FAST = {"n_samples": 2, "steps": 4, "device": "cpu"}
 

@@ -253,7 +253,7 @@ def test_eval_refuses_a_prediction_whose_every_gene_was_given(tmp_path):
 
 
 def test_benchmark_chooses_genes_and_imputes_from_the_nearest_training_spots():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "her2st"))
     import completion
 
     rng = np.random.default_rng(0)
@@ -267,7 +267,7 @@ def test_benchmark_chooses_genes_and_imputes_from_the_nearest_training_spots():
 
 
 def test_completion_table_averages_seeds_within_a_fold_before_the_spread_over_folds():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "her2st"))
     import completion
 
     key = completion.COLUMNS[0][1]

@@ -23,6 +23,8 @@ from hinge_cli.slide.writer import write_pyramidal_tiff
 from hinge_cli.stages.embed import embed_samples
 from hinge_cli.synthetic.slides import make_synthetic_sample
 
+pytestmark = pytest.mark.slow
+
 MPP = 1.0
 
 

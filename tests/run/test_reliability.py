@@ -44,6 +44,7 @@ def _tile(run: Run, synth) -> None:
     tile_samples(run, [SampleSpec("s0", synth.slide, synth.spots)], cfg)
 
 
+@pytest.mark.slow
 def test_tile_killed_at_every_write_resumes_to_the_uninterrupted_result(tmp_path: Path, synth) -> None:
     ref = Run(tmp_path / "ref")
     writes = count_writes(lambda: _tile(ref, synth))
@@ -71,6 +72,7 @@ def test_a_tiles_file_without_its_record_is_redone_not_skipped(tmp_path: Path, s
     assert summary.done == ["s0"] and summary.skipped == []
 
 
+@pytest.mark.slow
 def test_embed_killed_at_every_write_resumes_to_the_uninterrupted_result(tmp_path: Path, synth, small_default: None) -> None:
     ref = Run(tmp_path / "ref")
     _tile(ref, synth)
@@ -204,6 +206,7 @@ def _warmup_base(root: Path, corpus: bool) -> tuple[Run, object]:
     return run, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corpus", [False, True], ids=["random backbone", "pre-trained on a corpus"])
 def test_pretrain_warmup_killed_at_every_write_finishes_when_run_again(tmp_path: Path, corpus: bool) -> None:
     """Never "exists, pass --overwrite" after a kill: a warm-up the manifest does not record as finished is redone,
@@ -250,6 +253,7 @@ def test_leftovers_of_killed_jobs_go_at_the_next_stage_and_a_live_writers_stay(t
     assert "removed 3 files left by killed jobs" in caplog.text
 
 
+@pytest.mark.slow
 def test_calibrate_and_eval_killed_at_every_write_end_as_an_uninterrupted_run(tmp_path: Path) -> None:
     """A kill at any write of `hinge calibrate` or `hinge eval`, then the same command again (no --overwrite), ends with
     the uninterrupted run's spread scale, gene coupling, metrics and report."""
@@ -323,6 +327,7 @@ def test_a_training_log_cut_short_by_a_kill_is_whole_again_after_the_rerun(tmp_p
     assert log_file.read_text() == whole
 
 
+@pytest.mark.slow
 def test_an_eval_of_several_slides_killed_at_every_write_finishes_when_run_again(tmp_path: Path) -> None:
     """Killed after some slides' results landed but before the summary: the same command scores them again (the same
     figures) instead of "results already exist"; results of another evaluation are still kept without --overwrite."""

@@ -35,6 +35,8 @@ from hinge_cli.stages.train import pretrain_warmup, train
 from hinge_cli.synthetic.slides import CLASSES, make_synthetic_sample
 from hinge_cli.training.fit import LoopSettings, LoopState, fit
 
+pytestmark = pytest.mark.slow  # training itself
+
 ENCODER = "default"
 
 

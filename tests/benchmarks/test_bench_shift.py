@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "her2st"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "her2st"))
 
 import shift  # noqa: E402
 

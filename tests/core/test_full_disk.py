@@ -22,6 +22,8 @@ from hinge_cli.run.directory import Run
 from hinge_cli.stages.generate import Target, generate
 from hinge_cli.synthetic.slides import make_synthetic_sample
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 FREE = (8 * 1024, 40 * 1024, 160 * 1024)  # bytes left on the disk before the stage runs: each stage fails at another write
 DISK = "64m"

@@ -113,6 +113,7 @@ def test_hest_folder_tiles_with_the_metadata_mpp(tmp_path: Path) -> None:
     assert read_tile_attrs(run.tiles(hest.ids[1])).mpp_source == pytest.approx(hest.mpps[hest.ids[1]])  # not the TIFF's wrong tag
 
 
+@pytest.mark.slow
 def test_trident_features_import_and_train(tmp_path: Path, synth) -> None:
     from hinge_cli.encoders.registry import get_spec
     from hinge_cli.formats.embeddings import read_embeddings

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_device_check_runs_on_the_cpu(tmp_path: Path) -> None:
     work, report = tmp_path / "work", tmp_path / "gpu.md"
     done = subprocess.run([str(ROOT / "tools" / "device_check.sh"), "--device", "cpu", "--work", str(work), "--report", str(report)],
