@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hinge_cli.core.progress import SILENT, Progress
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, worded
 from hinge_cli.run.directory import Run, SampleReport, Shard
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ _FLAG_MESSAGES = contextvars.ContextVar("hinge_flag_messages", default=False)
 SWITCHES = ("overwrite", "keep-going", "keep-samples", "average-views")
 RENAMED = {"samples": "sheet"}  # tile's --samples CSV is `sheet` here
 FUNCTIONS = {"tile": "tile", "embed": "embed", "pretrain-warmup": "pretrain_warmup", "train": "train",
-             "generate": "generate", "eval": "evaluate"}
+             "calibrate": "calibrate", "generate": "generate", "eval": "evaluate", "view": "view"}
 
 
 @contextlib.contextmanager
@@ -66,20 +65,21 @@ def flag_messages() -> Iterator[None]:
         _FLAG_MESSAGES.reset(token)
 
 
-def python_words(text: str) -> str:
-    """The core's flag wording in this module's terms: --overwrite -> overwrite=True, `hinge train` -> hinge_cli.api.train()."""
-    text = re.sub(r"`?hinge (pretrain-warmup|tile|embed|train|generate|eval)`?",
-                  lambda m: f"hinge_cli.api.{FUNCTIONS[m[1]]}()", text)
+class PythonWords:
+    """This module's words for the settings and commands an error names: `overwrite=True`, `n_samples=8`,
+    `hinge_cli.api.train()`."""
 
-    def argument(match: re.Match[str]) -> str:
-        name, value = RENAMED.get(match[1], match[1]), match[2]
+    def setting(self, name: str, value: str | None) -> str:
+        argument = RENAMED.get(name, name).replace("-", "_")
         if name in SWITCHES:
-            return f"{name.replace('-', '_')}=True" + (f" {value}" if value else "")
-        if value and re.fullmatch(r"[0-9][0-9./]*|[A-Z][A-Z_]*", value):
-            return f"{name.replace('-', '_')}={value}"
-        return name.replace("-", "_") + (f" {value}" if value else "")
+            return f"{argument}=True" + ("" if value is None else f" {value}")
+        return argument if value is None else f"{argument}={value}"
 
-    return re.sub(r"--([a-z][a-z0-9-]*)(?: (\S+))?", argument, text)
+    def command(self, name: str) -> str:
+        return f"hinge_cli.api.{FUNCTIONS.get(name, name.replace('-', '_'))}()"
+
+
+PYTHON = PythonWords()
 
 
 def _python_api(fn: Callable[..., Result]) -> Callable[..., Result]:
@@ -92,7 +92,7 @@ def _python_api(fn: Callable[..., Result]) -> Callable[..., Result]:
         except HingeError as exc:
             if _FLAG_MESSAGES.get():
                 raise
-            raise HingeError(python_words(exc.problem), python_words(exc.fix) if exc.fix else None) from None
+            raise HingeError(worded(exc.problem, PYTHON), worded(exc.fix, PYTHON) if exc.fix else None) from None
 
     return wrapper
 

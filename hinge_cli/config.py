@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 PRESETS = ("tiny", "small", "default")
 
@@ -168,10 +168,10 @@ class WarmupConfig(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fill_missing not in ("none", "zero"):
-            raise HingeError(f"--fill-missing {self.fill_missing} is not none or zero", "use --fill-missing zero to fill absent genes with 0")
+            raise HingeError(f"{setting('fill-missing')} {self.fill_missing} is not none or zero", f"use {setting('fill-missing')} zero to fill absent genes with 0")
         if self.feature_norm not in FEATURE_NORMS:
-            raise HingeError(f"--feature-norm {self.feature_norm} is not one of {', '.join(FEATURE_NORMS)}",
-                             "use --feature-norm slide (the default) or training")
+            raise HingeError(f"{setting('feature-norm')} {self.feature_norm} is not one of {', '.join(FEATURE_NORMS)}",
+                             f"use {setting('feature-norm')} slide (the default) or training")
 
 
 POINTS = ("one-shot", "samples")
@@ -199,10 +199,10 @@ class GenerateConfig(Checked):
         super().__post_init__()
         if self.sampler not in SAMPLERS:
             raise HingeError(f"generate.sampler {self.sampler} is not one of {', '.join(SAMPLERS)}",
-                             "pass --sampler coupled (the default) or --sampler reverse")
+                             f"pass {setting('sampler')} coupled (the default) or {setting('sampler')} reverse")
         if self.point not in POINTS:
             raise HingeError(f"generate.point {self.point} is not one of {', '.join(POINTS)}",
-                             "pass --point one-shot (the default) or --point samples")
+                             f"pass {setting('point')} one-shot (the default) or {setting('point')} samples")
 
 
 @dataclass
@@ -254,7 +254,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise HingeError(f"config file {path} does not exist", "check the path given to --config") from None
+        raise HingeError(f"config file {path} does not exist", f"check the path given to {setting('config')}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise HingeError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): damaged or mistyped",
                          "fix its syntax, or restore it from a copy (a run's hinge.yaml: or delete it to start from the preset again)") from None

@@ -13,7 +13,7 @@ import resource
 
 import torch
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 log = logging.getLogger(__name__)
 _warned_no_bf16: set[int] = set()
@@ -43,12 +43,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type != "cuda":  # the name, not `is_cuda`: a test that fakes a GPU still resolves its CPU
         return device
     if not torch.cuda.is_available():
-        raise HingeError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu, or check CUDA_VISIBLE_DEVICES")
+        raise HingeError(f"{setting('device')} cuda was asked for but no CUDA GPU is visible", f"use {setting('device')} cpu, or check CUDA_VISIBLE_DEVICES")
     index = local_rank() if device.index is None else device.index
     count = torch.cuda.device_count()
     if index >= count:
         gpus = ", ".join(f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
-        raise HingeError(f"--device {name}: there is no GPU {index}; this machine shows {count}: {gpus}",
+        raise HingeError(f"{setting('device')} {name}: there is no GPU {index}; this machine shows {count}: {gpus}",
                          "choose one of those, or check CUDA_VISIBLE_DEVICES")
     return torch.device("cuda", index)
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 CHEAP_HASH_BYTES = 256 * 2**20  # files above this get size + mtime instead of sha256
 
@@ -112,13 +112,13 @@ def remove_stale_temporaries(final: Path) -> None:
 
 
 OS_ERRORS = {  # errno -> (what happened, what to do): the system errors a user causes and can fix
-    errno.ENOSPC: ("no space left on the device", "free disk space (or use a --run / --out folder on a larger disk), then "
+    errno.ENOSPC: ("no space left on the device", f"free disk space (or use a {setting('run')} / {setting('out')} folder on a larger disk), then "
                    "run the same command again: finished outputs are kept"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or use a --run / --out folder elsewhere), then "
+    errno.EDQUOT: ("the disk quota is exceeded", f"free space within your quota (or use a {setting('run')} / {setting('out')} folder elsewhere), then "
                    "run the same command again"),
-    errno.EROFS: ("the file system is read-only", "use a writable --run (and --out) folder, or copy the run to one"),
-    errno.EACCES: ("permission denied", "fix the permissions of that path, or use a --run / --out folder you can write to"),
-    errno.EPERM: ("operation not permitted", "fix the permissions of that path, or use a --run / --out folder you can write to"),
+    errno.EROFS: ("the file system is read-only", f"use a writable {setting('run')} (and {setting('out')}) folder, or copy the run to one"),
+    errno.EACCES: ("permission denied", f"fix the permissions of that path, or use a {setting('run')} / {setting('out')} folder you can write to"),
+    errno.EPERM: ("operation not permitted", f"fix the permissions of that path, or use a {setting('run')} / {setting('out')} folder you can write to"),
 }
 OS_ERROR_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,  # h5py and safetensors
                   "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}  # keep only the text

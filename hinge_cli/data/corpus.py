@@ -10,7 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from hinge_cli.data.expression import Transform, read_expression
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 
 @dataclass
@@ -32,7 +32,7 @@ def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, alw
     """Read every file; the vocabulary is the union of their genes, cut to the `max_vocab` most
     variable (a gene absent from a file counts as zero there), and always keeps `always`."""
     if not paths:
-        raise HingeError("no corpus files given", "pass --corpus a.h5ad b.h5ad ...")
+        raise HingeError("no corpus files given", f"pass {setting('corpus')} a.h5ad b.h5ad ...")
     parts = []
     for path in paths:
         expr = read_expression(Path(path), layer)

@@ -14,7 +14,7 @@ import anndata as ad
 import numpy as np
 from scipy import sparse
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ def raw_counts(adata: ad.AnnData, layer: str | None = None, source: str = "the e
     """
     if layer is not None:
         if layer not in adata.layers:
-            raise HingeError(f"{source} has no layer '{layer}'", f"available layers: {_layer_list(adata)}; omit --layer to use X")
+            raise HingeError(f"{source} has no layer '{layer}'", f"available layers: {_layer_list(adata)}; omit {setting('layer')} to use X")
         where, matrix = f"layers['{layer}']", adata.layers[layer]
         if not looks_like_counts(matrix):
             raise HingeError(
                 f"{where} of {source} does not hold raw counts (negative or fractional values)",
-                f"pass --layer with the layer of raw UMI counts (layers: {_layer_list(adata)})",
+                f"pass {setting('layer')} with the layer of raw UMI counts (layers: {_layer_list(adata)})",
             )
         return sparse.csr_matrix(matrix, dtype=np.float32), where
     if looks_like_counts(adata.X):
@@ -63,7 +63,7 @@ def raw_counts(adata: ad.AnnData, layer: str | None = None, source: str = "the e
         return sparse.csr_matrix(adata.layers[SCANPY_COUNTS_LAYER], dtype=np.float32), f"layers['{SCANPY_COUNTS_LAYER}']"
     raise HingeError(
         f"X of {source} does not look like raw counts (negative or fractional values, e.g. normalised or log-transformed)",
-        f"store raw UMI counts in X, or pass --layer NAME with the layer that holds them (layers: {_layer_list(adata)})",
+        f"store raw UMI counts in X, or pass {setting('layer', 'NAME')} with the layer that holds them (layers: {_layer_list(adata)})",
     )
 
 
@@ -81,5 +81,5 @@ def measured_values(adata: ad.AnnData, layer: str | None = None,
     values = sparse.csr_matrix(matrix, dtype=np.float32)
     if values.data.size and (not np.isfinite(values.data).all() or values.data.min() < 0):
         raise HingeError(f"{where} of {source} holds negative or non-finite values (scaled or centred data), not counts",
-                         f"give the raw UMI counts in X or with --layer (layers: {_layer_list(adata)})")
+                         f"give the raw UMI counts in X or with {setting('layer')} (layers: {_layer_list(adata)})")
     return values, where, FRACTIONAL if values.data.size and values.data.max() > LOG_CEILING else NORMALISED

@@ -15,7 +15,7 @@ import numpy as np
 
 from hinge_cli.data.expression import Expression, Transform, read_expression
 from hinge_cli.data.features import SlideShift
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.embeddings import Embeddings, read_embeddings
 from hinge_cli.run.directory import Run
 
@@ -46,10 +46,10 @@ def training_samples(run: Run, holdout: Sequence[str] = ()) -> list[str]:
     manifest = run.manifest()["samples"]
     unknown = sorted(set(holdout) - set(manifest))
     if unknown:
-        raise HingeError(f"--holdout names samples not in the run: {', '.join(unknown)}", f"samples: {', '.join(sorted(manifest))}")
+        raise HingeError(f"{setting('holdout')} names samples not in the run: {', '.join(unknown)}", f"samples: {', '.join(sorted(manifest))}")
     chosen = [s for s, info in sorted(manifest.items()) if "expression" in info and s not in holdout]
     if not chosen:
-        raise HingeError("the run has no samples with measured expression (besides held-out ones)", "tile slides with --spots st.h5ad first")
+        raise HingeError("the run has no samples with measured expression (besides held-out ones)", f"tile slides with {setting('spots')} st.h5ad first")
     return chosen
 
 
@@ -68,7 +68,7 @@ def _join(sample: str, emb: Embeddings, expr: Expression, dropped: int) -> tuple
             f"{sample}: barcodes of the embeddings and the expression file disagree "
             f"({len(missing)} embedded spots have no expression, {unembedded} measured spots have no embedding, "
             f"{dropped} were dropped off the slide by tile)",
-            "re-run `hinge tile --overwrite` and `hinge embed --overwrite` for this sample with its own .h5ad",
+            f"re-run `{command('tile')} {setting('overwrite')}` and `{command('embed')} {setting('overwrite')}` for this sample with its own .h5ad",
         )
     rows = np.arange(len(emb.barcodes))
     return rows, np.array([index[b] for b in emb.barcodes], dtype=np.int64)
@@ -113,7 +113,7 @@ def assemble(
         ))
     dims = {p.features.shape[1:] for p in parts}
     if len(dims) > 1:
-        raise HingeError(f"samples have embeddings of different shapes {sorted(dims)}", "re-embed every sample with the same --encoder and --views")
+        raise HingeError(f"samples have embeddings of different shapes {sorted(dims)}", f"re-embed every sample with the same {setting('encoder')} and {setting('views')}")
     return SpotTable(
         np.concatenate([p.sample for p in parts]),
         [b for p in parts for b in p.barcodes],

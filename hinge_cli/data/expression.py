@@ -22,7 +22,7 @@ from scipy import sparse
 from scipy.stats import poisson
 
 from hinge_cli.data.counts import COUNTS, FRACTIONAL, measured_values, raw_counts
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,10 @@ class Expression:
                 raise HingeError(f"{len(missing)} panel genes are missing from this sample, which names its genes as {mine} "
                                  f"(e.g. {', '.join(self.genes[:2])}) where the panel has {theirs} ({shown})",
                                  "name genes the same way in every sample (map Ensembl ids to symbols, or the reverse): "
-                                 "--fill-missing zero would leave this sample with no expression at all")
+                                 f"{setting('fill-missing')} zero would leave this sample with no expression at all")
             raise HingeError(
                 f"{len(missing)} panel genes are missing from this sample: {shown}",
-                "pass --fill-missing zero to treat them as unexpressed, or choose a panel the samples share",
+                f"pass {setting('fill-missing')} zero to treat them as unexpressed, or choose a panel the samples share",
             )
         out = np.zeros((len(self.barcodes), len(genes)), np.float32)
         present = [(j, index[g]) for j, g in enumerate(genes) if g in index]
@@ -218,7 +218,7 @@ def read_truth(path: Path, layer: str | None = None) -> Expression:
                         "(give raw counts, e.g. --layer counts, for both)", path, where, name)
             return replace(_expression(adata, rates.astype(np.float32)), totals=np.full(len(sums), NORMALISED_SUM), raw=False)
     raise HingeError(f"{where} of {path} holds neither raw counts nor ln or log2 of counts per 10,000 + 1 over every gene",
-                     f"give the raw UMI counts in X or with --layer (layers: {', '.join(adata.layers.keys()) or 'none'})")
+                     f"give the raw UMI counts in X or with {setting('layer')} (layers: {', '.join(adata.layers.keys()) or 'none'})")
 
 
 def _read_spots(path: Path) -> ad.AnnData:

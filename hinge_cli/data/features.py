@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.embeddings import open_embeddings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class SlideShift:
             count = total
         if n_spots < 2:
             raise HingeError(f"{what} has {n_spots} embedded spot(s); standardising features by slide needs at least 2",
-                             "predict whole slides, or train with --feature-norm training, which standardises by the training spots alone")
+                             f"predict whole slides, or train with {setting('feature-norm')} training, which standardises by the training spots alone")
         if n_spots < FEW_SLIDE_SPOTS:
             log.warning("%s has only %d embedded spots: its feature mean and std, which standardise it, are noisy "
                         "(models trained with --feature-norm training do without them)", what, n_spots)

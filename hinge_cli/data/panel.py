@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from hinge_cli.data.expression import Expression, Transform
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 METHODS = ("hvg", "hmhvg")
 UNINFORMATIVE = re.compile(r"^(MT-|RPS|RPL)", re.IGNORECASE)
@@ -42,7 +42,7 @@ def select_panel(samples: Sequence[Expression], n_genes: int, method: str, trans
     if method not in METHODS:
         raise HingeError(f"unknown panel selection '{method}'", f"use one of {', '.join(METHODS)}")
     if not samples:
-        raise HingeError("no training samples with measured expression", "tile slides with --spots first")
+        raise HingeError("no training samples with measured expression", f"tile slides with {setting('spots')} first")
     genes = shared_genes(samples)
     if method == "hmhvg":
         genes = [g for g in genes if not UNINFORMATIVE.match(g)]
@@ -51,7 +51,7 @@ def select_panel(samples: Sequence[Expression], n_genes: int, method: str, trans
                          + "; ".join(f"a sample has {', '.join(s.genes[:3])}" for s in samples[:2]) + ")",
                          "name genes the same way in every sample (e.g. all symbols, or all Ensembl ids)")
     if len(genes) < n_genes:
-        raise HingeError(f"only {len(genes)} genes are shared by the training samples, fewer than --n-genes {n_genes}", "ask for fewer genes")
+        raise HingeError(f"only {len(genes)} genes are shared by the training samples, fewer than {setting('n-genes')} {n_genes}", "ask for fewer genes")
     mean, var = gene_moments(samples, genes, transform)
     by_var = np.argsort(-var, kind="stable")
     if method == "hvg":

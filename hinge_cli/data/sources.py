@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hinge_cli.core.files import atomic_path
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.hest import read_hest
 from hinge_cli.formats.spaceranger import read_spaceranger, spot_expression, visium_image
 from hinge_cli.run.directory import Run
@@ -38,11 +38,11 @@ def read_sample_sheet(path: Path) -> list[SampleSpec]:
     """Rows of `sample_id, slide[, spots, mpp, layer]`; relative paths are relative to the sheet."""
     path = Path(path)
     if not path.exists():
-        raise HingeError(f"sample sheet {path} does not exist", "check the path given to --samples")
+        raise HingeError(f"sample sheet {path} does not exist", f"check the path given to {setting('samples')}")
     if path.is_dir():
         hest = all((path / name).is_dir() for name in ("wsis", "st", "metadata"))
-        raise HingeError(f"--samples {path} is a folder, not a CSV sample sheet",
-                         f"tile a HEST-1k folder with --hest {path}" if hest else "give a CSV with columns sample_id,slide,...")
+        raise HingeError(f"{setting('samples')} {path} is a folder, not a CSV sample sheet",
+                         f"tile a HEST-1k folder with {setting('hest')} {path}" if hest else "give a CSV with columns sample_id,slide,...")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"sample_id", "slide"} <= set(rows[0]):
@@ -105,9 +105,9 @@ def sample_specs(run: Run, *, slides: Sequence[Path] = (), spots: Path | None = 
     if len(routes) > 1:
         raise HingeError(f"{' and '.join(routes)} both name samples", "give one of them per call")
     if ids and hest is None:
-        raise HingeError("--ids selects samples of a HEST folder", "give --hest DIR with it")
+        raise HingeError(f"{setting('ids')} selects samples of a HEST folder", f"give {setting('hest', 'DIR')} with it")
     if (visium is not None or hest is not None) and (spots is not None or mpp is not None):
-        raise HingeError("--spots and --mpp come from the folder with --visium or --hest", "drop them")
+        raise HingeError(f"{setting('spots')} and {setting('mpp')} come from the folder with {setting('visium')} or {setting('hest')}", "drop them")
     if visium is not None:
         specs = [visium_sample(run, visium, image, sample_id)]
     elif hest is not None:
@@ -116,10 +116,10 @@ def sample_specs(run: Run, *, slides: Sequence[Path] = (), spots: Path | None = 
         specs = read_sample_sheet(sheet)
     elif slides:
         if len(slides) > 1 and (spots is not None or sample_id is not None):
-            raise HingeError("--spots and --sample-id apply to one slide", "tile one slide per call, or use --samples sheet.csv")
+            raise HingeError(f"{setting('spots')} and {setting('sample-id')} apply to one slide", f"tile one slide per call, or use {setting('samples')} sheet.csv")
         specs = [SampleSpec(sample_id or Path(s).stem, Path(s), spots, mpp) for s in slides]
     else:
-        raise HingeError("no slide given", "pass slide files, --samples sheet.csv, --visium OUTS or --hest DIR")
+        raise HingeError("no slide given", f"pass slide files, {setting('samples')} sheet.csv, {setting('visium', 'OUTS')} or {setting('hest', 'DIR')}")
     if mpp is not None:
         specs = [s if s.mpp is not None else s._replace(mpp=mpp) for s in specs]
     if layer is not None:

@@ -24,7 +24,7 @@ from hinge_cli.config import EmbedConfig
 from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.encoders.registry import Encoder, EncoderSpec, Field, TilePlan, encoder_key
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import Tiles, read_tile_images, read_tiles
 from hinge_cli.run.directory import Run
@@ -45,13 +45,13 @@ def parse_weights(values: Sequence[str], specs: Sequence[EncoderSpec]) -> dict[s
         if not sep:
             if len(learned) != 1:
                 raise HingeError(
-                    f"--weights {value} does not say which encoder it is for",
-                    "write --weights NAME=FILE, e.g. --weights uni=/models/uni.bin",
+                    f"{setting('weights')} {value} does not say which encoder it is for",
+                    f"write {setting('weights', 'NAME')}=FILE, e.g. {setting('weights')} uni=/models/uni.bin",
                 )
             name, path = learned[0], value
         name = name.strip().lower()
         if name not in learned:
-            raise HingeError(f"--weights given for '{name}', which is not a learned encoder of this run",
+            raise HingeError(f"{setting('weights')} given for '{name}', which is not a learned encoder of this run",
                              f"weights apply to: {', '.join(learned) or 'none (the default encoder needs none)'}")
         out[name] = Path(path).expanduser()
     return out

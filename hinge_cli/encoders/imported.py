@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.encoders.registry import get_spec
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.hest import PatchFile, read_patch_file
 from hinge_cli.formats.tiles import Tiles, read_tiles
@@ -44,7 +44,7 @@ def match_rows(tiles: Tiles, patches: PatchFile) -> np.ndarray:
     if missing.mean() > MAX_UNMATCHED:
         raise HingeError(f"{int(missing.sum())} of {len(rows)} spots of {tiles.attrs.sample_id} have no patch within half a spot "
                          f"({radius:.0f} px) in the feature file",
-                         "check that the file belongs to this slide and that its patch size (--patch-size-level0) is right")
+                         f"check that the file belongs to this slide and that its patch size ({setting('patch-size-level0')}) is right")
     if missing.any():
         raise HingeError(f"{int(missing.sum())} spots of {tiles.attrs.sample_id} have no patch in the feature file",
                          "extract features for every spot (TRIDENT with the spots as patch coordinates), then import again")
@@ -61,7 +61,7 @@ def import_features(run: Run, sample: str, source: Path, encoder: str, patch_siz
         raise HingeError(f"{path} holds coordinates but no `features` or `embeddings`", "give the feature file TRIDENT wrote")
     if patches.features.shape[1] != spec.dim:
         raise HingeError(f"{path} has {patches.features.shape[1]}-dim features; encoder '{encoder}' gives {spec.dim}",
-                         "name the encoder that made them with --encoder (see `hinge embed --list`)")
+                         f"name the encoder that made them with {setting('encoder')} (see `{command('embed')} {setting('list')}`)")
     started = time.time()
     rows = match_rows(tiles, patches)
     bad = ~np.isfinite(patches.features[rows]).all(axis=1)

@@ -26,7 +26,7 @@ from hinge_cli.encoders.handcrafted import HandcraftedEncoder, TilePlan
 from hinge_cli.encoders.preprocess import Preprocess
 from hinge_cli.encoders.vit import VisionTransformer, ViTArch
 from hinge_cli.encoders.weights import find_in_hf_cache, hf_cache_dirs, load_into, read_state_dict, select_keys
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ REGISTRY: dict[str, EncoderSpec] = _registry()
 def get_spec(name: str) -> EncoderSpec:
     key = name.strip().lower()
     if key not in REGISTRY:
-        raise HingeError(f"unknown encoder '{name}'", f"choose from {', '.join(REGISTRY)} (see hinge embed --list)")
+        raise HingeError(f"unknown encoder '{name}'", f"choose from {', '.join(REGISTRY)} (see {command('embed')} {setting('list')})")
     return REGISTRY[key]
 
 
@@ -183,9 +183,9 @@ def parse_encoders(text: str) -> list[EncoderSpec]:
     """`uni,conch` -> specs in that order (their features are concatenated in that order)."""
     names = [n for n in (part.strip() for part in text.split(",")) if n]
     if not names:
-        raise HingeError("--encoder is empty", f"give one or more of {', '.join(REGISTRY)}, comma-separated")
+        raise HingeError(f"{setting('encoder')} is empty", f"give one or more of {', '.join(REGISTRY)}, comma-separated")
     if len(set(names)) != len(names):
-        raise HingeError(f"--encoder '{text}' names an encoder twice", "list each encoder once")
+        raise HingeError(f"{setting('encoder')} '{text}' names an encoder twice", "list each encoder once")
     return [get_spec(n) for n in names]
 
 
@@ -217,8 +217,8 @@ def missing_weights_error(spec: EncoderSpec) -> HingeError:
     looked = ", ".join(str(d / f"models--{spec.hf_repo.replace('/', '--')}") for d in hf_cache_dirs())
     return HingeError(
         f"no weights found for encoder '{spec.name}' (looked in {looked})",
-        f"download {spec.hf_repo} from Hugging Face (gated; accept its terms) and pass --weights {spec.name}=FILE, "
-        "or set HF_HOME to the cache that holds it; or use --encoder default, which needs no weights",
+        f"download {spec.hf_repo} from Hugging Face (gated; accept its terms) and pass {setting('weights')} {spec.name}=FILE, "
+        f"or set HF_HOME to the cache that holds it; or use {setting('encoder')} default, which needs no weights",
     )
 
 
@@ -287,7 +287,7 @@ class Encoder:
         """
         if views > 1 and not self.module.view_invariant():
             raise HingeError(f"encoder '{self.spec.name}' is not invariant to the dihedral views with these fields",
-                             "use --views 1 for it")
+                             f"use {setting('views', '1')} for it")
         feats = self.module.encode_slide(plans, read, advance).cpu().numpy()
         return np.repeat(feats[:, None], views, axis=1)
 
@@ -297,7 +297,7 @@ def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
     if views == 1:
         return x
     if views != MAX_VIEWS:
-        raise HingeError(f"--views {views} is not supported", "use --views 1 or --views 8 (the dihedral group)")
+        raise HingeError(f"{setting('views')} {views} is not supported", f"use {setting('views', '1')} or {setting('views', '8')} (the dihedral group)")
     out = []
     for k in range(MAX_VIEWS):
         v = x.transpose(-1, -2) if k >= 4 else x

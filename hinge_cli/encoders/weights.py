@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 CACHE_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
 
@@ -58,7 +58,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .bin / .pth file, loaded without executing code."""
     path = Path(path)
     if not path.is_file():
-        raise HingeError(f"weights file {path} does not exist", "check the path given to --weights")
+        raise HingeError(f"weights file {path} does not exist", f"check the path given to {setting('weights')}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -111,6 +111,6 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], name: str, sour
             parts.append(", ".join(wrong[:3]))
         raise HingeError(
             f"{source} does not fit the {name} architecture ({'; '.join(parts)})",
-            f"check that --weights points at the {name} checkpoint, or choose the matching --encoder",
+            f"check that {setting('weights')} points at the {name} checkpoint, or choose the matching {setting('encoder')}",
         )
     module.load_state_dict(state, strict=True, assign=any(p.is_meta for p in module.parameters()))

@@ -18,7 +18,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from hinge_cli.data.expression import Expression, Transform, read_h5ad
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.prediction import SPREAD_LAYERS
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _unique(names: list[str], path: Path) -> list[str]:
 def read_prediction(path: Path) -> Prediction:
     """Read a prediction written by `hinge generate`, checking it carries its transform."""
     path = Path(path)
-    adata = read_h5ad(path, "prediction file", "give the .h5ad written by `hinge generate --out`")
+    adata = read_h5ad(path, "prediction file", f"give the .h5ad written by `{command('generate')} {setting('out')}`")
     provenance = dict(adata.uns.get("hinge", {}))
     if "transform" not in provenance:
         log.warning("%s does not record its units (uns['hinge']['transform']): read as log2(counts + 1), as files of "
@@ -172,7 +172,7 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     if not truth.raw and not pred.transform.rates:
         raise HingeError(f"the truth {truth_path or ''} holds normalised expression but {pred.path} predicts log counts "
                          "at the training data's depth, which a spot's depth is needed to compare with",
-                         "give the truth's raw UMI counts (X or --layer)")
+                         f"give the truth's raw UMI counts (X or {setting('layer')})")
     diameter = pred.spot_diameter or _spacing(truth)
     rows_p, rows_t, alignment = match_spots(pred.barcodes, pred.coords, diameter, truth, f"prediction {pred.path}", truth_path)
     if len(rows_p) < MIN_SPOTS:
@@ -183,8 +183,8 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     given = set(pred.given)
     candidates = [g for g in pred.genes if g not in given]
     if not candidates:
-        raise HingeError(f"every gene of {pred.path} was given to `hinge generate --given`, so none is left to score",
-                         "give fewer genes with --given-genes, so that eval has predicted genes to score")
+        raise HingeError(f"every gene of {pred.path} was given to `{command('generate')} {setting('given')}`, so none is left to score",
+                         f"give fewer genes with {setting('given-genes')}, so that eval has predicted genes to score")
     not_in_prediction: list[str] = []
     if genes is not None:
         panel = set(pred.genes)
@@ -197,7 +197,7 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
     if not evaluated:
         raise HingeError(
             f"no gene of the prediction's panel is in the truth {truth_path or ''}".rstrip(),
-            "check that gene symbols match (same naming, e.g. HGNC symbols) and any --genes list",
+            f"check that gene symbols match (same naming, e.g. HGNC symbols) and any {setting('genes')} list",
         )
     column = {g: j for j, g in enumerate(pred.genes)}
     cols = np.array([column[g] for g in evaluated])
@@ -211,7 +211,7 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
         finite &= np.isfinite(draws).all((0, 1))
     dropped = [g for g, ok in zip(evaluated, finite, strict=True) if not ok]
     if not finite.any():
-        raise HingeError(f"every prediction of {pred.path} holds NaN or infinite values", "re-run `hinge generate`")
+        raise HingeError(f"every prediction of {pred.path} holds NaN or infinite values", f"re-run `{command('generate')}`")
     for what, names in (("missing from the truth", missing), ("with non-finite predictions, left out", dropped),
                         ("asked for but not in the prediction's panel", not_in_prediction)):
         if names:

@@ -16,7 +16,7 @@ from pathlib import Path
 from hinge_cli.core.files import reading, write_text_atomic
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import Expression, read_truth
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval import metrics
 from hinge_cli.eval.align import Aligned, Prediction, align, read_prediction
 from hinge_cli.eval.html_report import slide_report_html
@@ -85,12 +85,12 @@ def _score_baseline(path: Path, pred: Prediction, truth: Expression, aligned: Al
     baseline = read_prediction(path)
     if baseline.sample != pred.sample:
         raise HingeError(f"baseline {path} is of sample {baseline.sample}, the prediction {pred.path} of {pred.sample}",
-                         "give each --baseline in the order of its --pred")
+                         f"give each {setting('baseline')} in the order of its {setting('pred')}")
     scored = align(baseline, truth, aligned.genes, truth_path)
     if scored.alignment["n_matched"] != aligned.alignment["n_matched"]:
         raise HingeError(f"baseline {path} covers {scored.alignment['n_matched']} of the truth's spots, the prediction "
-                         f"{aligned.alignment['n_matched']}", "predict both from the same tiles (`hinge generate` and "
-                         "`hinge generate --model ridge` on the same sample)")
+                         f"{aligned.alignment['n_matched']}", f"predict both from the same tiles (`{command('generate')}` and "
+                         f"`{command('generate')} {setting('model')} ridge` on the same sample)")
     return Baseline(str(path), baseline.model, score_slide(scored, baseline.transform).metrics)
 
 
@@ -101,7 +101,7 @@ def _unfinished(existing: Sequence[Path], summary_dir: Path, preds: Sequence[Pat
         return False
     pairs = {(str(p), str(t)) for p, t in zip(preds, truths, strict=True)}
     for path in existing:
-        with reading(path, "pass --overwrite to evaluate again"):
+        with reading(path, f"pass {setting('overwrite')} to evaluate again"):
             made = json.loads(path.read_text())
         if (str(made.get("pred")), str(made.get("truth"))) not in pairs:
             return False
@@ -123,11 +123,11 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     is given, else ./hinge-eval as `out`.
     """
     if not preds or len(preds) != len(truths):
-        raise HingeError(f"{len(preds)} --pred and {len(truths)} --truth files", "give one --truth per --pred, in the same order")
+        raise HingeError(f"{len(preds)} {setting('pred')} and {len(truths)} {setting('truth')} files", f"give one {setting('truth')} per {setting('pred')}, in the same order")
     wanted = read_gene_list(genes) if genes is not None else None
     loaded = [read_prediction(p) for p in preds]
     if baselines is not None and len(baselines) != len(preds):
-        raise HingeError(f"{len(baselines)} --baseline and {len(preds)} --pred files", "give one --baseline per --pred, in the same order")
+        raise HingeError(f"{len(baselines)} {setting('baseline')} and {len(preds)} {setting('pred')} files", f"give one {setting('baseline')} per {setting('pred')}, in the same order")
     paired = list(baselines) if baselines is not None else baselines_beside(loaded)
     samples = [p.sample for p in loaded]
     if len(set(samples)) != len(samples):
@@ -141,7 +141,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
                      summary_dir / "metrics.json")
         else:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise HingeError(f"evaluation results already exist: {existing[0]}{more}", "pass --overwrite to replace them, or give another --out")
+            raise HingeError(f"evaluation results already exist: {existing[0]}{more}", f"pass {setting('overwrite')} to replace them, or give another {setting('out')}")
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder, baseline in zip(loaded, truths, folders, paired, strict=True):
@@ -149,7 +149,7 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
             aligned = align(pred, truth, wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:
-                raise HingeError(f"--genes-to-plot: {', '.join(unknown)} not evaluated on {pred.sample}",
+                raise HingeError(f"{setting('genes-to-plot')}: {', '.join(unknown)} not evaluated on {pred.sample}",
                                  "choose genes in both the prediction's panel and the truth")
             result = score_slide(aligned, pred.transform)
             pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot, draw=maps)

@@ -25,7 +25,7 @@ import numpy as np
 
 from hinge_cli.core.files import write_text_atomic
 from hinge_cli.data.expression import Expression, expression_unit, read_truth
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval.align import Prediction, match_spots, median_spacing, read_prediction
 from hinge_cli.model.checkpoint import read_checkpoint_card, sidecar_path
 
@@ -110,7 +110,7 @@ def build_view(pred_path: Path, truth_path: Path | None = None, truth_layer: str
 def view_of(pred: Prediction, truth: Expression | None = None, truth_path: Path | None = None) -> View:
     """What the page shows of a read prediction (and its truth); a prediction without spot centres is an error."""
     if pred.coords is None:
-        raise HingeError(f"{pred.path} has no spot coordinates (obsm['spatial'])", "view a file written by `hinge generate`")
+        raise HingeError(f"{pred.path} has no spot coordinates (obsm['spatial'])", f"view a file written by `{command('generate')}`")
     provenance = pred.provenance
     image, scale, note = _image(pred, provenance)
     if image is not None:
@@ -213,7 +213,7 @@ def write_view(out: Path, view: View, report: str = "", overwrite: bool = False)
     """Write the page atomically; an existing file is kept unless `overwrite`."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise HingeError(f"{out} exists", "pass --overwrite to replace it, or choose another --out")
+        raise HingeError(f"{out} exists", f"pass {setting('overwrite')} to replace it, or choose another {setting('out')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, render_html(view, report))
     return out

@@ -20,11 +20,11 @@ import h5py
 import numpy as np
 
 from hinge_cli.core.files import reading
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.hdf5 import decode_strings, open_for_writing, write_strings
 
 CHUNK_ROWS = 256
-REEMBED = "re-run `hinge embed --overwrite` for this sample, or delete the file and run `hinge embed` again"
+REEMBED = f"re-run `{command('embed')} {setting('overwrite')}` for this sample, or delete the file and run `{command('embed')}` again"
 FEATURE_NAMES = ("features", "embeddings")  # the first is written, with the second as a hard link to it
 _JSON_FIELDS = ("encoders", "dims", "weights_sha256", "weights")
 
@@ -102,7 +102,7 @@ def open_embeddings(path: Path) -> Iterator[EmbeddingReader]:
     """The embeddings file at `path`, open for reading; a damaged one is a one-line error that names it."""
     path = Path(path)
     if not path.exists():
-        raise HingeError(f"embeddings {path} do not exist", "run `hinge embed` with the same encoder first")
+        raise HingeError(f"embeddings {path} do not exist", f"run `{command('embed')}` with the same encoder first")
     with reading(path, REEMBED):
         h5 = h5py.File(path, "r")
     with h5:

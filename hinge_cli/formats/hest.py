@@ -23,14 +23,14 @@ import h5py
 import numpy as np
 
 from hinge_cli.core.files import atomic_path
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.hdf5 import open_for_writing
 
 MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")  # in order of trust
 SLIDE_PREFERENCE = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".btf", ".jpg", ".png")
 FEATURE_NAMES = ("features", "embeddings")  # TRIDENT, then older files and hinge's
-HEST_FIX = "point --hest at the folder that holds wsis/, st/ and metadata/ as HEST-1k downloads them"
-PATCH_SIZE_FIX = "pass the patch side in level-0 pixels (--patch-size-level0)"
+HEST_FIX = f"point {setting('hest')} at the folder that holds wsis/, st/ and metadata/ as HEST-1k downloads them"
+PATCH_SIZE_FIX = f"pass the patch side in level-0 pixels ({setting('patch-size-level0')})"
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def read_hest(root: Path, ids: Sequence[str] | None = None) -> list[HestSample]:
     for sample_id in wanted:
         spots, meta_path = st / f"{sample_id}.h5ad", meta / f"{sample_id}.json"
         if not spots.is_file():
-            raise HingeError(f"{st} has no {spots.name}", f"download the st/ file of {sample_id}, or leave it out with --ids")
+            raise HingeError(f"{st} has no {spots.name}", f"download the st/ file of {sample_id}, or leave it out with {setting('ids')}")
         if not meta_path.is_file():
             raise HingeError(f"{meta} has no {meta_path.name}", f"download the metadata of {sample_id}: it holds the slide's µm/px")
         try:

@@ -22,7 +22,7 @@ from PIL import Image
 from scipy import sparse
 
 from hinge_cli.core.files import atomic_path, write_text_atomic
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.hdf5 import open_for_writing
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,11 @@ def visium_image(outs: Path, image: str | Path = "hires", in_tissue_only: bool =
         path, scale = spatial / SHIPPED_IMAGES[str(image)], factors.scale(str(image))
         if not path.is_file():
             other = "lowres" if image == "hires" else "hires"
-            raise HingeError(f"{spatial} has no {path.name}", f"pass --image with the full-resolution image given to Space Ranger, or --image {other}")
+            raise HingeError(f"{spatial} has no {path.name}", f"pass {setting('image')} with the full-resolution image given to Space Ranger, or {setting('image')} {other}")
     else:
         path, scale = Path(image), 1.0
         if not path.is_file():
-            raise HingeError(f"image {path} does not exist", "pass --image with the full-resolution image given to Space Ranger, or hires or lowres")
+            raise HingeError(f"image {path} does not exist", f"pass {setting('image')} with the full-resolution image given to Space Ranger, or hires or lowres")
     keep = spots.in_tissue == 1 if in_tissue_only else np.ones(len(spots.barcodes), bool)
     if not keep.any():
         raise HingeError(f"no spot of {outs} is marked in_tissue", "check the positions file, or include spots off the tissue")

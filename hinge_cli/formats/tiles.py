@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.hdf5 import decode_strings, open_for_writing, write_strings
 
 
@@ -85,7 +85,7 @@ def _open(path: Path) -> Iterator[h5py.File]:
         with h5py.File(path, "r") as h5:
             yield h5
     except (OSError, KeyError) as exc:
-        raise HingeError(f"{path} is not a complete tiles file ({exc})", "re-run hinge tile --overwrite for this sample") from None
+        raise HingeError(f"{path} is not a complete tiles file ({exc})", f"re-run {command('tile')} {setting('overwrite')} for this sample") from None
 
 
 def read_tile_attrs(path: Path) -> TileAttrs:

@@ -20,7 +20,7 @@ from hinge_cli.core.files import reading, write_text_atomic
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
 from hinge_cli.data.shift import ShiftReference
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.embeddings import EmbeddingAttrs
 from hinge_cli.formats.tiles import TileAttrs
 
@@ -265,11 +265,11 @@ def write_card(path: Path, card: ModelCard) -> None:
 
 # What writes each of a run's checkpoints again, by name: the fix for a damaged one.
 REWRITTEN_BY = {
-    "pretrain": "re-run `hinge pretrain-warmup --overwrite` (it pre-trains again)",
-    "warmup": "re-run `hinge pretrain-warmup --overwrite`",
-    "last": "training cannot resume from it: pass `hinge train --overwrite` to train again from the warm-up",
-    "selected": "re-run `hinge train --overwrite`",
-    "best": "re-run `hinge train --overwrite`",
+    "pretrain": f"re-run `{command('pretrain-warmup')} {setting('overwrite')}` (it pre-trains again)",
+    "warmup": f"re-run `{command('pretrain-warmup')} {setting('overwrite')}`",
+    "last": f"training cannot resume from it: pass `{command('train')} {setting('overwrite')}` to train again from the warm-up",
+    "selected": f"re-run `{command('train')} {setting('overwrite')}`",
+    "best": f"re-run `{command('train')} {setting('overwrite')}`",
 }
 
 

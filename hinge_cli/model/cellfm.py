@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli.config import ModelConfig
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.card import BackboneSource, ModelCard
 from hinge_cli.model.checkpoint import save_checkpoint
@@ -233,10 +233,10 @@ def read_vocab(path: Path | str) -> list[str]:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
     except FileNotFoundError:
-        raise HingeError(f"gene vocabulary {path} does not exist", "pass CellFM's gene CSV with --vocab") from None
+        raise HingeError(f"gene vocabulary {path} does not exist", f"pass CellFM's gene CSV with {setting('vocab')}") from None
     genes = [row[0].strip() for row in rows[1:] if row and row[0].strip()]
     if not genes:
-        raise HingeError(f"gene vocabulary {path} lists no genes", "pass CellFM's gene CSV with --vocab")
+        raise HingeError(f"gene vocabulary {path} lists no genes", f"pass CellFM's gene CSV with {setting('vocab')}")
     return genes
 
 

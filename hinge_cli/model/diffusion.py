@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli.config import DiffusionConfig
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 ALPHA_RANGE = (1.05, 4.0)
 FILLS = ("noise", "zero")
@@ -97,7 +97,7 @@ class MaskSchedule:
         steps = self.n_steps if steps is None else steps
         if not 1 <= steps <= self.n_steps:
             raise HingeError(f"sampling steps must be between 1 and the training T={self.n_steps}, not {steps}",
-                             "pass a smaller --steps")
+                             f"pass a smaller {setting('steps')}")
         return [round(k * self.n_steps / steps) for k in range(steps, -1, -1)]
 
 

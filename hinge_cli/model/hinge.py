@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hinge_cli.config import DiffusionConfig, ModelConfig
 from hinge_cli.core.progress import SILENT, Progress
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.model.backbone import Backbone
 from hinge_cli.model.conditioning import ConditionNet, DirectPath, SoftAdaLN, SpreadHead
 from hinge_cli.model.diffusion import MaskSchedule, check_fill, check_likelihood, check_loss_target, diffusion_loss
@@ -25,7 +25,7 @@ def check_architecture(have: ModelConfig, want: ModelConfig, what: str) -> None:
     diff = [f"{k} {getattr(have, k)} vs {getattr(want, k)}" for k in ARCHITECTURE if getattr(have, k) != getattr(want, k)]
     if diff:
         raise HingeError(f"{what} does not match the model config ({', '.join(diff)})",
-                         "use the config preset the backbone was built with (e.g. --config default for CellFM)")
+                         f"use the config preset the backbone was built with (e.g. {setting('config')} default for CellFM)")
 
 
 class Hinge(nn.Module):
@@ -143,7 +143,7 @@ class Hinge(nn.Module):
         """Each gene's predictive mean and log-variance (B, G) from the image alone (every gene hidden)."""
         if self.spread is None:
             raise HingeError("this model predicts no spread (diffusion.likelihood: mse)",
-                             "use the reverse sampler (--sampler reverse), or train with diffusion.likelihood: gaussian")
+                             f"use the reverse sampler ({setting('sampler')} reverse), or train with diffusion.likelihood: gaussian")
         index = torch.arange(image.shape[0]) if spot_index is None else spot_index
         with self._evaluating():
             return one_shot(self, image, self.schedule, seed=seed, spot_index=index, fill=self.diffusion.fill,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from hinge_cli.core.progress import SILENT, Progress
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.model.diffusion import Denoiser, MaskSchedule, check_fill, fill_hidden
 from hinge_cli.model.randomness import FILL_STREAM, normals, spot_randomness
 
@@ -126,13 +126,13 @@ def sample(
     """
     check_fill(fill)
     if n_samples < 1:
-        raise HingeError(f"n_samples must be at least 1, not {n_samples}", "pass --n-samples 1 or more")
+        raise HingeError(f"n_samples must be at least 1, not {n_samples}", f"pass {setting('n-samples', '1')} or more")
     b, g, device = image.shape[0], schedule.n_genes, image.device
     spot_index = torch.arange(b) if spot_index is None else torch.as_tensor(spot_index).cpu()
     if spot_index.shape != (b,) or (spot_index < 0).any():
         raise HingeError("spot_index must hold one non-negative index per spot", "pass the spots' positions on the slide")
     if not temperature >= 0:
-        raise HingeError(f"temperature must be 0 or more, not {temperature}", "pass --temperature 0 (the mean) or e.g. 1")
+        raise HingeError(f"temperature must be 0 or more, not {temperature}", f"pass {setting('temperature', '0')} (the mean) or e.g. 1")
     ranks, noise, reveal = spot_randomness(spot_index, seed, n_samples, g)
     ranks = ranks.to(device)
     noise = noise.to(device) * noise_std if fill == "noise" else None

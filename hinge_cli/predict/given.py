@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hinge_cli.core.files import sha256_file
 from hinge_cli.data.expression import Transform, read_expression
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.eval.align import match_spots
 from hinge_cli.formats.genes import read_gene_list
 from hinge_cli.formats.tiles import Tiles
@@ -37,10 +37,10 @@ class GivenSource:
     def check_request(self, model: str, n_samples: int) -> None:
         """Refuse what completion cannot do: a model that cannot condition on genes, or one file for several slides."""
         if model not in ("hinge", "ridge"):
-            raise HingeError(f"--model {model} cannot condition on --given genes", "predict with --model hinge (or ridge, the genes-only baseline)")
+            raise HingeError(f"{setting('model')} {model} cannot condition on {setting('given')} genes", f"predict with {setting('model')} hinge (or ridge, the genes-only baseline)")
         if n_samples > 1:
-            raise HingeError(f"--given {self.path} holds one slide's measurements but {n_samples} samples are asked for",
-                             "generate one slide at a time with --given")
+            raise HingeError(f"{setting('given')} {self.path} holds one slide's measurements but {n_samples} samples are asked for",
+                             f"generate one slide at a time with {setting('given')}")
 
 
 @dataclass(frozen=True)

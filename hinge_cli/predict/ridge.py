@@ -22,7 +22,7 @@ import torch
 from hinge_cli.data.dataset import SpotTable
 from hinge_cli.data.expression import MODEL_SPACE_FLOOR, Transform
 from hinge_cli.data.features import FeatureNorm
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command
 from hinge_cli.eval import metrics
 from hinge_cli.formats.prediction import PredictedBatch
 from hinge_cli.model.card import ModelCard
@@ -153,7 +153,7 @@ def load_ridge(checkpoint: Path, genes: Sequence[str], encoder_key: str) -> Ridg
     ridge = read_ridge_model(path)
     if ridge.genes != list(genes) or ridge.encoder_key != encoder_key:
         raise HingeError(f"{path} was fitted for another panel or encoder than {Path(checkpoint).name}",
-                         "run `hinge train` again: it refits the ridge baseline with the checkpoint")
+                         f"run `{command('train')}` again: it refits the ridge baseline with the checkpoint")
     return ridge
 
 

@@ -18,7 +18,7 @@ from hinge_cli.config import EmbedConfig, TileConfig
 from hinge_cli.core.devices import resolve_device
 from hinge_cli.data.features import FeatureNorm, SlideShift
 from hinge_cli.encoders.registry import EncoderSpec, encoder_key, parse_encoders
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.genes import panel_sha256, read_gene_list
 from hinge_cli.model.card import EmbedSettings, ModelCard, TileSettings
 from hinge_cli.model.checkpoint import load_checkpoint, read_checkpoint_card
@@ -91,14 +91,14 @@ def load_trained_model(path: Path, device: str = "auto") -> TrainedModel:
     card = checkpoint.card
     if card.kind != "hinge" or not isinstance(checkpoint.net, Hinge):
         raise HingeError(f"{path} is a bare backbone, not a trained HINGE model",
-                         "use checkpoints/best.safetensors after `hinge train`")
+                         f"use checkpoints/best.safetensors after `{command('train')}`")
     net: Hinge = checkpoint.net
     recorded = {"encoder_key": card.encoder_key, "feature_norm": card.feature_norm, "tile": card.tiling,
                 "encoder": card.encoders or None}
     missing = [name for name, value in recorded.items() if value is None]
     if missing:
         raise HingeError(f"{path} does not record {', '.join(missing)}",
-                         "use a checkpoint written by `hinge pretrain-warmup` or `hinge train`")
+                         f"use a checkpoint written by `{command('pretrain-warmup')}` or `{command('train')}`")
     genes = card.genes or []
     if len(genes) != net.n_genes or len(set(genes)) != len(genes):
         raise HingeError(f"{path}: the sidecar lists {len(genes)} panel genes but the weights predict {net.n_genes}",
@@ -129,8 +129,8 @@ def require_panel(run: Run, checkpoints: Sequence[Path]) -> None:
             continue
         recorded = card.panel_sha256 or panel_sha256(card.genes)
         if recorded != now:
-            fix = ("run `hinge pretrain-warmup --overwrite` to warm up on genes.txt's panel, or restore genes.txt" if Path(path).stem == "warmup"
-                   else "pass --overwrite to `hinge train` to train again from a warm-up on genes.txt's panel (`hinge pretrain-warmup "
-                        "--overwrite` first if the warm-up is on the old one), or restore genes.txt")
+            fix = (f"run `{command('pretrain-warmup')} {setting('overwrite')}` to warm up on genes.txt's panel, or restore genes.txt" if Path(path).stem == "warmup"
+                   else f"pass {setting('overwrite')} to `{command('train')}` to train again from a warm-up on genes.txt's panel (`{command('pretrain-warmup')} "
+                        f"{setting('overwrite')}` first if the warm-up is on the old one), or restore genes.txt")
             raise HingeError(f"{path} was trained on another gene panel than {listed} ({len(card.genes)} genes, sha256 "
                              f"{recorded[:12]}; {GENES_FILE}: {len(panel)} genes, {now[:12]})", fix)

@@ -25,7 +25,7 @@ from typing import Any
 
 from hinge_cli.config import HingeConfig, dump_config, load_config
 from hinge_cli.core.files import OutputFinished, OutputLocked, fingerprint, output_lock, same_file, sweep_leftovers, write_text_atomic
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def safe_sample_id(sample: str) -> str:
     """`sample`, if it can name files inside the run; a HingeError otherwise."""
     if not SAFE_SAMPLE_ID.fullmatch(sample) or ".." in sample:
         raise HingeError(f"sample id {sample!r} cannot name a file in the run (it may only hold letters, digits and . _ - + = @ ,"
-                         " and may not start with '.' or contain '..')", "rename the file or give a plain --sample-id")
+                         " and may not start with '.' or contain '..')", f"rename the file or give a plain {setting('sample-id')}")
     return sample
 
 
@@ -106,15 +106,15 @@ class Shard:
                 text = f"{int(task) - int(os.environ.get('SLURM_ARRAY_TASK_MIN', 0))}/{int(count)}"
             except ValueError:
                 raise HingeError(f"SLURM_ARRAY_TASK_ID={task!r}, SLURM_ARRAY_TASK_COUNT={count!r} are not whole numbers",
-                                 "run inside a SLURM array job (sbatch --array), or give --shard I/N") from None
+                                 f"run inside a SLURM array job (sbatch {setting('array')}), or give {setting('shard', 'I')}/N") from None
         try:
             i, n = (int(part) for part in text.split("/"))
         except ValueError:
-            raise HingeError(f"--shard '{text}' is not of the form I/N", "give e.g. --shard 0/4 (I counts from 0)") from None
+            raise HingeError(f"{setting('shard')} '{text}' is not of the form I/N", f"give e.g. {setting('shard', '0/4')} (I counts from 0)") from None
         if n < 1:
-            raise HingeError(f"--shard {text} has no shards (N = {n})", "give N of 1 or more, e.g. --shard 0/4")
+            raise HingeError(f"{setting('shard')} {text} has no shards (N = {n})", f"give N of 1 or more, e.g. {setting('shard', '0/4')}")
         if not 0 <= i < n:
-            raise HingeError(f"--shard {text} is out of range", f"I must be between 0 and {n - 1}")
+            raise HingeError(f"{setting('shard')} {text} is out of range", f"I must be between 0 and {n - 1}")
         return cls(i, n)
 
     def select(self, names: Sequence[str]) -> list[str]:
@@ -230,7 +230,7 @@ class Run:
         try:
             return json.loads(self.manifest_path.read_text())
         except ValueError:
-            raise HingeError(f"{self.manifest_path} is not valid JSON", "restore it from a backup or start a new --run") from None
+            raise HingeError(f"{self.manifest_path} is not valid JSON", f"restore it from a backup or start a new {setting('run')}") from None
 
     def sample(self, sample: str) -> dict[str, Any]:
         return self.manifest()["samples"].get(sample, {})

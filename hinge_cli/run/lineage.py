@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hinge_cli.core.files import describe_input
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.run.directory import Run
 
 WARMUP = "pretrain-warmup"
@@ -26,8 +26,8 @@ def require_current_tiles(run: Run, sample: str) -> None:
     for name, recorded in run.stage(sample, "tile").get("inputs", {}).items():
         path = Path(recorded["path"])
         if path.exists() and describe_input(path) != recorded:
-            raise HingeError(f"{sample}: the tiles are stale: its {name} file {path} changed after `hinge tile` ran",
-                             f"re-tile {sample} (`hinge tile ... --overwrite` with its slide and spots), then embed it again")
+            raise HingeError(f"{sample}: the tiles are stale: its {name} file {path} changed after `{command('tile')}` ran",
+                             f"re-tile {sample} (`{command('tile')} ... {setting('overwrite')}` with its slide and spots), then embed it again")
 
 
 def tiles_made_from(run: Run, sample: str) -> dict[str, Any] | None:
@@ -42,8 +42,8 @@ def embeddings_current(run: Run, sample: str, encoder_key: str) -> bool:
 
 
 def stale_embeddings_error(sample: str, encoder_key: str) -> HingeError:
-    return HingeError(f"{sample}: the embeddings ({encoder_key}) are stale: `hinge tile` has replaced the tiles they were made from",
-                      f"run `hinge embed --encoder {encoder_key.replace('+', ',')} --overwrite`")
+    return HingeError(f"{sample}: the embeddings ({encoder_key}) are stale: `{command('tile')}` has replaced the tiles they were made from",
+                      f"run `{command('embed')} {setting('encoder')} {encoder_key.replace('+', ',')} {setting('overwrite')}`")
 
 
 def require_ready_for_training(run: Run, samples: Sequence[str], encoder_key: str) -> None:
@@ -54,11 +54,11 @@ def require_ready_for_training(run: Run, samples: Sequence[str], encoder_key: st
     for sample in samples:
         if not run.is_done(sample, "tile", run.tiles(sample)):
             raise HingeError(f"{sample}: tiling did not finish (the manifest records no finished tiles for {run.tiles(sample)})",
-                             "run the same `hinge tile` command again: it redoes unfinished samples")
+                             f"run the same `{command('tile')}` command again: it redoes unfinished samples")
         require_current_tiles(run, sample)
         if not run.is_done(sample, f"embed:{encoder_key}", run.embeddings(encoder_key, sample)):
             raise HingeError(f"{sample}: embeddings ({encoder_key}) are missing or did not finish",
-                             f"run `hinge embed --encoder {encoder_key.replace('+', ',')}` (it redoes unfinished samples)")
+                             f"run `{command('embed')} {setting('encoder')} {encoder_key.replace('+', ',')}` (it redoes unfinished samples)")
         if not embeddings_current(run, sample, encoder_key):
             raise stale_embeddings_error(sample, encoder_key)
 
@@ -77,8 +77,8 @@ def require_unchanged_since_warmup(run: Run, samples: Sequence[str], encoder_key
     now = training_inputs(run, samples, encoder_key)
     changed = [s for s in samples if s in recorded and recorded[s] != now[s]]
     if changed:
-        raise HingeError(f"the embeddings or expression of {', '.join(changed)} changed after `hinge pretrain-warmup` ran",
-                         "run `hinge pretrain-warmup --overwrite`, then `hinge train --overwrite`")
+        raise HingeError(f"the embeddings or expression of {', '.join(changed)} changed after `{command('pretrain-warmup')}` ran",
+                         f"run `{command('pretrain-warmup')} {setting('overwrite')}`, then `{command('train')} {setting('overwrite')}`")
 
 
 def changed_settings(recorded: dict[str, Any] | None, now: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:

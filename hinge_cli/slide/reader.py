@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def open_slide(path: Path | str, mpp: float | None = None) -> Slide:
     if not path.exists():
         raise HingeError(f"slide {path} does not exist", "check the path")
     if mpp is not None and not (0.01 <= mpp <= 100):
-        raise HingeError(f"--mpp {mpp} is not a plausible pixel size", "give micrometres per pixel, e.g. 0.25 for a 40x scan")
+        raise HingeError(f"{setting('mpp')} {mpp} is not a plausible pixel size", "give micrometres per pixel, e.g. 0.25 for a 40x scan")
     import openslide
 
     try:
@@ -215,7 +215,7 @@ def require_mpp(slide: Slide) -> float:
     if slide.mpp is None:
         raise HingeError(
             f"{slide.path.name} carries no pixel size (µm/px) in its metadata",
-            "pass --mpp (e.g. --mpp 0.25 for a 40x scan), or an mpp column in --samples",
+            f"pass {setting('mpp')} (e.g. {setting('mpp', '0.25')} for a 40x scan), or an mpp column in {setting('samples')}",
         )
     return slide.mpp
 

@@ -22,7 +22,7 @@ from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import read_expression, read_h5ad
 from hinge_cli.data.sources import SampleSpec
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
 from hinge_cli.run.directory import Run
 from hinge_cli.run.output import sample_output
@@ -43,7 +43,7 @@ BLANK_RANGE = 8  # a thumbnail whose every channel spans fewer grey levels than 
 
 def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
     """Barcodes and level-0 (x, y) spot centres from an .h5ad's obsm['spatial']."""
-    adata = read_h5ad(path, "spot file", "check the path given to --spots (an .h5ad written by anndata)", backed=True)
+    adata = read_h5ad(path, "spot file", f"check the path given to {setting('spots')} (an .h5ad written by anndata)", backed=True)
     try:
         if "spatial" not in adata.obsm:
             raise HingeError(f"{path} has no obsm['spatial']", "store spot centres in level-0 pixels there (scanpy/HEST convention)")
@@ -52,7 +52,7 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray]:
     finally:
         adata.file.close()
     if not barcodes:
-        raise HingeError(f"{path} holds no spots", "point --spots at the sample's full .h5ad")
+        raise HingeError(f"{path} holds no spots", f"point {setting('spots')} at the sample's full .h5ad")
     if coords.ndim != 2 or coords.shape[1] < 2:
         raise HingeError(f"{path} has obsm['spatial'] of shape {coords.shape}, not one (x, y) row per spot",
                          "store spot centres as an (N, 2) array of level-0 pixels there")
@@ -131,7 +131,7 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
         if on_tissue.sum() < (1 - MAX_OUTSIDE) * len(coords):
             raise HingeError(
                 f"{int((~on_tissue).sum())} of {len(coords)} spots of {spec.sample_id} lie off the detected tissue",
-                "check that the spots belong to this slide and the µm/px (--mpp) is right; or lower --tissue-threshold",
+                f"check that the spots belong to this slide and the µm/px ({setting('mpp')}) is right; or lower {setting('tissue-threshold')}",
             )
         if (~on_tissue).mean() > OFF_TISSUE_WARNING:
             log.warning("%s: %d of %d spots lie off the detected tissue; look at its thumbnail to see whether they "
@@ -146,7 +146,7 @@ def _place_spots(spec: SampleSpec, slide: Slide, mask: TissueMask, cfg: TileConf
     if not keep.any():
         raise HingeError(
             f"no tissue found on {slide.path.name} (saturation threshold {mask.threshold:.3f})",
-            "check the slide, or pass a lower --tissue-threshold",
+            f"check the slide, or pass a lower {setting('tissue-threshold')}",
         )
     return [i for i, k in zip(ids, keep, strict=True) if k], coords[keep], frac[keep], {"mode": "grid", "dropped_outside": 0, "off_tissue": 0}
 
@@ -172,7 +172,7 @@ def tile_sample(run: Run, spec: SampleSpec, cfg: TileConfig, progress: Progress 
     with sample_output(run, spec.sample_id, "tile", final, overwrite=overwrite) as record:
         with open_slide(spec.slide, spec.mpp) as slide:
             if spec.spots is not None and not Path(spec.spots).exists():
-                raise HingeError(f"spot file {spec.spots} does not exist", "check the path given to --spots")
+                raise HingeError(f"spot file {spec.spots} does not exist", f"check the path given to {setting('spots')}")
             if spec.spots is not None and register_expression:
                 read_expression(spec.spots, spec.layer)  # raw counts must be there now, not hours later in training
             inputs = {"slide": describe_input(spec.slide)}

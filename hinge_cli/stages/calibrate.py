@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hinge_cli.config import HingeConfig
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command
 from hinge_cli.model.checkpoint import read_checkpoint_card
 from hinge_cli.predict.trained import require_panel
 from hinge_cli.run.directory import Run
@@ -39,7 +39,7 @@ def recalibrate(run: Run, cfg: HingeConfig) -> Recalibrated:
 def _recalibrate(run: Run, cfg: HingeConfig) -> list[Path]:
     best, selected = run.checkpoint("best"), run.checkpoint("selected")
     if not best.exists():
-        raise HingeError(f"{best} does not exist", "run `hinge train` first")
+        raise HingeError(f"{best} does not exist", f"run `{command('train')}` first")
     require_panel(run, [selected, best])
     refit = selected.exists()
     selected = selected if refit else best

@@ -28,7 +28,7 @@ from hinge_cli.encoders.registry import (
     missing_weights_error,
     parse_encoders,
 )
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.run.directory import Run, SampleReport, Shard
 from hinge_cli.run.lineage import changed_settings, embeddings_current, require_current_tiles, stale_embeddings_error
 
@@ -51,8 +51,8 @@ def fail_altered_tiles(run: Run, shard: Shard, summary: SampleReport, stage: str
     for sample in shard.select([s for s in run.samples() if run.stage(s, "tile").get("status") == "ok"
                                 and not run.is_done(s, "tile", run.tiles(s))]):
         with summary.attempt(run, sample, stage, keep_going):
-            raise HingeError(f"its tiles file {run.tiles(sample)} is not the one `hinge tile` recorded (damaged, "
-                             "replaced or removed)", f"re-run `hinge tile --overwrite` for {sample}, then embed again")
+            raise HingeError(f"its tiles file {run.tiles(sample)} is not the one `{command('tile')}` recorded (damaged, "
+                             "replaced or removed)", f"re-run `{command('tile')} {setting('overwrite')}` for {sample}, then embed again")
 
 
 def embed_samples(
@@ -66,9 +66,9 @@ def embed_samples(
 ) -> SampleReport:
     """Embed this shard's share of the run's tiled samples with the configured encoder(s)."""
     if cfg.views not in (1, MAX_VIEWS):
-        raise HingeError(f"--views {cfg.views} is not supported", "use --views 1 or --views 8 (the dihedral group)")
+        raise HingeError(f"{setting('views')} {cfg.views} is not supported", f"use {setting('views', '1')} or {setting('views', '8')} (the dihedral group)")
     if cfg.batch_size < 1:
-        raise HingeError(f"--batch-size {cfg.batch_size} must be at least 1", "give e.g. --batch-size 64")
+        raise HingeError(f"{setting('batch-size')} {cfg.batch_size} must be at least 1", f"give e.g. {setting('batch-size', '64')}")
     specs = parse_encoders(cfg.encoder)
     paths = parse_weights(weights, specs)
     for spec in specs:  # fail before any work, not after the first sample
@@ -79,7 +79,7 @@ def embed_samples(
                  "give --encoder uni,conch etc. with their weights for foundation-model features")
     samples = tiled_samples(run)
     if not samples:
-        raise HingeError(f"no tiled samples in {run.root}", "run hinge tile first (or point --run at the right folder)")
+        raise HingeError(f"no tiled samples in {run.root}", f"run {command('tile')} first (or point {setting('run')} at the right folder)")
     key = encoder_key(specs)
     summary = SampleReport(f"embed ({key})")
     fail_altered_tiles(run, shard, summary, f"embed:{key}", keep_going)
@@ -120,7 +120,7 @@ def import_samples(
     """Take this shard's tiled samples' features from TRIDENT/HEST files instead of computing them."""
     samples = tiled_samples(run)
     if not samples:
-        raise HingeError(f"no tiled samples in {run.root}", "run hinge tile first (spot positions come from the tiles)")
+        raise HingeError(f"no tiled samples in {run.root}", f"run {command('tile')} first (spot positions come from the tiles)")
     if Path(source).is_file() and len(samples) > 1:
         raise HingeError(f"{source} is one file but the run has {len(samples)} samples",
                          "give the folder of TRIDENT feature files, one <sample>.h5 each")

@@ -32,7 +32,7 @@ from hinge_cli.data.shift import ExtremeFeatures, shift_report, warn_if_outside
 from hinge_cli.data.sources import SampleSpec
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.registry import Encoder, build_encoder, locate_weights, missing_weights_error
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval.viewer import build_view, write_view
 from hinge_cli.formats.embeddings import open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
@@ -102,12 +102,12 @@ def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, pro
         if not diffs:
             return False
         if target.slide is None or not overwrite:
-            fix = ("pass --overwrite to re-tile it, or --sample-id NEW to keep both" if target.slide is not None
-                   else "predict from the slide instead: --slide SLIDE --sample-id NEW")
+            fix = (f"pass {setting('overwrite')} to re-tile it, or {setting('sample-id', 'NEW')} to keep both" if target.slide is not None
+                   else f"predict from the slide instead: {setting('slide', 'SLIDE')} {setting('sample-id', 'NEW')}")
             raise HingeError(f"{target.sample_id}: cached tiles differ from what this checkpoint needs: {'; '.join(diffs)}", fix)
     elif target.slide is None:
         raise HingeError(f"sample {target.sample_id} is not tiled in {run.root}",
-                         "give its slide with --slide (or check --run and the sample id)")
+                         f"give its slide with {setting('slide')} (or check {setting('run')} and the sample id)")
     tile_sample(run, SampleSpec(target.sample_id, Path(target.slide), target.spots, target.mpp), cfg, progress,
                 register_expression=False)
     return True
@@ -136,7 +136,7 @@ class Encoders:
                 if trained and enc.weights_sha256 != trained:
                     raise HingeError(f"weights {enc.weights} of encoder '{enc.spec.name}' are not those the model was trained with "
                                      f"(sha256 {enc.weights_sha256[:12]}..., trained {trained[:12]}...)",
-                                     f"pass the training weights with --weights {enc.spec.name}=FILE")
+                                     f"pass the training weights with {setting('weights')} {enc.spec.name}=FILE")
             self._built = built
         return self._built
 
@@ -157,7 +157,7 @@ def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Enco
         if not overwrite:
             raise HingeError(f"{path} does not match {sample}'s tiles or the model ({shape[0]} spots x {shape[-1]} dims; "
                              f"tiles {len(tiles.barcodes)} spots, model {model.net.image_dim} dims)",
-                             "pass --overwrite to embed the sample again")
+                             f"pass {setting('overwrite')} to embed the sample again")
     embed_sample(run, sample, encoders.get(), model.embed_config(encoders.device), progress)
     return path
 
@@ -261,14 +261,14 @@ def output_paths(run: Run, samples: Sequence[str], out: Path | None, model: str 
     The ridge baseline's default names are `<sample>.ridge.h5ad` beside them, so it never replaces HINGE's.
     """
     if out is not None and Path(out).suffix == ".h5ad" and Path(out).is_dir():
-        raise HingeError(f"--out {out} is a folder, though named like a prediction file",
+        raise HingeError(f"{setting('out')} {out} is a folder, though named like a prediction file",
                          f"give a file path that is not a folder, or a folder without the .h5ad ending (or remove {out})")
     if out is None or Path(out).suffix != ".h5ad":
         paths = _hinge_paths(run, samples, out)
         return paths if model == "hinge" else {s: ridge_prediction_path(p) for s, p in paths.items()}
     if len(samples) > 1:
-        raise HingeError(f"--out {out} is one file but {len(samples)} samples are asked for",
-                         "give a folder as --out; each sample is written to <folder>/<sample>.h5ad")
+        raise HingeError(f"{setting('out')} {out} is one file but {len(samples)} samples are asked for",
+                         f"give a folder as {setting('out')}; each sample is written to <folder>/<sample>.h5ad")
     return {samples[0]: Path(out)}
 
 
@@ -277,7 +277,7 @@ def _hinge_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str
         return {s: run.prediction(s) for s in samples}
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise HingeError(f"--out {out} is an existing file that is not .h5ad", "give a .h5ad path, or a folder")
+        raise HingeError(f"{setting('out')} {out} is an existing file that is not .h5ad", "give a .h5ad path, or a folder")
     return {s: out / f"{s}.h5ad" for s in samples}
 
 
@@ -321,14 +321,14 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     keep_going: a failed sample is recorded and the others go on; given: genes measured on the one slide, held fixed.
     """
     if cfg.n_samples < 1:
-        raise HingeError(f"--n-samples {cfg.n_samples} must be at least 1", "give e.g. --n-samples 8")
+        raise HingeError(f"{setting('n-samples')} {cfg.n_samples} must be at least 1", f"give e.g. {setting('n-samples', '8')}")
     if cfg.batch_size < 1:
-        raise HingeError(f"--batch-size {cfg.batch_size} must be at least 1", "give e.g. --batch-size 64")
+        raise HingeError(f"{setting('batch-size')} {cfg.batch_size} must be at least 1", f"give e.g. {setting('batch-size', '64')}")
     if model not in MODELS:
-        raise HingeError(f"--model {model} is not one of {', '.join(MODELS)}", "give --model hinge or --model ridge")
+        raise HingeError(f"{setting('model')} {model} is not one of {', '.join(MODELS)}", f"give {setting('model')} hinge or {setting('model')} ridge")
     ids = [t.sample_id for t in targets]
     if not ids or len(set(ids)) != len(ids):
-        raise HingeError("no samples, or a sample id given twice", "give each slide or --sample-id once")
+        raise HingeError("no samples, or a sample id given twice", f"give each slide or {setting('sample-id')} once")
     if given is not None:
         given.check_request(model, len(ids))
     by_id = {t.sample_id: t for t in targets}
@@ -343,7 +343,7 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
             todo.append(sample)
         elif paths[sample].exists() and not overwrite:
             if len(ids) == 1:
-                raise HingeError(f"{paths[sample]} exists", "pass --overwrite to replace it, or choose another --out")
+                raise HingeError(f"{paths[sample]} exists", f"pass {setting('overwrite')} to replace it, or choose another {setting('out')}")
             summary.skipped.append(sample)
             summary.outputs[sample] = str(paths[sample])
         else:
@@ -352,13 +352,13 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
         return summary
     checkpoint = Path(checkpoint) if checkpoint is not None else run.checkpoint("best")
     if not checkpoint.exists():
-        raise HingeError(f"no trained model at {checkpoint}", "run `hinge train` first, or pass --checkpoint PATH")
+        raise HingeError(f"no trained model at {checkpoint}", f"run `{command('train')}` first, or pass {setting('checkpoint', 'PATH')}")
     if checkpoint.resolve().parent == run.checkpoint("best").resolve().parent:  # the run's own model: its panel is genes.txt's
         require_panel(run, [checkpoint])
     trained = load_trained_model(checkpoint, cfg.device)
     unknown = [gene for gene in genes_to_plot if gene not in trained.genes]
     if unknown:
-        raise HingeError(f"--genes-to-plot genes not in the model's panel: {', '.join(unknown)}",
+        raise HingeError(f"{setting('genes-to-plot')} genes not in the model's panel: {', '.join(unknown)}",
                          f"choose among the {len(trained.genes)} panel genes, e.g. {', '.join(trained.genes[:5])}")
     trained.net.schedule.grid(sampling_steps(cfg.steps, trained.net.diffusion.steps))  # an impossible --steps fails now
     predictor = hinge_predictor(trained, cfg) if model == "hinge" else ridge_predictor(trained, cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 from hinge_cli.config import TileConfig
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.sources import SampleSpec
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.run.directory import Run, SampleReport, Shard
 from hinge_cli.run.lineage import changed_settings
 from hinge_cli.slide.tiling import tile_sample
@@ -36,8 +36,8 @@ def _require_same_files(run: Run, spec: SampleSpec) -> None:
         now = str(Path(given).resolve()) if given is not None else None
         if name in recorded and was != now:
             raise HingeError(f"{spec.sample_id} was tiled from the {name} file {was}, not {now or 'none'}",
-                             f"pass --overwrite to tile {spec.sample_id} again from the new file (its tiles and registered "
-                             "expression are replaced), or give it another --sample-id")
+                             f"pass {setting('overwrite')} to tile {spec.sample_id} again from the new file (its tiles and registered "
+                             f"expression are replaced), or give it another {setting('sample-id')}")
 
 
 def tile_samples(

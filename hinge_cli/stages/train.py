@@ -34,7 +34,7 @@ from hinge_cli.data.features import SlideShift
 from hinge_cli.data.panel import select_panel, shared_genes
 from hinge_cli.data.shift import ShiftReference
 from hinge_cli.encoders.registry import encoder_key, parse_encoders
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.formats.embeddings import read_embedding_attrs
 from hinge_cli.formats.genes import read_gene_list, write_gene_list
 from hinge_cli.formats.tiles import read_tile_attrs, read_tiles
@@ -127,7 +127,7 @@ def _backbone_source(cfg: HingeConfig) -> tuple[Backbone | None, list[str] | Non
     spec = cfg.warmup.backbone
     if spec.startswith("cellfm:"):
         if cfg.warmup.vocab is None:
-            raise HingeError("--backbone cellfm:CKPT needs CellFM's gene list", "pass --vocab path/to/CellFM_vocab.csv")
+            raise HingeError(f"{setting('backbone')} cellfm:CKPT needs CellFM's gene list", f"pass {setting('vocab')} path/to/CellFM_vocab.csv")
         backbone, report = import_cellfm(Path(spec.split(":", 1)[1]), cfg.model)
         for line in report.lines():
             log.info("%s", line)
@@ -135,7 +135,7 @@ def _backbone_source(cfg: HingeConfig) -> tuple[Backbone | None, list[str] | Non
     if spec != "random":
         checkpoint = load_checkpoint(spec)
         if not checkpoint.card.vocab:
-            raise HingeError(f"{spec} records no gene vocabulary", "use a backbone written by `hinge pretrain-warmup --corpus`")
+            raise HingeError(f"{spec} records no gene vocabulary", f"use a backbone written by `{command('pretrain-warmup')} {setting('corpus')}`")
         net = checkpoint.net
         return (net.backbone if isinstance(net, Hinge) else net), list(checkpoint.card.vocab), "file"
     return None, None, "corpus" if cfg.warmup.corpus else "random"
@@ -283,7 +283,7 @@ def _pretrain_warmup(run: Run, cfg: HingeConfig, overwrite: bool, progress: Prog
     finish_pending(warmup_path.parent)
     if warmup_path.exists() and not overwrite:
         if _warmup_finished(run, warmup_path):
-            raise HingeError(f"{warmup_path} exists", "pass --overwrite to redo the warm-up (or go on with `hinge train`)")
+            raise HingeError(f"{warmup_path} exists", f"pass {setting('overwrite')} to redo the warm-up (or go on with `{command('train')}`)")
         log.info("%s was left by a pretrain-warmup that did not finish (killed before it was recorded): warming up again",
                  warmup_path)
     device = resolve_device(cfg.train.device)
@@ -340,7 +340,7 @@ def _train(run: Run, cfg: HingeConfig, overwrite: bool, progress: Progress) -> S
     require_panel(run, [warmup_path, last_path, run.checkpoint("selected"), best_path] if resume else [warmup_path])
     source = last_path if resume else warmup_path
     if not source.exists():
-        raise HingeError(f"{warmup_path} does not exist", "run `hinge pretrain-warmup` first")
+        raise HingeError(f"{warmup_path} does not exist", f"run `{command('pretrain-warmup')}` first")
     checkpoint = load_checkpoint(source)
     card = checkpoint.card
     opt_state, state = read_train_state(state_path) if resume else (None, LoopState())

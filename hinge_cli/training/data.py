@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hinge_cli.data.dataset import SpotTable, assemble
 from hinge_cli.data.features import FeatureNorm, views
-from hinge_cli.errors import HingeError
+from hinge_cli.errors import HingeError, setting
 from hinge_cli.model.card import ModelCard, TrainingRecord, ValidationSplit
 from hinge_cli.run.directory import Run
 from hinge_cli.training.fit import LoopState
@@ -28,7 +28,7 @@ def split_rows(split: ValidationSplit, table: SpotTable) -> tuple[np.ndarray, np
         is_val[shuffled[: max(1, round(split.val_fraction * len(table)))]] = True
     if is_val.all() or not is_val.any():
         raise HingeError("the validation split leaves no training or no validation spots",
-                         "give a --val-fraction between 0 and 1, or --val-samples that are not all of them")
+                         f"give a {setting('val-fraction')} between 0 and 1, or {setting('val-samples')} that are not all of them")
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 

@@ -12,7 +12,8 @@ import pytest
 
 import hinge_cli
 from hinge_cli import api
-from hinge_cli.api import python_words
+from hinge_cli.api import PYTHON
+from hinge_cli.errors import HingeError, command, setting
 
 API_PAGE = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
 
@@ -41,10 +42,20 @@ def test_errors_name_arguments_not_flags(tmp_path: Path) -> None:
     with pytest.raises(hinge_cli.HingeError) as caught:
         api.train(tmp_path / "empty", warmup=False)
     assert "hinge_cli.api.pretrain_warmup()" in str(caught.value) and "hinge pretrain-warmup" not in str(caught.value)
-    assert python_words("pass --overwrite to replace it, or choose another --out") == \
-        "pass overwrite=True to replace it, or choose another out"
-    assert python_words("give e.g. --n-samples 8") == "give e.g. n_samples=8"
-    assert python_words("check the path given to --samples") == "check the path given to sheet"
+    named = HingeError(f"{setting('out')} x exists", f"pass {setting('overwrite')}, or run `{command('train')}` with "
+                       f"{setting('n-samples', 8)} and {setting('samples')}")
+    assert str(named) == "--out x exists; pass --overwrite, or run `hinge train` with --n-samples 8 and --samples"
+    assert named.worded(PYTHON) == ("out x exists; pass overwrite=True, or run `hinge_cli.api.train()` with n_samples=8 "
+                                    "and sheet")  # tile's --samples CSV is `sheet` in Python
+
+
+def test_the_command_line_words_the_same_error_in_flags(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hinge_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "hinge pretrain-warmup" in result.output and "hinge_cli.api" not in result.output
 
 
 def test_help_renders_the_docstrings() -> None:

@@ -153,5 +153,7 @@ def test_every_flag_a_message_names_exists() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
                     named.setdefault(flag, f"{path.name}:{node.lineno}")
-    assert len(named) > 40  # the scan sees the messages
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setting" and isinstance(node.args[0], ast.Constant):
+                named.setdefault(f"--{node.args[0].value}", f"{path.name}:{node.lineno}")  # an error names a setting so
+    assert len(named) > 40 and "--overwrite" in named  # the scan sees the messages and the settings errors name
     assert {flag: where for flag, where in named.items() if flag not in flags and flag not in ELSEWHERE} == {}

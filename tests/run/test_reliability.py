@@ -145,7 +145,7 @@ def test_embed_refuses_embeddings_of_replaced_tiles_until_told_to_redo_them(tmp_
     tile_samples(run, [SampleSpec("s0", synth.slide, tmp_path / "fewer.h5ad")], tile_cfg, overwrite=True)
     with pytest.raises(HingeError, match="stale") as info:
         embed_samples(run, cfg)
-    assert "hinge embed --encoder default --overwrite" in info.value.fix
+    assert "hinge embed --encoder default --overwrite" in str(info.value)
     assert embed_samples(run, cfg, overwrite=True).done == ["s0"]
     assert embed_samples(run, cfg).skipped == ["s0"]
     (tmp_path / "fewer.h5ad").write_bytes((tmp_path / "fewer.h5ad").read_bytes() + b"\0")  # the spot file changed under the tiles
