@@ -306,11 +306,18 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
     the rest of the panel is generated (optionally only the genes listed in `given_genes`, counts from `given_layer`).
     Returns what was done, skipped and failed.
     """
+    the_run = Run(run)
+    return _generate(the_run, targets(the_run, slides, sample_ids, spots, mpp, visium, image), checkpoint, out, weights,
+                     genes_to_plot, settings, shard, overwrite, keep_going, model, given, given_genes, given_layer, progress)
+
+
+def _generate(the_run: Run, wanted: list[Target], checkpoint: PathLike | None, out: PathLike | None, weights: Sequence[str],
+              genes_to_plot: Sequence[str], settings: Settings | None, shard: Shard, overwrite: bool, keep_going: bool,
+              model: str, given: PathLike | None, given_genes: PathLike | None, given_layer: str | None,
+              progress: Progress) -> SampleReport:
     from hinge_cli.predict.given import GivenSource
     from hinge_cli.stages.generate import generate as stage
 
-    the_run = Run(run)
-    wanted = targets(the_run, slides, sample_ids, spots, mpp, visium, image)
     return run_configured(the_run, None, settings, lambda cfg: stage(
         the_run, wanted, cfg.generate, checkpoint=None if checkpoint is None else Path(checkpoint), weights=_listed(weights),
         genes_to_plot=_listed(genes_to_plot), out=None if out is None else Path(out), shard=shard, overwrite=overwrite,
@@ -339,16 +346,12 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     """
     import anndata
 
-    from hinge_cli.stages.generate import output_paths
-
     the_run = Run(run)
     (target,) = targets(the_run, [] if slide is None else [slide], [] if sample_id is None else [sample_id], spots, mpp,
                         visium, image)
-    generate_samples([] if target.slide is None else [target.slide], sample_ids=[target.sample_id], spots=target.spots,
-                     mpp=target.mpp, run=the_run.root, checkpoint=checkpoint, out=out, weights=weights,
-                     genes_to_plot=genes_to_plot, settings=settings, overwrite=overwrite, model=model, given=given,
-                     given_genes=given_genes, given_layer=given_layer, progress=progress)
-    return anndata.read_h5ad(output_paths(the_run, [target.sample_id], None if out is None else Path(out), model)[target.sample_id])
+    report = _generate(the_run, [target], checkpoint, out, weights, genes_to_plot, settings, Shard(), overwrite, False, model,
+                       given, given_genes, given_layer, progress)
+    return anndata.read_h5ad(report.outputs[target.sample_id])
 
 
 @_python_api

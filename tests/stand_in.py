@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from hinge_cli.config import DiffusionConfig, load_config
 from hinge_cli.data.sources import SampleSpec
 from hinge_cli.encoders.registry import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import read_tiles
+from hinge_cli.model import Hinge
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.stages.train import pretrain_warmup, train
@@ -62,3 +65,16 @@ def trained_tiny(root: Path, **tile: Any) -> tuple[Run, list[SyntheticSample]]:
     pretrain_warmup(run, cfg)
     train(run, cfg)
     return run, made
+
+
+TINY_GENES = 23
+
+
+def tiny_hinge() -> Hinge:
+    """An untrained tiny HINGE network over `TINY_GENES` genes and 6 image features, its conditioning made to matter."""
+    torch.manual_seed(0)
+    model = Hinge.build(load_config("tiny").model, 50, torch.arange(1, TINY_GENES + 1), 6, DiffusionConfig(steps=10, fill="noise"))
+    with torch.no_grad():
+        for mod in model.layer_mods:
+            mod.proj.weight.normal_(0, 0.05)
+    return model

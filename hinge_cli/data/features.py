@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hinge_cli.errors import HingeError, setting
-from hinge_cli.formats.embeddings import open_embeddings
+from hinge_cli.formats.embeddings import EmbeddingReader, open_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,13 @@ class SlideShift:
         return cls._accumulate(_chunks(lambda i, j: features[i:j], len(features)), what)
 
     @classmethod
-    def read(cls, path: Path, what: str = "the slide") -> SlideShift:
-        """The shift of the slide whose embeddings are at `path`, read a chunk of spots at a time."""
-        with open_embeddings(path) as src:
-            return cls._accumulate(_chunks(src.rows, src.shape[0]), what)
+    def read(cls, source: Path | EmbeddingReader, what: str = "the slide") -> SlideShift:
+        """The shift of the slide whose embeddings are at `source` (a path, or a file already open), read a chunk of
+        spots at a time."""
+        if isinstance(source, EmbeddingReader):
+            return cls._accumulate(_chunks(source.rows, source.shape[0]), what)
+        with open_embeddings(source) as src:
+            return cls.read(src, what)
 
     @classmethod
     def _accumulate(cls, chunks: Iterable[np.ndarray], what: str) -> SlideShift:

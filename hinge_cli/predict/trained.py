@@ -19,6 +19,7 @@ from hinge_cli.core.devices import resolve_device
 from hinge_cli.data.features import FeatureNorm, SlideShift
 from hinge_cli.encoders.registry import EncoderSpec, encoder_key, parse_encoders
 from hinge_cli.errors import HingeError, command, setting
+from hinge_cli.formats.embeddings import EmbeddingReader
 from hinge_cli.formats.genes import panel_sha256, read_gene_list
 from hinge_cli.model.card import EmbedSettings, ModelCard, TileSettings
 from hinge_cli.model.checkpoint import load_checkpoint, read_checkpoint_card
@@ -52,7 +53,7 @@ class TrainedModel:
     def norm(self) -> FeatureNorm:
         return self.card.feature_norm
 
-    def slide_features(self, embeddings: Path, sample: str) -> Callable[[np.ndarray], np.ndarray]:
+    def slide_features(self, embeddings: Path | EmbeddingReader, sample: str) -> Callable[[np.ndarray], np.ndarray]:
         """What a slide's raw embedding rows become before `norm`: standardised by all the slide's spots where the
         model was trained so (`SlideShift`), else unchanged."""
         if not self.card.per_slide:

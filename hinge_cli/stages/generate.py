@@ -34,9 +34,9 @@ from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.registry import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval.viewer import build_view, write_view
-from hinge_cli.formats.embeddings import open_embeddings
+from hinge_cli.formats.embeddings import EmbeddingReader, open_embeddings
 from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
-from hinge_cli.formats.tiles import Tiles, read_tile_attrs, read_tiles
+from hinge_cli.formats.tiles import Tiles, read_tiles
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.predict.given import GivenSource, read_given
 from hinge_cli.predict.trained import TrainedModel, load_trained_model, require_panel
@@ -72,9 +72,9 @@ class Target(NamedTuple):
 # ----------------------------------------------------------------------------- inputs
 
 
-def _tile_differences(run: Run, target: Target, cfg: TileConfig) -> list[str]:
-    """How the sample's existing tiles differ from what `target` with the checkpoint's tiling would give."""
-    made = read_tile_attrs(run.tiles(target.sample_id)).to_h5()
+def _tile_differences(run: Run, target: Target, cfg: TileConfig, tiles: Tiles) -> list[str]:
+    """How the sample's existing `tiles` differ from what `target` with the checkpoint's tiling would give."""
+    made = tiles.attrs.to_h5()
     wanted: dict[str, Any] = {"mpp_target": cfg.target_mpp, "patch_px": cfg.patch_px}
     if target.slide is not None:
         wanted["slide"] = str(Path(target.slide).resolve())
@@ -90,17 +90,19 @@ def _tile_differences(run: Run, target: Target, cfg: TileConfig) -> list[str]:
     return diffs
 
 
-def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, progress: Progress = SILENT) -> bool:
-    """Tile a new slide with the checkpoint's settings unless matching, finished tiles are cached; True if tiled now.
-    Tiles a killed job left without their record are unfinished work: tiled again (damaged or altered recorded ones are
-    the readers' to refuse)."""
-    cached = run.tiles(target.sample_id).exists()
+def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, progress: Progress = SILENT) -> tuple[Tiles, bool]:
+    """The sample's tiles, read once: a new slide is tiled with the checkpoint's settings unless matching, finished tiles
+    are cached; with whether it was tiled now. Tiles a killed job left without their record are unfinished work: tiled
+    again (damaged or altered recorded ones are the readers' to refuse)."""
+    path = run.tiles(target.sample_id)
+    cached = path.exists()
     if cached and target.slide is not None and run.stage(target.sample_id, "tile").get("status") != "ok":
         log.info("%s: its tiles were left by a job that did not finish: tiling again", target.sample_id)
     elif cached:
-        diffs = _tile_differences(run, target, cfg)
+        tiles = read_tiles(path)
+        diffs = _tile_differences(run, target, cfg, tiles)
         if not diffs:
-            return False
+            return tiles, False
         if target.slide is None or not overwrite:
             fix = (f"pass {setting('overwrite')} to re-tile it, or {setting('sample-id', 'NEW')} to keep both" if target.slide is not None
                    else f"predict from the slide instead: {setting('slide', 'SLIDE')} {setting('sample-id', 'NEW')}")
@@ -110,7 +112,7 @@ def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, pro
                          f"give its slide with {setting('slide')} (or check {setting('run')} and the sample id)")
     tile_sample(run, SampleSpec(target.sample_id, Path(target.slide), target.spots, target.mpp), cfg, progress,
                 register_expression=False)
-    return True
+    return read_tiles(path), True
 
 
 class Encoders:
@@ -141,15 +143,14 @@ class Encoders:
         return self._built
 
 
-def ensure_embeddings(run: Run, sample: str, model: TrainedModel, encoders: Encoders, retiled: bool, overwrite: bool,
-                      progress: Progress = SILENT) -> Path:
-    """The sample's features under the checkpoint's encoder key, computed unless cached and matching the tiles."""
+def ensure_embeddings(run: Run, sample: str, tiles: Tiles, model: TrainedModel, encoders: Encoders, retiled: bool,
+                      overwrite: bool, progress: Progress = SILENT) -> Path:
+    """The sample's features under the checkpoint's encoder key, computed unless cached and matching its `tiles`."""
     path = run.embeddings(model.key, sample)
     unfinished = path.exists() and run.stage(sample, f"embed:{model.key}").get("status") != "ok"
     if unfinished:
         log.info("%s: its features were left by a job that did not finish: embedding again", sample)
     if path.exists() and not retiled and not unfinished:
-        tiles = read_tiles(run.tiles(sample))
         with open_embeddings(path) as src:
             shape, barcodes = src.shape, src.barcodes()
         if barcodes == tiles.barcodes and shape[-1] == model.net.image_dim:
@@ -175,7 +176,7 @@ def _provenance(model: TrainedModel, spots: Tiles, encoders_sha: list[str]) -> d
     }
 
 
-def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, rows: Callable[[np.ndarray], np.ndarray],
+def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: EmbeddingReader, rows: Callable[[np.ndarray], np.ndarray],
            image: np.ndarray, scalef: float) -> dict[str, Any]:
     """{"shift": the slide against the training slides} for uns['hinge'], with a warning when it lies outside them;
     {} for a model whose card predates the shift report. `rows` is what the model does to the slide's features: where
@@ -191,22 +192,28 @@ def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Path, row
 
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
                    genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None,
-                   overwrite: bool = True) -> dict:
+                   overwrite: bool = True, tiles: Tiles | None = None) -> dict:
     """Predict one embedded sample (default: HINGE with its configured sampler, coupled unless set) in batches and write `out`; returns the manifest
-    record. Without `overwrite`, an `out` another job finished and recorded while this one waited is kept (OutputFinished)."""
+    record. Without `overwrite`, an `out` another job finished and recorded while this one waited is kept (OutputFinished).
+    `tiles`: the sample's tiles when the caller has read them already. The embeddings are opened once, for everything."""
     started = time.time()
     predictor = predictor or hinge_predictor(model, cfg)
-    spots = read_tiles(run.tiles(sample))
-    emb_path = run.embeddings(model.key, sample)
+    spots = tiles if tiles is not None else read_tiles(run.tiles(sample))
+    with open_embeddings(run.embeddings(model.key, sample)) as features:
+        return _predict(run, sample, model, out, cfg, genes_to_plot, progress, predictor, overwrite, spots, features, started)
+
+
+def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig, genes_to_plot: Sequence[str],
+             progress: Progress, predictor: Predictor, overwrite: bool, spots: Tiles, features: EmbeddingReader,
+             started: float) -> dict:
     genes = model.genes
     plot_cols = [genes.index(g) for g in genes_to_plot]
     n, g = len(spots.barcodes), len(genes)
     mpp = spots.attrs.mpp_source
     image, scalef = hires_image(spots.attrs.slide, mpp)
-    with open_embeddings(emb_path) as src:
-        weights_sha = [w or "none" for w in src.attrs.weights_sha256]
-    model_rows = model.slide_features(emb_path, sample)
-    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, emb_path, model_rows, image, scalef)}
+    weights_sha = [w or "none" for w in features.attrs.weights_sha256]
+    model_rows = model.slide_features(features, sample)
+    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, features, model_rows, image, scalef)}
     spot_diameter = spots.attrs.spot_um / mpp
     coords = spots.coords.astype(np.float64)
     given = predictor.given
@@ -219,7 +226,6 @@ def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: G
               write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
                                keep_draws=predictor.keep_draws, with_spread=predictor.with_spread,
                                given=None if given is None else given.per_gene) as writer,
-              open_embeddings(emb_path) as features,
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
             for start in range(0, n, cfg.batch_size):
                 stop = min(n, start + cfg.batch_size)
@@ -281,8 +287,8 @@ def _hinge_paths(run: Run, samples: Sequence[str], out: Path | None) -> dict[str
     return {s: out / f"{s}.h5ad" for s in samples}
 
 
-def _check_mpp(run: Run, sample: str, model: TrainedModel) -> None:
-    mpp = read_tile_attrs(run.tiles(sample)).mpp_source
+def _check_mpp(sample: str, tiles: Tiles, model: TrainedModel) -> None:
+    mpp = tiles.attrs.mpp_source
     trained = model.tiling.mpp_source
     if abs(mpp / trained - 1) > MPP_TOLERANCE:
         log.warning("%s: the slide has %.3g µm/px, the training slides %.3g µm/px; patches are resampled to %.3g µm/px "
@@ -370,14 +376,14 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
             with summary.attempt(work, sample, predictor.stage, keep_going):
-                retiled = ensure_tiles(work, by_id[sample], tile_cfg, overwrite, progress)
-                _check_mpp(work, sample, trained)
-                ensure_embeddings(work, sample, trained, encoders, retiled, overwrite, progress)
+                tiles, retiled = ensure_tiles(work, by_id[sample], tile_cfg, overwrite, progress)
+                _check_mpp(sample, tiles, trained)
+                ensure_embeddings(work, sample, tiles, trained, encoders, retiled, overwrite, progress)
                 if given is not None:  # one sample: its spots are known once it is tiled
-                    measured = read_given(given, read_tiles(work.tiles(sample)), trained.genes, trained.card.transform)
+                    measured = read_given(given, tiles, trained.genes, trained.card.transform)
                     predictor = (completion_predictor(trained, cfg, measured, work.embeddings(trained.key, sample), sample)
                                  if model == "hinge" else genes_ridge_predictor(run, trained, cfg, measured))
-                predict_sample(work, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite)
+                predict_sample(work, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite, tiles)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

@@ -109,7 +109,7 @@ def measure_transfer(model: TrainedModel, cfg: GenerateConfig, given: GivenGenes
     if card is None or not card.joint_correlation or not model.net.has_spread:
         return None
     with open_embeddings(embeddings) as features:
-        rows = model.slide_features(embeddings, sample)(features.rows(0, features.shape[0]))
+        rows = model.slide_features(features, sample)(features.rows(0, features.shape[0]))
     x = torch.from_numpy(model.norm(prediction_view(rows)))
     with devices.autocast(model.device):
         predicted, _ = one_shot_predictions(model.net, x, len(x), cfg.seed)

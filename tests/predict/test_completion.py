@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import sparse
+from stand_in import TINY_GENES as MODEL_GENES
+from stand_in import tiny_hinge as tiny_model
 from stand_in import trained_tiny
-from test_model_sampler import G as MODEL_GENES
-from test_model_sampler import tiny_model
 from typer.testing import CliRunner
 
 from hinge_cli.cli.app import app
