@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	$(PIP) install -e '.[reference]' || echo "the encoders' reference implementations did not install: tests/test_reference_encoders.py will skip"
+	$(PIP) install -e '.[formats]' || echo "spatialdata-io did not install: the Visium HD fixture's independent reader check will skip"
 	touch $@
 
 # The quality gate: ruff, the 400-line limit in hinge_cli/, and `duplicates` where it is installed.

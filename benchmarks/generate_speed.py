@@ -32,7 +32,7 @@ import torch
 from hinge_cli.config import GenerateConfig, load_config
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.encoders.registry import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import read_tiles

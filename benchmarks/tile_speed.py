@@ -21,7 +21,7 @@ import openslide
 from PIL import Image
 
 from hinge_cli.config import load_config
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.slide.writer import write_pyramidal_tiff

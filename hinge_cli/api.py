@@ -192,23 +192,30 @@ def targets(run: Run, slides: Sequence[PathLike] = (), sample_ids: Sequence[str]
 def tile(slides: Sequence[PathLike] = (), *, run: PathLike | None = None, spots: PathLike | None = None,
          sample_id: str | None = None, mpp: float | None = None, sheet: PathLike | None = None, visium: PathLike | None = None,
          image: str = "hires", hest: PathLike | None = None, ids: Sequence[str] = (), layer: str | None = None,
+         visium_hd: PathLike | None = None, bin_um: int = 8, pool_um: float = 55.0,
          config: str | Path | None = None, settings: Settings | None = None, shard: Shard = Shard(),
          overwrite: bool = False, keep_going: bool = False, progress: Progress = SILENT) -> SampleReport:
     """Detect tissue and cut patches at a fixed µm/px into `<run>/tiles/<sample>.h5`: one per spot, or a grid.
 
     Samples come from `slides` (with `spots`, `sample_id`, `mpp` for one slide), a `sheet` CSV
-    (sample_id, slide[, spots, mpp, layer]), a Space Ranger `visium` outs/ folder, or a HEST-1k
-    folder `hest` (all samples, or `ids`). `settings["tile"]` overrides tiling (target_mpp,
+    (sample_id, slide[, spots, mpp, layer]), a Space Ranger `visium` outs/ folder, a Visium HD outs/ folder
+    `visium_hd` (its `bin_um` bins pooled into `pool_um` pseudo-spots), or a HEST-1k folder `hest` (all samples, or
+    `ids`). `settings["tile"]` overrides tiling (target_mpp,
     patch_px, grid, ...). Returns what was done, skipped and (with keep_going) failed.
     """
     from hinge_cli.data.sources import sample_specs
     from hinge_cli.stages.tile import tile_samples
 
     the_run = Run(run)
+    if visium_hd is not None:  # pseudo-spots are pool_um squares pool_um apart: the run's spot size and lattice
+        tiling = {**(settings or {}).get("tile", {})}
+        tiling.update({key: pool_um for key in ("spot_um", "pitch_um") if tiling.get(key) is None})
+        settings = {**(settings or {}), "tile": tiling}
     specs = sample_specs(the_run, slides=[Path(s) for s in _listed(slides)], spots=None if spots is None else Path(spots),
                          sample_id=sample_id, mpp=mpp, sheet=None if sheet is None else Path(sheet),
                          visium=None if visium is None else Path(visium), image=image,
-                         hest=None if hest is None else Path(hest), ids=_listed(ids), layer=layer)
+                         hest=None if hest is None else Path(hest), ids=_listed(ids), layer=layer,
+                         visium_hd=None if visium_hd is None else Path(visium_hd), bin_um=bin_um, pool_um=pool_um)
     return run_configured(the_run, config, settings, lambda cfg: tile_samples(
         the_run, specs, cfg.tile, shard=shard, overwrite=overwrite, keep_going=keep_going, progress=progress))
 

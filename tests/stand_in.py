@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hinge_cli.config import DiffusionConfig, load_config
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.encoders.registry import get_spec
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.formats.tiles import read_tiles

@@ -46,7 +46,8 @@ from scipy import sparse
 from hinge_cli.core.files import atomic_path, write_text_atomic
 from hinge_cli.core.progress import SILENT
 from hinge_cli.data.expression import Expression, read_expression
-from hinge_cli.data.sources import SampleSpec, read_sample_sheet
+from hinge_cli.data.samples import SampleSpec
+from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.eval import HEADLINE, Prediction, read_prediction, write_json
 from hinge_cli.predict.trained import TrainedModel, load_trained_model
 from hinge_cli.run.directory import Run

@@ -82,6 +82,12 @@ def tile(
     mpp: Mpp = None,
     samples: path_option("CSV with columns sample_id, slide[, spots, mpp, layer].", "file", "--samples") = None,
     visium: Visium = None,
+    visium_hd: path_option("A Space Ranger Visium HD outs/ folder (binned_outputs/): its bins pooled into pseudo-spots.",
+                           "folder", "--visium-hd") = None,
+    bin_um: Annotated[int, typer.Option("--bin-um", help="With --visium-hd: the bins to pool, 2|8|16 µm (default: 8).",
+                                        metavar="<int>", show_default=False)] = 8,
+    pool_um: Annotated[float, typer.Option("--pool-um", help="With --visium-hd: the side of a pseudo-spot in µm (default: 55, "
+                                           "a Visium spot's neighbourhood).", metavar="<float>", show_default=False)] = 55.0,
     image: Image = None,
     hest: path_option("A HEST-1k folder (wsis/, st/, metadata/): every sample, or --ids.", "folder", "--hest") = None,
     ids_: text_option("With --hest: the sample ids to tile, comma-separated.", "--ids") = None,
@@ -109,7 +115,8 @@ def tile(
                      "tissue": {"threshold": tissue_threshold}}
     run_command("tile", lambda reporter: api.tile(
         slides or (), run=run, spots=spots, sample_id=names[0] if names else None, mpp=mpp, sheet=samples, visium=visium,
-        image=image or "hires", hest=hest, ids=ids(ids_), layer=layer, config=config, settings={"tile": tile_settings},
+        image=image or "hires", hest=hest, ids=ids(ids_), layer=layer, visium_hd=visium_hd, bin_um=bin_um, pool_um=pool_um,
+        config=config, settings={"tile": tile_settings},
         shard=Shard.parse(shard), overwrite=overwrite, keep_going=keep_going, progress=reporter), Run(run).root / "tiles")
 
 

@@ -12,9 +12,10 @@ import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from hinge_cli.core.files import atomic_path
+from hinge_cli.data.bins import POOL_UM, visium_hd_sample
+from hinge_cli.data.samples import SampleSpec, visium_sample_id
 from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.hest import read_hest
 from hinge_cli.formats.spaceranger import read_spaceranger, spot_expression, visium_image
@@ -22,16 +23,6 @@ from hinge_cli.run.directory import Run
 
 log = logging.getLogger(__name__)
 
-
-
-class SampleSpec(NamedTuple):
-    """One sample to tile: its slide, spot file and µm/px, however it came in."""
-
-    sample_id: str
-    slide: Path
-    spots: Path | None = None
-    mpp: float | None = None
-    layer: str | None = None  # the spot file's layer with raw counts; None: X, or scanpy's layers['counts']
 
 
 def read_sample_sheet(path: Path) -> list[SampleSpec]:
@@ -65,12 +56,6 @@ def read_sample_sheet(path: Path) -> list[SampleSpec]:
     return specs
 
 
-def visium_sample_id(outs: Path) -> str:
-    """Space Ranger writes `<sample>/outs/`: the sample's name is the folder above `outs`."""
-    outs = Path(outs).resolve()
-    return outs.parent.name if outs.name == "outs" else outs.name
-
-
 def visium_sample(run: Run, outs: Path, image: str | Path = "hires", sample_id: str | None = None) -> SampleSpec:
     """The sample of a Space Ranger `outs/` folder, its spots written to `<run>/inputs/<sample>.h5ad`.
 
@@ -98,17 +83,22 @@ def hest_samples(root: Path, ids: Sequence[str] = ()) -> list[SampleSpec]:
 def sample_specs(run: Run, *, slides: Sequence[Path] = (), spots: Path | None = None, sample_id: str | None = None,
                  mpp: float | None = None, sheet: Path | None = None, visium: Path | None = None,
                  image: str | Path = "hires", hest: Path | None = None, ids: Sequence[str] = (),
-                 layer: str | None = None) -> list[SampleSpec]:
+                 layer: str | None = None, visium_hd: Path | None = None, bin_um: int = 8,
+                 pool_um: float = POOL_UM) -> list[SampleSpec]:
     """The samples one `tile` call names, by whichever route the user took (exactly one of them)."""
     routes = [name for name, given in (("slide files", bool(slides)), ("--samples", sheet is not None),
-                                       ("--visium", visium is not None), ("--hest", hest is not None)) if given]
+                                       ("--visium", visium is not None), ("--visium-hd", visium_hd is not None),
+                                       ("--hest", hest is not None)) if given]
     if len(routes) > 1:
         raise HingeError(f"{' and '.join(routes)} both name samples", "give one of them per call")
     if ids and hest is None:
         raise HingeError(f"{setting('ids')} selects samples of a HEST folder", f"give {setting('hest', 'DIR')} with it")
-    if (visium is not None or hest is not None) and (spots is not None or mpp is not None):
-        raise HingeError(f"{setting('spots')} and {setting('mpp')} come from the folder with {setting('visium')} or {setting('hest')}", "drop them")
-    if visium is not None:
+    if (visium is not None or visium_hd is not None or hest is not None) and (spots is not None or mpp is not None):
+        raise HingeError(f"{setting('spots')} and {setting('mpp')} come from the folder with {setting('visium')}, "
+                         f"{setting('visium-hd')} or {setting('hest')}", "drop them")
+    if visium_hd is not None:
+        specs = [visium_hd_sample(run, visium_hd, image, bin_um, pool_um, sample_id)]
+    elif visium is not None:
         specs = [visium_sample(run, visium, image, sample_id)]
     elif hest is not None:
         specs = hest_samples(hest, ids)

@@ -21,7 +21,7 @@ from hinge_cli.core.figures import slide_thumbnail
 from hinge_cli.core.files import atomic_path, describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import read_expression, read_h5ad
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError, setting
 from hinge_cli.formats.tiles import TileAttrs, write_tiles
 from hinge_cli.run.directory import Run

@@ -28,8 +28,8 @@ from hinge_cli.core.files import atomic_path
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.expression import expression_unit
 from hinge_cli.data.features import SlideShift, prediction_view
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.data.shift import ExtremeFeatures, shift_report, warn_if_outside
-from hinge_cli.data.sources import SampleSpec
 from hinge_cli.encoders.embedding import embed_sample, parse_weights
 from hinge_cli.encoders.registry import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.errors import HingeError, command, setting

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hinge_cli.config import TileConfig
 from hinge_cli.core.progress import SILENT, Progress
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError, setting
 from hinge_cli.run.directory import Run, SampleReport, Shard
 from hinge_cli.run.lineage import changed_settings

@@ -27,6 +27,7 @@ from hinge_cli.formats.spaceranger import (
     SpotPositions,
     write_spaceranger,
 )
+from hinge_cli.formats.visium_hd import Bins, HDScaleFactors, hd_barcode, write_bins, write_feature_slice
 from hinge_cli.slide.writer import write_pyramidal_tiff
 
 BACKGROUND = (244, 242, 246)
@@ -206,3 +207,52 @@ def make_trident_features(
     )
     write_patch_file(path, patches, features_name, hest_barcodes)
     return patches
+
+
+@dataclass(frozen=True)
+class SyntheticHD:
+    outs: Path
+    fullres: Path | None
+    mpp: float  # of the full-resolution image
+    tissue: SyntheticTissue  # in full-resolution pixels
+    counts_2um: np.ndarray  # (rows, cols, genes): every 2 µm bin's counts, from which the larger bins are summed
+
+
+def make_visium_hd(outs: Path, side_um: int = 480, mpp: float = 1.0, fullres: Path | None = None, n_genes: int = 12,
+                   seed: int = 0, sizes: tuple[int, ...] = (2, 8, 16), hires_scalef: float = 0.5,
+                   lowres_scalef: float = 0.1, csv_positions: bool = False) -> SyntheticHD:
+    """A Visium HD outs/ folder: `binned_outputs/square_<size>um/` for each size, whose counts are the sums of one set
+    of 2 µm bins (as Space Ranger bins them), parquet positions (or the CSV layout), scale factors and PNGs; `fullres`
+    also writes the full-resolution image."""
+    rng = np.random.default_rng(seed)
+    side_px = round(side_um / mpp)
+    tissue = SyntheticTissue((side_px * 0.5, side_px * 0.5), side_px * 0.35)
+    drawing = _tissue_image(rng, side_px, tissue)
+    n = side_um // 2
+    row, col = (a.ravel() for a in np.mgrid[0:n, 0:n])
+    programme = rng.gamma(1.0, 2.0, (3, n_genes))
+    weights = np.stack([col / n, row / n, np.ones(n * n)], axis=1)
+    inside = tissue.contains(np.stack([(col + 0.5) * 2 / mpp, (row + 0.5) * 2 / mpp], axis=1))
+    fine = rng.poisson(0.05 * weights @ programme).astype(np.int32) * inside[:, None]
+    images = {"hires": _resized(drawing, hires_scalef), "lowres": _resized(drawing, lowres_scalef)}
+    genes = pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=pd.Index([f"GENE{i}" for i in range(n_genes)]))
+    for size in sizes:
+        per = size // 2
+        r, c = row // per, col // per
+        cells = n // per
+        whole = (r < cells) & (c < cells)
+        key = r[whole] * cells + c[whole]
+        summed = sparse.csr_matrix((np.ones(len(key)), (key, np.flatnonzero(whole))), shape=(cells * cells, n * n)) @ fine
+        grid_r, grid_c = (a.ravel() for a in np.mgrid[0:cells, 0:cells])
+        centres = np.stack([(grid_c + 0.5) * size / mpp, (grid_r + 0.5) * size / mpp], axis=1)
+        in_tissue = tissue.contains(centres)
+        barcodes = hd_barcode(size, grid_r, grid_c)
+        counts = ad.AnnData(X=sparse.csr_matrix(summed[in_tissue].astype(np.int32)),
+                            obs=pd.DataFrame(index=pd.Index(barcodes[in_tissue].astype(str))), var=genes.copy())
+        factors = HDScaleFactors(float(size), mpp, size / mpp, hires_scalef, lowres_scalef)
+        write_bins(outs, Bins(size, counts, barcodes, in_tissue, np.stack([grid_r, grid_c], axis=1), centres, factors), images,
+                   csv_positions)
+    write_feature_slice(outs)
+    if fullres is not None:
+        write_pyramidal_tiff(fullres, drawing, mpp)
+    return SyntheticHD(Path(outs), fullres, mpp, tissue, fine.reshape(n, n, n_genes))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from hinge_cli.config import load_config
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
 from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, write_skeleton

@@ -14,8 +14,8 @@ from stand_in import tiled_synthetic
 
 from hinge_cli.config import EmbedConfig
 from hinge_cli.data.features import SlideShift
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.data.shift import ShiftReference, SlideStats, shift_report, warn_if_outside
-from hinge_cli.data.sources import SampleSpec
 from hinge_cli.formats.tiles import read_tiles
 from hinge_cli.slide.stats import slide_stats
 from hinge_cli.slide.tiling import tile_sample

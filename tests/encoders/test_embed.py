@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from hinge_cli.cli.app import app
 from hinge_cli.config import EmbedConfig, load_config
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.encoders import registry as enc
 from hinge_cli.encoders.embedding import parse_weights, read_plan_tiles
 from hinge_cli.encoders.registry import ARCHS, REGISTRY, build_encoder, get_spec, parse_encoders

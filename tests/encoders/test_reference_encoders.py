@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from hinge_cli.cli.app import app
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.encoders.preprocess import Preprocess
 from hinge_cli.encoders.registry import REGISTRY
 from hinge_cli.formats.embeddings import read_embeddings

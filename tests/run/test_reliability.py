@@ -17,7 +17,7 @@ from stand_in import tiled_synthetic, trained_tiny, write_features
 
 from hinge_cli.config import EmbedConfig, GenerateConfig, load_config
 from hinge_cli.core.files import LEFTOVER_AGE_S, atomic_path, output_lock
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.encoders import registry as enc
 from hinge_cli.encoders.registry import REGISTRY
 from hinge_cli.errors import HingeError

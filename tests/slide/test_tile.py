@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from hinge_cli.cli.app import app
 from hinge_cli.config import TileConfig, load_config
 from hinge_cli.core.files import OutputLocked, output_lock
-from hinge_cli.data.sources import SampleSpec, read_sample_sheet
+from hinge_cli.data.samples import SampleSpec
+from hinge_cli.data.sources import read_sample_sheet
 from hinge_cli.errors import HingeError
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.reader import open_slide

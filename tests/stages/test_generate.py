@@ -26,7 +26,7 @@ from hinge_cli.cli.app import app
 from hinge_cli.config import GenerateConfig
 from hinge_cli.data.expression import Transform
 from hinge_cli.data.features import FeatureNorm
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.eval import evaluate, read_prediction
 from hinge_cli.model import Hinge, load_checkpoint, save_checkpoint

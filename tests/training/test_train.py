@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from stand_in import tiled_synthetic
 
-from hinge_cli.data.sources import SampleSpec
+from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, write_embeddings
 from hinge_cli.model import load_checkpoint
