@@ -176,6 +176,7 @@ def test_encoder_on_a_gpu_is_channels_last_and_autocast(fake_cuda: list) -> None
     assert ("cuda", torch.bfloat16, True) in fake_cuda
 
 
+@pytest.mark.slow
 def test_training_and_generation_take_every_cuda_branch(run_with_features: Run, fake_cuda: list, tmp_path: Path) -> None:
     """The tiny pipeline with every `is_cuda` saying yes: bf16 autocast is built for training, validation and both
     samplers (the old `torch._autocast` in generate failed here), and the log's peak memory is the GPU's."""

@@ -125,6 +125,7 @@ def test_bins_off_the_image_are_left_out_with_a_warning(hd: SyntheticHD, tmp_pat
     assert (kept.obsm["spatial"][:, 0] < 240).all()  # every kept centre on the 240 px hires image
 
 
+@pytest.mark.slow  # importing spatialdata-io takes seconds
 def test_spatialdata_io_reads_the_fixture_as_space_ranger_output(hd: SyntheticHD) -> None:
     """An independent reader (spatialdata-io's visium_hd, in the `formats` test extra) finds every bin size, its bins
     by barcode with their centres, and the images: the fixture is the real layout, not one hinge alone reads."""

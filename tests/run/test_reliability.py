@@ -314,6 +314,7 @@ def test_tile_again_with_other_spots_is_refused_until_overwrite(tmp_path: Path, 
     assert run.sample("s0")["expression"]["path"] == str(fewer.resolve())
 
 
+@pytest.mark.slow
 def test_a_training_log_cut_short_by_a_kill_is_whole_again_after_the_rerun(tmp_path: Path) -> None:
     """Killed after the last epoch's checkpoint landed but before its log line: the re-run has no epoch left to train,
     and still leaves the log with every epoch."""
