@@ -80,16 +80,22 @@ def _steady(value: object, root: str) -> object:
     return value.replace(root, "ROOT") if isinstance(value, str) else value
 
 
-def _h5_tree(path: Path, root: str) -> dict[str, object]:
+def h5_content(path: Path, root: Path | str | None = None) -> dict[str, object]:
+    """Every group, dataset and attribute of an HDF5 file, for bit-for-bit comparison; the folder `root`, where written
+    inside (a path in an attribute or a string), reads ROOT, so two copies of one run compare equal."""
     tree: dict[str, object] = {}
+
+    def steady(text: str) -> str:
+        return text.replace(str(root), "ROOT") if root is not None else text
+
     with h5py.File(path, "r") as h5:
         def attrs(item: h5py.HLObject) -> dict[str, str]:
-            return {k: str(v).replace(root, "ROOT") for k, v in item.attrs.items()}
+            return {k: steady(str(v)) for k, v in item.attrs.items()}
 
         def visit(name: str, item: h5py.HLObject) -> None:
             data = np.asarray(item[()]) if isinstance(item, h5py.Dataset) else None
             if data is not None and data.dtype.kind in "OSU":  # text, perhaps a path inside the folder
-                data = np.array([str(v.decode() if isinstance(v, bytes) else v).replace(root, "ROOT") for v in data.ravel()],
+                data = np.array([steady(str(v.decode() if isinstance(v, bytes) else v)) for v in data.ravel()],
                                 dtype=object).reshape(data.shape)
             tree[name] = (None if data is None else _exact(data), attrs(item))
         h5.visititems(visit)
@@ -108,7 +114,7 @@ def folder_record(root: Path) -> dict[str, object]:
         elif path.suffix == ".jsonl":
             record[name] = [_steady(json.loads(line), here) for line in path.read_text().splitlines()]
         elif path.suffix in (".h5", ".h5ad"):
-            record[name] = _h5_tree(path, here)
+            record[name] = h5_content(path, here)
         elif path.suffix in (".yaml", ".txt", ".md", ".csv", ".html"):
             record[name] = path.read_text().replace(here, "ROOT")
         elif path.suffix == ".lock":
@@ -120,14 +126,6 @@ def folder_record(root: Path) -> dict[str, object]:
 
 def _exact(array: np.ndarray) -> object:
     return array.tolist() if array.dtype == object else (array.dtype.str, array.shape, array.tobytes())
-
-
-def h5_content(path: Path, skip_attrs: tuple[str, ...] = ()) -> dict:
-    """Every dataset and attribute of an HDF5 file, for bit-for-bit comparison."""
-    with h5py.File(path, "r") as h5:
-        data = {k: _exact(np.asarray(h5[k][()])) for k in h5}
-        attrs = {k: str(v) for k, v in h5.attrs.items() if k not in skip_attrs}
-    return {"data": data, "attrs": attrs}
 
 
 def differences(got: object, expected: object, where: str = "") -> list[str]:

@@ -56,8 +56,7 @@ def pool_bins(bins: Bins, pool_um: float = POOL_UM, min_tissue_fraction: float =
     indicator = sparse.csr_matrix((np.ones(int(take.sum()), np.int64), (member[take], row[take])),
                                   shape=(len(kept), bins.counts.n_obs))
     summed = (indicator @ sparse.csr_matrix(bins.counts.X)).astype(np.int64)
-    centres = np.zeros((len(keys), 2))
-    np.add.at(centres, of_bin, bins.centres_fullres)
+    centres = np.stack([np.bincount(of_bin, bins.centres_fullres[:, axis], len(keys)) for axis in (0, 1)], axis=1)
     centres = centres[kept] / total[kept, None]
     names = [f"p{pool_um:g}um_{r:05d}_{c:05d}" for r, c in keys[kept]]
     pooled = ad.AnnData(X=sparse.csr_matrix(summed), obs=pd.DataFrame({"n_bins": inside[kept], "tissue_fraction": fraction[kept]},
@@ -82,9 +81,9 @@ def _image_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def _check_fullres(path: Path, folder: Path, factors_hires: float) -> None:
-    """A full-resolution image must be the one the scale factors describe: its size times tissue_hires_scalef is the
-    hires PNG's size."""
+def _check_fullres(path: Path, size: tuple[int, int], folder: Path, factors_hires: float) -> None:
+    """A full-resolution image (`size`: its width, height) must be the one the scale factors describe: its size times
+    tissue_hires_scalef is the hires PNG's size."""
     from PIL import Image
 
     hires = folder / "spatial" / SHIPPED_IMAGES["hires"]
@@ -92,7 +91,7 @@ def _check_fullres(path: Path, folder: Path, factors_hires: float) -> None:
         return
     with Image.open(hires) as png:
         expected = np.array(png.size) / factors_hires
-    size = np.array(_image_size(path))
+    size = np.array(size)
     off = np.abs(size / expected - 1)
     if (off > SIZE_TOLERANCE).any():
         raise HingeError(f"{path} is {size[0]} x {size[1]} px, but the scale factors (tissue_hires_scalef "
@@ -108,7 +107,8 @@ def visium_hd_sample(run: Run, outs: Path, image: str | Path = "hires", bin_um: 
     bins = read_bins(Path(outs), bin_um)
     folder = bin_folder(outs, bin_um)
     factors = bins.scalefactors
-    if str(image) in SHIPPED_IMAGES:
+    fullres = str(image) not in SHIPPED_IMAGES
+    if not fullres:
         path, scale = folder / "spatial" / SHIPPED_IMAGES[str(image)], factors.scale(str(image))
         if not path.is_file():
             raise HingeError(f"{path.parent} has no {path.name}", f"pass {setting('image')} with the full-resolution image given to Space Ranger")
@@ -116,10 +116,11 @@ def visium_hd_sample(run: Run, outs: Path, image: str | Path = "hires", bin_um: 
         path, scale = Path(image), 1.0
         if not path.is_file():
             raise HingeError(f"image {path} does not exist", f"pass {setting('image')} with the full-resolution image, or hires or lowres")
-        _check_fullres(path, folder, factors.tissue_hires_scalef)
+    width, height = _image_size(path)
+    if fullres:
+        _check_fullres(path, (width, height), folder, factors.tissue_hires_scalef)
     pooled = pool_bins(bins, pool_um)
     pooled.obsm["spatial"] = pooled.obsm["spatial"] * scale
-    width, height = _image_size(path)
     xy = pooled.obsm["spatial"]
     on = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < width) & (xy[:, 1] < height)
     if not on.any():

@@ -92,7 +92,7 @@ def read_hd_scalefactors(spatial: Path) -> HDScaleFactors:
     return factors
 
 
-def _position_table(spatial: Path) -> tuple[dict[str, np.ndarray], Path]:
+def _position_table(spatial: Path) -> dict[str, np.ndarray]:
     """The positions' columns: from the parquet file, or the CSV layout older pipelines wrote (read, with a note)."""
     parquet, csv = spatial / PARQUET_POSITIONS, spatial / POSITIONS_FILE
     if parquet.is_file():
@@ -107,7 +107,7 @@ def _position_table(spatial: Path) -> tuple[dict[str, np.ndarray], Path]:
         if missing:
             raise HingeError(f"{parquet} lacks the columns {', '.join(missing)}",
                              f"it needs {', '.join(POSITION_COLUMNS)}, as Space Ranger writes them")
-        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in POSITION_COLUMNS}, parquet
+        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in POSITION_COLUMNS}
     if csv.is_file():
         import pandas as pd
 
@@ -116,7 +116,7 @@ def _position_table(spatial: Path) -> tuple[dict[str, np.ndarray], Path]:
         missing = [c for c in POSITION_COLUMNS if c not in frame.columns]
         if missing:
             raise HingeError(f"{csv} lacks the columns {', '.join(missing)}", f"it needs {', '.join(POSITION_COLUMNS)}")
-        return {c: frame[c].to_numpy() for c in POSITION_COLUMNS}, csv
+        return {c: frame[c].to_numpy() for c in POSITION_COLUMNS}
     raise HingeError(f"{spatial} has neither {PARQUET_POSITIONS} nor {POSITIONS_FILE}",
                      "copy the whole binned_outputs/ folder Space Ranger wrote")
 
@@ -129,7 +129,7 @@ def read_bins(outs: Path, bin_um: int) -> Bins:
         raise HingeError(f"{outs} has no {bin_um} µm bins (present: {sizes})", f"pass {setting('bin-um')} with one of them")
     folder = bin_folder(outs, bin_um)
     spatial = folder / "spatial"
-    columns, _ = _position_table(spatial)
+    columns = _position_table(spatial)
     factors = read_hd_scalefactors(spatial)
     return Bins(bin_um, read_matrix(folder / MATRIX_FILE), columns["barcode"].astype(str).astype(object),
                 columns["in_tissue"].astype(bool), np.column_stack([columns["array_row"], columns["array_col"]]).astype(np.int64),
