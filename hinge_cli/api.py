@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hinge_cli.core.progress import SILENT, Progress
-from hinge_cli.errors import HingeError, worded
+from hinge_cli.errors import HingeError, setting, worded
 from hinge_cli.run.directory import Run, SampleReport, Shard
 
 if TYPE_CHECKING:
@@ -160,11 +160,21 @@ def warmup_paths(warmup: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def targets(run: Run, slides: Sequence[PathLike] = (), sample_ids: Sequence[str] = (), spots: PathLike | None = None,
-            mpp: float | None = None, visium: PathLike | None = None, image: str = "hires") -> list[Target]:
-    """What to predict: new slides, a Space Ranger folder, or samples already tiled in the run."""
+            mpp: float | None = None, visium: PathLike | None = None, image: str = "hires", visium_hd: PathLike | None = None,
+            bin_um: int = 16) -> list[Target]:
+    """What to predict: new slides, a Space Ranger folder, the `bin_um` bins of a Visium HD one, or samples already tiled
+    in the run."""
     from hinge_cli.stages.generate import Target
 
     slides, sample_ids = [Path(s) for s in _listed(slides)], _listed(sample_ids)
+    if visium_hd is not None:
+        if visium is not None or slides or spots is not None or mpp is not None or len(sample_ids) > 1:
+            raise HingeError(f"{setting('visium-hd')} names the slide, its bins and µm/px",
+                             f"drop the slides, {setting('visium')}, {setting('spots')} and {setting('mpp')} (one {setting('sample-id')} at most)")
+        from hinge_cli.data.bins import HDBins, visium_hd_bins
+
+        spec = visium_hd_bins(run, Path(visium_hd), image, bin_um, sample_ids[0] if sample_ids else None)
+        return [Target(spec.sample_id, spec.slide, spec.spots, spec.mpp, HDBins(Path(visium_hd).resolve(), bin_um))]
     if visium is not None:
         if slides or spots is not None or mpp is not None or len(sample_ids) > 1:
             raise HingeError("--visium names the slide, its spots and µm/px", "drop the slides, --spots and --mpp (one --sample-id at most)")
@@ -300,6 +310,7 @@ def calibrate(run: PathLike | None = None, *, settings: Settings | None = None, 
 @_python_api
 def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[str] = (), spots: PathLike | None = None,
                      mpp: float | None = None, visium: PathLike | None = None, image: str = "hires",
+                     visium_hd: PathLike | None = None, bin_um: int = 16,
                      run: PathLike | None = None, checkpoint: PathLike | None = None, out: PathLike | None = None,
                      weights: Sequence[str] = (), genes_to_plot: Sequence[str] = (), settings: Settings | None = None,
                      shard: Shard = Shard(), overwrite: bool = False, keep_going: bool = False, model: str = "hinge",
@@ -311,10 +322,11 @@ def generate_samples(slides: Sequence[PathLike] = (), *, sample_ids: Sequence[st
     slide is recorded and the others go on. `model="ridge"`: the baseline `train` fitted,
     to `<sample>.ridge.h5ad`. `given`: an .h5ad of genes measured on the (one) slide's spots, held fixed while
     the rest of the panel is generated (optionally only the genes listed in `given_genes`, counts from `given_layer`).
+    `visium_hd`: a Visium HD outs/ folder, predicted at each in-tissue bin of `bin_um` µm (Space Ranger's barcodes).
     Returns what was done, skipped and failed.
     """
     the_run = Run(run)
-    return _generate(the_run, targets(the_run, slides, sample_ids, spots, mpp, visium, image), checkpoint, out, weights,
+    return _generate(the_run, targets(the_run, slides, sample_ids, spots, mpp, visium, image, visium_hd, bin_um), checkpoint, out, weights,
                      genes_to_plot, settings, shard, overwrite, keep_going, model, given, given_genes, given_layer, progress)
 
 
@@ -334,7 +346,8 @@ def _generate(the_run: Run, wanted: list[Target], checkpoint: PathLike | None, o
 
 @_python_api
 def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spots: PathLike | None = None,
-             mpp: float | None = None, visium: PathLike | None = None, image: str = "hires", run: PathLike | None = None,
+             mpp: float | None = None, visium: PathLike | None = None, image: str = "hires",
+             visium_hd: PathLike | None = None, bin_um: int = 16, run: PathLike | None = None,
              checkpoint: PathLike | None = None, out: PathLike | None = None, weights: Sequence[str] = (),
              genes_to_plot: Sequence[str] = (), settings: Settings | None = None, overwrite: bool = False,
              model: str = "hinge", given: PathLike | None = None, given_genes: PathLike | None = None,
@@ -350,12 +363,14 @@ def generate(slide: PathLike | None = None, *, sample_id: str | None = None, spo
     batch_size, device, keep_samples. `model="ridge"` predicts with the closed-form baseline `train`
     fitted on the same spots instead (its mean and a per-gene Gaussian; default file `<sample>.ridge.h5ad`).
     `given`: measured genes of this slide held fixed, the rest generated (var["given"], obs["n_given"] mark them).
+    `visium_hd`: a Visium HD outs/ folder, predicted at each in-tissue bin of `bin_um` µm: obs_names are Space Ranger's
+    barcodes, obsm["spatial"] full-resolution pixels and uns["spatial"] the bin size's scale factors.
     """
     import anndata
 
     the_run = Run(run)
     (target,) = targets(the_run, [] if slide is None else [slide], [] if sample_id is None else [sample_id], spots, mpp,
-                        visium, image)
+                        visium, image, visium_hd, bin_um)
     report = _generate(the_run, [target], checkpoint, out, weights, genes_to_plot, settings, Shard(), overwrite, False, model,
                        given, given_genes, given_layer, progress)
     return anndata.read_h5ad(report.outputs[target.sample_id])

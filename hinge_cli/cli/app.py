@@ -28,7 +28,9 @@ from hinge_cli.cli.options import (
     Spots,
     Verbose,
     Visium,
+    VisiumHD,
     Weights,
+    bin_um_option,
     command_decorator,
     deprecated,
     device_setting,
@@ -82,10 +84,8 @@ def tile(
     mpp: Mpp = None,
     samples: path_option("CSV with columns sample_id, slide[, spots, mpp, layer].", "file", "--samples") = None,
     visium: Visium = None,
-    visium_hd: path_option("A Space Ranger Visium HD outs/ folder (binned_outputs/): its bins pooled into pseudo-spots.",
-                           "folder", "--visium-hd") = None,
-    bin_um: Annotated[int, typer.Option("--bin-um", help="With --visium-hd: the bins to pool, 2|8|16 µm (default: 8).",
-                                        metavar="<int>", show_default=False)] = 8,
+    visium_hd: VisiumHD = None,
+    bin_um: bin_um_option(8) = 8,
     pool_um: Annotated[float, typer.Option("--pool-um", help="With --visium-hd: the side of a pseudo-spot in µm (default: 55, "
                                            "a Visium spot's neighbourhood).", metavar="<float>", show_default=False)] = 55.0,
     image: Image = None,
@@ -106,7 +106,8 @@ def tile(
     keep_going: KeepGoing = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Detect tissue and cut patches at a fixed µm/px: one per spot, or on a grid over the tissue."""
+    """Detect tissue and cut patches at a fixed µm/px: one per spot, or on a grid over the tissue; with --visium-hd,
+    training spots pooled from HD bins."""
     names = ids(sample_id)
     if len(names) > 1:
         raise HingeError("tile takes one --sample-id, for one slide", "tile one slide per call, or use --samples sheet.csv")
@@ -233,8 +234,8 @@ def calibrate(
 def eval(  # noqa: A001 - the subcommand is called eval
     pred: Annotated[list[Path], typer.Option("--pred", help="Prediction .h5ad from `hinge generate`; repeat for several slides.",
                                              exists=True, dir_okay=False)],
-    truth: Annotated[list[Path], typer.Option("--truth", help="Measured counts .h5ad, one per --pred, in the same order.",
-                                              exists=True, dir_okay=False)],
+    truth: Annotated[list[Path], typer.Option("--truth", help="Measured counts .h5ad, one per --pred, in the same order; for a "
+                                              "prediction of Visium HD bins, the HD outs/ folder.", exists=True)],
     out: path_option("Output folder (default: <run>/eval/<sample> with a run, else ./hinge-eval).", "folder", "--out",
                      exists=False) = None,
     baseline: Annotated[Optional[list[Path]], typer.Option(
@@ -280,6 +281,8 @@ def generate(
     spots: Spots = None,
     mpp: Mpp = None,
     visium: Visium = None,
+    visium_hd: VisiumHD = None,
+    bin_um: bin_um_option(16) = 16,
     image: Image = None,
     checkpoint: path_option("Model to use (default: the run's checkpoints/best.safetensors).", "file", "--checkpoint") = None,
     model: Annotated[str, typer.Option("--model", help="hinge, or ridge: the closed-form baseline `hinge train` fitted "
@@ -307,7 +310,8 @@ def generate(
     keep_going: KeepGoing = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Predict spot expression for new slides (or tiled samples) and write AnnData files scanpy can plot."""
+    """Predict spot expression for new slides (or tiled samples) and write AnnData files scanpy can plot; with
+    --visium-hd, at every in-tissue bin of --bin-um."""
     if samples is not None:
         deprecated("generate --samples", "--n-samples")
         n_samples = samples if n_samples is None else n_samples
@@ -318,7 +322,7 @@ def generate(
                          "keep_samples": keep_samples, "temperature": temperature, "point": point, "calibrated": calibrated, "view": view}
     run_command("generate", lambda reporter: api.generate_samples(
         [*(slides or []), *(slide or [])], sample_ids=ids(sample_id), spots=spots, mpp=mpp, visium=visium,
-        image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),
+        visium_hd=visium_hd, bin_um=bin_um, image=image or "hires", run=run, checkpoint=checkpoint, out=out, weights=weights or (),
         genes_to_plot=ids(genes_to_plot), settings={"generate": generate_settings}, shard=Shard.parse(shard),
         overwrite=overwrite, keep_going=keep_going, model=model, given=given, given_genes=given_genes, given_layer=given_layer,
         progress=reporter))

@@ -170,8 +170,17 @@ def ranged_option(rule: Rule, name: str, text: str) -> Any:
 
 Mpp = ranged_option(POSITIVE, "--mpp", "µm/px of level 0, when the slide does not say")
 Visium = path_option("A Space Ranger outs/ folder: its image, spots and scale factors.", "folder", "--visium")
-Image = text_option("With --visium: the full-resolution image file, or hires|lowres from outs/spatial (default: hires).",
-                    "--image")
+VisiumHD = path_option("A Space Ranger Visium HD outs/ folder (its binned_outputs/).", "folder", "--visium-hd")
+
+
+def bin_um_option(default: int) -> Any:
+    """--bin-um: the bins tile pools (8 µm by default) or generate predicts (16 µm)."""
+    return Annotated[int, typer.Option("--bin-um", help=f"With --visium-hd: the bin size in µm, 2|8|16 (default: {default}).",
+                                       metavar="<int>", show_default=False)]
+
+
+Image = text_option("With --visium or --visium-hd: the full-resolution image file, or hires|lowres from its spatial/ "
+                    "folder (default: hires).", "--image")
 Weights = Annotated[Optional[list[str]], typer.Option(
     "--weights", help="FILE, or NAME=FILE per learned encoder (default: the Hugging Face cache).")]
 GenesFile = path_option("Use only these genes (a file, one symbol per line).", "file", "--genes")

@@ -48,6 +48,12 @@ class Prediction:
     given: list[str] = field(default_factory=list)  # genes var['given'] marks: measured and given to `generate --given`
     provenance: dict[str, Any] = field(default_factory=dict)  # uns['hinge']: what made it
 
+    @property
+    def bin_um(self) -> int | None:
+        """The Visium HD bin size a prediction of bins (`generate --visium-hd`) was made at; None for spots."""
+        bins = self.provenance.get("visium_hd")
+        return None if not bins else int(bins["bin_um"])
+
 
 def _layer(adata: Any, name: str) -> np.ndarray | None:
     return _dense(adata.layers[name]) if name in adata.layers else None
@@ -137,6 +143,7 @@ class Aligned:
     q95: np.ndarray | None = None
     draws: np.ndarray | None = None  # (spots, draws, genes)
     raw: bool = True  # False: the truth held normalised expression, so no depth is known (`read_truth`)
+    barcodes: list[str] = field(default_factory=list)  # the prediction's, of each aligned spot
 
 
 def _spacing(truth: Expression) -> float | None:
@@ -229,5 +236,5 @@ def align(pred: Prediction, truth: Expression, genes: Sequence[str] | None = Non
         gene_report={"n_panel": len(pred.genes), "n_evaluated": len(kept), "missing_from_truth": missing,
                      "dropped_nonfinite": dropped, "not_in_prediction": not_in_prediction, "given": list(pred.given)},
         q05=spread.get("q05"), q95=spread.get("q95"),
-        draws=draws[:, :, finite] if draws is not None else None, raw=truth.raw,
+        draws=draws[:, :, finite] if draws is not None else None, raw=truth.raw, barcodes=[pred.barcodes[i] for i in rows_p],
     )

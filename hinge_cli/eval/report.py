@@ -14,6 +14,7 @@ import numpy as np
 from hinge_cli.core.files import write_text_atomic
 from hinge_cli.data.expression import expression_unit
 from hinge_cli.eval.metrics import finite_mean
+from hinge_cli.eval.pooling import PoolingLevel, pooling_table
 from hinge_cli.eval.probabilistic import GAUSSIAN_COVERAGE, INTERVAL_COVERAGE
 from hinge_cli.eval.score import (
     CORRELATION_ROWS,
@@ -117,12 +118,15 @@ class SlideResult:
     model: str = "hinge"
     baseline: Baseline | None = None
     shift: dict[str, Any] | None = None  # the prediction's shift report (uns['hinge']['shift']), where it has one
+    pooling: list[PoolingLevel] | None = None  # a bin-level prediction's scores as both sides are pooled
 
     def to_dict(self) -> dict[str, Any]:
         out = {"sample": self.sample, "pred": self.pred, "truth": self.truth, "alignment": self.alignment,
                "genes": self.genes, "transform": self.transform, "headline": HEADLINE.key, **self.metrics.to_dict()}
         if self.shift is not None:
             out["shift"] = self.shift
+        if self.pooling is not None:
+            out["pooling"] = [level.to_dict() for level in self.pooling]
         if self.baseline is not None:
             b = self.baseline
             out["baseline"] = {"pred": b.pred, "model": b.model, "metrics": metric_table(b.metrics)}
@@ -343,6 +347,8 @@ def slide_report(slide: SlideResult) -> str:
                 "(gene-specific signal beyond sequencing depth).")
     lines += ["", headline, "", *comparison_section([slide])]
     lines += [correlation_table(slide.metrics), "", metrics_table([slide], rows=OTHER_METRICS), ""]
+    if slide.pooling is not None:
+        lines += pooling_table(slide.pooling)
     lines += ["## Best and worst genes (by model-space Pearson)", "", "| gene | Pearson | depth-partial | Spearman | MSE |",
               "|---|---|---|---|---|"]
     per_gene = slide.metrics.per_gene

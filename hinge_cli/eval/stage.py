@@ -15,12 +15,14 @@ from pathlib import Path
 
 from hinge_cli.core.files import reading, write_text_atomic
 from hinge_cli.core.progress import SILENT, Progress
+from hinge_cli.data.bins import hd_truth, is_hd_folder
 from hinge_cli.data.expression import Expression, read_truth
 from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval import metrics
 from hinge_cli.eval.align import Aligned, Prediction, align, read_prediction
 from hinge_cli.eval.html_report import slide_report_html
 from hinge_cli.eval.pictures import draw_pictures
+from hinge_cli.eval.pooling import pooling_curve
 from hinge_cli.eval.report import (
     Baseline,
     SlideResult,
@@ -108,6 +110,16 @@ def _unfinished(existing: Sequence[Path], summary_dir: Path, preds: Sequence[Pat
     return True
 
 
+def _read_truth(path: Path, layer: str | None, pred: Prediction) -> Expression:
+    """The measured counts: an .h5ad, or for a prediction of Visium HD bins the HD outs/ folder at the bins' size."""
+    if not is_hd_folder(path):
+        return read_truth(path, layer)
+    if pred.bin_um is None:
+        raise HingeError(f"{setting('truth')} {path} is a Visium HD folder, but {pred.path} does not predict its bins",
+                         f"predict them with `{command('generate')} {setting('visium-hd')}`, or give the truth as an .h5ad")
+    return hd_truth(path, pred.bin_um)
+
+
 def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = None, run: Run | None = None,
              genes: Path | None = None, genes_to_plot: Sequence[str] = (), overwrite: bool = False,
              progress: Progress = SILENT, layer: str | None = None, maps: bool = True,
@@ -145,18 +157,19 @@ def evaluate(preds: Sequence[Path], truths: Sequence[Path], out: Path | None = N
     slides: list[SlideResult] = []
     with progress.task("eval", total=len(loaded)) as advance:
         for pred, truth_path, folder, baseline in zip(loaded, truths, folders, paired, strict=True):
-            truth = read_truth(truth_path, layer)
+            truth = _read_truth(Path(truth_path), layer, pred)
             aligned = align(pred, truth, wanted, Path(truth_path))
             unknown = [g for g in genes_to_plot if g not in aligned.genes]
             if unknown:
                 raise HingeError(f"{setting('genes-to-plot')}: {', '.join(unknown)} not evaluated on {pred.sample}",
                                  "choose genes in both the prediction's panel and the truth")
             result = score_slide(aligned, pred.transform)
+            pooling = None if pred.bin_um is None else pooling_curve(aligned, result.metrics, pred.transform, pred.bin_um)
             pictures = draw_pictures(aligned, pred, result, folder / "maps", genes_to_plot, draw=maps)
             slide = SlideResult(pred.sample, str(pred.path), str(truth_path), aligned.alignment, aligned.gene_report,
                                 pred.transform.to_dict(), result.metrics, pictures, pred.model,
                                 None if baseline is None else _score_baseline(Path(baseline), pred, truth, aligned, Path(truth_path)),
-                                json_ready(pred.provenance.get("shift")))
+                                json_ready(pred.provenance.get("shift")), pooling)
             write_text_atomic(folder / "report.md", slide_report(slide))
             write_view(folder / "report.html", view_of(pred, truth, Path(truth_path)), slide_report_html(slide, folder), overwrite=True)
             write_slide_metrics(folder / "metrics.json", slide)  # last: it marks the slide's evaluation as done

@@ -7,8 +7,8 @@ A ridge baseline's file is `<name>.ridge.h5ad` beside HINGE's `<name>.h5ad`; fil
 ridge had a predictive distribution have no spread layers.
 
 anndata writes everything but the predictions (obs `in_tissue` 0/1 as in Visium, obs `tissue_fraction`,
-obsm `spatial`, the hires image and scale
-factors in uns['spatial'], provenance in uns['hinge']); the predictions are then streamed into float32
+obsm `spatial`, the images and scale
+factors in uns['spatial'] (`SpatialFrame`), provenance in uns['hinge']); the predictions are then streamed into float32
 datasets in anndata's own dense encoding, chunked by spots, so no slide's predictions sit in memory at once.
 """
 
@@ -41,6 +41,33 @@ class PredictionSpots:
     n_given: np.ndarray | None = None  # (N,) genes given per spot, with `generate --given`
 
 
+@dataclass(frozen=True)
+class SpatialFrame:
+    """uns['spatial'][sample] as Visium writes it: the images (hires, and lowres where there is one) and the scale
+    factors, in Space Ranger's keys, that take obsm['spatial']'s pixels to theirs (tissue_hires_scalef) and give a
+    spot's or bin's side in them (spot_diameter_fullres)."""
+
+    images: dict[str, np.ndarray]
+    scalefactors: dict[str, float]
+
+    @classmethod
+    def of_slide(cls, image: np.ndarray, scalef: float, spot_diameter: float) -> SpatialFrame:
+        """A slide's frame: its downsampled picture, and the spot size in its level-0 pixels."""
+        return cls({"hires": image}, {"tissue_hires_scalef": float(scalef), "spot_diameter_fullres": float(spot_diameter)})
+
+    @property
+    def hires(self) -> np.ndarray:
+        return self.images["hires"]
+
+    @property
+    def hires_scale(self) -> float:
+        return self.scalefactors["tissue_hires_scalef"]
+
+    @property
+    def spot_diameter(self) -> float:
+        return self.scalefactors["spot_diameter_fullres"]
+
+
 def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
     """An empty float32 array in AnnData's on-disk encoding, chunked by spots, to be filled batch by batch."""
     chunks = (max(1, min(shape[0], CHUNK_ROWS)), *shape[1:]) if shape[0] else None
@@ -49,8 +76,8 @@ def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
     return ds
 
 
-def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
-                   scalef: float, spot_diameter: float, provenance: dict[str, Any], given: np.ndarray | None = None) -> None:
+def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], frame: SpatialFrame,
+                   provenance: dict[str, Any], given: np.ndarray | None = None) -> None:
     """Everything but the predictions, written by anndata itself so the encoding is its own; `given` (G,) bool."""
     obs = {"in_tissue": (spots.tissue_fraction >= IN_TISSUE_FRACTION).astype(np.int64), "tissue_fraction": spots.tissue_fraction}
     if spots.n_given is not None:
@@ -60,10 +87,7 @@ def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Seque
         var=pd.DataFrame({} if given is None else {"given": np.asarray(given, dtype=bool)}, index=pd.Index(list(genes), dtype=str)),
         obsm={"spatial": spots.coords},
         uns={
-            "spatial": {sample: {
-                "images": {"hires": image},
-                "scalefactors": {"tissue_hires_scalef": float(scalef), "spot_diameter_fullres": float(spot_diameter)},
-            }},
+            "spatial": {sample: {"images": dict(frame.images), "scalefactors": {k: float(v) for k, v in frame.scalefactors.items()}}},
             "hinge": provenance,
         },
     )
@@ -110,12 +134,12 @@ class PredictionWriter:
 
 
 @contextmanager
-def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], image: np.ndarray,
-                     scalef: float, spot_diameter: float, provenance: dict[str, Any],
+def write_prediction(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], frame: SpatialFrame,
+                     provenance: dict[str, Any],
                      keep_draws: int | None = None, with_spread: bool = True,
                      given: np.ndarray | None = None) -> Iterator[PredictionWriter]:
     """Write the skeleton, then hand out the writer for the predictions (and `keep_draws` draws per spot if given)."""
-    write_skeleton(path, sample, spots, genes, image, scalef, spot_diameter, provenance, given)
+    write_skeleton(path, sample, spots, genes, frame, provenance, given)
     with open_for_writing(path, "r+") as h5:
         yield PredictionWriter(h5, len(spots.barcodes), len(genes), keep_draws, with_spread)
 

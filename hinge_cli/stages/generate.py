@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from hinge_cli.config import GenerateConfig, TileConfig
 from hinge_cli.core.figures import MapPanel, spot_maps
 from hinge_cli.core.files import atomic_path
 from hinge_cli.core.progress import SILENT, Progress
+from hinge_cli.data.bins import HDBins, bin_frame
 from hinge_cli.data.expression import expression_unit
 from hinge_cli.data.features import SlideShift, prediction_view
 from hinge_cli.data.samples import SampleSpec
@@ -35,7 +37,7 @@ from hinge_cli.encoders.registry import Encoder, build_encoder, locate_weights, 
 from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval.viewer import build_view, write_view
 from hinge_cli.formats.embeddings import EmbeddingReader, open_embeddings
-from hinge_cli.formats.prediction import PredictionSpots, ridge_prediction_path, write_prediction
+from hinge_cli.formats.prediction import PredictionSpots, SpatialFrame, ridge_prediction_path, write_prediction
 from hinge_cli.formats.tiles import Tiles, read_tiles
 from hinge_cli.model.sampler import sampling_steps
 from hinge_cli.predict.given import GivenSource, read_given
@@ -61,12 +63,21 @@ MODELS = ("hinge", "ridge")
 
 
 class Target(NamedTuple):
-    """One sample to predict: a new slide (tiled on demand) or, with slide None, a sample already in the run."""
+    """One sample to predict: a new slide (tiled on demand) or, with slide None, a sample already in the run; `hd`: the
+    spots are a Visium HD capture area's bins, whose output takes the bin size's own coordinates and scale factors."""
 
     sample_id: str
     slide: Path | None = None
     spots: Path | None = None
     mpp: float | None = None
+    hd: HDBins | None = None
+
+    def tile_config(self, trained: TileConfig) -> TileConfig:
+        """How this target is tiled: as the model was trained, and for bins with the bin as the spot, keeping no pixels
+        (encoders read the slide around each bin: a patch per bin would be gigabytes)."""
+        if self.hd is None:
+            return trained
+        return replace(trained, images=False, spot_um=float(self.hd.bin_um), pitch_um=float(self.hd.bin_um))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -192,20 +203,33 @@ def _shift(model: TrainedModel, sample: str, spots: Tiles, embeddings: Embedding
 
 def predict_sample(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig,
                    genes_to_plot: Sequence[str] = (), progress: Progress = SILENT, predictor: Predictor | None = None,
-                   overwrite: bool = True, tiles: Tiles | None = None) -> dict:
+                   overwrite: bool = True, tiles: Tiles | None = None, hd: HDBins | None = None) -> dict:
     """Predict one embedded sample (default: HINGE with its configured sampler, coupled unless set) in batches and write `out`; returns the manifest
     record. Without `overwrite`, an `out` another job finished and recorded while this one waited is kept (OutputFinished).
-    `tiles`: the sample's tiles when the caller has read them already. The embeddings are opened once, for everything."""
+    `tiles`: the sample's tiles when the caller has read them already. The embeddings are opened once, for everything.
+    `hd`: the spots are these Visium HD bins, and the output is placed in their capture area's frame."""
     started = time.time()
     predictor = predictor or hinge_predictor(model, cfg)
     spots = tiles if tiles is not None else read_tiles(run.tiles(sample))
     with open_embeddings(run.embeddings(model.key, sample)) as features:
-        return _predict(run, sample, model, out, cfg, genes_to_plot, progress, predictor, overwrite, spots, features, started)
+        return _predict(run, sample, model, out, cfg, genes_to_plot, progress, predictor, overwrite, spots, features, started, hd)
+
+
+def _frame(model: TrainedModel, spots: Tiles, image: np.ndarray, scalef: float,
+           hd: HDBins | None) -> tuple[np.ndarray, SpatialFrame, dict[str, Any]]:
+    """The output's spot centres, its uns['spatial'] frame, and what provenance says of it: the slide's own pixels, or
+    for bins the full-resolution pixels and scale factors of the bin size (as Space Ranger and spatialdata-io read them)."""
+    if hd is None:
+        return spots.coords.astype(np.float64), SpatialFrame.of_slide(image, scalef, spots.attrs.spot_um / spots.attrs.mpp_source), {}
+    coords, frame = bin_frame(hd.outs, hd.bin_um, spots.barcodes)
+    trained = model.tiling.spot_um
+    return coords, frame, {"visium_hd": {"outs": str(Path(hd.outs).resolve()), "bin_um": hd.bin_um, "trained_spot_um": trained,
+                                         "means": f"the expression of a {trained:g} µm neighbourhood centred on each bin"}}
 
 
 def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: GenerateConfig, genes_to_plot: Sequence[str],
              progress: Progress, predictor: Predictor, overwrite: bool, spots: Tiles, features: EmbeddingReader,
-             started: float) -> dict:
+             started: float, hd: HDBins | None) -> dict:
     genes = model.genes
     plot_cols = [genes.index(g) for g in genes_to_plot]
     n, g = len(spots.barcodes), len(genes)
@@ -213,9 +237,9 @@ def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: Generat
     image, scalef = hires_image(spots.attrs.slide, mpp)
     weights_sha = [w or "none" for w in features.attrs.weights_sha256]
     model_rows = model.slide_features(features, sample)
-    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **_shift(model, sample, spots, features, model_rows, image, scalef)}
-    spot_diameter = spots.attrs.spot_um / mpp
-    coords = spots.coords.astype(np.float64)
+    coords, frame, placed = _frame(model, spots, image, scalef, hd)
+    provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **placed,
+                  **_shift(model, sample, spots, features, model_rows, image, scalef)}
     given = predictor.given
     sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot)
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
@@ -223,7 +247,7 @@ def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: Generat
     with sample_output(run, sample, predictor.stage, out.resolve(), overwrite=overwrite) as record:
         run.record_stage(sample, predictor.stage, "running", params={**provenance, "output": str(out.resolve())})
         with (atomic_path(out) as tmp,
-              write_prediction(tmp, sample, sheet, genes, image, scalef, spot_diameter, provenance,
+              write_prediction(tmp, sample, sheet, genes, frame, provenance,
                                keep_draws=predictor.keep_draws, with_spread=predictor.with_spread,
                                given=None if given is None else given.per_gene) as writer,
               progress.task(f"{sample}: {'sampling' if predictor.name == 'hinge' else predictor.name}", n) as advance):
@@ -237,8 +261,8 @@ def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: Generat
                     maps[i, start:stop] = part[:, plot_cols]
                 advance(stop - start)
         extreme.warn(sample)
-        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, predictor.map_titles, image, coords * scalef,
-                                        spot_diameter * scalef, expression_unit(**provenance["transform"]))]
+        plots = [str(p) for p in _plots(out, sample, genes_to_plot, maps, predictor.map_titles, frame.hires, coords * frame.hires_scale,
+                                        frame.spot_diameter * frame.hires_scale, expression_unit(**provenance["transform"]))]
         if cfg.view:
             plots.append(str(write_view(out.with_suffix(".html"), build_view(out), overwrite=True)))
         record.update({"n_spots": n, "n_genes": g, "seconds": round(time.time() - started, 2),
@@ -371,19 +395,20 @@ def generate(run: Run, targets: Sequence[Target], cfg: GenerateConfig, *, checkp
     encoders = Encoders(trained, weights, cfg.device)
     if any(not run.embeddings(trained.key, s).exists() for s in todo):
         encoders.check_available()  # before any tiling: a missing download is the likeliest failure
-    tile_cfg = trained.tile_config()
+    trained_tiling = trained.tile_config()
     work = workspace(run, [by_id[s] for s in todo], paths)
     with progress.task("samples", len(todo)) as advance:
         for sample in todo:
             with summary.attempt(work, sample, predictor.stage, keep_going):
-                tiles, retiled = ensure_tiles(work, by_id[sample], tile_cfg, overwrite, progress)
+                tiles, retiled = ensure_tiles(work, by_id[sample], by_id[sample].tile_config(trained_tiling), overwrite, progress)
                 _check_mpp(sample, tiles, trained)
                 ensure_embeddings(work, sample, tiles, trained, encoders, retiled, overwrite, progress)
                 if given is not None:  # one sample: its spots are known once it is tiled
                     measured = read_given(given, tiles, trained.genes, trained.card.transform)
                     predictor = (completion_predictor(trained, cfg, measured, work.embeddings(trained.key, sample), sample)
                                  if model == "hinge" else genes_ridge_predictor(run, trained, cfg, measured))
-                predict_sample(work, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite, tiles)
+                predict_sample(work, sample, trained, paths[sample], cfg, genes_to_plot, progress, predictor, overwrite, tiles,
+                               by_id[sample].hd)
                 summary.outputs[sample] = str(paths[sample])
             advance(1)
     return summary

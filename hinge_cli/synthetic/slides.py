@@ -198,7 +198,7 @@ def make_synthetic_prediction(path: Path, n_spots: int = 400, n_genes: int = 20,
     """A prediction file as `hinge generate` writes it, at any size and with no model: Visium-like spots (55 µm every
     100 µm at 0.5 µm/px) over a painted tissue image, smooth values in log2(counts + 1), spread layers and draws."""
     from hinge_cli.data.expression import Transform
-    from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, write_prediction
+    from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, SpatialFrame, write_prediction
 
     rng = np.random.default_rng(seed)
     side = math.ceil(math.sqrt(n_spots))
@@ -217,8 +217,8 @@ def make_synthetic_prediction(path: Path, n_spots: int = 400, n_genes: int = 20,
     spots = PredictionSpots([f"spot{i}" for i in range(n_spots)], coords, np.ones(n_spots))
     provenance = {"transform": Transform().to_dict(), "sample_id": sample, "model": "hinge", "mpp": 0.5, "encoders": ["default"],
                   "samples": draws, "seed": seed}
-    with atomic_path(Path(path)) as tmp, write_prediction(tmp, sample, spots, [f"GENE{j:03d}" for j in range(n_genes)], image,
-                                                          scale, 110.0, provenance, keep_draws=draws) as writer:
+    with atomic_path(Path(path)) as tmp, write_prediction(tmp, sample, spots, [f"GENE{j:03d}" for j in range(n_genes)],
+                                                          SpatialFrame.of_slide(image, scale, 110.0), provenance, keep_draws=draws) as writer:
         writer.write(0, n_spots, batch)
     return Path(path)
 

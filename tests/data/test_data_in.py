@@ -15,7 +15,7 @@ from hinge_cli.config import load_config
 from hinge_cli.data.samples import SampleSpec
 from hinge_cli.errors import HingeError
 from hinge_cli.formats.embeddings import EmbeddingAttrs, read_embeddings, write_embeddings
-from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, write_skeleton
+from hinge_cli.formats.prediction import PredictedBatch, PredictionSpots, SpatialFrame, write_skeleton
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.tiling import tile_sample
 
@@ -65,7 +65,7 @@ def test_features_are_found_under_tridents_and_hests_names(tmp_path: Path) -> No
 
 def test_in_tissue_is_visiums_zero_or_one(tmp_path: Path) -> None:
     spots = PredictionSpots(["a", "b", "c"], np.zeros((3, 2)), np.array([0.2, 0.5, 1.0], np.float32))
-    write_skeleton(tmp_path / "p.h5ad", "s", spots, ["G1"], np.zeros((4, 4, 3), np.uint8), 1.0, 10.0, {})
+    write_skeleton(tmp_path / "p.h5ad", "s", spots, ["G1"], SpatialFrame.of_slide(np.zeros((4, 4, 3), np.uint8), 1.0, 10.0), {})
     obs = ad.read_h5ad(tmp_path / "p.h5ad").obs
     assert obs["in_tissue"].tolist() == [0, 1, 1]
     np.testing.assert_allclose(obs["tissue_fraction"], [0.2, 0.5, 1.0])
@@ -171,7 +171,8 @@ def test_corpus_and_truth_take_a_layer(tmp_path: Path, synth) -> None:
     spots = PredictionSpots(list(truth.obs_names), np.asarray(truth.obsm["spatial"]), np.ones(truth.n_obs, np.float32))
     pred = tmp_path / "pred.h5ad"
     provenance = {"transform": Transform().to_dict(), "sample_id": "s0"}
-    with write_prediction(pred, "s0", spots, genes, np.zeros((8, 8, 3), np.uint8), 1.0, 20.0, provenance) as out:
+    with write_prediction(pred, "s0", spots, genes, SpatialFrame.of_slide(np.zeros((8, 8, 3), np.uint8), 1.0, 20.0),
+                          provenance) as out:
         values = Transform().apply(np.asarray(truth[:, genes].X))
         out.write(0, truth.n_obs, PredictedBatch(values, np.ones_like(values), values - 1, values + 1))
     with pytest.raises(HingeError, match="--layer"):
