@@ -195,7 +195,7 @@ def visium_hd_bins(run: Run, outs: Path, image: str | Path = "hires", bin_um: in
     if run.sample(sample).get("expression"):
         raise HingeError(f"sample {sample} holds training spots of {run.root}, which its bins' positions would replace",
                          f"give the bins another {setting('sample-id')}")
-    bins = read_bins(Path(outs), bin_um)
+    bins = read_bins(Path(outs), bin_um, counts=False)
     picture = hd_image(outs, bins, image)
     inside = np.flatnonzero(bins.in_tissue)
     if not len(inside):
@@ -244,7 +244,7 @@ def bin_frame(outs: Path, bin_um: int, barcodes: list[str]) -> tuple[np.ndarray,
     and the bin size's own scale factors and hires/lowres PNGs (uns['spatial'])."""
     from PIL import Image
 
-    bins = read_bins(Path(outs), bin_um)
+    bins = read_bins(Path(outs), bin_um, counts=False)
     rows = pd.Index(bins.barcodes).get_indexer(barcodes)
     if (rows < 0).any():
         raise HingeError(f"{int((rows < 0).sum())} predicted bins are not in {outs}'s {bin_um} µm positions",

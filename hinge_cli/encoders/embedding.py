@@ -87,13 +87,14 @@ def read_plan_tiles(slide: Slide, fld: Field, plan: TilePlan, workers: int) -> I
         yield pixels[0]
 
 
-def _slide_features(tiles: Tiles, enc: Encoder, cfg: EmbedConfig, label: str, progress: Progress) -> np.ndarray:
-    """(N, views, dim) from an encoder that walks the whole slide once (the default encoder)."""
+def _slide_features(tiles: Tiles, enc: Encoder, cfg: EmbedConfig, label: str, progress: Progress) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, (n, views, dim)) chunks of spots from an encoder that walks the whole slide once (the default encoder)."""
     _require_slide(tiles, f"encoder '{enc.spec.name}' reads its fields from the slide")
     with open_slide(tiles.attrs.slide, tiles.attrs.mpp_source) as slide:
         plans = enc.plan_slide(tiles.coords.astype(np.float64), require_mpp(slide))
         with progress.task(f"{label} (slide tiles)", sum(len(p.tiles) for p in plans)) as advance:
-            return enc.encode_slide(plans, lambda fld, plan: read_plan_tiles(slide, fld, plan, cfg.workers), cfg.views, advance)
+            yield from enc.encode_slide_rows(plans, lambda fld, plan: read_plan_tiles(slide, fld, plan, cfg.workers), cfg.views,
+                                             advance)
 
 
 def embed_sample(
@@ -131,8 +132,8 @@ def embed_sample(
             for enc in encoders:
                 columns = slice(offset, offset + enc.dim)
                 if enc.reads_slide:
-                    feats = _slide_features(tiles, enc, cfg, f"{sample}: {enc.spec.name}", progress)
-                    out.write(feats if keep_views else feats.mean(axis=1), columns=columns)
+                    for start, feats in _slide_features(tiles, enc, cfg, f"{sample}: {enc.spec.name}", progress):
+                        out.write(feats if keep_views else feats.mean(axis=1), rows=slice(start, start + len(feats)), columns=columns)
                 else:
                     streams = [_field_batches(tiles, f, cfg.batch_size, cfg.workers) for f in enc.spec.fields]
                     with progress.task(f"{sample}: {enc.spec.name}", n) as advance:

@@ -312,15 +312,17 @@ class HandcraftedEncoder(nn.Module):
         bottom = integral[:, y0 + 1, x0] * (1 - fx) + integral[:, y0 + 1, x0 + 1] * fx
         return top * (1 - fy) + bottom * fy
 
-    def pool(self, blocks: torch.Tensor, plan: TilePlan) -> torch.Tensor:
-        """Each spot's statistics from the block map: (N, dim), box sums over integral images (float64).
+    def pool(self, blocks: torch.Tensor, plan: TilePlan, rows: slice = slice(None)) -> torch.Tensor:
+        """The statistics of the plan's spots `rows` from the block map: (n, dim), box sums over integral images
+        (float64). The block map is the slide's; `rows` bounds the memory to a chunk of spots however many there are.
 
         Off the grid, a region takes the slide's blocks weighted by overlap: its
         means differ from the per-field ones only through partial blocks, its
         spread is that of the slide's blocks rather than of blocks cut at the field.
         """
-        n = len(plan.starts)
-        starts = torch.as_tensor(plan.starts - np.asarray(plan.origin), dtype=torch.float64, device=blocks.device)
+        chosen = plan.starts[rows]
+        n = len(chosen)
+        starts = torch.as_tensor(chosen - np.asarray(plan.origin), dtype=torch.float64, device=blocks.device)
         values = torch.cat([blocks, blocks[list(SPREAD_MAPS)] ** 2])
         sums = torch.empty(len(self.regions), n, len(values), dtype=torch.float64, device=blocks.device)
         for c0 in range(0, len(values), INTEGRAL_CHUNK):

@@ -53,7 +53,7 @@ class Bins:
     """Every bin of one size on the capture area, with its counts where the matrix has them."""
 
     bin_um: int
-    counts: ad.AnnData  # bins x genes, int CSR, barcodes as obs_names
+    counts: ad.AnnData | None  # bins x genes, int CSR, barcodes as obs_names; None when read for positions alone
     barcodes: np.ndarray  # str, every bin of the positions file
     in_tissue: np.ndarray  # bool
     array_rc: np.ndarray  # (N, 2) int64 row, column on the bin grid
@@ -121,8 +121,9 @@ def _position_table(spatial: Path) -> dict[str, np.ndarray]:
                      "copy the whole binned_outputs/ folder Space Ranger wrote")
 
 
-def read_bins(outs: Path, bin_um: int) -> Bins:
-    """The counts, positions and scale factors of one bin size; an absent size is an error that lists those present."""
+def read_bins(outs: Path, bin_um: int, counts: bool = True) -> Bins:
+    """The counts, positions and scale factors of one bin size; an absent size is an error that lists those present.
+    Without `counts` the matrix is not read (prediction needs the positions; a real matrix is gigabytes)."""
     present = bin_sizes(outs)
     if bin_um not in present:
         sizes = ", ".join(f"{s} µm" for s in present) or "none"
@@ -131,7 +132,7 @@ def read_bins(outs: Path, bin_um: int) -> Bins:
     spatial = folder / "spatial"
     columns = _position_table(spatial)
     factors = read_hd_scalefactors(spatial)
-    return Bins(bin_um, read_matrix(folder / MATRIX_FILE), columns["barcode"].astype(str).astype(object),
+    return Bins(bin_um, read_matrix(folder / MATRIX_FILE) if counts else None, columns["barcode"].astype(str).astype(object),
                 columns["in_tissue"].astype(bool), np.column_stack([columns["array_row"], columns["array_col"]]).astype(np.int64),
                 np.column_stack([columns["pxl_col_in_fullres"], columns["pxl_row_in_fullres"]]).astype(np.float64), factors)
 

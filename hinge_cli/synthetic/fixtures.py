@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +215,7 @@ class SyntheticHD:
     outs: Path
     fullres: Path | None
     mpp: float  # of the full-resolution image
-    tissue: SyntheticTissue  # in full-resolution pixels
+    tissue: SyntheticTissue | None  # in full-resolution pixels, for the disc of `make_visium_hd`
     counts_2um: np.ndarray  # (rows, cols, genes): every 2 µm bin's counts, from which the larger bins are summed
 
 
@@ -223,7 +224,7 @@ def make_visium_hd(outs: Path, side_um: int = 480, mpp: float = 1.0, fullres: Pa
                    lowres_scalef: float = 0.1, csv_positions: bool = False) -> SyntheticHD:
     """A Visium HD outs/ folder: `binned_outputs/square_<size>um/` for each size, whose counts are the sums of one set
     of 2 µm bins (as Space Ranger bins them), parquet positions (or the CSV layout), scale factors and PNGs; `fullres`
-    also writes the full-resolution image."""
+    also writes the full-resolution image. The tissue is a disc, its expression smooth gradients across it."""
     rng = np.random.default_rng(seed)
     side_px = round(side_um / mpp)
     tissue = SyntheticTissue((side_px * 0.5, side_px * 0.5), side_px * 0.35)
@@ -233,26 +234,56 @@ def make_visium_hd(outs: Path, side_um: int = 480, mpp: float = 1.0, fullres: Pa
     programme = rng.gamma(1.0, 2.0, (3, n_genes))
     weights = np.stack([col / n, row / n, np.ones(n * n)], axis=1)
     inside = tissue.contains(np.stack([(col + 0.5) * 2 / mpp, (row + 0.5) * 2 / mpp], axis=1))
-    fine = rng.poisson(0.05 * weights @ programme).astype(np.int32) * inside[:, None]
-    images = {"hires": _resized(drawing, hires_scalef), "lowres": _resized(drawing, lowres_scalef)}
-    genes = pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=pd.Index([f"GENE{i}" for i in range(n_genes)]))
+    fine = (rng.poisson(0.05 * weights @ programme).astype(np.int32) * inside[:, None]).reshape(n, n, n_genes)
+    genes = pd.Index([f"GENE{i}" for i in range(n_genes)])
+    _write_hd(outs, drawing, mpp, fine, genes, tissue.contains, sizes, (hires_scalef, lowres_scalef), csv_positions, fullres)
+    return SyntheticHD(Path(outs), fullres, mpp, tissue, fine)
+
+
+def make_visium_hd_section(outs: Path, size_px: int = 2048, mpp: float = 0.5, fullres: Path | None = None, n_genes: int = 30,
+                           seed: int = 0, sizes: tuple[int, ...] = (2, 8, 16), umi_per_2um: float = 4.0) -> SyntheticHD:
+    """A Visium HD outs/ folder of a synthetic H&E section (`synthetic.slides`: tumour, stroma, immune and fat painted
+    as in H&E), each 2 µm bin counted from what lies in it and around it, so a model that reads the histology finds
+    real signal at every bin size. `umi_per_2um`: mean UMI of a 2 µm bin in tissue (about 16 µm: 250)."""
+    from hinge_cli.synthetic.slides import hd_section
+
+    rng = np.random.default_rng(seed)
+    outline, drawing, fine, genes = hd_section(rng, size_px, mpp, n_genes, umi_per_2um)
+
+    def in_tissue(xy: np.ndarray) -> np.ndarray:
+        x, y = (np.clip(xy[:, k].astype(np.int64), 0, size_px - 1) for k in (0, 1))
+        return outline[y, x]
+
+    _write_hd(outs, drawing, mpp, fine, genes, in_tissue, sizes, (2000 / size_px / 2, 2000 / size_px / 8), False, fullres)
+    return SyntheticHD(Path(outs), fullres, mpp, None, fine)
+
+
+def _write_hd(outs: Path, drawing: np.ndarray, mpp: float, fine: np.ndarray, genes: pd.Index,
+              in_tissue: Callable[[np.ndarray], np.ndarray], sizes: tuple[int, ...], scales: tuple[float, float],
+              csv_positions: bool, fullres: Path | None) -> None:
+    """Space Ranger's HD layout from the counts of every 2 µm bin (`fine`: rows, columns, genes) of `drawing`: each
+    size's bins sum the 2 µm bins they hold; `in_tissue` says which bin centres (full-resolution x, y) are in tissue."""
+    n = fine.shape[0]
+    flat = fine.reshape(n * n, -1)
+    row, col = (a.ravel() for a in np.mgrid[0:n, 0:n])
+    images = {"hires": _resized(drawing, scales[0]), "lowres": _resized(drawing, scales[1])}
+    var = pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(len(genes))]}, index=genes)
     for size in sizes:
         per = size // 2
         r, c = row // per, col // per
         cells = n // per
         whole = (r < cells) & (c < cells)
         key = r[whole] * cells + c[whole]
-        summed = sparse.csr_matrix((np.ones(len(key)), (key, np.flatnonzero(whole))), shape=(cells * cells, n * n)) @ fine
+        summed = sparse.csr_matrix((np.ones(len(key)), (key, np.flatnonzero(whole))), shape=(cells * cells, n * n)) @ flat
         grid_r, grid_c = (a.ravel() for a in np.mgrid[0:cells, 0:cells])
         centres = np.stack([(grid_c + 0.5) * size / mpp, (grid_r + 0.5) * size / mpp], axis=1)
-        in_tissue = tissue.contains(centres)
+        inside = in_tissue(centres)
         barcodes = hd_barcode(size, grid_r, grid_c)
-        counts = ad.AnnData(X=sparse.csr_matrix(summed[in_tissue].astype(np.int32)),
-                            obs=pd.DataFrame(index=pd.Index(barcodes[in_tissue].astype(str))), var=genes.copy())
-        factors = HDScaleFactors(float(size), mpp, size / mpp, hires_scalef, lowres_scalef)
-        write_bins(outs, Bins(size, counts, barcodes, in_tissue, np.stack([grid_r, grid_c], axis=1), centres, factors), images,
+        counts = ad.AnnData(X=sparse.csr_matrix(summed[inside].astype(np.int32)),
+                            obs=pd.DataFrame(index=pd.Index(barcodes[inside].astype(str))), var=var.copy())
+        factors = HDScaleFactors(float(size), mpp, size / mpp, *scales)
+        write_bins(outs, Bins(size, counts, barcodes, inside, np.stack([grid_r, grid_c], axis=1), centres, factors), images,
                    csv_positions)
     write_feature_slice(outs)
     if fullres is not None:
         write_pyramidal_tiff(fullres, drawing, mpp)
-    return SyntheticHD(Path(outs), fullres, mpp, tissue, fine.reshape(n, n, n_genes))

@@ -158,6 +158,36 @@ def _expression(
     return counts, obs, var
 
 
+def hd_section(rng: np.random.Generator, size_px: int, mpp: float, n_genes: int,
+               umi_per_bin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.Index]:
+    """A painted section and the counts of its 2 µm bins: (tissue outline, RGB, counts (rows, columns, genes), genes).
+
+    A bin's activities are the class fractions within 12 µm of it (a cell and its neighbours) and the nuclear density
+    within 25 µm, with the gene programmes of `_expression`; its depth is `umi_per_bin` on tissue, Poisson counts."""
+    outline, labels = _class_map(rng, size_px, mpp)
+    rgb, centres = _render(rng, outline, labels, mpp)
+    per = round(2.0 / mpp)
+    if per < 1 or abs(per * mpp - 2.0) > 1e-9 or size_px % per:
+        raise ValueError(f"2 µm bins need a whole number of pixels at {mpp} µm/px that divides {size_px}")
+    n = size_px // per
+
+    def binned(image: np.ndarray) -> np.ndarray:
+        return image.reshape(n, per, n, per).mean(axis=(1, 3))
+
+    tissue = binned(outline.astype(np.float32))
+    fractions = np.stack([ndimage.gaussian_filter(binned((labels == k) & outline), 6.0) for k in range(len(CLASSES))], axis=-1)
+    fractions /= np.maximum(fractions.sum(-1, keepdims=True), 1e-6)
+    nuclei = ndimage.gaussian_filter(binned(centres), 12.5)
+    density = (nuclei - nuclei[tissue > 0.5].mean()) / (nuclei[tissue > 0.5].std() + 1e-9)
+    activity = np.concatenate([fractions, (0.5 + 0.5 * np.tanh(density))[..., None]], axis=-1)
+    names, _, base, loading = _gene_programme(n_genes)
+    log_rate = base + activity @ loading.T
+    prob = np.exp(log_rate - log_rate.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    counts = rng.poisson(prob * (umi_per_bin * tissue)[..., None]).astype(np.int32)
+    return outline, rgb, counts, pd.Index(names)
+
+
 def make_synthetic_sample(
     out_dir: Path,
     sample_id: str = "synth0",

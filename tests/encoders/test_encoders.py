@@ -273,6 +273,12 @@ def test_slide_level_default_equals_the_per_spot_computation(slide_1mm: Syntheti
     assert np.median(own) < np.median(neighbour) / 5 and own.max() < 0.1, (np.median(own), np.median(neighbour), own.max())
     # Tiles only bound memory: tiny tiles give the same block maps as one tile covering everything.
     np.testing.assert_allclose(slide_level(encoder, slide_1mm.slide, off_grid, tile_px=48)[:, 0], slide, rtol=1e-5, atol=1e-6)
+    # Chunks of spots only bound memory too: pooled 7 at a time, every row is the one pooled with all the others.
+    with open_slide(slide_1mm.slide) as opened:
+        plans = encoder.plan_slide(off_grid, opened.mpp)
+        chunks = list(encoder.encode_slide_rows(plans, lambda fld, plan: read_plan_tiles(opened, fld, plan, 1), chunk=7))
+    assert [start for start, _ in chunks] == list(range(0, len(off_grid), 7))
+    np.testing.assert_array_equal(np.concatenate([feats for _, feats in chunks])[:, 0], slide)
     # Deterministic, and a spot's row does not depend on which other spots are encoded with it.
     np.testing.assert_array_equal(slide_level(encoder, slide_1mm.slide, off_grid)[:, 0], slide)
     np.testing.assert_allclose(slide_level(encoder, slide_1mm.slide, off_grid[[5, 2]])[:, 0], slide[[5, 2]], rtol=1e-5, atol=1e-6)
