@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from hinge_cli.cli.app import app
 from hinge_cli.encoders.registry import get_spec
 from hinge_cli.run.directory import Run
-from hinge_cli.synthetic.fixtures import make_hest_folder, make_spaceranger_outs, make_trident_features
+from hinge_cli.synthetic.fixtures import make_hest_folder, make_spaceranger_outs, make_trident_features, make_visium_hd_section
 from hinge_cli.synthetic.slides import make_synthetic_sample
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,9 @@ def stand_ins(data: Path) -> None:
     (data / "sheet.csv").write_text("\n".join(rows) + "\n")
     make_spaceranger_outs(data / "sample1" / "outs", fullres=data / "sample1" / "fullres.tif")
     make_spaceranger_outs(data / "outs", seed=1)
+    for name, seed in (("hd1", 20), ("hd2", 21)):  # HD sections whose genes are the stand-ins' (one synthetic biology)
+        make_visium_hd_section(data / name / "outs", size_px=1024, fullres=data / name / "fullres.tif", n_genes=40, seed=seed,
+                               sizes=(8, 16))
     hest = make_hest_folder(data / "hest_data", side_px=1536)  # tissue large enough for its spots at 0.5 µm/px
     (data / "trident_features").mkdir()
     for sample in hest.ids:
@@ -73,9 +76,9 @@ def workplace(data: Path, folder: Path) -> Path:
 
 def test_the_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = quick_start()
-    assert [c[0] for c in commands] == ["tile"] * 5 + ["embed"] * 2 + ["pretrain-warmup", "train"] + ["generate"] * 4 + \
-        ["eval", "view"], "the quick start changed: say here how its commands group"
-    tiling, imported, (embed, warmup, train), predict = commands[:5], commands[5], commands[6:9], commands[9:]
+    assert [c[0] for c in commands] == ["tile"] * 6 + ["embed"] * 2 + ["pretrain-warmup", "train"] + ["generate"] * 4 + \
+        ["eval", "generate", "eval", "view"], "the quick start changed: say here how its commands group"
+    tiling, imported, (embed, warmup, train), predict = commands[:6], commands[6], commands[7:10], commands[10:]
     data = tmp_path / "data"
     data.mkdir()
     stand_ins(data)
@@ -85,13 +88,13 @@ def test_the_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.Mon
         result = CliRunner().invoke(app, [*argv, "-q"], env={"HINGE_RUN": "runs/cohort"})  # the quick start's export
         assert result.exit_code == 0, f"hinge {shlex.join(argv)}: {result.output}"
 
-    for i, argv in enumerate((tiling[0], tiling[2], tiling[3])):  # a slide with spots; a Space Ranger folder; a HEST download
+    for i, argv in enumerate((tiling[0], tiling[2], tiling[3], tiling[4])):  # a slide with spots; Visium; Visium HD; HEST
         hinge(workplace(data, tmp_path / f"shape{i}"), argv)
     have = workplace(data, tmp_path / "features")
-    for argv in (tiling[4], imported):  # features you already have: tiled without pixels, then imported
+    for argv in (tiling[5], imported):  # features you already have: tiled without pixels, then imported
         hinge(have, argv)
     cohort = workplace(data, tmp_path / "cohort")
     for argv in (tiling[1], embed, warmup, train, *predict):  # a sheet of sections, then the rest in order
         hinge(cohort, argv)
-    for made in ("new.h5ad", "v1.h5ad", "preds/C2.h5ad", "preds/C2.ridge.h5ad", "new.html"):
+    for made in ("new.h5ad", "v1.h5ad", "preds/C2.h5ad", "preds/C2.ridge.h5ad", "bins.h5ad", "new.html"):
         assert (cohort / made).is_file(), made

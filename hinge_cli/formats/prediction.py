@@ -39,6 +39,7 @@ class PredictionSpots:
     coords: np.ndarray  # (N, 2) level-0 px
     tissue_fraction: np.ndarray  # (N,) fraction of the spot's disc on detected tissue
     n_given: np.ndarray | None = None  # (N,) genes given per spot, with `generate --given`
+    in_tissue: np.ndarray | None = None  # (N,) 0/1 where another tool called it (Space Ranger's bins); else from the fraction
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def _dense(h5: h5py.Group, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
 def write_skeleton(path: Path, sample: str, spots: PredictionSpots, genes: Sequence[str], frame: SpatialFrame,
                    provenance: dict[str, Any], given: np.ndarray | None = None) -> None:
     """Everything but the predictions, written by anndata itself so the encoding is its own; `given` (G,) bool."""
-    obs = {"in_tissue": (spots.tissue_fraction >= IN_TISSUE_FRACTION).astype(np.int64), "tissue_fraction": spots.tissue_fraction}
+    in_tissue = spots.tissue_fraction >= IN_TISSUE_FRACTION if spots.in_tissue is None else spots.in_tissue
+    obs = {"in_tissue": np.asarray(in_tissue).astype(np.int64), "tissue_fraction": spots.tissue_fraction}
     if spots.n_given is not None:
         obs["n_given"] = np.asarray(spots.n_given, dtype=np.int64)
     adata = ad.AnnData(

@@ -241,7 +241,8 @@ def _predict(run: Run, sample: str, model: TrainedModel, out: Path, cfg: Generat
     provenance = {**_provenance(model, spots, weights_sha), **predictor.provenance, **placed,
                   **_shift(model, sample, spots, features, model_rows, image, scalef)}
     given = predictor.given
-    sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot)
+    sheet = PredictionSpots(spots.barcodes, coords, spots.tissue_frac, None if given is None else given.per_spot,
+                            None if hd is None else np.ones(len(coords), np.int64))  # bins: Space Ranger's in-tissue call
     maps = np.zeros((len(predictor.map_titles), n, len(plot_cols)), np.float32)
     extreme = ExtremeFeatures()
     with sample_output(run, sample, predictor.stage, out.resolve(), overwrite=overwrite) as record:

@@ -66,6 +66,7 @@ def test_every_in_tissue_bin_is_predicted_in_its_own_frame(trained: tuple[Synthe
     bins = pred.uns["hinge"]["visium_hd"]
     assert bins["bin_um"] == 16 and bins["trained_spot_um"] == 55.0 and "55 µm neighbourhood" in bins["means"]
     assert np.isfinite(pred.X).all() and (pred.layers["std"] > 0).all()
+    assert (pred.obs["in_tissue"] == 1).all()  # Space Ranger's call: only in-tissue bins are predicted
     assert Run(run).tiles("area_016um").exists()
 
 
