@@ -105,8 +105,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{model}: bin-level share of measured values within ± 1 std (Poisson observation model): "
                   f"{np.mean(within):.3f} (nominal 0.683)")
     if args.picture is not None:
-        shutil.copyfile(args.out / f"pred-seed{seeds[0]}" / f"bins_{PICTURE_GENE}.png", args.picture)
+        write_picture(args.out / f"pred-seed{seeds[0]}" / f"bins_{PICTURE_GENE}.png", args.picture)
         print(f"\nwrote {args.picture}")
+
+
+def write_picture(source: Path, target: Path, width: int = 1400) -> None:
+    """The README's picture: the first seed's map of one gene, 1,400 px wide in a 256-colour palette (a few hundred KB)."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        small = image.convert("RGB").resize((width, round(image.size[1] * width / image.size[0])), Image.Resampling.LANCZOS)
+    small.quantize(256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
 
 
 if __name__ == "__main__":
