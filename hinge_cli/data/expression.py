@@ -33,6 +33,7 @@ POISSON_COUNTS = 90  # the counts summed over: P(C >= 90) < 1e-18 at 30 expected
 # how a fit or a score met measured counts: through the observation model, or not, or not for want of raw counts
 POISSON, PLAIN, NO_COUNTS = "poisson", "plain", "no counts"
 NORMALISED_SUM = 1e4  # the per-spot total a normalised truth file is recognised by (scanpy's target_sum)
+MAX_COUNTS = 1e12  # the ceiling of count units when read back: far beyond any spot, far short of overflow
 RATE_SHARE_FLOOR = 0.01  # of a residual variance kept when taking the count noise out would leave nothing
 
 
@@ -81,6 +82,14 @@ class Transform:
         values = sparse.csr_matrix(values, copy=True)
         values.data = self._log(values.data)
         return values
+
+    def linear(self, values: np.ndarray) -> np.ndarray:
+        """Model-space values back to what was logged (counts per `target_sum`, or counts), float64, at most what the
+        units can hold: a gene takes at most all of a spot's counts, and count units stop far short of overflow. A
+        model far outside its training data can predict values beyond that; they are read at the ceiling."""
+        ceiling = self.target_sum if self.rates else MAX_COUNTS
+        x = np.minimum(np.asarray(values, dtype=np.float64), self._log(ceiling))
+        return np.maximum(np.power(self.log_base, x) - 1.0, 0.0)
 
     def count_noise_variance(self, values: np.ndarray, depth: np.ndarray) -> np.ndarray:
         """The variance, in these units, that Poisson counting adds to a measured spot of `depth` UMI whose expression is

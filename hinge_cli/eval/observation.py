@@ -31,7 +31,7 @@ def observed_draws(draws: np.ndarray, transform: Transform, totals: np.ndarray, 
     """Each draw (N, S, G) of predicted normalised expression as a measurement at each spot's own total: expected counts
     rate x total, Poisson counts, back through the same transform (the truth's path, so equal counts give equal values)."""
     n, s, g = draws.shape
-    rate = np.maximum(np.power(transform.log_base, draws.astype(np.float64)) - 1.0, 0.0) / transform.target_sum
+    rate = transform.linear(draws) / transform.target_sum
     totals = np.asarray(totals, dtype=np.float64)
     counts = rng.poisson(rate * totals[:, None, None])
     return transform.apply(counts.reshape(n * s, g), np.repeat(totals, s)).reshape(n, s, g)

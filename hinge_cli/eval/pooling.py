@@ -52,8 +52,7 @@ def pool_aligned(aligned: Aligned, transform: Transform, bin_um: float, pool_um:
     n = len(of_bin)
     member = sparse.csr_matrix((np.ones(n), (of_bin, np.arange(n))), shape=(len(keys), n))
     size = np.asarray(member.sum(axis=1)).ravel()
-    linear = np.power(transform.log_base, aligned.pred) - 1.0
-    pred = np.log1p(np.maximum(member @ linear / size[:, None], 0.0)) / np.log(transform.log_base)
+    pred = np.log1p(member @ transform.linear(aligned.pred) / size[:, None]) / np.log(transform.log_base)
     names = [f"p{pool_um:g}um_{r:05d}_{c:05d}" for r, c in keys]
     return replace(aligned, pred=pred, std=None, q05=None, q95=None, draws=None, counts=member @ aligned.counts,
                    totals=member @ aligned.totals, coords=member @ aligned.coords / size[:, None],

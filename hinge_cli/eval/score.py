@@ -250,7 +250,7 @@ class SlideScore:
 
 def to_cp10k_log(pred: np.ndarray, transform: Transform, totals: np.ndarray) -> np.ndarray:
     """Model-space predictions as log1p(counts per 10k): invert the transform, rescale by the spot's library size."""
-    counts = np.maximum(np.power(transform.log_base, pred) - 1.0, 0.0)
+    counts = transform.linear(pred)
     library = np.full(len(pred), transform.target_sum) if transform.normalize == "total" else np.maximum(totals, 1.0)
     return np.log1p(counts * (1e4 / library)[:, None])
 

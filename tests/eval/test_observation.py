@@ -74,6 +74,17 @@ def test_observed_draws_count_at_each_spots_depth() -> None:
     np.testing.assert_allclose(counts.var(1).ravel(), [1.0, 100.0], rtol=0.1)
 
 
+def test_predictions_beyond_what_the_units_hold_are_read_at_the_ceiling() -> None:
+    """A model far outside its training data can predict 1e5 in ln(CP10k + 1): eval reads it as all of a spot's counts
+    (a gene takes at most all of them) rather than overflowing, and still scores the slide."""
+    absurd = np.array([[1e5, -1e5, 3.0]])
+    np.testing.assert_allclose(UNITS.linear(absurd), [[1e4, 0.0, math.e**3 - 1]])
+    assert np.isfinite(Transform.of("none").linear(absurd)).all()
+    counts = observation.observed_draws(np.full((4, 3, 2), 1e5, np.float32), UNITS, np.full(4, 500.0), np.random.default_rng(0))
+    whole = UNITS.apply(np.array([[500.0]]), np.array([500.0]))[0, 0]  # all 500 of the spot's counts
+    assert np.isfinite(counts).all() and np.abs(counts - whole).max() < 0.3  # Poisson around the whole spot
+
+
 def test_a_file_without_units_reads_as_log2_counts_with_a_note(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     adata = ad.AnnData(X=np.ones((3, 2), np.float32), obs=pd.DataFrame(index=["a", "b", "c"]), var=pd.DataFrame(index=["G0", "G1"]))
     adata.obsm["spatial"] = np.zeros((3, 2))
