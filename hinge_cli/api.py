@@ -123,28 +123,6 @@ def _absolute(path: PathLike | None) -> str | None:
     return str(Path(path).resolve()) if path is not None else None
 
 
-def corpus_files(values: Sequence[PathLike]) -> list[Path]:
-    """Corpus files from paths, quoted globs, or .txt lists of files (one per line)."""
-    import glob
-
-    files: list[Path] = []
-    for value in map(str, values):
-        if value.endswith(".txt") and Path(value).is_file():
-            files += [Path(line.strip()) for line in Path(value).read_text().splitlines() if line.strip()]
-        elif any(ch in value for ch in "*?["):
-            matches = sorted(glob.glob(value))
-            if not matches:
-                raise HingeError(f"--corpus pattern {value} matches no file", "check the pattern (quote it so the shell leaves it alone)")
-            files += [Path(m) for m in matches]
-        else:
-            files.append(Path(value))
-    for path in files:  # up front: not after the panel is chosen and the backbone built
-        if not path.is_file():
-            raise HingeError(f"--corpus {path} is {'a folder' if path.is_dir() else 'not a file that exists'}",
-                             "give .h5ad files, a quoted glob such as 'corpus/*.h5ad', or a .txt list of files")
-    return files
-
-
 def warmup_paths(warmup: Mapping[str, Any]) -> dict[str, Any]:
     """The warm-up section with its file settings made absolute (backbone cellfm:CKPT or FILE, vocab, genes, corpus)."""
     out = dict(warmup)
@@ -155,6 +133,8 @@ def warmup_paths(warmup: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("vocab", "genes"):
         out[key] = _absolute(out.get(key))
     if out.get("corpus"):
+        from hinge_cli.data.corpus import corpus_files
+
         out["corpus"] = [_absolute(f) for f in corpus_files(out["corpus"])]
     return out
 

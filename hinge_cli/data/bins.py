@@ -16,6 +16,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -112,8 +113,7 @@ def _check_fullres(path: Path, size: tuple[int, int], folder: Path, factors_hire
                          f"pass {setting('image')} with the full-resolution image given to Space Ranger for this capture area")
 
 
-@dataclass(frozen=True)
-class HDBins:
+class HDBins(NamedTuple):
     """A Visium HD capture area's bins of one size, as the spots to predict."""
 
     outs: Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,3 +55,23 @@ def load_corpus(paths: Sequence[Path], transform: Transform, max_vocab: int, alw
     values = stacked[:, kept]
     values = sparse.hstack([values, sparse.csr_matrix((n, len(vocab) - len(kept)), dtype=np.float32)]).tocsr()
     return Corpus(vocab, values)
+
+
+def corpus_files(values: Sequence[str | Path]) -> list[Path]:
+    """Corpus files from paths, quoted globs, or .txt lists of files (one per line)."""
+    files: list[Path] = []
+    for value in map(str, values):
+        if value.endswith(".txt") and Path(value).is_file():
+            files += [Path(line.strip()) for line in Path(value).read_text().splitlines() if line.strip()]
+        elif any(ch in value for ch in "*?["):
+            matches = sorted(glob.glob(value))
+            if not matches:
+                raise HingeError(f"--corpus pattern {value} matches no file", "check the pattern (quote it so the shell leaves it alone)")
+            files += [Path(m) for m in matches]
+        else:
+            files.append(Path(value))
+    for path in files:  # up front: not after the panel is chosen and the backbone built
+        if not path.is_file():
+            raise HingeError(f"--corpus {path} is {'a folder' if path.is_dir() else 'not a file that exists'}",
+                             "give .h5ad files, a quoted glob such as 'corpus/*.h5ad', or a .txt list of files")
+    return files

@@ -1,7 +1,7 @@
 """`hinge generate`: a slide (or a sample already in the run) in, an AnnData of predicted expression out.
 
-The slide is tiled and embedded with exactly the settings the checkpoint records,
-caching both in the run like `hinge tile`/`hinge embed` do. The sampler (`hinge_cli.stages.predictors`)
+The slide is tiled and embedded with exactly the settings the checkpoint records
+(`hinge_cli.stages.slide_inputs`), caching both in the run like `hinge tile`/`hinge embed` do. The sampler (`hinge_cli.stages.predictors`)
 then runs in batches of spots, each batch written straight into the output's datasets, so
 memory stays at one batch plus per-spot metadata however many spots a slide has. The
 file is written under a lock to a temporary name and renamed into place. With `model="ridge"`
@@ -16,24 +16,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from hinge_cli import __version__
-from hinge_cli.config import GenerateConfig, TileConfig
+from hinge_cli.config import GenerateConfig
 from hinge_cli.core.figures import MapPanel, spot_maps
 from hinge_cli.core.files import atomic_path
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.bins import HDBins, bin_frame
 from hinge_cli.data.expression import expression_unit
 from hinge_cli.data.features import SlideShift, prediction_view
-from hinge_cli.data.samples import SampleSpec
 from hinge_cli.data.shift import ExtremeFeatures, shift_report, warn_if_outside
-from hinge_cli.encoders.embedding import embed_sample, parse_weights
-from hinge_cli.encoders.registry import Encoder, build_encoder, locate_weights, missing_weights_error
 from hinge_cli.errors import HingeError, command, setting
 from hinge_cli.eval.viewer import build_view, write_view
 from hinge_cli.formats.embeddings import EmbeddingReader, open_embeddings
@@ -46,7 +42,6 @@ from hinge_cli.run.directory import Run, SampleReport, Shard
 from hinge_cli.run.output import sample_output
 from hinge_cli.slide.reader import hires_image
 from hinge_cli.slide.stats import slide_stats
-from hinge_cli.slide.tiling import tile_sample
 from hinge_cli.stages.predictors import (
     Predictor,
     completion_predictor,
@@ -55,123 +50,12 @@ from hinge_cli.stages.predictors import (
     hinge_predictor,
     ridge_predictor,
 )
+from hinge_cli.stages.slide_inputs import Encoders, Target, ensure_embeddings, ensure_tiles
 
 log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.25  # relative µm/px difference from the training slides that earns a warning
 MODELS = ("hinge", "ridge")
-
-
-class Target(NamedTuple):
-    """One sample to predict: a new slide (tiled on demand) or, with slide None, a sample already in the run; `hd`: the
-    spots are a Visium HD capture area's bins, whose output takes the bin size's own coordinates and scale factors."""
-
-    sample_id: str
-    slide: Path | None = None
-    spots: Path | None = None
-    mpp: float | None = None
-    hd: HDBins | None = None
-
-    def tile_config(self, trained: TileConfig) -> TileConfig:
-        """How this target is tiled: as the model was trained, and for bins with the bin as the spot, keeping no pixels
-        (encoders read the slide around each bin: a patch per bin would be gigabytes)."""
-        if self.hd is None:
-            return trained
-        return replace(trained, images=False, spot_um=float(self.hd.bin_um), pitch_um=float(self.hd.bin_um))
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _tile_differences(run: Run, target: Target, cfg: TileConfig, tiles: Tiles) -> list[str]:
-    """How the sample's existing `tiles` differ from what `target` with the checkpoint's tiling would give."""
-    made = tiles.attrs.to_h5()
-    wanted: dict[str, Any] = {"mpp_target": cfg.target_mpp, "patch_px": cfg.patch_px}
-    if target.slide is not None:
-        wanted["slide"] = str(Path(target.slide).resolve())
-        wanted["mode"] = "spots" if target.spots is not None else "grid"
-        if target.spots is None:
-            wanted |= {"grid": cfg.grid, "pitch_um": cfg.pitch_um, "spot_um": cfg.spot_um}
-    diffs = [f"{k} {made.get(k)} (wanted {v})" for k, v in wanted.items()
-             if (str(made.get(k)) != str(v) if isinstance(v, str) else float(made.get(k, np.nan)) != float(v))]
-    if target.spots is not None:
-        recorded = run.stage(target.sample_id, "tile").get("inputs", {}).get("spots", {}).get("path")
-        if recorded != str(Path(target.spots).resolve()):
-            diffs.append(f"spots {recorded} (wanted {Path(target.spots).resolve()})")
-    return diffs
-
-
-def ensure_tiles(run: Run, target: Target, cfg: TileConfig, overwrite: bool, progress: Progress = SILENT) -> tuple[Tiles, bool]:
-    """The sample's tiles, read once: a new slide is tiled with the checkpoint's settings unless matching, finished tiles
-    are cached; with whether it was tiled now. Tiles a killed job left without their record are unfinished work: tiled
-    again (damaged or altered recorded ones are the readers' to refuse)."""
-    path = run.tiles(target.sample_id)
-    cached = path.exists()
-    if cached and target.slide is not None and run.stage(target.sample_id, "tile").get("status") != "ok":
-        log.info("%s: its tiles were left by a job that did not finish: tiling again", target.sample_id)
-    elif cached:
-        tiles = read_tiles(path)
-        diffs = _tile_differences(run, target, cfg, tiles)
-        if not diffs:
-            return tiles, False
-        if target.slide is None or not overwrite:
-            fix = (f"pass {setting('overwrite')} to re-tile it, or {setting('sample-id', 'NEW')} to keep both" if target.slide is not None
-                   else f"predict from the slide instead: {setting('slide', 'SLIDE')} {setting('sample-id', 'NEW')}")
-            raise HingeError(f"{target.sample_id}: cached tiles differ from what this checkpoint needs: {'; '.join(diffs)}", fix)
-    elif target.slide is None:
-        raise HingeError(f"sample {target.sample_id} is not tiled in {run.root}",
-                         f"give its slide with {setting('slide')} (or check {setting('run')} and the sample id)")
-    tile_sample(run, SampleSpec(target.sample_id, Path(target.slide), target.spots, target.mpp), cfg, progress,
-                register_expression=False)
-    return read_tiles(path), True
-
-
-class Encoders:
-    """The checkpoint's encoders, built on first use (cached embeddings need none) and checked against training's weights."""
-
-    def __init__(self, model: TrainedModel, weights: Sequence[str], device: str):
-        self.model = model
-        self.specs = model.specs
-        self.paths = parse_weights(weights, self.specs) if weights else {}
-        self.device = device
-        self._built: list[Encoder] | None = None
-
-    def check_available(self) -> None:
-        for spec in self.specs:
-            if spec.needs_weights and locate_weights(spec, self.paths.get(spec.name)) is None:
-                raise missing_weights_error(spec)
-
-    def get(self) -> list[Encoder]:
-        if self._built is None:
-            self.check_available()
-            built = [build_encoder(s.name, self.paths.get(s.name), self.device) for s in self.specs]
-            for enc, trained in zip(built, self.model.trained_weights(), strict=False):  # older cards list no weights
-                if trained and enc.weights_sha256 != trained:
-                    raise HingeError(f"weights {enc.weights} of encoder '{enc.spec.name}' are not those the model was trained with "
-                                     f"(sha256 {enc.weights_sha256[:12]}..., trained {trained[:12]}...)",
-                                     f"pass the training weights with {setting('weights')} {enc.spec.name}=FILE")
-            self._built = built
-        return self._built
-
-
-def ensure_embeddings(run: Run, sample: str, tiles: Tiles, model: TrainedModel, encoders: Encoders, retiled: bool,
-                      overwrite: bool, progress: Progress = SILENT) -> Path:
-    """The sample's features under the checkpoint's encoder key, computed unless cached and matching its `tiles`."""
-    path = run.embeddings(model.key, sample)
-    unfinished = path.exists() and run.stage(sample, f"embed:{model.key}").get("status") != "ok"
-    if unfinished:
-        log.info("%s: its features were left by a job that did not finish: embedding again", sample)
-    if path.exists() and not retiled and not unfinished:
-        with open_embeddings(path) as src:
-            shape, barcodes = src.shape, src.barcodes()
-        if barcodes == tiles.barcodes and shape[-1] == model.net.image_dim:
-            return path
-        if not overwrite:
-            raise HingeError(f"{path} does not match {sample}'s tiles or the model ({shape[0]} spots x {shape[-1]} dims; "
-                             f"tiles {len(tiles.barcodes)} spots, model {model.net.image_dim} dims)",
-                             f"pass {setting('overwrite')} to embed the sample again")
-    embed_sample(run, sample, encoders.get(), model.embed_config(encoders.device), progress)
-    return path
 
 
 # ----------------------------------------------------------------------------- output
