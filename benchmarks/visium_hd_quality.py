@@ -11,6 +11,7 @@ the held-out section. Each --seeds value trains and predicts again with that see
 These are sections of one synthetic "patient" (shared gene programmes): an in-patient figure, not generalisation.
 
     python benchmarks/visium_hd_quality.py [--out DIR] [--seeds 0,1,2] [--size-px 3072] [--picture docs/visium_hd_bins.png]
+    python benchmarks/visium_hd_quality.py --rescore      # score the stored predictions again (eval changed)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def sections(root: Path, size_px: int) -> tuple[list[tuple[Path, Path]], tuple[P
 
 
 def one_seed(root: Path, train: list[tuple[Path, Path]], held_out: tuple[Path, Path], seed: int) -> dict[str, list[dict]]:
+    """Train with `seed`, predict the held-out section with HINGE and the ridge, and score both."""
     run = root / f"run-seed{seed}"
     for outs, fullres in train:
         hinge("tile", "--visium-hd", str(outs), "--image", str(fullres), "--bin-um", "8", "--run", str(run), "--config", "small")
@@ -56,10 +58,16 @@ def one_seed(root: Path, train: list[tuple[Path, Path]], held_out: tuple[Path, P
         hinge("generate", "--visium-hd", str(outs), "--image", str(fullres), "--bin-um", "16", "--run", str(run), "--out",
               str(pred if model == "hinge" else pred.with_name("bins.ridge.h5ad")), "--model", model, "--seed", str(seed),
               "--genes-to-plot", PICTURE_GENE)
+    return score(root, outs, seed)
+
+
+def score(root: Path, outs: Path, seed: int) -> dict[str, list[dict]]:
+    """`hinge eval` of one seed's two predictions against the held-out section: pooling curves and calibration."""
+    pred = root / f"pred-seed{seed}" / "bins.h5ad"
     curves = {}
     for model, file in (("hinge", pred), ("ridge", pred.with_name("bins.ridge.h5ad"))):
         folder = root / f"eval-seed{seed}-{model}"
-        hinge("eval", "--pred", str(file), "--truth", str(outs), "--out", str(folder), "--no-maps")
+        hinge("eval", "--pred", str(file), "--truth", str(outs), "--out", str(folder), "--no-maps", "--overwrite")
         metrics = json.loads((folder / "metrics.json").read_text())
         curves[model] = metrics["pooling"]
         curves[f"{model}_calibration"] = metrics.get("calibration")
@@ -89,13 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--size-px", type=int, default=3072, help="section side at 0.5 µm/px (3072: 1.5 mm)")
     parser.add_argument("--picture", type=Path, default=None, help="copy the first seed's bin map of one gene here")
+    parser.add_argument("--rescore", action="store_true", help="score the predictions already in --out again (no training)")
     args = parser.parse_args(argv)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    train, held_out = sections(args.out, args.size_px)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = [one_seed(args.out, train, held_out, seed) for seed in seeds]
+    if args.rescore:
+        results = [score(args.out, args.out / f"section{HELD_OUT_SEED}" / "outs", seed) for seed in seeds]
+    else:
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        args.out.mkdir(parents=True)
+        train, held_out = sections(args.out, args.size_px)
+        results = [one_seed(args.out, train, held_out, seed) for seed in seeds]
     (args.out / "results.json").write_text(json.dumps({"seeds": seeds, "size_px": args.size_px, "results": results}, indent=1))
     print(f"held-out synthetic HD section, 16 µm bins; {len(seeds)} seeds (mean ± std); model trained on 55 µm pseudo-spots\n")
     print(table(results))

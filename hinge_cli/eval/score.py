@@ -8,6 +8,7 @@ library-size normalised targets (CP10k-log), and depth-partial (the headline).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -28,6 +29,8 @@ VIEWS = {  # view -> its name in reports; depth-partial first, the headline
     "normalised": "CP10k-log",
     "model": "model space",
 }
+
+log = logging.getLogger(__name__)
 
 
 def _number(value: Any) -> Any:
@@ -273,6 +276,9 @@ def score_slide(aligned: Aligned, transform: Transform) -> SlideScore:
     top = metrics.top_variable(truth, N_TOP_VARIABLE)
     counted = metrics.counted_spots(aligned.totals)  # the depth-partial view leaves out spots with almost no counts
     if counted.sum() < 3:
+        log.warning("%s: fewer than 3 of its %d spots have %g UMI, so the depth-partial scores use every spot (median %.0f "
+                    "UMI); at this depth read the pooled or model-space scores", aligned.sample, len(pred), metrics.MIN_DEPTH,
+                    float(np.median(aligned.totals)) if len(pred) else 0.0)
         counted = np.ones(len(pred), dtype=bool)
     partial = (pred[counted], truth[counted], log_depth[counted])
     p_res, t_res, valid = metrics.depth_residuals(*partial)

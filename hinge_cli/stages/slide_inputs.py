@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hinge_cli.config import TileConfig
+from hinge_cli.core.files import describe_input
 from hinge_cli.core.progress import SILENT, Progress
 from hinge_cli.data.bins import HDBins
 from hinge_cli.data.samples import SampleSpec
@@ -54,16 +55,19 @@ def _tile_differences(run: Run, target: Target, cfg: TileConfig, tiles: Tiles) -
     made = tiles.attrs.to_h5()
     wanted: dict[str, Any] = {"mpp_target": cfg.target_mpp, "patch_px": cfg.patch_px}
     if target.slide is not None:
-        wanted["slide"] = str(Path(target.slide).resolve())
-        wanted["mode"] = "spots" if target.spots is not None else "grid"
+        wanted |= {"slide": str(Path(target.slide).resolve()), "mode": "spots" if target.spots is not None else "grid",
+                   "spot_um": cfg.spot_um}
         if target.spots is None:
-            wanted |= {"grid": cfg.grid, "pitch_um": cfg.pitch_um, "spot_um": cfg.spot_um}
+            wanted |= {"grid": cfg.grid, "pitch_um": cfg.pitch_um}
     diffs = [f"{k} {made.get(k)} (wanted {v})" for k, v in wanted.items()
              if (str(made.get(k)) != str(v) if isinstance(v, str) else float(made.get(k, np.nan)) != float(v))]
     if target.spots is not None:
-        recorded = run.stage(target.sample_id, "tile").get("inputs", {}).get("spots", {}).get("path")
-        if recorded != str(Path(target.spots).resolve()):
-            diffs.append(f"spots {recorded} (wanted {Path(target.spots).resolve()})")
+        recorded = run.stage(target.sample_id, "tile").get("inputs", {}).get("spots", {})
+        now = describe_input(Path(target.spots))
+        if recorded.get("path") != now["path"]:
+            diffs.append(f"spots {recorded.get('path')} (wanted {now['path']})")
+        elif recorded.get("sha256") and now.get("sha256") and recorded["sha256"] != now["sha256"]:
+            diffs.append(f"the spots in {now['path']} changed since they were tiled")  # e.g. Space Ranger run again
     return diffs
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -16,11 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hinge_cli.cli.app import app
-from hinge_cli.data.bins import bin_grid, visium_hd_bins
+from hinge_cli.data.bins import bin_grid, pool_windows, visium_hd_bins
 from hinge_cli.data.expression import Transform
 from hinge_cli.errors import HingeError
 from hinge_cli.eval.align import Aligned
-from hinge_cli.eval.pooling import pool_aligned
+from hinge_cli.eval.pooling import pool_aligned, pooling_curve
 from hinge_cli.formats.visium_hd import PARQUET_POSITIONS, SCALEFACTORS_FILE, bin_folder, read_bins
 from hinge_cli.run.directory import Run
 from hinge_cli.synthetic.fixtures import SyntheticHD, make_visium_hd
@@ -123,6 +126,25 @@ def test_a_training_samples_name_is_refused_for_bins(trained: tuple[SyntheticHD,
     assert spots.read_bytes() == before and not (tmp_path / "p.h5ad").exists()
 
 
+@pytest.mark.slow  # a training run
+def test_bins_whose_positions_changed_are_tiled_again(trained: tuple[SyntheticHD, Path, Path], tmp_path: Path) -> None:
+    """Space Ranger run again on the capture area (here: fewer bins in tissue): the cached tiles of the sample no longer
+    match its positions, so they are refused, and --overwrite tiles the bins again."""
+    hd, run, _ = trained
+    outs = Path(shutil.copytree(hd.outs, tmp_path / "outs"))
+    call = ["generate", "--visium-hd", str(outs), "--sample-id", "again", "--run", str(run)]
+    _hinge(*call, "--out", str(tmp_path / "first.h5ad"))
+    path = bin_folder(outs, 16) / "spatial" / PARQUET_POSITIONS
+    table = pq.read_table(path)
+    inside = table.column("in_tissue").to_numpy().copy()
+    inside[table.column("array_row").to_numpy() < 20] = 0
+    pq.write_table(table.set_column(table.column_names.index("in_tissue"), "in_tissue", pa.array(inside)), path)
+    result = CliRunner().invoke(app, [*call, "--out", str(tmp_path / "second.h5ad")])
+    assert result.exit_code == 2 and "changed since they were tiled" in result.output and "--overwrite" in result.output
+    _hinge(*call, "--out", str(tmp_path / "second.h5ad"), "--overwrite")
+    assert ad.read_h5ad(tmp_path / "second.h5ad").n_obs == int(inside.sum()) < ad.read_h5ad(tmp_path / "first.h5ad").n_obs
+
+
 def test_an_absent_bin_size_is_named_before_anything_runs(tmp_path: Path) -> None:
     hd = make_visium_hd(tmp_path / "outs", sizes=(8,))
     result = CliRunner().invoke(app, ["generate", "--visium-hd", str(hd.outs), "--run", str(tmp_path / "run")])
@@ -153,23 +175,47 @@ def test_bins_without_tissue_are_refused(tmp_path: Path) -> None:
         visium_hd_bins(Run(tmp_path / "run"), hd.outs, "hires", 16)
 
 
-def test_pooling_sums_counts_and_averages_predictions_in_linear_units(tmp_path: Path) -> None:
-    hd = make_visium_hd(tmp_path / "outs", sizes=(16,), n_genes=4)
+def _aligned(hd: SyntheticHD, rates: np.ndarray, transform: Transform) -> Aligned:
     bins = read_bins(hd.outs, 16)
-    barcodes = list(bins.counts.obs_names)
     counts = bins.counts.X.toarray().astype(np.float64)
-    transform = Transform()
-    rates = np.random.default_rng(0).gamma(2.0, 50.0, counts.shape)
-    aligned = Aligned("s", [f"G{j}" for j in range(4)], transform.apply(rates, np.full(len(rates), transform.target_sum)), None,
-                      counts, counts.sum(1) + 5, np.zeros((len(counts), 2)), 16.0, {}, {}, barcodes=barcodes)
+    values = transform.apply(rates, np.full(len(rates), transform.target_sum))
+    return Aligned("s", [f"G{j}" for j in range(counts.shape[1])], values, None, counts, counts.sum(1) + 5,
+                   np.zeros((len(counts), 2)), 16.0, {}, {}, barcodes=list(bins.counts.obs_names))
+
+
+@pytest.mark.parametrize("normalize", ["total", "none"])
+def test_pooling_sums_counts_and_pools_predictions_in_linear_units(tmp_path: Path, normalize: str) -> None:
+    """Counts are summed; a prediction of normalised expression is its bins' mean rate, one of counts their sum."""
+    hd = make_visium_hd(tmp_path / "outs", sizes=(16,), n_genes=4)
+    transform = Transform.of(normalize)
+    n = read_bins(hd.outs, 16).counts.n_obs
+    rates = np.random.default_rng(0).gamma(2.0, 50.0, (n, 4))
+    aligned = _aligned(hd, rates, transform)
     pooled = pool_aligned(aligned, transform, 16, 32)
-    assert pooled.counts.sum() == counts.sum() and pooled.totals.sum() == aligned.totals.sum()
-    square = bin_grid(barcodes) // 2  # 32 µm squares of 16 µm bins: 2 x 2
-    members = (square == square[0]).all(1)
-    row = pooled.barcodes.index(f"p32um_{square[0, 0]:05d}_{square[0, 1]:05d}")
-    np.testing.assert_allclose(pooled.counts[row], counts[members].sum(0))
-    np.testing.assert_allclose(np.power(transform.log_base, pooled.pred[row]) - 1, rates[members].mean(0), rtol=1e-6)  # float32 units
+    square = bin_grid(aligned.barcodes) // 2  # 32 µm squares of 16 µm bins: 2 x 2
+    keys, size = np.unique(square, axis=0, return_counts=True)
+    key = keys[np.argmax(size == 4)]  # a square wholly in tissue
+    members = (square == key).all(1)
+    row = pooled.barcodes.index(f"p32um_{key[0]:05d}_{key[1]:05d}")
+    np.testing.assert_allclose(pooled.counts[row], aligned.counts[members].sum(0))
+    expected = rates[members].mean(0) if normalize == "total" else rates[members].sum(0)
+    np.testing.assert_allclose(transform.linear(pooled.pred[row]), expected, rtol=1e-5)  # float32 units
     assert pooled.std is None and pooled.draws is None and pooled.spot_diameter == 32.0
+
+
+def test_a_pooled_square_needs_half_its_bins_and_a_level_three_squares(tmp_path: Path) -> None:
+    hd = make_visium_hd(tmp_path / "outs", sizes=(16,), n_genes=4)
+    transform = Transform.of("total")
+    aligned = _aligned(hd, np.ones((read_bins(hd.outs, 16).counts.n_obs, 4)), transform)
+    pooled = pool_aligned(aligned, transform, 16, 55)
+    per_square = np.bincount(pool_windows(bin_grid(aligned.barcodes), 16, 55)[1])
+    assert len(pooled.pred) < len(per_square) and (pooled.counts.sum() < aligned.counts.sum())  # edge squares left out
+    few = replace(aligned, pred=aligned.pred[:6], counts=aligned.counts[:6], totals=aligned.totals[:6],
+                  coords=aligned.coords[:6], barcodes=aligned.barcodes[:6])
+    curve = pooling_curve(few, SimpleNamespace(correlation=SimpleNamespace(  # the bin level's metrics stand in
+        low_count_spots=0, depth_partial=SimpleNamespace(pearson=SimpleNamespace(mean=0.1), coexpression=SimpleNamespace(consistency=0.2)),
+        model=SimpleNamespace(pearson=SimpleNamespace(mean=0.3)))), transform, 16)
+    assert [level.pool_um for level in curve] == [16.0]  # no level of fewer than 3 squares: left out, not a traceback
 
 
 def test_a_barcode_that_is_not_a_bin_is_named() -> None:
