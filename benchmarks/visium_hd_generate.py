@@ -35,6 +35,7 @@ from scipy import sparse
 from hinge_cli.formats.visium_hd import Bins, HDScaleFactors, hd_barcode, write_bins, write_feature_slice
 from hinge_cli.run.directory import Run
 from hinge_cli.slide.writer import write_pyramidal_tiff
+from hinge_cli.synthetic.fixtures import resized
 
 TARGET_S, TARGET_GB = 600.0, 4.0
 BIN_UM, MPP = 16, 1.0
@@ -60,20 +61,13 @@ def capture_area(root: Path, side_mm: float, n_genes: int, seed: int) -> tuple[P
     matrix = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))),
                         var=pd.DataFrame(index=pd.Index([f"GENE{i}" for i in range(n_genes)])))
     hires = 2000 / side_px
-    pictures = {name: np.asarray(_resized(image, scale)) for name, scale in (("hires", hires), ("lowres", hires / 4))}
+    pictures = {name: resized(image, scale) for name, scale in (("hires", hires), ("lowres", hires / 4))}
     outs = root / "outs"
     centres = np.stack([(col + 0.5) * BIN_UM / MPP, (row + 0.5) * BIN_UM / MPP], axis=1)
     write_bins(outs, Bins(BIN_UM, matrix, barcodes, np.ones(len(row), bool), np.stack([row, col], axis=1), centres,
                           HDScaleFactors(float(BIN_UM), MPP, BIN_UM / MPP, hires, hires / 4)), pictures)
     write_feature_slice(outs)
     return outs, fullres, len(row)
-
-
-def _resized(image: np.ndarray, scale: float) -> np.ndarray:
-    from PIL import Image
-
-    side = max(1, round(image.shape[0] * scale))
-    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BOX))
 
 
 def hinge(*args: str) -> tuple[float, float]:

@@ -50,6 +50,18 @@ def pool_windows(array_rc: np.ndarray, bin_um: float, pool_um: float) -> tuple[n
     return keys, of_bin.ravel()
 
 
+def window_bins(keys: np.ndarray, bin_um: float, pool_um: float) -> np.ndarray:
+    """How many bins of the grid each window of `pool_windows` (row, column key) spans: ceil((k+1)s) - ceil(ks) a side."""
+    per_side = pool_um / bin_um
+    spans = np.ceil((keys + 1) * per_side - 1e-9) - np.ceil(keys * per_side - 1e-9)
+    return spans.prod(axis=1)
+
+
+def pseudo_spot_names(keys: np.ndarray, pool_um: float) -> list[str]:
+    """A pooled square's name from its window key: p55um_00012_00034."""
+    return [f"p{pool_um:g}um_{r:05d}_{c:05d}" for r, c in keys]
+
+
 def pool_bins(bins: Bins, pool_um: float = POOL_UM, min_tissue_fraction: float = MIN_TISSUE_FRACTION) -> ad.AnnData:
     """Pseudo-spots of `pool_um` squares of the bin grid: summed counts, centres in full-resolution pixels (obsm
     'spatial'), obs 'n_bins' and 'tissue_fraction', and each member bin's pseudo-spot in uns['pooling']."""
@@ -72,7 +84,7 @@ def pool_bins(bins: Bins, pool_um: float = POOL_UM, min_tissue_fraction: float =
     summed = (indicator @ sparse.csr_matrix(bins.counts.X)).astype(np.int64)
     centres = np.stack([np.bincount(of_bin, bins.centres_fullres[:, axis], len(keys)) for axis in (0, 1)], axis=1)
     centres = centres[kept] / total[kept, None]
-    names = [f"p{pool_um:g}um_{r:05d}_{c:05d}" for r, c in keys[kept]]
+    names = pseudo_spot_names(keys[kept], pool_um)
     pooled = ad.AnnData(X=sparse.csr_matrix(summed), obs=pd.DataFrame({"n_bins": inside[kept], "tissue_fraction": fraction[kept]},
                                                                       index=pd.Index(names)), var=bins.counts.var.copy())
     pooled.obsm["spatial"] = centres

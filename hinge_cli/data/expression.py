@@ -91,6 +91,10 @@ class Transform:
         x = np.minimum(np.asarray(values, dtype=np.float64), self._log(ceiling))
         return np.maximum(np.power(self.log_base, x) - 1.0, 0.0)
 
+    def from_linear(self, values: np.ndarray) -> np.ndarray:
+        """What was logged (counts per `target_sum`, or counts) into model space, float64: `linear`'s inverse."""
+        return self._log(np.asarray(values, dtype=np.float64))
+
     def count_noise_variance(self, values: np.ndarray, depth: np.ndarray) -> np.ndarray:
         """The variance, in these units, that Poisson counting adds to a measured spot of `depth` UMI whose expression is
         `values`: exact over the counts up to POISSON_EXACT_MAX expected, by the delta method beyond (where it holds).

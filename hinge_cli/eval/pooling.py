@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from scipy import sparse
 
-from hinge_cli.data.bins import MIN_TISSUE_FRACTION, bin_grid, pool_windows
+from hinge_cli.data.bins import MIN_TISSUE_FRACTION, bin_grid, pool_windows, pseudo_spot_names, window_bins
 from hinge_cli.data.expression import Transform
 from hinge_cli.eval.align import MIN_SPOTS, Aligned
 from hinge_cli.eval.score import SlideMetrics, score_slide
@@ -48,12 +48,6 @@ class PoolingLevel:
         return asdict(self)
 
 
-def _window_bins(keys: np.ndarray, per_side: float) -> np.ndarray:
-    """How many bins of the grid each window (row, column key) spans: ceil((k+1)s) - ceil(ks) a side."""
-    spans = np.ceil((keys + 1) * per_side - 1e-9) - np.ceil(keys * per_side - 1e-9)
-    return spans.prod(axis=1)
-
-
 def pool_aligned(aligned: Aligned, transform: Transform, bin_um: float, pool_um: float) -> Aligned:
     """Both sides of a bin-level `aligned` pooled to `pool_um` squares holding at least MIN_TISSUE_FRACTION of their
     bins (as `tile --visium-hd` pools): counts and totals summed, centres averaged, no spread. The prediction is
@@ -63,14 +57,13 @@ def pool_aligned(aligned: Aligned, transform: Transform, bin_um: float, pool_um:
     n = len(of_bin)
     member = sparse.csr_matrix((np.ones(n), (of_bin, np.arange(n))), shape=(len(keys), n))
     size = np.asarray(member.sum(axis=1)).ravel()
-    full = np.flatnonzero(size >= MIN_TISSUE_FRACTION * _window_bins(keys, pool_um / bin_um))
+    full = np.flatnonzero(size >= MIN_TISSUE_FRACTION * window_bins(keys, bin_um, pool_um))
     member, size, keys = member[full], size[full], keys[full]
     linear = member @ transform.linear(aligned.pred)
-    pred = np.log1p(linear / size[:, None] if transform.rates else linear) / np.log(transform.log_base)
-    names = [f"p{pool_um:g}um_{r:05d}_{c:05d}" for r, c in keys]
+    pred = transform.from_linear(linear / size[:, None] if transform.rates else linear)
     return replace(aligned, pred=pred, std=None, q05=None, q95=None, draws=None, counts=member @ aligned.counts,
                    totals=member @ aligned.totals, coords=member @ aligned.coords / size[:, None],
-                   spot_diameter=aligned.spot_diameter * pool_um / bin_um, barcodes=names)
+                   spot_diameter=aligned.spot_diameter * pool_um / bin_um, barcodes=pseudo_spot_names(keys, pool_um))
 
 
 def pooling_curve(aligned: Aligned, metrics: SlideMetrics, transform: Transform, bin_um: float,

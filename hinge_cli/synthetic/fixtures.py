@@ -97,7 +97,8 @@ def _counts(rng: np.random.Generator, centres: np.ndarray, side: int, n_genes: i
     return sparse.csr_matrix(rng.poisson(weights @ programme).astype(np.int32))
 
 
-def _resized(image: np.ndarray, scale: float) -> np.ndarray:
+def resized(image: np.ndarray, scale: float) -> np.ndarray:
+    """A square image scaled by `scale` (box filter), as Space Ranger makes its hires and lowres PNGs."""
     side = max(round(image.shape[0] * scale), 1)
     return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BOX))
 
@@ -136,7 +137,7 @@ def make_spaceranger_outs(
         )
     factors = ScaleFactors(SPOT_UM / mpp, hires_scalef, lowres_scalef, 1.6 * SPOT_UM / mpp)
     data = SpaceRangerOuts(counts, SpotPositions(barcodes, in_tissue, array_rc, centres), factors)
-    images = {"hires": _resized(drawing, hires_scalef), "lowres": _resized(drawing, lowres_scalef)}
+    images = {"hires": resized(drawing, hires_scalef), "lowres": resized(drawing, lowres_scalef)}
     write_spaceranger(outs, data, images, legacy_positions)
     if fullres is not None:
         write_pyramidal_tiff(fullres, drawing, mpp)
@@ -266,7 +267,7 @@ def _write_hd(outs: Path, drawing: np.ndarray, mpp: float, fine: np.ndarray, gen
     n = fine.shape[0]
     flat = fine.reshape(n * n, -1)
     row, col = (a.ravel() for a in np.mgrid[0:n, 0:n])
-    images = {"hires": _resized(drawing, scales[0]), "lowres": _resized(drawing, scales[1])}
+    images = {"hires": resized(drawing, scales[0]), "lowres": resized(drawing, scales[1])}
     var = pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(len(genes))]}, index=genes)
     for size in sizes:
         per = size // 2

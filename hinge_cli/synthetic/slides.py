@@ -128,6 +128,17 @@ def _gene_programme(n_genes: int) -> tuple[list[str], np.ndarray, np.ndarray, np
     return names, module, base, loading
 
 
+def _activity(fractions: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """The gene modules' activities: the tissue-class fractions, and proliferation from the standardised nuclear density."""
+    return np.concatenate([fractions, (0.5 + 0.5 * np.tanh(density))[..., None]], axis=-1)
+
+
+def _composition(log_rate: np.ndarray) -> np.ndarray:
+    """Each spot's (or bin's) share of its counts per gene: the softmax of its log-rates over the last axis."""
+    prob = np.exp(log_rate - log_rate.max(axis=-1, keepdims=True))
+    return prob / prob.sum(axis=-1, keepdims=True)
+
+
 def _expression(
     rng: np.random.Generator, spots: np.ndarray, labels: np.ndarray, centres: np.ndarray, mpp: float, spot_um: float, n_genes: int
 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
@@ -144,11 +155,10 @@ def _expression(
         fractions[i] = np.bincount(labels[ys[ok], xs[ok]], minlength=len(CLASSES)) / ok.sum()
         nuclei[i] = centres[ys[ok], xs[ok]].sum()
     density = (nuclei - nuclei.mean()) / (nuclei.std() + 1e-9)
-    activity = np.concatenate([fractions, (0.5 + 0.5 * np.tanh(density))[:, None]], axis=1)
+    activity = _activity(fractions, density)
     activity = activity + rng.normal(0, 0.08, activity.shape)  # shared within a module: co-expression
     log_rate = base[None] + activity @ loading.T + rng.normal(0, 0.15, (len(spots), n_genes))
-    prob = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
-    prob /= prob.sum(axis=1, keepdims=True)
+    prob = _composition(log_rate)
     depth = np.exp(rng.normal(math.log(6000), 0.35, len(spots)))
     counts = rng.poisson(prob * depth[:, None]).astype(np.float32)
     obs = pd.DataFrame({f"frac_{c}": fractions[:, k] for k, c in enumerate(CLASSES)})
@@ -179,11 +189,8 @@ def hd_section(rng: np.random.Generator, size_px: int, mpp: float, n_genes: int,
     fractions /= np.maximum(fractions.sum(-1, keepdims=True), 1e-6)
     nuclei = ndimage.gaussian_filter(binned(centres), 12.5)
     density = (nuclei - nuclei[tissue > 0.5].mean()) / (nuclei[tissue > 0.5].std() + 1e-9)
-    activity = np.concatenate([fractions, (0.5 + 0.5 * np.tanh(density))[..., None]], axis=-1)
     names, _, base, loading = _gene_programme(n_genes)
-    log_rate = base + activity @ loading.T
-    prob = np.exp(log_rate - log_rate.max(-1, keepdims=True))
-    prob /= prob.sum(-1, keepdims=True)
+    prob = _composition(base + _activity(fractions, density) @ loading.T)
     counts = rng.poisson(prob * (umi_per_bin * tissue)[..., None]).astype(np.int32)
     return outline, rgb, counts, pd.Index(names)
 
